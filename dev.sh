@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs what lockstep needs, then runs it.
+#   bash dev.sh demo   # the main job: model check, CPU/gloo run, conformance, diagrams, report
+#   bash dev.sh test   # the test suite (what CI runs)
+#   bash dev.sh <any lockstep subcommand and options>
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+stamp=$VENV/.lockstep-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if ! command -v dot >/dev/null 2>&1 || ! command -v spin >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && apt-get install -y -qq graphviz spin >/dev/null) \
+        || echo "dev.sh: apt-get install graphviz spin failed; diagrams/SPIN cross-check will be skipped" >&2
+    fi
+  fi
+  [ -x $VENV/bin/python ] || python3 -m venv $VENV
+  # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
+  $VENV/bin/pip install -q --disable-pip-version-check "torch==2.13.0" -e ".[test]" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  $VENV/bin/python -c "import torch, z3, networkx, hypothesis" || { echo "dev.sh: install failed" >&2; exit 1; }
+  touch "$stamp"
+fi
+cmd=${1:-demo}; shift || true
+case "$cmd" in
+  test)
+    set +e
+    $VENV/bin/python -m pytest "$@"
+    rc=$?
+    set -e
+    # pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.
+    if [ $rc -eq 5 ]; then echo "dev.sh: pytest collected no tests" >&2; exit 1; fi
+    exit $rc ;;
+  *)
+    exec $VENV/bin/lockstep "$cmd" "$@" ;;
+esac

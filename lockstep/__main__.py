@@ -1,0 +1,3 @@
+import sys
+from lockstep.cli import main
+sys.exit(main())

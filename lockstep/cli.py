@@ -1,0 +1,111 @@
+"""`lockstep`: the one command line. The only module that may import model/, runtime/
+and conformance/ together; each subcommand lives with the part it drives."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", type=int, default=2, help="mesh ranks incl. the leader (1 = PP0)")
+    p.add_argument("--depth", type=int, default=None, help="D_in = D_out = DEPTH")
+    p.add_argument("--d-in", type=int, default=2)
+    p.add_argument("--d-out", type=int, default=2)
+    p.add_argument("--chunks", type=int, default=2)
+    p.add_argument("--hard-cut", action="store_true", help="allow one hard cut anywhere")
+    p.add_argument("--faults", type=int, default=0, help="crash-fault budget")
+    p.add_argument("--p2p", choices=("rendezvous", "buffered"), default="rendezvous")
+    p.add_argument("--eager", type=int, default=1, help="buffered p2p channel capacity")
+    p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1")
+    p.add_argument("--steps", type=int, default=1, help="num_denoise_steps")
+    p.add_argument("--noops", type=int, default=0, help="NOOP heartbeats rank0 may send")
+    p.add_argument("--inject", action="append", default=[],
+                   help="runtime fault to model (repeatable)")
+
+
+def _config(a):
+    from model.config import Config
+    d_in = a.depth if a.depth is not None else a.d_in
+    d_out = a.depth if a.depth is not None else a.d_out
+    return Config(mesh=a.mesh, d_in=d_in, d_out=d_out, chunks=a.chunks,
+                  hard_cut=a.hard_cut, faults=a.faults, p2p=a.p2p, eager=a.eager,
+                  regime=a.regime, steps=a.steps, noops=a.noops,
+                  inject=frozenset(a.inject))
+
+
+def cmd_check(a) -> int:
+    from model import check as chk
+    from model.mutations import MUTATIONS, mutation_config
+    cfg = _config(a)
+    if a.all_mutations:
+        shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry)
+        table, ok = chk.mutation_table(shipped, rows)
+        if a.json:
+            print(json.dumps({"shipped": shipped.as_dict(), "ok": ok, "mutations": [
+                dict(r.as_dict(), mutation=m.name, failure_mode=m.failure_mode,
+                     expected=m.expected, caught=r.verdict == m.expected)
+                for m, r in rows]}, indent=1))
+        else:
+            print(table)
+            if a.verbose:
+                for m, r in rows:
+                    print(f"\n== {m.name}: {m.summary}")
+                    print("\n".join(r.steps))
+        return 0 if ok else 1
+    if a.mutation:
+        if a.mutation not in MUTATIONS:
+            print(f"lockstep: unknown mutation {a.mutation!r}; known: "
+                  f"{', '.join(MUTATIONS)}", file=sys.stderr)
+            return 2
+        cfg = mutation_config(cfg, a.mutation)
+    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json)
+    print(json.dumps(r.as_dict(), indent=1) if a.json else chk.format_result(r))
+    return 0 if r.verdict == "clean" else 1
+
+
+def cmd_manifest(a) -> int:
+    from model import check as chk
+    if a.update:
+        chk.write_manifest(chk.compute_manifest())
+        print(f"wrote {chk.MANIFEST}")
+        return 0
+    diffs = chk.diff_manifest()
+    if diffs:
+        print("state-space manifest differs (a table change altered the state space; "
+              "explain it and run `lockstep manifest --update`):")
+        print("\n".join("  " + d for d in diffs))
+        return 1
+    print("state-space manifest matches")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("check", help="model-check the protocol tables")
+    _add_config_args(p)
+    p.add_argument("--mutation", default="", help="check a named broken variant")
+    p.add_argument("--all-mutations", action="store_true",
+                   help="shipped protocol clean and every mutation caught as predicted")
+    p.add_argument("--no-symmetry", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--progress", action="store_true", help="live progress line")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("manifest", help="compare state counts with model/manifest.json")
+    p.add_argument("--update", action="store_true")
+    p.set_defaults(fn=cmd_manifest)
+
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except ValueError as e:
+        print(f"lockstep: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

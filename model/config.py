@@ -1,0 +1,77 @@
+"""Configurations bind the constants of the protocol; they are not part of the spec.
+
+Like the small .cfg files beside a TLA+ spec: mesh size, queue depths, chunks, faults,
+p2p semantics and the recompute regime. A configuration bounds a search; the semantics
+never does (counters grow without bound, so the replayer can run thousands of chunks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .contract import expected_generator_calls
+
+# Faults the *runtime* can inject (its fault-injection switches), modelled as one-shot
+# nondeterministic events so the checker covers every point where they could fire.
+INJECTABLE = (
+    "rank0_preflight",   # rank0's preflight (serialise, dtype map) raises for one chunk
+    "leader_reject",     # the leader's validation rejects one envelope
+    "wrong_group",       # a mesh rank's workload asks for a Phase-B collective on world_pg
+    "count_mismatch",    # one mesh rank plans expected_generator_calls + 1
+    "cond_flag",         # one mesh rank has a per-rank flag that adds a collective
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    mesh: int = 2                 # mesh ranks (leader + workers); 1 = PP0
+    d_in: int = 2                 # envelopes in flight toward the mesh
+    d_out: int = 2                # results waiting for decode
+    chunks: int = 2               # INFER envelopes rank0 builds
+    hard_cut: bool = False        # one hard cut (epoch bump + flush) may happen anywhere
+    faults: int = 0               # crash-fault budget (kill -9 of any process at any step)
+    p2p: str = "rendezvous"       # "rendezvous" (conservative NCCL) or "buffered"
+    eager: int = 1                # messages a buffered channel holds before send blocks
+    regime: str = "R1"            # "R1" | "R0a" | "R0"
+    steps: int = 1                # num_denoise_steps
+    noops: int = 0                # NOOP heartbeats rank0 may send
+    inject: frozenset = field(default_factory=frozenset)  # subset of INJECTABLE
+    mutation: str = ""            # name from model.mutations, "" = shipped protocol
+
+    def __post_init__(self):
+        if self.mesh < 1:
+            raise ValueError("mesh must be >= 1 (the leader alone is PP0)")
+        if min(self.d_in, self.d_out) < 1:
+            raise ValueError("queue depths must be >= 1")
+        if self.p2p not in ("rendezvous", "buffered"):
+            raise ValueError(f"p2p must be rendezvous or buffered, not {self.p2p!r}")
+        if self.regime not in ("R1", "R0a", "R0"):
+            raise ValueError(f"unknown regime {self.regime!r}")
+        bad = set(self.inject) - set(INJECTABLE)
+        if bad:
+            raise ValueError(f"unknown injected faults {sorted(bad)}; known: {INJECTABLE}")
+        object.__setattr__(self, "inject", frozenset(self.inject))
+
+    @property
+    def calls(self) -> int:
+        """expected_generator_calls for every chunk: rank0 decides, the mesh obeys."""
+        return expected_generator_calls(self.regime, self.steps)
+
+    @property
+    def world(self) -> int:
+        return self.mesh + 1
+
+    def with_(self, **kw) -> "Config":
+        return replace(self, **kw)
+
+    def describe(self) -> str:
+        parts = [f"mesh={self.mesh}", f"depth={self.d_in}/{self.d_out}",
+                 f"chunks={self.chunks}", f"hard_cut={self.hard_cut}",
+                 f"faults={self.faults}", f"p2p={self.p2p}", f"regime={self.regime}",
+                 f"steps={self.steps}"]
+        if self.noops:
+            parts.append(f"noops={self.noops}")
+        if self.inject:
+            parts.append("inject=" + ",".join(sorted(self.inject)))
+        if self.mutation:
+            parts.append(f"mutation={self.mutation}")
+        return " ".join(parts)

@@ -1,0 +1,451 @@
+"""Local variables of each role, and the pure guard / update functions over them.
+
+These functions are the *same code* the runtime calls: the runtime interpreter keeps a
+role's local variables in these NamedTuples and asks these guards which row is enabled.
+They take `(v, cfg[, msg])` and return a bool or a new NamedTuple; they do no I/O and
+hold no state, so the explorer can call them millions of times and the replayer can
+trust them.
+
+Message summaries (`Msg`) carry the ids the protocol reasons about (action, call_id,
+chunk_index, cache_epoch, generator calls, init_cache); the runtime's real envelope
+carries these plus tensors, and the runtime builds the summary from its decoded header.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from .contract import Action
+
+INFER, NOOP, SHUTDOWN, ERROR = Action.INFER, Action.NOOP, Action.SHUTDOWN, Action.ERROR
+
+
+class Msg(NamedTuple):
+    action: int
+    call_id: int
+    chunk: int          # chunk_index (-1 when the action carries no chunk)
+    epoch: int          # cache_epoch
+    calls: int          # envelope: expected_generator_calls; result: observed
+    init_cache: bool = False
+
+
+class Rank0Vars(NamedTuple):
+    """rank0 is one process with two threads: `main` (Phase A, Phase C, hard cuts) and
+    `comms` (the only thread that touches the transport). Both threads see these."""
+    epoch: int = 0
+    next_chunk: int = 0
+    next_call: int = 0
+    cut_done: bool = False
+    init_cache: bool = True        # the next INFER envelope starts a fresh KV cache
+    inflight: int = 0              # envelopes enqueued whose result is not yet received
+    send_q: tuple = ()             # main -> comms
+    decode_q: tuple = ()           # comms -> main, bounded by d_out
+    env_out: Optional[Msg] = None  # comms: envelope being sent
+    res_in: Optional[Msg] = None   # comms: result being received / waiting to be queued
+    awaiting: int = 0              # comms: INFER envelopes sent whose result is pending
+    terminal_queued: bool = False  # main queued SHUTDOWN or ERROR: nothing more is built
+    terminal_sent: bool = False    # comms sent SHUTDOWN or ERROR: it sends nothing more
+    built: int = 0                 # INFER envelopes built in the current epoch
+    emitted: int = 0               # outputs emitted in the current epoch
+    last_emitted: int = -1         # chunk_index of the last emitted output
+    noops_left: int = 0
+    inject: frozenset = frozenset()
+    failure: str = ""              # why rank0 is failing (drives the ERROR terminal)
+
+
+class MeshVars(NamedTuple):
+    """A mesh rank: the leader (group rank 0) or a worker. The leader also remembers
+    the last ids it accepted, to validate monotonicity."""
+    env: Optional[Msg] = None      # the envelope of the current call
+    planned: int = 0               # generator calls this rank will run for it
+    calls_done: int = 0
+    seen_call: int = -1            # leader: last call_id received
+    seen_chunk: int = -1           # leader: last INFER chunk_index received
+    rejected: bool = False         # leader: the current envelope was rejected
+    flag: bool = False             # per-rank flag (only the cond_flag fault sets it)
+    plan_delta: int = 0            # +1 on one rank under the count_mismatch fault
+    inject: frozenset = frozenset()
+
+
+# ---------------------------------------------------------------- rank0, main thread
+
+def can_build(v: Rank0Vars, cfg) -> bool:
+    """Phase A may start: chunks remain, D_in credit, decode queue not full, and under
+    R0a the previous chunk of this epoch is decoded (envelope k+1 needs decode of k)."""
+    if v.terminal_queued or v.next_chunk >= cfg.chunks:
+        return False
+    if v.inflight >= cfg.d_in or len(v.decode_q) >= cfg.d_out:
+        return False
+    if cfg.regime == "R0a" and v.built and v.last_emitted != v.next_chunk - 1:
+        return False
+    return True
+
+
+def can_build_ok(v, cfg) -> bool:
+    return can_build(v, cfg) and "rank0_preflight" not in v.inject
+
+
+def can_build_preflight_fails(v, cfg) -> bool:
+    return can_build(v, cfg) and "rank0_preflight" in v.inject
+
+
+def new_envelope(v: Rank0Vars, cfg) -> Msg:
+    return Msg(INFER, v.next_call, v.next_chunk, v.epoch, cfg.calls, v.init_cache)
+
+
+def enqueue_envelope(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """Phase A done and preflight passed: the envelope is fully materialised."""
+    env = new_envelope(v, cfg)
+    return v._replace(send_q=v.send_q + (env,), next_call=v.next_call + 1,
+                      next_chunk=v.next_chunk + 1, inflight=v.inflight + 1,
+                      init_cache=False, built=v.built + 1)
+
+
+def fail_preflight(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """Preflight raised before any header: queue an ERROR terminal (header only)."""
+    return _queue_terminal(v._replace(inject=v.inject - {"rank0_preflight"},
+                                      failure="preflight failed"), ERROR)
+
+
+def _queue_terminal(v: Rank0Vars, action) -> Rank0Vars:
+    term = Msg(action, v.next_call, -1, v.epoch, 0)
+    return v._replace(send_q=v.send_q + (term,), next_call=v.next_call + 1,
+                      terminal_queued=True)
+
+
+def can_cut(v: Rank0Vars, cfg) -> bool:
+    return (cfg.hard_cut and not v.cut_done and not v.terminal_queued
+            and v.next_chunk >= 1)
+
+
+def hard_cut(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """Prompt change: bump cache_epoch, flush both queues, next envelope init_cache.
+    Results already on the wire still arrive; decode drops them by epoch."""
+    return v._replace(epoch=v.epoch + 1, cut_done=True, init_cache=True,
+                      inflight=v.inflight - sum(m.action == INFER for m in v.send_q),
+                      send_q=(), decode_q=(),
+                      built=0, emitted=0)
+
+
+def head_current(v: Rank0Vars, cfg) -> bool:
+    return bool(v.decode_q) and v.decode_q[0].epoch == v.epoch and \
+        v.decode_q[0].calls == cfg.calls
+
+
+def head_stale(v: Rank0Vars, cfg) -> bool:
+    return bool(v.decode_q) and v.decode_q[0].epoch != v.epoch
+
+
+def head_bad_count(v: Rank0Vars, cfg) -> bool:
+    return bool(v.decode_q) and v.decode_q[0].epoch == v.epoch and \
+        v.decode_q[0].calls != cfg.calls
+
+
+def has_result(v: Rank0Vars, cfg) -> bool:
+    return bool(v.decode_q)
+
+
+def decode_head(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """Phase C: decode and emit the oldest result."""
+    head = v.decode_q[0]
+    return v._replace(decode_q=v.decode_q[1:], emitted=v.emitted + 1,
+                      last_emitted=head.chunk)
+
+
+def drop_head(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return v._replace(decode_q=v.decode_q[1:])
+
+
+def reject_head(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """A result whose observed_generator_calls differs from the plan: never decoded;
+    rank0 tells the mesh to stop with an ERROR terminal."""
+    return _queue_terminal(v._replace(decode_q=v.decode_q[1:],
+                                      failure="result call count mismatch"), ERROR)
+
+
+def can_heartbeat(v: Rank0Vars, cfg) -> bool:
+    return v.noops_left > 0 and not v.terminal_queued
+
+
+def queue_noop(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    noop = Msg(NOOP, v.next_call, -1, v.epoch, 0)
+    return v._replace(send_q=v.send_q + (noop,), next_call=v.next_call + 1,
+                      noops_left=v.noops_left - 1)
+
+
+def direct_noop(v: Rank0Vars, cfg) -> Msg:
+    """The message a *second* thread would send if it bypassed the comms thread."""
+    return Msg(NOOP, v.next_call, -1, v.epoch, 0)
+
+
+def spend_noop(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return v._replace(next_call=v.next_call + 1, noops_left=v.noops_left - 1)
+
+
+def all_built(v: Rank0Vars, cfg) -> bool:
+    return v.next_chunk >= cfg.chunks and not v.terminal_queued
+
+
+def queue_shutdown(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """SHUTDOWN may go out with work in flight: the comms thread still receives every
+    pending result, and the leader only reads SHUTDOWN after sending them."""
+    return _queue_terminal(v, SHUTDOWN)
+
+
+# ---------------------------------------------------------------- rank0, comms thread
+
+def can_take(v: Rank0Vars, cfg) -> bool:
+    return bool(v.send_q) and not v.terminal_sent
+
+
+def take_envelope(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return v._replace(send_q=v.send_q[1:], env_out=v.send_q[0])
+
+
+def outgoing(v: Rank0Vars, cfg) -> Msg:
+    return v.env_out
+
+
+def out_has_payload(v: Rank0Vars, cfg) -> bool:
+    return v.env_out.action == INFER
+
+
+def out_header_only(v: Rank0Vars, cfg) -> bool:
+    return v.env_out.action != INFER
+
+
+def header_only_sent(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    terminal = v.env_out.action in (SHUTDOWN, ERROR)
+    return v._replace(env_out=None, terminal_sent=v.terminal_sent or terminal)
+
+
+def payload_sent(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return v._replace(env_out=None, awaiting=v.awaiting + 1)
+
+
+def expecting_result(v: Rank0Vars, cfg) -> bool:
+    return v.awaiting > 0
+
+
+def is_error(v, cfg, msg) -> bool:
+    return msg.action == ERROR
+
+
+def is_infer(v, cfg, msg) -> bool:
+    return msg.action == INFER
+
+
+def got_result_header(v: Rank0Vars, cfg, msg) -> Rank0Vars:
+    return v._replace(res_in=msg)
+
+
+def got_result_payload(v: Rank0Vars, cfg, msg) -> Rank0Vars:
+    return v._replace(res_in=msg, awaiting=v.awaiting - 1, inflight=v.inflight - 1)
+
+
+def decode_room(v: Rank0Vars, cfg) -> bool:
+    return len(v.decode_q) < cfg.d_out
+
+
+def put_result(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return v._replace(decode_q=v.decode_q + (v.res_in,), res_in=None)
+
+
+def comms_finished(v: Rank0Vars, cfg) -> bool:
+    return v.terminal_sent and v.awaiting == 0 and v.env_out is None and v.res_in is None
+
+
+def drained(v: Rank0Vars, cfg) -> bool:
+    """main may exit: nothing in flight, nothing left to decode (the table also joins
+    the comms thread)."""
+    return v.inflight == 0 and not v.decode_q
+
+
+# ---------------------------------------------------------------- startup handshake
+
+def parity_key(v: MeshVars | Rank0Vars, cfg):
+    """What every rank contributes to the parity all_gather: every flag that can add a
+    collective. The runtime contributes the digest of its full parity dict."""
+    return bool(getattr(v, "flag", False))
+
+
+def parity_agrees(v, cfg, gathered) -> bool:
+    return len(set(gathered)) == 1
+
+
+def parity_differs(v, cfg, gathered) -> bool:
+    return len(set(gathered)) != 1
+
+
+# ---------------------------------------------------------------- leader
+
+def got_envelope_header(v: MeshVars, cfg, msg: Msg) -> MeshVars:
+    seen_chunk = msg.chunk if msg.action == INFER else v.seen_chunk
+    return v._replace(env=msg, rejected=False, seen_call=max(v.seen_call, msg.call_id),
+                      seen_chunk=max(seen_chunk, v.seen_chunk))
+
+
+def ids_valid(v: MeshVars, cfg, msg: Msg) -> bool:
+    """call_id monotonic across all actions, chunk_index monotonic across INFER."""
+    if msg.call_id <= v.seen_call:
+        return False
+    return msg.action != INFER or msg.chunk > v.seen_chunk
+
+
+def envelope_valid(v: MeshVars, cfg) -> bool:
+    """Leader validation before any mesh broadcast (the runtime runs the full contract
+    check from model.contract here; the model keeps the protocol-level part)."""
+    return v.env.calls == cfg.calls and "leader_reject" not in v.inject
+
+
+def envelope_invalid(v: MeshVars, cfg) -> bool:
+    return v.env.calls != cfg.calls
+
+
+def reject_injected(v: MeshVars, cfg) -> bool:
+    return "leader_reject" in v.inject
+
+
+def reject_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
+    """Turn the current call into an ERROR terminal for the mesh; rank0 is told next."""
+    err = Msg(ERROR, v.env.call_id, v.env.chunk, v.env.epoch, 0)
+    return v._replace(env=err, rejected=True, inject=v.inject - {"leader_reject"})
+
+
+def current_envelope(v: MeshVars, cfg) -> Msg:
+    return v.env
+
+
+def env_is(action):
+    def guard(v: MeshVars, cfg) -> bool:
+        return v.env.action == action
+    guard.__name__ = f"env_is_{Action(action).name}"
+    return guard
+
+
+env_is_infer, env_is_noop = env_is(INFER), env_is(NOOP)
+env_is_shutdown, env_is_error = env_is(SHUTDOWN), env_is(ERROR)
+
+
+def env_not_infer(v: MeshVars, cfg) -> bool:
+    return v.env.action != INFER
+
+
+def rejected_by_leader(v: MeshVars, cfg) -> bool:
+    return v.env.action == ERROR and v.rejected
+
+
+def error_from_rank0(v: MeshVars, cfg) -> bool:
+    return v.env.action == ERROR and not v.rejected
+
+
+def error_result(v: MeshVars, cfg) -> Msg:
+    e = v.env
+    return Msg(ERROR, e.call_id, e.chunk, e.epoch, v.calls_done)
+
+
+def result(v: MeshVars, cfg) -> Msg:
+    """PPResult summary: ids echo the envelope; calls = observed_generator_calls."""
+    e = v.env
+    return Msg(INFER, e.call_id, e.chunk, e.epoch, v.calls_done)
+
+
+# ---------------------------------------------------------------- every mesh rank
+
+def msg_action(action):
+    def accept(v, cfg, msg) -> bool:
+        return msg.action == action
+    accept.__name__ = f"msg_is_{Action(action).name}"
+    return accept
+
+
+msg_is_infer, msg_is_noop = msg_action(INFER), msg_action(NOOP)
+msg_is_shutdown, msg_is_error = msg_action(SHUTDOWN), msg_action(ERROR)
+
+
+def store_envelope(v: MeshVars, cfg, msg: Msg) -> MeshVars:
+    return v._replace(env=msg)
+
+
+def plan_calls(v: MeshVars, cfg) -> int:
+    """The generator-call count this rank will run: the envelope's, never inferred."""
+    return v.env.calls + v.plan_delta
+
+
+def infer_calls_locally(v: MeshVars, cfg) -> int:
+    """The bug the contract forbids: the mesh derives the count from its own view."""
+    return cfg.steps + v.plan_delta
+
+
+def counts_agree(v: MeshVars, cfg, gathered) -> bool:
+    """Every member planned the envelope's expected_generator_calls. Decided from the
+    gathered vector and the broadcast envelope only, so every member decides alike."""
+    return all(c == v.env.calls for c in gathered)
+
+
+def counts_differ(v: MeshVars, cfg, gathered) -> bool:
+    return not counts_agree(v, cfg, gathered)
+
+
+def start_phase_b(v: MeshVars, cfg, gathered) -> MeshVars:
+    return v._replace(planned=gathered[0], calls_done=0)
+
+
+def start_phase_b_own(v: MeshVars, cfg, gathered=None) -> MeshVars:
+    """Without the count check each rank runs its own plan."""
+    return v._replace(planned=plan_calls(v, cfg), calls_done=0)
+
+
+def start_phase_b_inferred(v: MeshVars, cfg, gathered=None) -> MeshVars:
+    return v._replace(planned=infer_calls_locally(v, cfg), calls_done=0)
+
+
+def more_calls(v: MeshVars, cfg) -> bool:
+    return v.calls_done + 1 < v.planned and "wrong_group" not in v.inject
+
+
+def last_call(v: MeshVars, cfg) -> bool:
+    return v.calls_done + 1 == v.planned and not v.flag and "wrong_group" not in v.inject
+
+
+def last_call_then_cond(v: MeshVars, cfg) -> bool:
+    return v.calls_done + 1 == v.planned and v.flag and "wrong_group" not in v.inject
+
+
+def wrong_group_requested(v: MeshVars, cfg) -> bool:
+    return "wrong_group" in v.inject
+
+
+def call_done(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(calls_done=v.calls_done + 1)
+
+
+def contribution(v, cfg):
+    """Value fed into a data-free collective (the all_reduce of one generator call)."""
+    return 0
+
+
+# ---------------------------------------------------------------- mutation-only guards
+# Guards of the broken variants in model.mutations; the shipped tables never use them.
+
+def late_preflight_ok(v: Rank0Vars, cfg) -> bool:
+    return "rank0_preflight" not in v.inject
+
+
+def late_preflight_raises(v: Rank0Vars, cfg) -> bool:
+    return "rank0_preflight" in v.inject
+
+
+def hard_cut_resetting_chunks(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return hard_cut(v, cfg)._replace(next_chunk=0)
+
+
+def expecting_result_before_terminal(v: Rank0Vars, cfg) -> bool:
+    return v.awaiting > 0 and not v.terminal_sent
+
+
+def terminal_was_sent(v: Rank0Vars, cfg) -> bool:
+    return v.terminal_sent and v.env_out is None and v.res_in is None
+
+
+def decode_queue_empty(v: Rank0Vars, cfg) -> bool:
+    return not v.decode_q

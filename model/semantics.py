@@ -1,0 +1,400 @@
+"""Global semantics: `initial_state`, `enabled`, `step`: the one API the explorer, the
+runtime's online monitor and the trace replayer all drive.
+
+A global state is every process's status, control states and local variables, the
+point-to-point channel contents (buffered mode), one collective sequence number per
+group, the abort flag and the remaining crash-fault budget. Nothing here bounds a
+counter or knows about search: the configuration bounds a search, not the semantics.
+
+Rules
+  p2p, rendezvous  a send fires only together with a matching posted receive (the
+                   conservative reading of NCCL point-to-point). A posted receive from
+                   the sender that expects another kind is a framing error.
+  p2p, buffered    a send appends to the channel while it holds fewer than `eager`
+                   messages; a receive takes the head; a head of an unexpected kind is
+                   a framing error.
+  collectives      fire only when every member of the group waits at a collective and
+                   all of them are the same (op, group, root, kind) at the group's
+                   sequence number; any other combination of members all waiting is a
+                   collective mismatch. A collective on a group the process is not in
+                   is an error (stock torch only warns and returns None).
+  crash            with budget left, any live process may die at any step (kill -9).
+  watchdog         a process that crashed or exited with an error stops its heartbeat
+                   without a clean-exit mark; the survivors' watchdogs set the abort
+                   flag. Once the flag is set, every live process is released (exits)
+                   before anything else happens: the fast path of crash > hang.
+Violations that are visible immediately (framing error, collective mismatch, a message
+no row accepts) are returned by `enabled` as transitions of kind "violation", so every
+driver sees them the same way.
+"""
+from __future__ import annotations
+
+from itertools import product
+from typing import NamedTuple, Optional
+
+from .config import Config
+from .guards import MeshVars, Rank0Vars
+from .ops import MESH, WORLD, Coll, Exit, Local, Recv, Send, op_text
+from .tables import FINAL, INITIAL, THREADS
+
+LIVE, OK, ERROR, CRASHED, ABORTED = "live", "ok", "error", "crashed", "aborted"
+FINAL_STATUSES = (OK, ERROR, CRASHED, ABORTED)
+DEAD_THREAD = "dead"
+GROUPS = (WORLD, MESH)
+
+
+class Proc(NamedTuple):
+    status: str
+    pcs: tuple          # one control state per thread of the role
+    v: object           # the role's local variables; None once the process is gone
+    reason: str = ""
+
+
+class State(NamedTuple):
+    procs: tuple
+    chans: tuple        # buffered p2p: ((kind, msg), ...) for rank0->leader, leader->rank0
+    seq: tuple          # collective sequence number per group, in GROUPS order
+    abort: str          # "" or the reason written to the abort flag
+    faults_left: int
+
+
+class Tr(NamedTuple):
+    """A transition. parts: ((proc, thread, row), ...) of every participant."""
+    kind: str           # local exit p2p send recv coll crash watchdog abort violation
+    parts: tuple
+    msg: object = None
+    info: object = None  # for violations: a Violation
+
+
+class Violation(NamedTuple):
+    prop: str
+    detail: str
+
+
+class Model:
+    """The tables bound to a configuration: which process runs which rows."""
+
+    def __init__(self, cfg: Config, tables: Optional[dict] = None):
+        from .mutations import build_tables  # tables after the configured mutation
+        self.cfg = cfg
+        per_role = tables if tables is not None else build_tables(cfg)
+        self.n = cfg.mesh + 1
+        self.roles = ("rank0", "leader") + ("worker",) * (cfg.mesh - 1)
+        self.names = ("rank0", "leader") + tuple(f"worker{i}" for i in range(1, cfg.mesh))
+        self.index = {"rank0": 0, "leader": 1}
+        self.members = {WORLD: tuple(range(self.n)), MESH: tuple(range(1, self.n))}
+        self.group_rank = {grp: {p: i for i, p in enumerate(m)}
+                           for grp, m in self.members.items()}
+        self.chan_index = {(0, 1): 0, (1, 0): 1}
+        # Faults aimed at "one mesh rank" go to the last mesh rank; it is then kept out
+        # of the symmetry reduction, which only permutes identical workers.
+        self.target = self.n - 1
+        self.tables = tuple(self._compile(per_role, p) for p in range(self.n))
+        first, last = 2, self.n
+        if self._targets_one_rank() and self.target >= 2:
+            last = self.n - 1
+        self.sym = (first, last) if last - first >= 2 else None
+
+    def _targets_one_rank(self) -> bool:
+        from .mutations import MUTATIONS
+        mut = MUTATIONS.get(self.cfg.mutation)
+        return bool(self.cfg.inject & {"wrong_group", "count_mismatch", "cond_flag"}) or \
+            bool(mut and mut.targets_one_rank)
+
+    def _compile(self, per_role, p):
+        role = self.roles[p]
+        rows = per_role[role]
+        if p == self.target and role == "worker" and "worker*" in per_role:
+            rows = per_role["worker*"]
+        if p == self.target and role == "leader" and "leader*" in per_role:
+            rows = per_role["leader*"]
+        threads = THREADS[role]
+        table = tuple({} for _ in threads)
+        for row in rows:
+            table[threads.index(row.thread)].setdefault(row.src, []).append(row)
+        return tuple({pc: tuple(rs) for pc, rs in t.items()} for t in table)
+
+    # ------------------------------------------------------------------ initial state
+    def initial_state(self) -> State:
+        cfg = self.cfg
+        procs = []
+        for p, role in enumerate(self.roles):
+            inject = frozenset(cfg.inject)
+            if role == "rank0":
+                v = Rank0Vars(noops_left=cfg.noops,
+                              inject=inject & {"rank0_preflight"})
+            else:
+                mine = inject & {"leader_reject"} if role == "leader" else frozenset()
+                if p == self.target:
+                    mine |= inject & {"wrong_group"}
+                v = MeshVars(inject=mine,
+                             flag=p == self.target and "cond_flag" in inject,
+                             plan_delta=1 if p == self.target and
+                             "count_mismatch" in inject else 0)
+            pcs = self._start_pcs(p, INITIAL[role])
+            if not any(pc in self.tables[p][t] for t, pc in enumerate(pcs)):
+                raise ValueError(f"{self.names[p]}: no rows from its initial state {pcs}")
+            procs.append(Proc(LIVE, pcs, v))
+        return State(tuple(procs), ((), ()), (0, 0), "", cfg.faults)
+
+    def _start_pcs(self, p, pcs):
+        # A mutation may remove the handshake: start where the handshake would lead.
+        out = []
+        for t, pc in enumerate(pcs):
+            if pc == "handshake" and pc not in self.tables[p][t]:
+                pc = "run" if self.roles[p] == "rank0" else "wait_hdr"
+            out.append(pc)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ enabled
+    def enabled(self, s: State) -> list:
+        """Every transition enabled in `s`, violations included. Deterministic order."""
+        cfg = self.cfg
+        if s.abort:
+            if any(pr.status == LIVE for pr in s.procs):
+                return [Tr("abort", (), None, s.abort)]
+            return []
+        out, sends, recvs, colls = [], [], [], {}
+        procs = s.procs
+        for p, pr in enumerate(procs):
+            if pr.status != LIVE:
+                continue
+            v = pr.v
+            for t, pc in enumerate(pr.pcs):
+                for row in self.tables[p][t].get(pc, ()):
+                    if row.guard is not None and not row.guard(v, cfg):
+                        continue
+                    op = row.op
+                    cls = type(op)
+                    if cls is Coll:
+                        colls.setdefault(op.group, []).append((p, t, row))
+                    elif cls is Send:
+                        sends.append((p, t, row))
+                    elif cls is Recv:
+                        recvs.append((p, t, row))
+                    elif "join_comms" in row.tags and not all(
+                            q == FINAL or q == DEAD_THREAD
+                            for u, q in enumerate(pr.pcs) if u != t):
+                        continue
+                    else:
+                        out.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+        if sends or recvs:
+            if cfg.p2p == "rendezvous":
+                self._rendezvous(s, sends, recvs, out)
+            else:
+                self._buffered(s, sends, recvs, out)
+        for grp, entries in colls.items():
+            self._collective(s, grp, entries, out)
+        if s.faults_left > 0:
+            out += [Tr("crash", ((p, None, None),)) for p, pr in enumerate(procs)
+                    if pr.status == LIVE]
+        if self.watchdog_enabled():
+            gone = [p for p, pr in enumerate(procs) if pr.status in (CRASHED, ERROR)]
+            if gone and any(pr.status == LIVE for pr in procs):
+                p = gone[0]
+                out.append(Tr("watchdog", (), None,
+                              f"heartbeat of {self.names[p]} lost ({procs[p].status})"))
+        return out
+
+    def watchdog_enabled(self) -> bool:
+        from .mutations import MUTATIONS
+        mut = MUTATIONS.get(self.cfg.mutation)
+        return not (mut and mut.no_watchdog)
+
+    def _rendezvous(self, s, sends, recvs, out):
+        cfg = self.cfg
+        for p, t, row in sends:
+            q = self.index[row.op.peer]
+            msg = row.make(s.procs[p].v, cfg)
+            if s.procs[q].status != LIVE:
+                continue
+            sender = self.roles[p]
+            posted = [(q2, u, r) for q2, u, r in recvs if q2 == q and r.op.peer == sender]
+            if not posted:
+                continue
+            kind_ok = [(q2, u, r) for q2, u, r in posted if row.op.kind in r.op.kinds]
+            if not kind_ok:
+                u, r = posted[0][1], posted[0][2]
+                out.append(self._violation(
+                    "framing_error",
+                    f"{self._who(p, t)} sends {row.op.kind} ({_msg(msg)}) to "
+                    f"{self.names[q]}, whose {THREADS[self.roles[q]][u]} thread posted "
+                    f"{op_text(r.op)}", ((p, t, row), posted[0])))
+                continue
+            vq = s.procs[q].v
+            taken = [(q2, u, r) for q2, u, r in kind_ok
+                     if r.accept is None or r.accept(vq, cfg, msg)]
+            if not taken:
+                out.append(self._violation(
+                    "framing_error", f"{self.names[q]} has no row that accepts "
+                    f"{row.op.kind} {_msg(msg)} from {self._who(p, t)}",
+                    ((p, t, row), kind_ok[0])))
+                continue
+            for part in taken:
+                out.append(Tr("p2p", ((p, t, row), part), msg))
+
+    def _buffered(self, s, sends, recvs, out):
+        cfg = self.cfg
+        for p, t, row in sends:
+            q = self.index[row.op.peer]
+            if len(s.chans[self.chan_index[(p, q)]]) < cfg.eager:
+                out.append(Tr("send", ((p, t, row),), row.make(s.procs[p].v, cfg)))
+        by_thread = {}
+        for p, t, row in recvs:
+            by_thread.setdefault((p, t, self.index[row.op.peer]), []).append(row)
+        for (p, t, src), rows in by_thread.items():
+            chan = s.chans[self.chan_index[(src, p)]]
+            if not chan:
+                continue
+            kind, msg = chan[0]
+            v = s.procs[p].v
+            taken = [r for r in rows if kind in r.op.kinds and
+                     (r.accept is None or r.accept(v, cfg, msg))]
+            if taken:
+                out += [Tr("recv", ((p, t, r),), msg) for r in taken]
+            else:
+                out.append(self._violation(
+                    "framing_error", f"{self._who(p, t)} posted {op_text(rows[0].op)} "
+                    f"but the channel from {self.names[src]} holds {kind} {_msg(msg)}",
+                    ((p, t, rows[0]),)))
+
+    def _collective(self, s, grp, entries, out):
+        cfg = self.cfg
+        members = self.members[grp]
+        for p, t, row in entries:
+            if p not in self.group_rank[grp]:
+                out.append(self._violation(
+                    "collective_mismatch", f"{self._who(p, t)} calls {op_text(row.op)} "
+                    f"but is not a member of {grp} (stock torch warns and returns None)",
+                    ((p, t, row),)))
+                return
+        by_member = {}
+        for p, t, row in entries:
+            by_member.setdefault(p, []).append((p, t, row))
+        if len(by_member) < len(members):
+            return
+        sig = {(e[2].op.op, e[2].op.root, e[2].op.kind) for es in by_member.values()
+               for e in es}
+        if len(sig) > 1:
+            detail = "; ".join(f"{self._who(p, es[0][1])} in {op_text(es[0][2].op)}"
+                               for p, es in sorted(by_member.items()))
+            out.append(self._violation(
+                "collective_mismatch", f"{grp} seq {s.seq[GROUPS.index(grp)]}: {detail}",
+                tuple(es[0] for es in by_member.values())))
+            return
+        op = entries[0][2].op
+        if op.op == "broadcast":
+            root = members[op.root]
+            options = [(e, e[2].make(s.procs[root].v, cfg)) for e in by_member[root]]
+        else:
+            value = tuple(by_member[m][0][2].make(s.procs[m].v, cfg) for m in members)
+            options = [(None, value)]
+        for root_entry, value in options:
+            choices = []
+            for m in members:
+                if root_entry is not None and m == root_entry[0]:
+                    choices.append((root_entry,))
+                    continue
+                v = s.procs[m].v
+                taken = tuple(e for e in by_member[m]
+                              if e[2].accept is None or e[2].accept(v, cfg, value))
+                if not taken:
+                    out.append(self._violation(
+                        "framing_error", f"{self.names[m]} has no row that accepts "
+                        f"{op_text(op)} value {_msg(value)}", (by_member[m][0],)))
+                    break
+                choices.append(taken)
+            else:
+                for parts in product(*choices):
+                    out.append(Tr("coll", parts, value))
+
+    def _violation(self, prop, detail, parts):
+        return Tr("violation", tuple(parts), None, Violation(prop, detail))
+
+    def _who(self, p, t):
+        threads = THREADS[self.roles[p]]
+        return self.names[p] + (f".{threads[t]}" if len(threads) > 1 else "")
+
+    # ------------------------------------------------------------------ step
+    def step(self, s: State, tr: Tr) -> State:
+        """The successor of `s` under enabled transition `tr` (pure)."""
+        cfg = self.cfg
+        kind = tr.kind
+        procs = list(s.procs)
+        chans, seq, abort, faults = s.chans, s.seq, s.abort, s.faults_left
+        if kind in ("local", "exit", "p2p", "send", "recv", "coll"):
+            for p, t, row in tr.parts:
+                procs[p], new_abort = self._apply(procs[p], t, row, tr.msg)
+                abort = abort or new_abort
+            if kind == "send":
+                p, t, row = tr.parts[0]
+                ci = self.chan_index[(p, self.index[row.op.peer])]
+                chans = _set(chans, ci, chans[ci] + ((row.op.kind, tr.msg),))
+            elif kind == "recv":
+                p, t, row = tr.parts[0]
+                ci = self.chan_index[(self.index[row.op.peer], p)]
+                chans = _set(chans, ci, chans[ci][1:])
+            elif kind == "coll":
+                gi = GROUPS.index(tr.parts[0][2].op.group)
+                seq = _set(seq, gi, seq[gi] + 1)
+        elif kind == "crash":
+            p = tr.parts[0][0]
+            procs[p] = Proc(CRASHED, (), None, "killed (crash fault)")
+            faults -= 1
+        elif kind == "watchdog":
+            abort = tr.info
+        elif kind == "abort":
+            procs = [Proc(ABORTED, (), None, f"released by abort flag: {abort}")
+                     if pr.status == LIVE else pr for pr in procs]
+        else:
+            raise ValueError(f"cannot step a {kind} transition")
+        return State(tuple(procs), chans, seq, abort, faults)
+
+    def _apply(self, pr: Proc, t, row, msg):
+        v = pr.v
+        if row.update is not None:
+            v = row.update(v, self.cfg, msg)
+        op = row.op
+        if type(op) is Exit:
+            if op.how == "thread_die":
+                return Proc(pr.status, _set(pr.pcs, t, DEAD_THREAD), v), ""
+            status = OK if op.how in ("ok", "vanish") else ERROR
+            return Proc(status, (), None, op.reason), \
+                (op.reason if op.how == "abort" else "")
+        return Proc(pr.status, _set(pr.pcs, t, row.dst), v, pr.reason), ""
+
+    # ------------------------------------------------------------------ helpers
+    def describe(self, s: State, tr: Tr) -> str:
+        """One line per step for counterexamples: who, state, op, message ids."""
+        if tr.kind == "crash":
+            return f"{self.names[tr.parts[0][0]]} CRASHES (kill -9)"
+        if tr.kind == "watchdog":
+            return f"watchdog: {tr.info}; abort flag set"
+        if tr.kind == "abort":
+            live = [self.names[p] for p, pr in enumerate(s.procs) if pr.status == LIVE]
+            return f"abort flag releases {', '.join(live)}"
+        if tr.kind == "violation":
+            return f"VIOLATION {tr.info.prop}: {tr.info.detail}"
+        bits = []
+        for p, t, row in tr.parts:
+            bits.append(f"{self._who(p, t)} {row.src} --{row.label}: {op_text(row.op)}"
+                        f"--> {row.dst}")
+        line = " || ".join(bits)
+        if tr.kind == "coll":
+            line = f"[{tr.parts[0][2].op.group} seq {s.seq[GROUPS.index(tr.parts[0][2].op.group)]}] " + line
+        if tr.msg is not None:
+            line += f"  {_msg(tr.msg)}"
+        return line
+
+
+def _set(tup, i, val):
+    return tup[:i] + (val,) + tup[i + 1:]
+
+
+def _msg(m) -> str:
+    from .guards import Msg
+    from .contract import Action
+    if isinstance(m, Msg):
+        return (f"{Action(m.action).name} call_id={m.call_id} chunk={m.chunk} "
+                f"epoch={m.epoch} calls={m.calls}")
+    return repr(m)

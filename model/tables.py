@@ -1,0 +1,279 @@
+"""The transition tables: the single source of truth for every role.
+
+One table per role, as data (`Row`s from model.ops). The explorer explores them, the
+runtime interprets them on torch.distributed, the replayer checks traces against them,
+and the docs and diagrams are rendered from them.
+
+Roles and threads
+  rank0.main    Phase A (build + preflight), Phase C (decode), hard cuts, shutdown.
+  rank0.comms   the only thread that touches the transport while it lives. Its control
+                state is a pair "S/R": the send side S in {idle, hdr, pay} and the
+                receive side R in {idle, pay, put}. Keeping a receive posted while it
+                sends (both sides live in one state) is what prevents the send/send
+                deadlock under rendezvous p2p (PROTOCOL.md, Overlap).
+  leader        global rank 1 = mesh group rank 0: receive, validate, then broadcast.
+  worker        mesh group ranks 1..N-1.
+
+Commitment points (tag "commit"): after such a row the peer is committed to what
+follows (a header promises a payload). Everything that can fail happens before them:
+rank0's preflight runs in Phase A before the envelope is queued; the leader validates
+the whole envelope before its first mesh broadcast.
+
+Designs considered and rejected: a comms thread doing blocking send-then-receive
+(deadlocks under rendezvous: mutation `blocking_send_then_recv`); validation after the
+mesh broadcast (mutation `broadcast_before_validate`); an abort flag as the only release
+(it also works, but leaves the mesh waiting a watchdog period on every rejected
+envelope, so terminal messages come first and the abort flag covers what no message can
+reach: crashes and ranks blocked inside a collective).
+"""
+from __future__ import annotations
+
+from . import guards as g
+from .ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RES_PAY,
+                  WORLD, Coll, Exit, Local, Recv, Row, Send)
+
+ROLES = ("rank0", "leader", "worker")
+THREADS = {"rank0": ("main", "comms"), "leader": ("main",), "worker": ("main",)}
+INITIAL = {"rank0": ("handshake", "idle/idle"), "leader": ("handshake",),
+           "worker": ("handshake",)}
+FINAL = "done"   # a thread that finished without ending its process
+
+
+def _handshake(thread: str, after: str) -> list:
+    """Startup parity handshake over world_pg: every rank contributes the digest of every
+    flag that can add a collective, before the first chunk (break-it test 6)."""
+    op = Coll("all_gather", WORLD, None, PARITY)
+    return [
+        Row(thread, "handshake", "parity_ok", op, after, make=g.parity_key,
+            accept=g.parity_agrees, why="every rank runs the same collectives"),
+        Row(thread, "handshake", "parity_mismatch", op, "exit",
+            make=g.parity_key, accept=g.parity_differs,
+            why="a flag differs across ranks: fail before the first chunk"),
+    ]
+
+
+def _exit(thread: str, src: str, label: str, how: str, reason: str, guard=None,
+          **kw) -> Row:
+    return Row(thread, src, label, Exit(how, reason), "exit", guard=guard, **kw)
+
+
+# ----------------------------------------------------------------------------- rank0
+
+def rank0_main_rows() -> list:
+    rows = _handshake("main", "run")
+    rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
+    loop = [
+        Row("main", "{s}", "build_envelope", Local("phase_a+preflight"), "{s}",
+            guard=g.can_build_ok, update=g.enqueue_envelope, tags=frozenset({"phase_a"}),
+            why="Phase A builds and fully materialises envelope k before it is queued"),
+        Row("main", "{s}", "preflight_fails", Local("phase_a+preflight"), "failing",
+            guard=g.can_build_preflight_fails, update=g.fail_preflight,
+            tags=frozenset({"fault"}),
+            why="preflight raised before any header: send an ERROR terminal instead"),
+        Row("main", "{s}", "hard_cut", Local("hard_cut"), "{s}", guard=g.can_cut,
+            update=g.hard_cut, tags=frozenset({"cut"}),
+            why="prompt change: bump cache_epoch, flush both queues"),
+        Row("main", "{s}", "decode_result", Local("phase_c"), "{s}", guard=g.head_current,
+            update=g.decode_head, tags=frozenset({"emit"}),
+            why="Phase C: decode and emit result k"),
+        Row("main", "{s}", "drop_stale_result", Local("drop"), "{s}", guard=g.head_stale,
+            update=g.drop_head, why="a result of an old cache_epoch is never decoded"),
+        Row("main", "{s}", "reject_result", Local("reject"), "failing",
+            guard=g.head_bad_count, update=g.reject_head,
+            why="observed_generator_calls differs from the plan"),
+        Row("main", "{s}", "queue_noop", Local("heartbeat"), "{s}", guard=g.can_heartbeat,
+            update=g.queue_noop, why="NOOP heartbeat through the comms thread"),
+    ]
+    for s in ("run",):
+        rows += [r._replace(src=s, dst=r.dst.replace("{s}", s)) for r in loop]
+    rows.append(Row("main", "run", "queue_shutdown", Local("shutdown"), "drain",
+                    guard=g.all_built, update=g.queue_shutdown,
+                    why="all chunks built: SHUTDOWN goes out, in-flight work drains"))
+    # drain: keep decoding what is in flight, then leave once the comms thread is done.
+    for r in loop:
+        if r.label in ("decode_result", "drop_stale_result"):
+            rows.append(r._replace(src="drain", dst="drain"))
+    rows.append(_exit("main", "drain", "exit_clean", "ok", "shutdown complete",
+                      guard=g.drained, tags=frozenset({"join_comms", "end"})))
+    # failing: the ERROR terminal is queued; drop what still arrives, then fail.
+    rows.append(Row("main", "failing", "drop_after_failure", Local("drop"), "failing",
+                    guard=g.has_result, update=g.drop_head))
+    rows.append(_exit("main", "failing", "exit_failed", "error", "rank0 failed",
+                      guard=g.drained, tags=frozenset({"join_comms"})))
+    return rows
+
+
+def rank0_comms_rows(blocking_send: bool = False) -> list:
+    """Rows of the comms thread over its (send side, receive side) pair.
+
+    With `blocking_send`, a receive is posted only when nothing is being sent: the
+    blocking send-then-receive design the mutation checks."""
+    send = {
+        "idle": [Row("comms", "", "take_envelope", Local("dequeue"), "hdr",
+                     guard=g.can_take, update=g.take_envelope)],
+        "hdr": [Row("comms", "", "send_envelope_header", Send("leader", ENV_HDR), "pay",
+                    guard=g.out_has_payload, make=g.outgoing,
+                    tags=frozenset({"commit"}),
+                    why="commitment point: the leader now expects the payload"),
+                Row("comms", "", "send_header_only", Send("leader", ENV_HDR), "idle",
+                    guard=g.out_header_only, make=g.outgoing, update=g.header_only_sent,
+                    why="NOOP / SHUTDOWN / ERROR carry no payload")],
+        "pay": [Row("comms", "", "send_envelope_payload", Send("leader", ENV_PAY), "idle",
+                    make=g.outgoing, update=g.payload_sent)],
+    }
+    recv = {
+        "idle": [Row("comms", "", "recv_result_header", Recv("leader", (RES_HDR,)), "pay",
+                     guard=g.expecting_result, accept=g.is_infer,
+                     update=g.got_result_header),
+                 Row("comms", "", "recv_error_result", Recv("leader", (RES_HDR,)), "exit",
+                     guard=g.expecting_result, accept=g.is_error,
+                     why="the leader rejected an envelope: rank0 fails")],
+        "pay": [Row("comms", "", "recv_result_payload", Recv("leader", (RES_PAY,)), "put",
+                    update=g.got_result_payload)],
+        "put": [Row("comms", "", "queue_result", Local("enqueue"), "idle",
+                    guard=g.decode_room, update=g.put_result,
+                    why="bounded decode queue: blocks while D_out results wait")],
+    }
+    rows = []
+    for s, srows in send.items():
+        for r, rrows in recv.items():
+            pc = f"{s}/{r}"
+            for row in srows:
+                rows.append(row._replace(src=pc, dst=f"{row.dst}/{r}"))
+            if blocking_send and s != "idle":
+                continue
+            for row in rrows:
+                dst = "exit" if row.dst == "exit" else f"{s}/{row.dst}"
+                rows.append(row._replace(src=pc, dst=dst))
+    rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
+                    guard=g.comms_finished,
+                    why="terminal sent and every result received: the thread ends"))
+    rows.append(_exit("comms", "exit", "exit_leader_error", "error",
+                      "leader rejected an envelope"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- mesh
+
+def phase_b_rows(thread: str, after: str, group: str = MESH) -> list:
+    """Phase B: exactly the planned generator calls, each one TP collective."""
+    gen = Coll("all_reduce", group, None, GEN)
+    done = frozenset({"phase_b_done"})
+    return [
+        Row(thread, "gen", "generator_call", gen, "gen", guard=g.more_calls,
+            make=g.contribution, update=g.call_done),
+        Row(thread, "gen", "last_generator_call", gen, after, guard=g.last_call,
+            make=g.contribution, update=g.call_done, tags=done),
+        Row(thread, "gen", "last_generator_call", gen, "cond",
+            guard=g.last_call_then_cond, make=g.contribution, update=g.call_done),
+        Row(thread, "cond", "conditional_collective", Coll("all_reduce", MESH, None, COND),
+            after, make=g.contribution, tags=done,
+            why="only ranks whose flag is set issue it (FM-03)"),
+        _exit(thread, "gen", "wrong_group_caught", "abort",
+              "Phase-B all_reduce requested on world_pg; the table allows mesh_pg",
+              guard=g.wrong_group_requested, tags=frozenset({"fault"}),
+              why="the collective wrapper refuses before the backend is called; the "
+                  "abort flag releases the members already blocked in the collective"),
+    ]
+
+
+def count_check_rows(thread: str, fail_to: str) -> list:
+    """All-gather of the planned call count before any generator collective (FM-02)."""
+    op = Coll("all_gather", MESH, None, COUNTS)
+    return [
+        Row(thread, "count_check", "counts_agree", op, "gen", make=g.plan_calls,
+            accept=g.counts_agree, update=g.start_phase_b),
+        Row(thread, "count_check", "counts_differ", op, fail_to, make=g.plan_calls,
+            accept=g.counts_differ,
+            why="every member sees the same vector, so all of them stop together"),
+    ]
+
+
+def leader_rows() -> list:
+    rows = _handshake("main", "wait_hdr")
+    rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
+    rows += [
+        Row("main", "wait_hdr", "recv_envelope_header", Recv("rank0", (ENV_HDR,)),
+            "route", update=g.got_envelope_header, tags=frozenset({"wire_ids"})),
+        Row("main", "route", "expect_payload", Local("route"), "recv_pay",
+            guard=g.env_is_infer),
+        Row("main", "route", "header_only", Local("route"), "bcast_hdr",
+            guard=g.env_not_infer),
+        Row("main", "recv_pay", "recv_envelope_payload", Recv("rank0", (ENV_PAY,)),
+            "validate"),
+        Row("main", "validate", "envelope_valid", Local("validate"), "bcast_hdr",
+            guard=g.envelope_valid,
+            why="every contract check passes before the first mesh broadcast"),
+        Row("main", "validate", "envelope_invalid", Local("validate"), "bcast_hdr",
+            guard=g.envelope_invalid, update=g.reject_envelope,
+            why="tell the mesh (ERROR broadcast) and rank0 (ERROR result)"),
+        Row("main", "validate", "validation_raises", Local("validate"), "bcast_hdr",
+            guard=g.reject_injected, update=g.reject_envelope, tags=frozenset({"fault"}),
+            why="break-it 2: the leader fails after receiving, before the broadcast"),
+    ]
+    bcast = Coll("broadcast", MESH, 0, ENV_HDR)
+    rows += [
+        Row("main", "bcast_hdr", "bcast_envelope_header", bcast, "bcast_pay",
+            guard=g.env_is_infer, make=g.current_envelope, tags=frozenset({"commit"})),
+        Row("main", "bcast_hdr", "bcast_noop", bcast, "wait_hdr", guard=g.env_is_noop,
+            make=g.current_envelope),
+        Row("main", "bcast_hdr", "bcast_shutdown", bcast, "exit_ok",
+            guard=g.env_is_shutdown, make=g.current_envelope),
+        Row("main", "bcast_hdr", "bcast_error", bcast, "notify_rank0",
+            guard=g.rejected_by_leader, make=g.current_envelope),
+        Row("main", "bcast_hdr", "relay_rank0_error", bcast, "exit_rank0_error",
+            guard=g.error_from_rank0, make=g.current_envelope),
+        Row("main", "bcast_pay", "bcast_envelope_payload", Coll("broadcast", MESH, 0, ENV_PAY),
+            "count_check", make=g.current_envelope),
+    ]
+    rows += count_check_rows("main", "count_fail")
+    rows += phase_b_rows("main", "send_res_hdr")
+    rows += [
+        Row("main", "send_res_hdr", "send_result_header", Send("rank0", RES_HDR),
+            "send_res_pay", make=g.result, tags=frozenset({"commit"}),
+            why="result preflight (encode) already done: the payload follows"),
+        Row("main", "send_res_pay", "send_result_payload", Send("rank0", RES_PAY),
+            "wait_hdr", make=g.result),
+        Row("main", "notify_rank0", "send_error_result", Send("rank0", RES_HDR), "exit_err",
+            make=g.error_result, why="release rank0, which waits for this result"),
+        Row("main", "count_fail", "send_error_result", Send("rank0", RES_HDR),
+            "exit_count", make=g.error_result),
+        _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN relayed"),
+        _exit("main", "exit_err", "exit_rejected", "error", "envelope rejected"),
+        _exit("main", "exit_count", "exit_count_mismatch", "error",
+              "generator call counts differ across the mesh"),
+        _exit("main", "exit_rank0_error", "exit_rank0_failed", "error",
+              "rank0 sent ERROR"),
+    ]
+    return rows
+
+
+def worker_rows() -> list:
+    rows = _handshake("main", "wait_hdr")
+    rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
+    bcast = Coll("broadcast", MESH, 0, ENV_HDR)
+    rows += [
+        Row("main", "wait_hdr", "recv_envelope_header", bcast, "bcast_pay",
+            accept=g.msg_is_infer, update=g.store_envelope),
+        Row("main", "wait_hdr", "recv_noop", bcast, "wait_hdr", accept=g.msg_is_noop),
+        Row("main", "wait_hdr", "recv_shutdown", bcast, "exit_ok",
+            accept=g.msg_is_shutdown),
+        Row("main", "wait_hdr", "recv_error", bcast, "exit_err", accept=g.msg_is_error),
+        Row("main", "bcast_pay", "recv_envelope_payload",
+            Coll("broadcast", MESH, 0, ENV_PAY), "count_check", update=g.store_envelope),
+    ]
+    rows += count_check_rows("main", "exit_count")
+    rows += phase_b_rows("main", "wait_hdr")
+    rows += [
+        _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN received"),
+        _exit("main", "exit_err", "exit_on_error", "error", "leader broadcast ERROR"),
+        _exit("main", "exit_count", "exit_count_mismatch", "error",
+              "generator call counts differ across the mesh"),
+    ]
+    return rows
+
+
+def shipped_rows() -> dict:
+    """role -> list of rows of the shipped protocol."""
+    return {"rank0": rank0_main_rows() + rank0_comms_rows(),
+            "leader": leader_rows(), "worker": worker_rows()}

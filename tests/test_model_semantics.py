@@ -1,0 +1,120 @@
+"""Each semantic rule of model.semantics, with a case where it holds and one where it is
+violated and caught."""
+import pytest
+
+from model.config import Config
+from model.explore import explore
+from model.mutations import mutation_config
+from model.ops import MESH, WORLD
+from model.semantics import ABORTED, CRASHED, LIVE, Model
+
+
+def run(cfg, **kw):
+    return explore(Model(cfg), **kw)
+
+
+def walk(m, s, pick):
+    """Follow the first enabled transition for which pick(tr) holds."""
+    for tr in m.enabled(s):
+        if pick(tr):
+            return m.step(s, tr), tr
+    raise AssertionError("no such transition enabled")
+
+
+def test_rendezvous_send_send_deadlocks_and_posted_receive_prevents_it():
+    bad = mutation_config(Config(mesh=2, chunks=2), "blocking_send_then_recv")
+    r = run(bad)
+    assert r.verdict == "deadlock"
+    assert "neither has a receive posted" in r.violation.detail
+    assert run(Config(mesh=2, chunks=2, p2p="rendezvous")).verdict == "clean"
+
+
+def test_buffered_p2p_one_eager_message_does_not_save_blocking_send():
+    bad = mutation_config(Config(mesh=2, chunks=2), "blocking_send_then_recv")
+    # the header goes into the buffer, the payload blocks: still a deadlock
+    assert run(bad.with_(p2p="buffered", eager=1)).verdict == "deadlock"
+    # enough buffering hides the bug (which is why the model checks rendezvous)
+    assert run(bad.with_(p2p="buffered", eager=4)).verdict == "clean"
+
+
+def test_collective_fires_only_when_every_member_has_entered():
+    m = Model(Config(mesh=3, chunks=1))
+    s = m.initial_state()
+    colls = [tr for tr in m.enabled(s) if tr.kind == "coll"]
+    assert len(colls) == 1 and len(colls[0].parts) == 4   # world_pg: rank0 + 3 mesh
+    s, _ = walk(m, s, lambda tr: tr.kind == "coll")
+    assert s.seq == (1, 0)
+    # the mesh now waits in a broadcast; nothing mesh-wide fires until the leader joins
+    assert not [tr for tr in m.enabled(s) if tr.kind == "coll"]
+
+
+def test_collective_on_another_group_is_a_mismatch():
+    r = run(mutation_config(Config(mesh=2, chunks=1), "phase_b_on_world"))
+    assert r.verdict == "collective_mismatch"
+    assert WORLD in r.violation.detail and MESH in r.violation.detail
+
+
+def test_collective_by_a_non_member_is_an_error():
+    r = run(mutation_config(Config(mesh=2, chunks=1), "rank0_in_mesh_collective"))
+    assert r.verdict == "collective_mismatch"
+    assert "not a member of mesh_pg" in r.violation.detail
+
+
+def test_different_ops_at_one_sequence_number_is_a_mismatch():
+    r = run(mutation_config(Config(mesh=2, chunks=1), "broadcast_before_validate"))
+    assert r.verdict == "collective_mismatch"
+    assert "broadcast" in r.violation.detail and "all_gather" in r.violation.detail
+
+
+def test_crash_is_released_by_watchdog_and_abort_flag():
+    m = Model(Config(mesh=2, chunks=1, faults=1))
+    s = m.initial_state()
+    s, _ = walk(m, s, lambda tr: tr.kind == "coll")               # handshake
+    s, _ = walk(m, s, lambda tr: tr.kind == "crash" and tr.parts[0][0] == 2)
+    assert s.procs[2].status == CRASHED and s.faults_left == 0
+    assert not [tr for tr in m.enabled(s) if tr.kind == "crash"]  # budget spent
+    s, tr = walk(m, s, lambda tr: tr.kind == "watchdog")
+    assert "worker1" in s.abort
+    assert [t.kind for t in m.enabled(s)] == ["abort"]           # the abort preempts
+    s, _ = walk(m, s, lambda tr: tr.kind == "abort")
+    assert {p.status for p in s.procs[:2]} == {ABORTED}
+    assert m.enabled(s) == []
+
+
+def test_crash_without_watchdog_is_a_crash_hang():
+    r = run(mutation_config(Config(mesh=2, chunks=1), "no_watchdog"))
+    assert r.verdict == "crash_hang"
+    assert "CRASHES" in r.steps[0]
+
+
+@pytest.mark.parametrize("mesh", [1, 2, 3])
+def test_every_single_crash_is_released_in_the_shipped_protocol(mesh):
+    assert run(Config(mesh=mesh, chunks=2, hard_cut=True, faults=1)).verdict == "clean"
+
+
+def test_framing_error_when_two_threads_use_the_transport():
+    r = run(mutation_config(Config(mesh=1, chunks=1), "second_thread_transport"))
+    assert r.verdict == "framing_error"
+    assert "rank0.main" in r.violation.detail
+
+
+def test_step_is_pure():
+    m = Model(Config(mesh=2, chunks=2))
+    s = m.initial_state()
+    trs = m.enabled(s)
+    assert m.step(s, trs[0]) == m.step(s, trs[0])
+    assert s == m.initial_state()
+
+
+def test_counters_are_not_bounded_by_the_semantics():
+    """Replaying 40 chunks through a configuration that allows them just works."""
+    m = Model(Config(mesh=2, chunks=40, d_in=2, d_out=2))
+    s, steps = m.initial_state(), 0
+    while True:
+        trs = [t for t in m.enabled(s) if t.kind not in ("crash",)]
+        if not trs:
+            break
+        s = m.step(s, trs[0])
+        steps += 1
+    assert all(p.status == "ok" for p in s.procs)
+    assert s.seq[1] >= 40 * 4
