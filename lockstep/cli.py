@@ -80,6 +80,24 @@ def cmd_manifest(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    from model.config import Config
+    from runtime.run import run_local
+    cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
+                 chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
+                 steps=a.steps, inject=frozenset([a.fault.split("@")[0]] if a.fault else []))
+    opts = {"backend": a.backend, "hard_cut_at": a.hard_cut_at,
+            "costs": {"phase_a_ms": a.stage_a_ms, "phase_b_ms": a.stage_b_ms,
+                      "phase_c_ms": a.stage_c_ms},
+            "op_deadline_s": a.op_deadline_s}
+    if a.fault:
+        name, _, at = a.fault.partition("@")
+        opts["fault"] = {"name": name, "at_chunk": int(at or 0)}
+    res = run_local(cfg, opts, a.out, deadline_s=a.deadline_s)
+    print(res.summary())
+    return 0 if res.ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -98,6 +116,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("manifest", help="compare state counts with model/manifest.json")
     p.add_argument("--update", action="store_true")
     p.set_defaults(fn=cmd_manifest)
+
+    p = sub.add_parser("run", help="run the control plane (CPU/gloo by default)")
+    p.add_argument("--mesh", type=int, default=3)
+    p.add_argument("--chunks", type=int, default=10)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--d-in", type=int, default=2)
+    p.add_argument("--d-out", type=int, default=2)
+    p.add_argument("--hard-cut-at", type=int, default=None, help="chunk index of a hard cut")
+    p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--backend", default="gloo")
+    p.add_argument("--stage-a-ms", type=float, default=0.0)
+    p.add_argument("--stage-b-ms", type=float, default=0.0, help="per generator call")
+    p.add_argument("--stage-c-ms", type=float, default=0.0)
+    p.add_argument("--fault", default="", help="NAME@CHUNK, e.g. leader_reject@3")
+    p.add_argument("--op-deadline-s", type=float, default=30.0)
+    p.add_argument("--deadline-s", type=float, default=120.0, help="hard deadline, whole run")
+    p.add_argument("--out", default="runs/latest", help="run directory (traces)")
+    p.set_defaults(fn=cmd_run)
 
     a = ap.parse_args(argv)
     try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum, IntEnum
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 # Version 2, not 1: the earlier plan's contract (v1) had actions {NOOP, INFER, SHUTDOWN}.
 # ERROR (a terminal the leader sends to the mesh and to rank0 when an envelope is bad) is a
@@ -95,6 +95,8 @@ WIRE_DTYPES = {"bfloat16": (1, 2), "int64": (2, 8), "float32": (3, 4),
 
 # Pipeline-side names -> wire names. Only the wire name is accepted in a message.
 PIPELINE_ALIASES = {"context_frames_override": "context_frames"}
+# Names from older notes that the contract replaced; rejected with a pointer to the new ones.
+RETIRED_NAMES = {"chunk_id": "(call_id, chunk_index)"}
 
 
 class ContractError(ValueError):
@@ -382,7 +384,7 @@ def _check_message(meta, tensors, fields, tspecs, where) -> None:
     for spec in fields:
         if where in spec.validated_at:
             _check_field(spec, meta, where)
-    if meta["action"] not in PAYLOAD_ACTIONS:
+    if meta.get("action") not in PAYLOAD_ACTIONS:
         if tensors:
             name = sorted(map(str, tensors))[0]
             raise ContractError(name, f"{Action(meta['action']).name} carries no payload; "
@@ -400,8 +402,11 @@ def _check_names(mapping, specs, what, where) -> None:
         if name in PIPELINE_ALIASES:
             raise ContractError(name, f"pipeline-side alias; the wire name is "
                                 f"{PIPELINE_ALIASES[name]!r}", where)
+        if name in RETIRED_NAMES:
+            raise ContractError(name, f"retired name; use {RETIRED_NAMES[name]}", where)
         if name not in known:
-            raise ContractError(str(name), f"unknown {what}; known: {sorted(known)}", where)
+            raise ContractError(str(name)[:60], f"unknown {what}, not in the v2 schema "
+                                f"(model.contract)", where)
 
 
 def _check_presence(spec, present: bool, meta, where) -> bool:

@@ -81,11 +81,13 @@ def can_build(v: Rank0Vars, cfg) -> bool:
 
 
 def can_build_ok(v, cfg) -> bool:
-    return can_build(v, cfg) and "rank0_preflight" not in v.inject
+    """An injected fault is one-shot and may fire at any chunk, or never."""
+    return can_build(v, cfg)
 
 
 def can_build_preflight_fails(v, cfg) -> bool:
-    return can_build(v, cfg) and "rank0_preflight" in v.inject
+    """Preflight (serialisation, dtype mapping) can raise for any envelope."""
+    return can_build(v, cfg)
 
 
 def new_envelope(v: Rank0Vars, cfg) -> Msg:
@@ -294,7 +296,7 @@ def ids_valid(v: MeshVars, cfg, msg: Msg) -> bool:
 def envelope_valid(v: MeshVars, cfg) -> bool:
     """Leader validation before any mesh broadcast (the runtime runs the full contract
     check from model.contract here; the model keeps the protocol-level part)."""
-    return v.env.calls == cfg.calls and "leader_reject" not in v.inject
+    return v.env.calls == cfg.calls
 
 
 def envelope_invalid(v: MeshVars, cfg) -> bool:
@@ -400,15 +402,15 @@ def start_phase_b_inferred(v: MeshVars, cfg, gathered=None) -> MeshVars:
 
 
 def more_calls(v: MeshVars, cfg) -> bool:
-    return v.calls_done + 1 < v.planned and "wrong_group" not in v.inject
+    return v.calls_done + 1 < v.planned
 
 
 def last_call(v: MeshVars, cfg) -> bool:
-    return v.calls_done + 1 == v.planned and not v.flag and "wrong_group" not in v.inject
+    return v.calls_done + 1 == v.planned and not v.flag
 
 
 def last_call_then_cond(v: MeshVars, cfg) -> bool:
-    return v.calls_done + 1 == v.planned and v.flag and "wrong_group" not in v.inject
+    return v.calls_done + 1 == v.planned and v.flag
 
 
 def wrong_group_requested(v: MeshVars, cfg) -> bool:

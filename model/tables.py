@@ -200,7 +200,8 @@ def leader_rows() -> list:
         Row("main", "route", "header_only", Local("route"), "bcast_hdr",
             guard=g.env_not_infer),
         Row("main", "recv_pay", "recv_envelope_payload", Recv("rank0", (ENV_PAY,)),
-            "validate"),
+            "validate", update=g.store_envelope,
+            why="the payload's metadata completes the envelope (plan bits)"),
         Row("main", "validate", "envelope_valid", Local("validate"), "bcast_hdr",
             guard=g.envelope_valid,
             why="every contract check passes before the first mesh broadcast"),
@@ -208,7 +209,7 @@ def leader_rows() -> list:
             guard=g.envelope_invalid, update=g.reject_envelope,
             why="tell the mesh (ERROR broadcast) and rank0 (ERROR result)"),
         Row("main", "validate", "validation_raises", Local("validate"), "bcast_hdr",
-            guard=g.reject_injected, update=g.reject_envelope, tags=frozenset({"fault"}),
+            update=g.reject_envelope, tags=frozenset({"fault"}),
             why="break-it 2: the leader fails after receiving, before the broadcast"),
     ]
     bcast = Coll("broadcast", MESH, 0, ENV_HDR)

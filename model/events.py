@@ -1,0 +1,82 @@
+"""The trace event schema: an event is one model transition executed by one thread of one
+rank, plus measurements. It belongs to the model side so that conformance checking
+needs neither torch nor the runtime; the runtime writes it (runtime/trace.py), the
+conformance checker reads it (conformance/).
+
+One JSON object per line, one file per rank (`rank{R}.jsonl`), flushed per event.
+No tensors: ids, shapes, digests and timings only.
+
+Transition events (`"ev": "step"`):
+  rank, role, thread      who (role in rank0/leader/worker; thread main/comms)
+  i                       per-(rank, thread) sequence number, from 0, no gaps
+  src, label, dst         the table row executed (its (thread, src, label) is unique)
+  op                      "local" | "exit" | "send" | "recv" | "coll"
+  peer                    send/recv: the peer role ("rank0" / "leader")
+  chan_i                  send/recv: index of this message on its directed channel
+  group, gseq             coll: group name and the group's collective sequence number
+  msg                     the message summary sent/received/broadcast (Msg fields), or
+                          the gathered vector of an all_gather (a list)
+  t_ns                    time.monotonic_ns() at the end of the step (per rank clock;
+                          never compared across ranks)
+  dur_ns                  how long the step took
+  meas                    optional measurements (queue depths, stage times, bytes, shapes)
+Other events:
+  {"ev": "start", ...}    config, world size, backend, pid, parity dict digest
+  {"ev": "release", "reason": ...}   the watchdog released this rank (abort flag or a
+                          lost heartbeat), with the reason; written before os._exit
+  {"ev": "fault", "what": ...}       a fault-injection switch fired here
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .guards import Msg
+
+SCHEMA_VERSION = 1
+STEP, START, RELEASE, FAULT = "step", "start", "release", "fault"
+OPS = ("local", "exit", "send", "recv", "coll")
+
+
+def op_class(op) -> str:
+    from .ops import Coll, Exit, Local, Recv, Send
+    return {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit",
+            Local: "local"}[type(op)]
+
+
+def msg_to_json(m) -> Optional[object]:
+    if m is None:
+        return None
+    if isinstance(m, Msg):
+        return {"action": int(m.action), "call_id": m.call_id, "chunk": m.chunk,
+                "epoch": m.epoch, "calls": m.calls, "init_cache": bool(m.init_cache)}
+    if isinstance(m, tuple):
+        return [msg_to_json(x) for x in m]
+    return m
+
+
+def msg_from_json(d) -> object:
+    if d is None:
+        return None
+    if isinstance(d, dict):
+        return Msg(d["action"], d["call_id"], d["chunk"], d["epoch"], d["calls"],
+                   d.get("init_cache", False))
+    if isinstance(d, list):
+        return tuple(msg_from_json(x) for x in d)
+    return d
+
+
+def step_event(rank: int, role: str, thread: str, i: int, row, *, peer=None,
+               chan_i=None, group=None, gseq=None, msg=None, t_ns=0, dur_ns=0,
+               meas=None) -> dict:
+    ev = {"ev": STEP, "rank": rank, "role": role, "thread": thread, "i": i,
+          "src": row.src, "label": row.label, "dst": row.dst, "op": op_class(row.op),
+          "t_ns": t_ns, "dur_ns": dur_ns}
+    if peer is not None:
+        ev["peer"], ev["chan_i"] = peer, chan_i
+    if group is not None:
+        ev["group"], ev["gseq"] = group, gseq
+    if msg is not None:
+        ev["msg"] = msg_to_json(msg)
+    if meas:
+        ev["meas"] = meas
+    return ev

@@ -1,0 +1,174 @@
+"""Child functions for tests/test_runtime_infra.py (run under ``runtime.worker_main``).
+
+They live in ``runtime/`` rather than ``tests/`` so a child process can import them with
+no test-package plumbing. Each is ``f(rank, world_size, args)``; results go to stdout as
+one JSON line (``RESULT {...}``); markers ``<run_dir>/ready.rank<R>`` tell the parent a
+rank is about to block, so a fault can be injected mid-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from runtime.launch import dist_env
+from runtime.worker_main import set_role
+
+
+def _role(rank: int) -> str:
+    return "rank0" if rank == 0 else ("leader" if rank == 1 else "worker")
+
+
+def _boot(rank, world, args, check=None):
+    import torch  # noqa: F401
+    from runtime.groups import GuardedComm, init_world, make_groups
+    from runtime.sidechannel import SideChannel, Watchdog
+
+    set_role(_role(rank))
+    env = dist_env()
+    sc = SideChannel("127.0.0.1", env.side_port, rank, world, env.run_id,
+                     is_master=(rank == 0), timeout=args.get("store_timeout_s", 20.0))
+    wd = Watchdog(sc, heartbeat_s=args.get("heartbeat_s", 0.05),
+                  lost_after_s=args.get("lost_after_s", 0.5))
+    wd.start()
+    timeout = args.get("pg_timeout_s", 30.0)
+    init_world("gloo", rank, world, env.master_addr, env.master_port, timeout)
+    groups = make_groups(world, "gloo", timeout)
+    comm = GuardedComm(groups, rank, check=check, abort_poll=wd.poll,
+                       op_deadline_s=args.get("op_deadline_s", 10.0))
+    return env, sc, wd, groups, comm
+
+
+def _finish(rank, sc, wd):
+    wd.stop()
+    sc.mark_clean_exit()
+    if sc.is_master:
+        missing = sc.wait_all_clean(10.0)
+        if missing:
+            raise RuntimeError(f"ranks {missing} never marked a clean exit")
+
+
+def _ready(env, rank):
+    Path(env.run_dir, f"ready.rank{rank}").write_text(str(time.monotonic()))
+
+
+def _result(**kw):
+    print("RESULT " + json.dumps(kw, sort_keys=True), flush=True)
+
+
+def basic(rank, world, args):
+    """Mesh broadcast (root = mesh group rank 0 = global 1), rank0 <-> leader ping-pong,
+    mesh all_reduce / all_gather, and rank 0 calling a mesh collective (non-member)."""
+    import torch
+    from runtime.groups import MESH, WORLD, GroupMembershipError
+
+    env, sc, wd, groups, comm = _boot(rank, world, args)
+    out = {"rank": rank}
+    if rank == 0:
+        try:
+            comm.all_reduce(torch.ones(2), MESH)
+            out["non_member"] = "no error"
+        except GroupMembershipError as e:
+            out["non_member"] = f"GroupMembershipError: {e}"
+        t = torch.arange(8, dtype=torch.int64)
+        n, t0 = args.get("pingpong", 50), time.perf_counter()
+        for _ in range(n):
+            comm.send(t, 1, WORLD)
+            comm.recv(t, 1, WORLD)
+        out["pingpong_us"] = (time.perf_counter() - t0) / n * 1e6
+        out["pong"] = t.tolist()
+    else:
+        if rank == 1:
+            t = torch.zeros(8, dtype=torch.int64)
+            for _ in range(args.get("pingpong", 50)):
+                comm.recv(t, 0, WORLD)
+                t += 1
+                comm.send(t, 0, WORLD)
+        b = torch.full((4,), 7.0) if rank == 1 else torch.zeros(4)
+        comm.broadcast(b, MESH, 0)   # group rank 0 = global rank 1 = leader
+        out["bcast"] = b.tolist()
+        r = torch.full((2,), float(rank))
+        comm.all_reduce(r, MESH)
+        out["allreduce"] = r.tolist()
+        g = [torch.zeros(1) for _ in range(world - 1)]
+        comm.all_gather(g, torch.full((1,), float(rank)), MESH)
+        out["allgather"] = [x.item() for x in g]
+        o = torch.zeros(world - 1)
+        comm.all_gather(o, torch.full((1,), float(rank * 10)), MESH)
+        out["allgather_into"] = o.tolist()
+        out["mesh_group_rank"] = groups.group_rank(MESH)
+    out["seq"] = comm.seq
+    out["wd_ticks"] = wd.ticks
+    _finish(rank, sc, wd)
+    _result(**out)
+
+
+def check_reject(rank, world, args):
+    """The leader's table forbids a world_pg all_reduce (the wrong-group bug): check()
+    raises before the backend is touched. Rank 0 is blocked in recv from the leader and
+    the worker in a mesh all_reduce; both must be released by the abort flag."""
+    import torch
+    import torch.distributed as dist
+    from runtime.groups import MESH, WORLD
+
+    class TableRefused(RuntimeError):
+        pass
+
+    def check(op, group, peer):
+        if rank == 1 and group == WORLD and op == "all_reduce":
+            raise TableRefused(f"state=PHASE_B allows all_reduce on {MESH} only, "
+                               f"asked for {op} on {group}")
+
+    env, sc, wd, groups, comm = _boot(rank, world, args, check=check)
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    _ready(env, rank)
+    if rank == 0:
+        comm.recv(torch.zeros(8, dtype=torch.int64), 1, WORLD)
+    elif rank == 1:
+        time.sleep(args.get("pause_s", 0.3))
+        try:
+            comm.all_reduce(torch.ones(2), WORLD)
+        finally:
+            print(f"backend all_reduce calls={len(calls)}", flush=True)
+    else:
+        comm.all_reduce(torch.ones(2), MESH)
+    raise AssertionError("unreachable: blocked op returned")
+
+
+def block_for_kill(rank, world, args):
+    """Every rank blocks on a live peer: rank 0 recv<-leader, leader recv<-rank 0, worker(s)
+    in a mesh broadcast rooted at the leader. The parent then kill -9s one rank."""
+    import torch
+    from runtime.groups import MESH, WORLD
+
+    env, sc, wd, groups, comm = _boot(rank, world, args)
+    t = torch.zeros(8, dtype=torch.int64)
+    _ready(env, rank)
+    if rank in (0, 1):
+        comm.recv(t, 1 - rank, WORLD)
+    else:
+        comm.broadcast(t, MESH, 0)
+    raise AssertionError("unreachable: blocked op returned")
+
+
+def sleep_forever(rank, world, args):
+    if rank == 0:
+        return 0
+    while True:
+        time.sleep(3600)
+
+
+def op_deadline(rank, world, args):
+    """Rank 1 waits for a recv nobody sends: OpDeadline fires at the per-op deadline."""
+    import torch
+    from runtime.groups import WORLD
+
+    env, sc, wd, groups, comm = _boot(rank, world, args)
+    if rank == 1:
+        comm.recv(torch.zeros(1), 0, WORLD, deadline_s=args.get("deadline_s", 0.5))
+    else:
+        time.sleep(30)

@@ -1,0 +1,364 @@
+"""Local multi-process launcher with a hard deadline: crash > hang starts in the parent.
+
+Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
+
+* Fault injection must be real. Each rank is a separate OS process started with
+  ``subprocess.Popen([sys.executable, "-m", "runtime.worker_main", ...])`` in its own session
+  (``start_new_session=True``, so pgid == pid), so ``kill_rank(run, r, SIGKILL)`` is a real
+  ``kill -9`` of that rank's whole process tree, exactly what an OOM killer or a node
+  failure does. ``mp.spawn`` children share the parent's fate and pipe plumbing.
+* The parent never waits on a default torch timeout. ``wait()`` has a HARD deadline: when it
+  passes, every rank still alive is SIGKILLed and named in ``alive_at_deadline``. Nothing
+  about the children (their watchdogs, their guards) is trusted to end the run.
+* Exit times are measured, not guessed. One waiter thread per rank blocks in
+  ``os.waitid(..., WNOWAIT)`` and stamps ``time.monotonic()`` the moment the rank exits, so
+  ``exit_time - fault_time`` is the time-from-fault-to-exit that TARGETS.md asks for (one
+  clock: the parent's). ``WNOWAIT`` leaves the zombie unreaped until the waiter has also
+  SIGKILLed the rank's process group, so a pid can never be reused under our feet.
+* No child survives ``spawn_local`` returning or raising (try/finally, plus
+  ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux).
+
+The child environment is what torchrun would give (MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK,
+WORLD_SIZE, LOCAL_RANK) plus ``LOCKSTEP_SIDE_PORT`` (the side-channel TCPStore, a second free
+port), ``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads either launcher's
+variables, so the same target runs under ``spawn_local`` and under
+``torchrun -m runtime.worker_main --target m:f --args-json '{...}'``.
+
+Rejected: polling ``Popen.poll()`` for exit times (resolution = poll interval, and CPU on a
+2-core box); ``mp.spawn`` (no real kill -9 of one rank, pickled args); a store hosted by the
+launcher (the protocol must also run under torchrun, where there is no such parent).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK = 0
+EXIT_ERROR = 1      # uncaught exception in the target (worker_main)
+EXIT_RELEASED = 3   # released by the side-channel watchdog (abort flag, lost peer, lost store)
+
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+# --------------------------------------------------------------------------- environment
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read, close). Racy by nature;
+    good enough on a loopback test box."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    side_port: int          # side-channel TCPStore port (LOCKSTEP_SIDE_PORT, else MASTER_PORT+1)
+    run_id: str
+    run_dir: str | None
+    launcher: str           # "lockstep" | "torchrun" | "slurm" | "mpi" | "env"
+
+
+def dist_env(environ: dict | None = None) -> DistEnv:
+    """rank / world size / rendezvous address from whichever launcher set them.
+
+    torchrun and spawn_local both set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
+    (env://). SLURM and Open MPI variables are a fallback for rank and size only.
+    """
+    e = os.environ if environ is None else environ
+
+    def first(*names, default=None):
+        for n in names:
+            if e.get(n) not in (None, ""):
+                return e[n]
+        return default
+
+    rank = first("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    world = first("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if rank is None or world is None:
+        raise RuntimeError("dist_env: RANK/WORLD_SIZE not set by any known launcher")
+    local = first("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", default="0")
+    port = int(first("MASTER_PORT", default="29500"))
+    if "LOCKSTEP_RUN_ID" in e:
+        launcher = "lockstep"
+    elif "TORCHELASTIC_RUN_ID" in e or "TORCHELASTIC_RESTART_COUNT" in e:
+        launcher = "torchrun"
+    elif "RANK" in e:
+        launcher = "env"
+    elif "SLURM_PROCID" in e:
+        launcher = "slurm"
+    else:
+        launcher = "mpi"
+    return DistEnv(
+        rank=int(rank), world_size=int(world), local_rank=int(local),
+        master_addr=first("MASTER_ADDR", default="127.0.0.1"), master_port=port,
+        side_port=int(first("LOCKSTEP_SIDE_PORT", default=str(port + 1))),
+        run_id=first("LOCKSTEP_RUN_ID", "TORCHELASTIC_RUN_ID", default="local"),
+        run_dir=first("LOCKSTEP_RUN_DIR"), launcher=launcher,
+    )
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class RankResult:
+    rank: int
+    pid: int
+    returncode: int | None = None     # negative = killed by that signal (Popen convention)
+    exit_time: float | None = None    # time.monotonic() in the parent when the exit was seen
+    killed_at_deadline: bool = False
+    stdout_path: str = ""
+    stderr_path: str = ""
+
+    def stderr_text(self) -> str:
+        try:
+            return Path(self.stderr_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def reason_line(self) -> str | None:
+        """The last ``lockstep: ...`` line the rank wrote to stderr, if any."""
+        lines = [ln for ln in self.stderr_text().splitlines() if ln.startswith("lockstep: ")]
+        return lines[-1] if lines else None
+
+
+@dataclass
+class LaunchResult:
+    world_size: int
+    run_dir: str
+    run_id: str
+    master_port: int
+    side_port: int
+    start_time: float
+    end_time: float = 0.0
+    ranks: list[RankResult] = field(default_factory=list)
+    deadline_hit: bool = False
+    alive_at_deadline: list[int] = field(default_factory=list)
+    faults: list[tuple[int, int, float]] = field(default_factory=list)  # (rank, signal, t)
+    on_start_error: str | None = None
+
+    @property
+    def returncodes(self) -> list[int | None]:
+        return [r.returncode for r in self.ranks]
+
+    @property
+    def ok(self) -> bool:
+        return not self.deadline_hit and all(r.returncode == 0 for r in self.ranks)
+
+    def all_exited_after(self, t0: float, ranks: list[int] | None = None) -> float | None:
+        """Seconds from monotonic time ``t0`` (e.g. a fault) until the last of ``ranks``
+        (default: all) exited; None if one never exited on its own."""
+        sel = [self.ranks[i] for i in (ranks if ranks is not None else range(self.world_size))]
+        if any(r.exit_time is None or r.killed_at_deadline for r in sel):
+            return None
+        return max(r.exit_time for r in sel) - t0
+
+    def summary(self) -> str:
+        out = []
+        for r in self.ranks:
+            dt = "" if r.exit_time is None else f" t=+{r.exit_time - self.start_time:.3f}s"
+            out.append(f"rank {r.rank}: rc={r.returncode}{dt}"
+                       f"{' KILLED-AT-DEADLINE' if r.killed_at_deadline else ''}"
+                       f" | {r.reason_line() or ''}")
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- running
+
+try:  # resolved once in the parent: no dlopen between fork and exec
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _pdeathsig():  # runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent thread
+
+
+class LocalRun:
+    """Handle on running ranks: ``wait()``, ``kill_rank()``, ``kill_all()``; a context
+    manager whose exit SIGKILLs anything left. Create it from the thread that will live as
+    long as the ranks (PR_SET_PDEATHSIG fires when the *creating thread* exits)."""
+
+    def __init__(self, world_size: int, target: str, args: dict, *, run_dir,
+                 env: dict | None = None, run_id: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_id = run_id or uuid.uuid4().hex[:12]
+        master_port, side_port = free_port(), free_port()
+        while side_port == master_port:
+            side_port = free_port()
+        args_file = self.run_dir / "args.json"
+        args_file.write_text(json.dumps(args, sort_keys=True))
+        self.result = LaunchResult(world_size, str(self.run_dir), run_id, master_port,
+                                   side_port, start_time=time.monotonic())
+        self._procs: list[subprocess.Popen] = []
+        self._waiters: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._exited = threading.Condition(self._lock)
+        base = dict(os.environ)
+        base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: keep gloo on loopback
+        base.update(env or {})
+        pp = base.get("PYTHONPATH")
+        base["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + pp if pp else "")
+        try:
+            for rank in range(world_size):
+                renv = dict(base)
+                renv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(world_size),
+                            LOCKSTEP_SIDE_PORT=str(side_port), LOCKSTEP_RUN_ID=run_id,
+                            LOCKSTEP_RUN_DIR=str(self.run_dir))
+                out = self.run_dir / f"rank{rank}.out"
+                err = self.run_dir / f"rank{rank}.err"
+                with open(out, "wb") as fo, open(err, "wb") as fe:
+                    p = subprocess.Popen(
+                        [sys.executable, "-m", "runtime.worker_main", "--target", target,
+                         "--args-file", str(args_file)],
+                        env=renv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=fo,
+                        stderr=fe, start_new_session=True,
+                        preexec_fn=_pdeathsig if _PRCTL is not None else None)
+                self._procs.append(p)
+                self.result.ranks.append(RankResult(rank, p.pid, stdout_path=str(out),
+                                                    stderr_path=str(err)))
+                w = threading.Thread(target=self._wait_one, args=(rank,), daemon=True,
+                                     name=f"lockstep-waiter-{rank}")
+                w.start()
+                self._waiters.append(w)
+        except BaseException:
+            self.kill_all()
+            raise
+
+    # One thread per rank: stamp the exit time, kill the rank's group, then reap.
+    def _wait_one(self, rank: int) -> None:
+        p = self._procs[rank]
+        try:
+            while True:
+                try:
+                    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+                    break
+                except InterruptedError:
+                    continue
+        except ChildProcessError:
+            pass
+        t = time.monotonic()
+        try:  # leftover grandchildren in the rank's session; pid not reaped yet, so safe
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        rc = p.wait()
+        with self._exited:
+            rr = self.result.ranks[rank]
+            rr.returncode, rr.exit_time = rc, t
+            self._exited.notify_all()
+
+    def alive(self) -> list[int]:
+        with self._lock:
+            return [r.rank for r in self.result.ranks if r.exit_time is None]
+
+    def kill_rank(self, rank: int, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig`` to rank's process group; returns (and records) the monotonic time."""
+        t = time.monotonic()
+        self.result.faults.append((rank, int(sig), t))
+        with self._lock:
+            done = self.result.ranks[rank].exit_time is not None
+        if not done:
+            try:
+                os.killpg(self._procs[rank].pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return t
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        for p in self._procs:
+            if p.returncode is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def wait(self, deadline_s: float) -> LaunchResult:
+        """Wait for every rank until ``deadline_s`` from now; SIGKILL the rest."""
+        end = time.monotonic() + deadline_s
+        with self._exited:
+            while any(r.exit_time is None for r in self.result.ranks):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._exited.wait(left)
+            late = [r.rank for r in self.result.ranks if r.exit_time is None]
+        if late:
+            self.result.deadline_hit = True
+            self.result.alive_at_deadline = late
+            for r in late:
+                self.result.ranks[r].killed_at_deadline = True
+            self.kill_all()
+        for w in self._waiters:
+            w.join(10.0)
+        self.result.end_time = time.monotonic()
+        return self.result
+
+    def __enter__(self) -> "LocalRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill_all()
+        for w in self._waiters:
+            w.join(10.0)
+
+
+def start_local(world_size: int, target: str, args: dict, *, run_dir, env=None,
+                run_id=None) -> LocalRun:
+    """Start the ranks and return at once (use as a context manager)."""
+    return LocalRun(world_size, target, args, run_dir=run_dir, env=env, run_id=run_id)
+
+
+def spawn_local(world_size: int, target: str, args: dict, *, deadline_s: float, run_dir,
+                env: dict | None = None, run_id: str | None = None,
+                on_start: Callable[[LocalRun], None] | None = None) -> LaunchResult:
+    """Run ``target`` ("module:function", called as f(rank, world_size, args)) on
+    ``world_size`` local processes and wait with a HARD deadline.
+
+    ``on_start(run)`` (optional) runs in a helper thread once every rank is started, e.g. to
+    inject faults with ``kill_rank(run, r)``; the deadline holds even if it blocks. No child
+    outlives this call.
+    """
+    run = LocalRun(world_size, target, args, run_dir=run_dir, env=env, run_id=run_id)
+    try:
+        if on_start is not None:
+            def _cb():
+                try:
+                    on_start(run)
+                except BaseException as e:  # reported, never raised in a helper thread
+                    run.result.on_start_error = f"{type(e).__name__}: {e}"
+            threading.Thread(target=_cb, daemon=True, name="lockstep-on-start").start()
+        return run.wait(deadline_s)
+    finally:
+        run.__exit__(None, None, None)
+
+
+def kill_rank(run: "LocalRun | LaunchResult", rank: int, sig: int = signal.SIGKILL) -> float:
+    """Fault injection from the parent: signal one rank's process group. Returns the
+    monotonic fault time (also recorded in ``result.faults``)."""
+    if isinstance(run, LaunchResult):  # already finished: only record, nothing to kill
+        t = time.monotonic()
+        run.faults.append((rank, int(sig), t))
+        return t
+    return run.kill_rank(rank, sig)

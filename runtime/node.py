@@ -1,0 +1,108 @@
+"""One rank of a lockstep run: side channel + watchdog, process groups, the interpreter
+threads of its role, and the exit that leaves a one-line reason.
+
+Started by runtime.launch (embedded default: local processes on 127.0.0.1) or by
+torchrun (env://): `run_rank(rank, world_size, args)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from model.check import config_from_dict
+from model.semantics import Model
+
+from .groups import init_world, make_groups
+from .interp import RankInterpreter
+from .launch import dist_env
+from .sidechannel import SideChannel, Watchdog
+from .trace import TraceWriter
+from .worker_main import EXIT_RELEASED, exit_line, one_line, set_role
+from .workload import DemoWorkload, StageCosts
+
+
+def run_rank(rank: int, world_size: int, args: dict) -> int:
+    cfg = config_from_dict(args["config"])
+    opts = args.get("opts", {})
+    model = Model(cfg)
+    if world_size != model.n:
+        raise ValueError(f"world size {world_size} != 1 + mesh {cfg.mesh}")
+    role = model.roles[rank]
+    set_role(role)
+    env = dist_env()
+    run_dir = Path(os.environ.get("LOCKSTEP_RUN_DIR", args.get("run_dir", ".")))
+    tracer = TraceWriter(run_dir, rank)
+    side = SideChannel(env.master_addr, env.side_port, rank,
+                       world_size, env.run_id,
+                       is_master=rank == 0, timeout=float(opts.get("store_timeout_s", 30)))
+    interp_box = []
+
+    def on_release(reason: str) -> None:
+        ctx = interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
+        tracer.write({"ev": "release", "rank": rank, "role": role, "reason": reason,
+                      "t_ns": time.monotonic_ns()})
+        print(f"lockstep: {ctx} exit=released reason={one_line(reason)}", file=sys.stderr,
+              flush=True)
+
+    wd = Watchdog(side, on_release, lost_after_s=float(opts.get("lost_after_s", 0.5)))
+    wd.start()
+    timeout_s = float(opts.get("pg_timeout_s", 60))
+    init_world(opts.get("backend", "gloo"), rank, world_size, env.master_addr,
+               env.master_port, timeout_s)
+    groups = make_groups(world_size, opts.get("backend", "gloo"), timeout_s)
+    costs = StageCosts(**opts.get("costs", {}))
+    work = DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=cfg.mesh, costs=costs,
+                        hidden=int(opts.get("hidden", 64)), frames=int(opts.get("frames", 4)))
+    interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
+                             opts=opts)
+    interp_box.append(interp)
+    tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
+                  "world": world_size, "backend": opts.get("backend", "gloo"),
+                  "t_ns": time.monotonic_ns()})
+    errors = []
+
+    def body(t):
+        try:
+            interp.run_thread(t)
+        except BaseException as e:  # noqa: BLE001 - recorded, then the process exits
+            errors.append(e)
+            with interp.cv:
+                interp.exit = interp.exit or ("raise", f"{type(e).__name__}: {e}")
+                interp.cv.notify_all()
+
+    threads = [threading.Thread(target=body, args=(t,), name=f"lockstep-{th}", daemon=True)
+               for t, th in enumerate(interp.threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    how, reason = interp.exit or ("raise", "no exit recorded")
+    if rank == 0:
+        (run_dir / "outputs.json").write_text(json.dumps(interp.outputs))
+    if errors:
+        e = errors[0]
+        from .wire import Released
+        if isinstance(e, Released):
+            on_release(str(e))
+            tracer.close()
+            os._exit(EXIT_RELEASED)
+        raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
+    line = exit_line("ok" if how in ("ok", "vanish") else "error",
+                     f"{interp.ctx()} {reason}", rank, role)
+    print(line, file=sys.stderr, flush=True)
+    if how in ("ok", "vanish"):
+        wd.stop()
+        side.mark_clean_exit()
+        if rank == 0:
+            side.wait_all_clean(timeout=float(opts.get("drain_s", 10)))
+        tracer.close()
+        return 0
+    if how == "abort":
+        side.set_abort(f"{interp.ctx()} {reason}")
+        time.sleep(0.1 if rank == 0 else 0)   # the store host lingers so peers read it
+    tracer.close()
+    return 1

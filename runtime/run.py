@@ -1,0 +1,25 @@
+"""Run a lockstep job on the embedded default: rank0 + mesh as local processes on
+127.0.0.1 with gloo (no torchrun needed), under a hard deadline."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from model.check import config_to_dict
+
+from .launch import spawn_local
+
+
+def run_local(cfg, opts: dict, run_dir, *, deadline_s: float = 120.0, on_start=None):
+    """Start 1 + cfg.mesh ranks, wait (hard deadline), return the LaunchResult. The run
+    directory gets run.json (config + options), rank*.jsonl traces, rank*.err lines."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in run_dir.glob("rank*"):
+        old.unlink()
+    meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return spawn_local(cfg.mesh + 1, "runtime.node:run_rank",
+                       {"config": config_to_dict(cfg), "opts": opts},
+                       deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)

@@ -1,0 +1,34 @@
+"""Per-rank JSON-lines trace writer (schema: model/events.py).
+
+One file per rank, one line per event, flushed (and the OS buffer written) per event,
+so a crash loses nothing already written; a kill -9 can at most cut the last line,
+which the loader reports rather than rejects. No tensors are ever written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+
+class TraceWriter:
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / f"rank{rank}.jsonl"
+        self._f = open(self.path, "a", buffering=1, encoding="utf-8")
+        self._lock = threading.Lock()   # rank0's two threads share one file
+
+    def write(self, event: dict) -> None:
+        line = json.dumps(event, separators=(",", ":"), sort_keys=True)
+        with self._lock:
+            self._f.write(line + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except (OSError, ValueError):
+                pass
+            self._f.close()

@@ -1,0 +1,152 @@
+"""Moving codec frames over torch.distributed without ever blocking blindly.
+
+Every backend call is issued asynchronously and completed by polling `is_completed()`
+while checking the abort flag and a per-operation deadline (FACTS.md: nothing called
+from another thread releases a blocked gloo call; an abandoned async work does not
+block us). Multi-frame messages are generators that yield one `Work` per frame, so the
+rank0 comms thread can drive a send and a receive at the same time: it keeps a receive
+posted while it sends (PROTOCOL.md, Overlap).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import codec
+
+
+class Released(RuntimeError):
+    """The abort flag (or a lost peer) released this rank."""
+
+
+class OpDeadline(RuntimeError):
+    pass
+
+
+class _Pending:
+    """A backend work being completed. gloo's point-to-point works never report
+    is_completed() (measured, torch 2.13) and have no future, so a daemon thread parks
+    in wait() and flags completion; abandoning it on abort is safe because the process
+    then leaves with os._exit."""
+
+    __slots__ = ("work", "done", "error")
+
+    def __init__(self, work):
+        self.work, self.error = work, None
+        self.done = threading.Event()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self):
+        try:
+            self.work.wait()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the polling thread
+            self.error = e
+        self.done.set()
+
+
+def poll(jobs, *, abort_poll, deadline_s: float, what: str):
+    """Advance generator jobs until one finishes; return (index, value). Each job
+    yields torch Works and returns its value via StopIteration."""
+    t0 = time.monotonic()
+    current = [None] * len(jobs)
+    while True:
+        for i, job in enumerate(jobs):
+            if job is None:
+                continue
+            w = current[i]
+            if w is not None:
+                if not w.done.is_set():
+                    continue
+                if w.error is not None:
+                    raise w.error
+            try:
+                current[i] = _Pending(next(job))
+            except StopIteration as stop:
+                return i, stop.value
+            t0 = time.monotonic()
+        reason = abort_poll()
+        if reason:
+            raise Released(reason)
+        if time.monotonic() - t0 > deadline_s:
+            raise OpDeadline(f"{what}: no progress for {deadline_s:.1f} s")
+        waiting = [w for w in current if w is not None]
+        if len(waiting) == 1:
+            waiting[0].done.wait(0.05)
+        else:
+            time.sleep(0.0002)
+
+
+def run_one(job, **kw):
+    return poll([job], **kw)[1]
+
+
+# ------------------------------------------------------------------ point-to-point
+
+def send_parts(parts, dst: int, group=None):
+    for t in parts:
+        if t.numel():
+            yield dist.isend(t, dst, group=group)
+
+
+def recv_header(src: int, expect: str, caps=codec.DEFAULT_CAPS, group=None):
+    t = torch.zeros(codec.HEADER_WORDS, dtype=torch.int64)
+    yield dist.irecv(t, src, group=group)
+    return codec.decode_header(t, caps=caps, expect=expect)
+
+
+def recv_payload(h, src: int, caps=codec.DEFAULT_CAPS, group=None):
+    meta_t = codec.alloc_meta(h)
+    if meta_t.numel():
+        yield dist.irecv(meta_t, src, group=group)
+    meta = codec.decode_meta(meta_t, h)
+    man_t = codec.alloc_manifest(h)
+    if man_t.numel():
+        yield dist.irecv(man_t, src, group=group)
+    manifest = codec.decode_manifest(man_t, h, caps=caps)
+    tensors = codec.alloc_tensors(manifest)
+    for t in tensors:
+        yield dist.irecv(t, src, group=group)
+    return meta, manifest, tensors
+
+
+# ------------------------------------------------------------------ mesh broadcast
+
+def bcast_header(frames, root_global: int, group, expect: str, caps=codec.DEFAULT_CAPS):
+    """frames on the root, None elsewhere; returns the decoded Header everywhere."""
+    t = frames.header if frames is not None else torch.zeros(codec.HEADER_WORDS,
+                                                             dtype=torch.int64)
+    yield dist.broadcast(t, root_global, group=group, async_op=True)
+    return codec.decode_header(t, caps=caps, expect=expect)
+
+
+def bcast_payload(frames, h, root_global: int, group, caps=codec.DEFAULT_CAPS):
+    """Root sends meta, manifest, tensors; the others allocate from the header and
+    the manifest (never inferring shapes on their own: FM-08)."""
+    meta_t = frames.meta if frames is not None else codec.alloc_meta(h)
+    if meta_t.numel():
+        yield dist.broadcast(meta_t, root_global, group=group, async_op=True)
+    meta = codec.decode_meta(meta_t, h)
+    man_t = frames.manifest if frames is not None else codec.alloc_manifest(h)
+    if man_t.numel():
+        yield dist.broadcast(man_t, root_global, group=group, async_op=True)
+    manifest = codec.decode_manifest(man_t, h, caps=caps)
+    tensors = list(frames.tensors) if frames is not None else codec.alloc_tensors(manifest)
+    for t in tensors:
+        yield dist.broadcast(t, root_global, group=group, async_op=True)
+    return meta, manifest, tensors
+
+
+def all_gather_ints(values, group, size: int):
+    """All-gather a small int64 vector per member; returns a list of tuples."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    out = [torch.zeros_like(mine) for _ in range(size)]
+    yield dist.all_gather(out, mine, group=group, async_op=True)
+    return [tuple(int(x) for x in t.tolist()) for t in out]
+
+
+def all_reduce(t, group):
+    yield dist.all_reduce(t, group=group, async_op=True)
+    return t

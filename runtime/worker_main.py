@@ -1,0 +1,144 @@
+"""Child entry point: ``python -m runtime.worker_main --target module:function [--args-file F |
+--args-json J]``.
+
+Reads the rank and world size from the environment (``dist_env()``: spawn_local or torchrun),
+imports the target and calls ``target(rank, world_size, args)``.
+
+Why it ends with ``os._exit`` on every path: after a comm failure the process may still own
+gloo work that never completes (FACTS.md: nothing releases a blocked gloo call), and normal
+interpreter shutdown (atexit, process-group destructors, non-daemon threads) can then block
+forever; a rank that hangs while exiting is a hang. So stdout/stderr are flushed and the
+process leaves with ``os._exit``. Targets must flush their own files (traces are written
+line-flushed anyway).
+
+Why stderr gets exactly ONE line on an uncaught exception: the line is the rank's
+actionable reason, parsed by tests and the CLI:
+``lockstep: rank=R role=ROLE exit=error reason=<ExcType>: <message>``. The traceback goes
+to ``$LOCKSTEP_RUN_DIR/rank{R}.traceback`` (or nowhere if no run dir). Before exiting, the
+abort flag is set on the side channel if this process has one, so peers are released in
+milliseconds instead of after the heartbeat-loss window.
+
+Exit codes: 0 ok (or the int the target returns), 1 uncaught exception, 3 released by the
+watchdog (see sidechannel.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_RELEASED = 3
+
+_ROLE = "?"
+_RANK: int | None = None
+
+
+def set_role(role: str) -> None:
+    """Name this process's role (rank0 / leader / worker) for its exit line."""
+    global _ROLE
+    _ROLE = role
+
+
+def get_role() -> str:
+    return _ROLE
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def exit_line(exit_kind: str, reason: str, rank: int | None = None, role: str | None = None) -> str:
+    """``lockstep: rank=R role=ROLE exit=KIND reason=...`` (one line, no newline)."""
+    if rank is None:
+        rank = _RANK if _RANK is not None else int(os.environ.get("RANK", "-1"))
+    return (f"lockstep: rank={rank} role={role or _ROLE} exit={exit_kind} "
+            f"reason={one_line(reason)}")
+
+
+def write_exit_line(exit_kind: str, reason: str, rank: int | None = None) -> None:
+    try:
+        sys.stderr.write(exit_line(exit_kind, reason, rank) + "\n")
+        sys.stderr.flush()
+    except Exception:
+        try:
+            os.write(2, (exit_line(exit_kind, reason, rank) + "\n").encode())
+        except Exception:
+            pass
+
+
+def _flush_and_exit(code: int) -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def resolve(target: str):
+    mod, _, fn = target.partition(":")
+    if not mod or not fn:
+        raise ValueError(f"target must be 'module:function', got {target!r}")
+    obj = importlib.import_module(mod)
+    for part in fn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _RANK
+    ap = argparse.ArgumentParser(prog="runtime.worker_main")
+    ap.add_argument("--target", required=True, help="module:function")
+    ap.add_argument("--args-file")
+    ap.add_argument("--args-json")
+    ns = ap.parse_args(argv)
+    code = EXIT_ERROR
+    try:
+        from runtime.launch import dist_env
+        env = dist_env()
+        _RANK = env.rank
+        if ns.args_file:
+            with open(ns.args_file) as f:
+                args = json.load(f)
+        else:
+            args = json.loads(ns.args_json or os.environ.get("LOCKSTEP_ARGS", "{}"))
+        ret = resolve(ns.target)(env.rank, env.world_size, args)
+        code = ret if isinstance(ret, int) and not isinstance(ret, bool) else EXIT_OK
+    except BaseException as e:  # noqa: BLE001 - every failure must end in one line + exit
+        if isinstance(e, SystemExit) and isinstance(e.code, int):
+            _flush_and_exit(e.code)
+        reason = f"{type(e).__name__}: {e}"
+        run_dir = os.environ.get("LOCKSTEP_RUN_DIR")
+        if run_dir:
+            try:
+                with open(os.path.join(run_dir, f"rank{_RANK if _RANK is not None else 'X'}"
+                                       ".traceback"), "w") as f:
+                    traceback.print_exc(file=f)
+            except Exception:
+                pass
+        in_force = None
+        try:  # release peers now rather than after the heartbeat window
+            from runtime import sidechannel
+            in_force = sidechannel.abort_active(reason)
+        except Exception:
+            pass
+        mine = f"rank={_RANK} role={_ROLE}: "
+        if in_force and not in_force.startswith(mine):  # someone else failed first
+            reason = f"abort flag: {in_force} | local: {reason}"
+        write_exit_line("error", reason)
+        code = EXIT_ERROR
+    _flush_and_exit(code)
+
+
+if __name__ == "__main__":
+    # Run through the canonical module object, not __main__, so set_role() and friends
+    # called by the target (which imports runtime.worker_main) share this module's state.
+    from runtime import worker_main as _canonical
+    _canonical.main()

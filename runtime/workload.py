@@ -1,0 +1,126 @@
+"""The workload plug-in interface, and a demo workload doing real tensor-parallel work.
+
+A real pipeline implements `Workload`: Phase A (build the envelope fields and tensors
+for a chunk), Phase B (one generator call on a mesh rank, given the mesh group's
+collective functions) and Phase C (decode a result). The interpreter decides *when*
+each runs (the tables); the workload decides *what* it computes. A workload never
+touches torch.distributed itself: it gets `all_reduce(tensor)` already bound to
+mesh_pg, so it cannot issue a collective on the wrong group.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import contract as C
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Synthetic stage costs in milliseconds (spent computing, not sleeping, unless
+    `sleep` is set: on 2 shared cores sleeping keeps stage times honest)."""
+    phase_a_ms: float = 0.0
+    phase_b_ms: float = 0.0      # per generator call
+    phase_c_ms: float = 0.0
+    sleep: bool = True
+
+
+def spend(ms: float, sleep: bool) -> None:
+    if ms <= 0:
+        return
+    if sleep:
+        time.sleep(ms / 1000.0)
+        return
+    end = time.perf_counter() + ms / 1000.0
+    x = torch.ones(64, 64)
+    while time.perf_counter() < end:
+        x = x @ x.clamp(-1, 1)
+
+
+class Workload:
+    """Implement these three to plug a pipeline in."""
+
+    def build(self, chunk_index: int, cache_epoch: int, init_cache: bool,
+              regime: str, steps: int) -> tuple[dict, dict]:
+        """Phase A on rank0: (meta fields beyond the ids, tensors) for one envelope."""
+        raise NotImplementedError
+
+    def generator_call(self, call_index: int, envelope: dict, tensors: dict,
+                       all_reduce) -> None:
+        """Phase B on every mesh rank: one generator call; its TP collectives go through
+        `all_reduce(tensor)`, which is bound to mesh_pg."""
+        raise NotImplementedError
+
+    def result(self, envelope: dict, tensors: dict) -> dict:
+        """Phase B output on the leader: the result tensors."""
+        raise NotImplementedError
+
+    def decode(self, result_meta: dict, tensors: dict) -> object:
+        """Phase C on rank0: decode and emit one output."""
+        raise NotImplementedError
+
+
+class DemoWorkload(Workload):
+    """A small TP-sharded MLP: latents (frames x hidden) go through `steps` denoising
+    calls; each call multiplies by this rank's column shard and all_reduces the partial
+    sums on mesh_pg, the standard row-parallel linear. Deterministic per seed."""
+
+    def __init__(self, mesh_rank: int = 0, mesh_size: int = 1, hidden: int = 64,
+                 frames: int = 4, costs: StageCosts = StageCosts(), seed: int = 0):
+        self.mesh_rank, self.mesh_size = mesh_rank, mesh_size
+        self.hidden, self.frames, self.costs = hidden, frames, costs
+        g = torch.Generator().manual_seed(seed)
+        full = torch.randn(hidden, hidden, generator=g) / hidden ** 0.5
+        shard = hidden // max(mesh_size, 1)
+        lo = mesh_rank * shard
+        hi = hidden if mesh_rank == mesh_size - 1 else lo + shard
+        self.rows = slice(lo, hi)
+        self.weight = full[lo:hi, :].contiguous()
+        self.state = None
+
+    def build(self, chunk_index, cache_epoch, init_cache, regime, steps):
+        spend(self.costs.phase_a_ms, self.costs.sleep)
+        g = torch.Generator().manual_seed(1000 * cache_epoch + chunk_index)
+        latents = torch.randn(self.frames, self.hidden, generator=g).to(torch.bfloat16)
+        cond = torch.randn(1, self.hidden, generator=g).to(torch.bfloat16)
+        tensors = {"conditioning_embeds": cond, "latents_in": latents,
+                   "current_denoising_step_list": torch.arange(steps, dtype=torch.int64)}
+        recompute = regime == "R0a"
+        if recompute:
+            tensors["context_frames"] = latents[:1].clone()
+        meta = {"height": self.frames, "width": self.hidden, "do_kv_recompute": recompute,
+                "latent_anchor": regime == "R0"}
+        return meta, tensors
+
+    def generator_call(self, call_index, envelope, tensors, all_reduce):
+        spend(self.costs.phase_b_ms, self.costs.sleep)
+        if self.state is None or call_index == 0:
+            self.state = tensors["latents_in"].float()
+        partial = self.state[:, self.rows] @ self.weight
+        all_reduce(partial)
+        self.state = torch.tanh(partial)
+
+    def result(self, envelope, tensors):
+        return {"latents_out": self.state.to(torch.bfloat16).contiguous()}
+
+    def decode(self, result_meta, tensors):
+        spend(self.costs.phase_c_ms, self.costs.sleep)
+        out = tensors["latents_out"]
+        raw = bytes(out.contiguous().view(torch.uint8).flatten().tolist())
+        return hashlib.sha1(raw).hexdigest()[:12]
+
+
+def default_meta(chunk_meta: dict, *, action, call_id, chunk_index, cache_epoch,
+                 init_cache, regime, steps) -> dict:
+    """Complete an envelope's metadata from the workload's fields and the plan bits
+    rank0 decides (the mesh never infers them)."""
+    meta = C.make_envelope_meta(
+        action=int(action), call_id=call_id, chunk_index=chunk_index,
+        cache_epoch=cache_epoch, init_cache=init_cache, regime=regime,
+        num_denoise_steps=steps,
+        expected_generator_calls=C.expected_generator_calls(regime, steps))
+    meta.update(chunk_meta)
+    return meta
