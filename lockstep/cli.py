@@ -98,6 +98,21 @@ def cmd_run(a) -> int:
     return 0 if res.ok else 1
 
 
+def cmd_breakit(a) -> int:
+    from pathlib import Path
+    from runtime.breakit import breakit, format_table
+    if a.backend != "gloo":
+        print("lockstep breakit: only --backend gloo runs on this machine; the NCCL "
+              "variant needs a multi-GPU host (see docs/breakit.md)", file=sys.stderr)
+        return 2
+    rows = breakit(Path(a.out), baseline=not a.no_baseline, only=a.case or None)
+    print(json.dumps(rows, indent=1) if a.json else format_table(rows))
+    ok = all(r["signature"] and r["conforms"] in (True, None) and (
+        r["fault_to_all_exited_s"] is None or r["fault_to_all_exited_s"] < 1.0)
+        for r in rows)
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,6 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=120.0, help="hard deadline, whole run")
     p.add_argument("--out", default="runs/latest", help="run directory (traces)")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("breakit", help="every failure mode as a real multi-process job")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--case", action="append", default=[])
+    p.add_argument("--out", default="runs/breakit")
+    p.set_defaults(fn=cmd_breakit)
 
     a = ap.parse_args(argv)
     try:

@@ -85,7 +85,7 @@ class RankInterpreter:
                    f"cache_epoch={v.epoch}")
         else:
             ids = "call_id=- chunk_index=- cache_epoch=-"
-        return f"rank={self.p} role={self.role} {ids}"
+        return f"rank={self.p} role={self.role} {ids} group={self.last_group}"
 
     # ------------------------------------------------------------------ main loop
     def run_thread(self, t: int) -> None:
@@ -278,6 +278,8 @@ class RankInterpreter:
         return self.m.index[row.op.peer]
 
     def _pollkw(self, what):
+        if what.startswith(("send", "recv", "comms")):
+            self.last_group = "world_pg(p2p)"
         return {"abort_poll": self.abort_poll, "deadline_s": self.deadline,
                 "what": f"{self.ctx()} {what}"}
 
@@ -293,6 +295,9 @@ class RankInterpreter:
             frames = self.env_frames[msg.call_id]
             parts = frames.parts()[1:]
         elif row.op.kind == RES_HDR:
+            if msg.action == C.Action.ERROR:
+                self._error_result({"call_id": msg.call_id, "chunk_index": msg.chunk,
+                                    "cache_epoch": msg.epoch})
             parts = [self.result_frames.header]
         else:
             parts = self.result_frames.parts()[1:]
@@ -418,6 +423,7 @@ class RankInterpreter:
         if self.p not in self._members(op.group):
             raise TableViolation(f"{self.name} is not a member of {op.group}")
         t0 = time.monotonic_ns()
+        self.last_group = op.group
         pg = self._pg(op.group)
         kw = self._pollkw(f"{op_text(op)} seq {self.gseq[op.group]}")
         meas = None
@@ -430,6 +436,8 @@ class RankInterpreter:
             value = tuple(bool(k) for k, _ in got)
             decide = tuple(got)
             meas = {"digests": [d for _, d in got]}
+            if len(set(got)) > 1:
+                self.detail = _parity_detail(got, self._members(op.group))
         elif op.kind == COUNTS:
             with self.cv:
                 planned = int(rows[0].make(self.v, self.cfg))
@@ -461,6 +469,9 @@ class RankInterpreter:
             self._apply(t, row, value, t0, group=op.group, gseq=gseq, meas=meas)
             if self.role == "leader" and row.dst == "send_res_hdr":
                 self._make_result()
+
+    detail = ""
+    last_group = "-"
 
     def _parity_digest(self, key: int) -> int:
         d = dict(self.opts.get("parity", {}), flag=key)
@@ -530,3 +541,13 @@ class RankInterpreter:
 
     def release_event(self, reason: str):
         self._event(RELEASE, reason=reason)
+
+
+def _parity_detail(got, members) -> str:
+    """Name the mismatched parity key and the ranks that differ from the majority."""
+    col = 0 if len({k for k, _ in got}) > 1 else 1
+    values = [g[col] for g in got]
+    common = max(set(values), key=values.count)
+    odd = [members[i] for i, x in enumerate(values) if x != common]
+    key = "cond_flag (a flag that adds a collective)" if col == 0 else "parity dict digest"
+    return f"key={key} differs on ranks {odd} (others agree)"

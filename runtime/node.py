@@ -91,8 +91,9 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
             tracer.close()
             os._exit(EXIT_RELEASED)
         raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
+    detail = f" ({interp.detail})" if interp.detail else ""
     line = exit_line("ok" if how in ("ok", "vanish") else "error",
-                     f"{interp.ctx()} {reason}", rank, role)
+                     f"{interp.ctx()} {reason}{detail}", rank, role)
     print(line, file=sys.stderr, flush=True)
     if how in ("ok", "vanish"):
         wd.stop()
