@@ -113,6 +113,12 @@ def cmd_breakit(a) -> int:
     return 0 if ok else 1
 
 
+def cmd_demo(a) -> int:
+    from pathlib import Path
+    from lockstep.demo import demo
+    return demo(Path(a.out), chunks=a.chunks, mesh=a.mesh)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -158,6 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--case", action="append", default=[])
     p.add_argument("--out", default="runs/breakit")
     p.set_defaults(fn=cmd_breakit)
+
+    p = sub.add_parser("demo", help="model check, gloo run, conformance, diagrams, report")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--chunks", type=int, default=24)
+    p.add_argument("--mesh", type=int, default=3)
+    p.set_defaults(fn=cmd_demo)
 
     a = ap.parse_args(argv)
     try:
