@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from model.check import config_from_dict
 from model.semantics import Model
 
@@ -26,6 +28,9 @@ from .workload import DemoWorkload, StageCosts
 
 
 def run_rank(rank: int, world_size: int, args: dict) -> int:
+    # One intra-op thread per rank: several ranks share few cores, and oversubscribed
+    # OpenMP pools turn a tiny matmul into milliseconds of spinning.
+    torch.set_num_threads(int(args.get("opts", {}).get("torch_threads", 1)))
     cfg = config_from_dict(args["config"])
     opts = args.get("opts", {})
     model = Model(cfg)
