@@ -9,7 +9,6 @@ rank is about to block, so a fault can be injected mid-op.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,15 @@ from runtime.worker_main import set_role
 
 def _role(rank: int) -> str:
     return "rank0" if rank == 0 else ("leader" if rank == 1 else "worker")
+
+
+def _device(rank, args):
+    """args["backend"]: "gloo" (CPU), "nccl" (one GPU per rank) or "cpu:gloo,cuda:nccl"
+    (FACTS.md 2-GPU variant: rank r on GPU r % ngpu, mesh on its own NCCL group)."""
+    import torch
+    if "nccl" not in args.get("backend", "gloo"):
+        return torch.device("cpu")
+    return torch.device("cuda", rank % torch.cuda.device_count())
 
 
 def _boot(rank, world, args, check=None):
@@ -34,8 +42,12 @@ def _boot(rank, world, args, check=None):
                   lost_after_s=args.get("lost_after_s", 0.5))
     wd.start()
     timeout = args.get("pg_timeout_s", 30.0)
-    init_world("gloo", rank, world, env.master_addr, env.master_port, timeout)
-    groups = make_groups(world, "gloo", timeout)
+    backend = args.get("backend", "gloo")
+    dev = _device(rank, args)
+    init_world(backend, rank, world, env.master_addr, env.master_port, timeout,
+               device=dev if dev.type == "cuda" else None)
+    groups = make_groups(world, backend, timeout,
+                         mesh_backend="nccl" if backend.startswith("cpu:") else None)
     comm = GuardedComm(groups, rank, check=check, abort_poll=wd.poll,
                        op_deadline_s=args.get("op_deadline_s", 10.0))
     return env, sc, wd, groups, comm
@@ -65,14 +77,15 @@ def basic(rank, world, args):
     from runtime.groups import MESH, WORLD, GroupMembershipError
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
+    dev = _device(rank, args)
     out = {"rank": rank}
     if rank == 0:
         try:
-            comm.all_reduce(torch.ones(2), MESH)
+            comm.all_reduce(torch.ones(2, device=dev), MESH)
             out["non_member"] = "no error"
         except GroupMembershipError as e:
             out["non_member"] = f"GroupMembershipError: {e}"
-        t = torch.arange(8, dtype=torch.int64)
+        t = torch.arange(8, dtype=torch.int64, device=dev)
         n, t0 = args.get("pingpong", 50), time.perf_counter()
         for _ in range(n):
             comm.send(t, 1, WORLD)
@@ -81,22 +94,22 @@ def basic(rank, world, args):
         out["pong"] = t.tolist()
     else:
         if rank == 1:
-            t = torch.zeros(8, dtype=torch.int64)
+            t = torch.zeros(8, dtype=torch.int64, device=dev)
             for _ in range(args.get("pingpong", 50)):
                 comm.recv(t, 0, WORLD)
                 t += 1
                 comm.send(t, 0, WORLD)
-        b = torch.full((4,), 7.0) if rank == 1 else torch.zeros(4)
+        b = torch.full((4,), 7.0, device=dev) if rank == 1 else torch.zeros(4, device=dev)
         comm.broadcast(b, MESH, 0)   # group rank 0 = global rank 1 = leader
         out["bcast"] = b.tolist()
-        r = torch.full((2,), float(rank))
+        r = torch.full((2,), float(rank), device=dev)
         comm.all_reduce(r, MESH)
         out["allreduce"] = r.tolist()
-        g = [torch.zeros(1) for _ in range(world - 1)]
-        comm.all_gather(g, torch.full((1,), float(rank)), MESH)
+        g = [torch.zeros(1, device=dev) for _ in range(world - 1)]
+        comm.all_gather(g, torch.full((1,), float(rank), device=dev), MESH)
         out["allgather"] = [x.item() for x in g]
-        o = torch.zeros(world - 1)
-        comm.all_gather(o, torch.full((1,), float(rank * 10)), MESH)
+        o = torch.zeros(world - 1, device=dev)
+        comm.all_gather(o, torch.full((1,), float(rank * 10), device=dev), MESH)
         out["allgather_into"] = o.tolist()
         out["mesh_group_rank"] = groups.group_rank(MESH)
     out["seq"] = comm.seq
@@ -126,16 +139,17 @@ def check_reject(rank, world, args):
     real = dist.all_reduce
     dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
     _ready(env, rank)
+    dev = _device(rank, args)
     if rank == 0:
-        comm.recv(torch.zeros(8, dtype=torch.int64), 1, WORLD)
+        comm.recv(torch.zeros(8, dtype=torch.int64, device=dev), 1, WORLD)
     elif rank == 1:
         time.sleep(args.get("pause_s", 0.3))
         try:
-            comm.all_reduce(torch.ones(2), WORLD)
+            comm.all_reduce(torch.ones(2, device=dev), WORLD)
         finally:
             print(f"backend all_reduce calls={len(calls)}", flush=True)
     else:
-        comm.all_reduce(torch.ones(2), MESH)
+        comm.all_reduce(torch.ones(2, device=dev), MESH)
     raise AssertionError("unreachable: blocked op returned")
 
 
@@ -146,7 +160,7 @@ def block_for_kill(rank, world, args):
     from runtime.groups import MESH, WORLD
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
-    t = torch.zeros(8, dtype=torch.int64)
+    t = torch.zeros(8, dtype=torch.int64, device=_device(rank, args))
     _ready(env, rank)
     if rank in (0, 1):
         comm.recv(t, 1 - rank, WORLD)
@@ -172,3 +186,124 @@ def op_deadline(rank, world, args):
         comm.recv(torch.zeros(1), 0, WORLD, deadline_s=args.get("deadline_s", 0.5))
     else:
         time.sleep(30)
+
+
+def bench(rank, world, args):
+    """Raw vs guarded latency, side by side in one run: 8 x int64 ping-pong rank0<->leader
+    and an 8 x int64 mesh broadcast. Raw ops are followed by a device sync so both sides
+    measure completion, as the guarded (polling) path does."""
+    import torch
+    import torch.distributed as dist
+    from runtime.groups import MESH, WORLD
+
+    env, sc, wd, groups, comm = _boot(rank, world, args)
+    dev = _device(rank, args)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = args.get("iters", 300)
+    t = torch.zeros(8, dtype=torch.int64, device=dev)
+    mesh_pg = groups.mesh_pg
+
+    def timed(fn):
+        dist.barrier(device_ids=[dev.index]) if dev.type == "cuda" else dist.barrier()
+        for _ in range(20):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def pp_raw():
+        if rank == 0:
+            dist.send(t, 1); sync(); dist.recv(t, 1); sync()
+        elif rank == 1:
+            dist.recv(t, 0); sync(); dist.send(t, 0); sync()
+
+    def pp_guarded():
+        if rank == 0:
+            comm.send(t, 1, WORLD); comm.recv(t, 1, WORLD)
+        elif rank == 1:
+            comm.recv(t, 0, WORLD); comm.send(t, 0, WORLD)
+
+    def bc_raw():
+        if rank != 0:
+            dist.broadcast(t, group=mesh_pg, group_src=0); sync()
+
+    def bc_guarded():
+        if rank != 0:
+            comm.broadcast(t, MESH, 0)
+
+    out = {"rank": rank, "backend": args.get("backend", "gloo")}
+    for rep in range(2):
+        out[f"pingpong_raw_us_{rep}"] = timed(pp_raw)
+        out[f"pingpong_guarded_us_{rep}"] = timed(pp_guarded)
+        out[f"mesh_bcast_raw_us_{rep}"] = timed(bc_raw)
+        out[f"mesh_bcast_guarded_us_{rep}"] = timed(bc_guarded)
+    _finish(rank, sc, wd)
+    _result(**{k: (round(v, 1) if isinstance(v, float) else v) for k, v in out.items()})
+
+
+# --------------------------------------------------------------------------- driver
+
+def main(argv=None) -> int:
+    """``python -m runtime._selftest [--backend nccl] [--world 3]``: run the infra scenarios
+    (basic, bench, check-reject, kill -9 of each role) and print one report; for backends
+    the CPU test suite cannot reach (NCCL on a GPU box)."""
+    import argparse
+    import signal
+    import tempfile
+
+    from runtime.launch import spawn_local, start_local
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="gloo")
+    ap.add_argument("--world", type=int, default=3)
+    ap.add_argument("--deadline", type=float, default=120.0)
+    ns = ap.parse_args(argv)
+    base = {"backend": ns.backend}
+    root = Path(tempfile.mkdtemp(prefix="lockstep-selftest-"))
+    ok = True
+
+    def show(name, res):
+        print(f"== {name}: rc={res.returncodes} deadline_hit={res.deadline_hit}")
+        for r in res.ranks:
+            for ln in Path(r.stdout_path).read_text().splitlines():
+                if ln.startswith("RESULT"):
+                    print(f"   rank {r.rank} {ln}")
+            if r.reason_line():
+                print(f"   rank {r.rank} {r.reason_line()}")
+
+    for name, target, extra in (("basic", "basic", {}), ("bench", "bench", {"iters": 300})):
+        res = spawn_local(ns.world, f"runtime._selftest:{target}", {**base, **extra},
+                          deadline_s=ns.deadline, run_dir=root / name)
+        show(name, res)
+        ok &= res.ok
+    res = spawn_local(ns.world, "runtime._selftest:check_reject", base, deadline_s=ns.deadline,
+                      run_dir=root / "check_reject")
+    show("check_reject", res)
+    dt = res.all_exited_after(res.ranks[1].exit_time)
+    print(f"   all exited {dt * 1e3 if dt is not None else float('nan'):.0f} ms after the leader")
+    ok &= dt is not None
+    for victim in range(ns.world):
+        d = root / f"kill{victim}"
+        with start_local(ns.world, "runtime._selftest:block_for_kill", base, run_dir=d) as run:
+            end = time.monotonic() + ns.deadline
+            while not all((d / f"ready.rank{r}").exists() for r in range(ns.world)):
+                if time.monotonic() > end or len(run.alive()) < ns.world:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.3)
+            tf = run.kill_rank(victim, signal.SIGKILL)
+            res = run.wait(ns.deadline)
+        show(f"kill -9 rank {victim}", res)
+        dt = res.all_exited_after(tf, [r for r in range(ns.world) if r != victim])
+        print(f"   survivors all exited {dt * 1e3 if dt is not None else float('nan'):.0f} ms "
+              f"after the kill")
+        ok &= dt is not None
+    print("SELFTEST", "OK" if ok else "FAILED", root)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,16 +23,29 @@ turns them into a one-line exception raised in the calling rank:
    reaches gloo/NCCL, so it cannot hang.
 2. *Non-member call*: torch only warns and returns None; here ``GroupMembershipError``.
 3. *Blocked forever* (silent live peer, stranded rank): ops are issued async
-   (``isend``/``irecv``/``async_op=True``) and the caller polls ``work.is_completed()`` with
-   a short backoff sleep (20 us doubling to 1 ms: ~1k wakeups/s worst case, fine on 2 cores),
-   checking ``abort_poll()`` (the watchdog's local flag) and a per-op deadline. On abort or
-   deadline it raises ``CommAborted`` / ``OpDeadline`` and ABANDONS the work; the caller
-   must exit the process (FACTS.md: gloo pairs are not reusable after an abandoned or
-   timed-out op, and nothing releases it in-process).
+   (``isend``/``irecv``/``async_op=True``) and never waited on without a bound. Collectives
+   (and every NCCL op) poll ``work.is_completed()``: a 50 us spin, then a sleep doubling
+   from 20 us to 1 ms (~1k wakeups/s worst case, fine on 2 cores), checking ``abort_poll()``
+   (the watchdog's local flag) and a per-op deadline. On abort or deadline it raises
+   ``CommAborted`` / ``OpDeadline`` and ABANDONS the work; later ops on this object refuse,
+   and the caller must exit the process (FACTS.md: gloo pairs are not reusable after an
+   abandoned or timed-out op, and nothing releases it in-process).
 
-Rejected: ``work.wait(timeout=...)`` (closes the gloo pair for good and cannot see the
-abort flag), blocking calls + watchdog ``os._exit`` only (works, but gives no per-op
-deadline and no typed exception naming the op, group and peer).
+   MEASURED (torch 2.13 and 2.11): a gloo send/recv Work never reports ``is_completed()``
+   until ``wait()`` is called, so polling cannot work for gloo point-to-point. ``wait_mode``
+   picks the substitute for CPU send/recv:
+   ``"direct"`` (what ``"auto"`` uses): ``work.wait(timeout=deadline)`` in the caller's
+   thread. Raw gloo speed (8 x int64 ping-pong ~80-100 us, same as unguarded); the deadline
+   is enforced by gloo (pair closed: fine, we exit) and raised as ``OpDeadline``; the abort
+   flag is NOT seen mid-op: the watchdog's ``os._exit`` is the release, which on gloo is the
+   only release anyway. ``"thread"``: a completer thread calls ``wait()`` and the caller
+   waits on an Event in 5 ms slices, so ``CommAborted`` is raised in-process (needed only
+   with a watchdog built with ``exit_code=None``); costs a thread hand-off, 3-6x the raw
+   round trip on 2 loaded cores (~250-600 us).
+
+Rejected: blocking calls + watchdog ``os._exit`` only (works, but gives no per-op deadline
+and no typed exception naming the op, group and peer); ``get_future()`` callbacks (not
+implemented for gloo send/recv Work).
 
 Addressing: every peer / root argument is a rank IN THE NAMED GROUP (for ``world_pg`` that
 is the global rank); it is passed to torch as ``group_src`` / ``group_dst``, never mixed with
@@ -63,6 +76,21 @@ PP = "pp_pg"
 
 # --------------------------------------------------------------------------- errors
 
+class Peer(int):
+    """A group rank that also knows its global rank, so messages name both."""
+
+    def __new__(cls, group_rank: int, global_rank: int):
+        obj = super().__new__(cls, group_rank)
+        obj.global_rank = global_rank
+        return obj
+
+
+def _fmt(peer) -> str:
+    if isinstance(peer, Peer) and int(peer) != peer.global_rank:
+        return f"{int(peer)}(global {peer.global_rank})"
+    return "-" if peer is None else str(int(peer))
+
+
 class CommError(RuntimeError):
     """Base of the guarded-comm failures; ``str(e)`` is one line."""
 
@@ -74,14 +102,14 @@ class GroupMembershipError(CommError):
 class CommAborted(CommError):
     def __init__(self, op: str, group: str, peer, reason: str):
         self.op, self.group, self.peer, self.reason = op, group, peer, reason
-        super().__init__(one_line(f"{op} group={group} peer={peer} aborted: {reason}"))
+        super().__init__(one_line(f"{op} group={group} peer={_fmt(peer)} aborted: {reason}"))
 
 
 class OpDeadline(CommError):
     def __init__(self, op: str, group: str, peer, waited_s: float, deadline_s: float):
         self.op, self.group, self.peer = op, group, peer
         self.waited_s, self.deadline_s = waited_s, deadline_s
-        super().__init__(f"{op} group={group} peer={peer} made no progress for "
+        super().__init__(f"{op} group={group} peer={_fmt(peer)} made no progress for "
                          f"{waited_s:.3f}s (deadline {deadline_s:g}s)")
 
 
@@ -96,7 +124,7 @@ class CommFailed(CommError):
 
     def __init__(self, op: str, group: str, peer, err: BaseException):
         self.op, self.group, self.peer = op, group, peer
-        super().__init__(one_line(f"{op} group={group} peer={peer} backend error: "
+        super().__init__(one_line(f"{op} group={group} peer={_fmt(peer)} backend error: "
                                   f"{type(err).__name__}: {_backend_msg(err)}", 300))
 
 
@@ -262,18 +290,21 @@ class GuardedComm:
     # -- the three guards ----------------------------------------------------------------
     def _enter(self, op: str, group: str, peer):
         if self._abandoned:
-            raise CommError(f"{op} group={group} peer={peer} refused: an earlier op was "
+            raise CommError(f"{op} group={group} peer={_fmt(peer)} refused: an earlier op was "
                             f"abandoned ({self._abandoned}); exit the process")
         self.check(op, group, peer)                       # (a) table says no -> raise
+        reason = self.abort_poll()
+        if reason:                                        # never start an op after abort
+            raise CommAborted(op, group, peer, reason)
         if not self.groups.is_member(group, self.rank):   # (b) stock torch: warn + None
             raise GroupMembershipError(
                 f"{op} on {group}: rank {self.rank} is not a member "
                 f"{list(self.groups.members.get(group, ()))}")
-        if peer is not None:
-            self.groups.global_rank(group, peer)          # group-rank range check
+        if peer is not None:                              # group-rank range check
+            peer = Peer(peer, self.groups.global_rank(group, peer))
         pg = self.groups.pg(group)
         self.seq[group] = self.seq.get(group, 0) + 1
-        return pg
+        return pg, peer
 
     def _wait(self, work, op: str, group: str, peer, deadline_s: float | None,
               tensor: torch.Tensor) -> None:
@@ -305,7 +336,7 @@ class GuardedComm:
         gloo_p2p = tensor.device.type == "cpu" and op in ("send", "recv")
         if not gloo_p2p:
             return "poll"
-        return "thread" if self.wait_mode == "auto" else self.wait_mode
+        return "direct" if self.wait_mode == "auto" else self.wait_mode
 
     def _give_up(self, op, group, peer, limit, t0):
         reason = self.abort_poll()
@@ -348,25 +379,25 @@ class GuardedComm:
     # -- ops -----------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: int, group_name: str = WORLD, *,
              deadline_s: float | None = None) -> None:
-        pg = self._enter("send", group_name, dst)
-        self._wait(dist.isend(tensor, group=pg, group_dst=dst), "send", group_name, dst,
+        pg, p = self._enter("send", group_name, dst)
+        self._wait(dist.isend(tensor, group=pg, group_dst=int(p)), "send", group_name, p,
                    deadline_s, tensor)
 
     def recv(self, tensor: torch.Tensor, src: int, group_name: str = WORLD, *,
              deadline_s: float | None = None) -> None:
-        pg = self._enter("recv", group_name, src)
-        self._wait(dist.irecv(tensor, group=pg, group_src=src), "recv", group_name, src,
+        pg, p = self._enter("recv", group_name, src)
+        self._wait(dist.irecv(tensor, group=pg, group_src=int(p)), "recv", group_name, p,
                    deadline_s, tensor)
 
     def broadcast(self, tensor: torch.Tensor, group_name: str, root_group_rank: int, *,
                   deadline_s: float | None = None) -> None:
-        pg = self._enter("broadcast", group_name, root_group_rank)
-        self._wait(dist.broadcast(tensor, group=pg, group_src=root_group_rank, async_op=True),
-                   "broadcast", group_name, root_group_rank, deadline_s, tensor)
+        pg, p = self._enter("broadcast", group_name, root_group_rank)
+        self._wait(dist.broadcast(tensor, group=pg, group_src=int(p), async_op=True),
+                   "broadcast", group_name, p, deadline_s, tensor)
 
     def all_reduce(self, tensor: torch.Tensor, group_name: str, op=dist.ReduceOp.SUM, *,
                    deadline_s: float | None = None) -> None:
-        pg = self._enter("all_reduce", group_name, None)
+        pg, _ = self._enter("all_reduce", group_name, None)
         self._wait(dist.all_reduce(tensor, op=op, group=pg, async_op=True), "all_reduce",
                    group_name, None, deadline_s, tensor)
 
@@ -374,7 +405,7 @@ class GuardedComm:
                    deadline_s: float | None = None) -> None:
         """``tensor_list_or_out``: a list of group-size tensors, or one output tensor of
         group-size x ``tensor`` (all_gather_into_tensor)."""
-        pg = self._enter("all_gather", group_name, None)
+        pg, _ = self._enter("all_gather", group_name, None)
         if isinstance(tensor_list_or_out, torch.Tensor):
             work = _ALL_GATHER_INTO(tensor_list_or_out, tensor, group=pg, async_op=True)
         else:

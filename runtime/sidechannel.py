@@ -76,11 +76,12 @@ def abort_active(reason: str, grace_s: float = 0.1, limit_s: float = 0.3) -> str
     return box[0] if box else None
 
 
-class SideChannelLost(RuntimeError):
-    """The side-channel store could not be reached (its host died)."""
-
-
 class SideChannel:
+    """One rank's handle on the run's side channel. The store host (``is_master=True``,
+    rank 0) creates the keys; the others connect and wait for ``ready`` (a TCPStore client
+    retries the connection for ``timeout``, so start order does not matter). Methods use the
+    calling thread's own client; threads that block (the watchdog) take ``client()``."""
+
     def __init__(self, host: str, port: int, rank: int, world_size: int, run_id: str,
                  is_master: bool, timeout: float = 30.0):
         from torch.distributed import TCPStore  # imported here: model/ side never needs torch
@@ -128,8 +129,12 @@ class SideChannel:
 
     def set_abort_with(self, store, reason: str) -> str:
         """``set_abort`` through an explicit client (the watchdog uses its own)."""
-        mine = one_line(f"rank={self.rank} role={get_role()}: {reason}")
-        return store.compare_set(self.k_abort, "", mine).decode(errors="replace")
+        return store.compare_set(self.k_abort, "", self.abort_text(reason)).decode(
+            errors="replace")
+
+    def abort_text(self, reason: str) -> str:
+        """The flag's value for a reason set by this rank: ``rank=R role=ROLE: reason``."""
+        return one_line(f"rank={self.rank} role={get_role()}: {reason}")
 
     def abort_reason(self) -> str | None:
         v = self._store().get(self.k_abort)
@@ -163,17 +168,23 @@ class Watchdog(threading.Thread):
     ``GuardedComm(abort_poll=...)``. ``exit_code=None`` disables the ``os._exit`` (tests,
     or an NCCL runtime that prefers an in-process abort); ``on_release`` still runs.
     A ``release_grace_s`` timer forces the exit if ``on_release`` itself blocks.
+
+    ``lost_after_s`` must exceed the longest time this process can hold the GIL in one
+    stretch (the beat runs in a Python thread): pure Python switches every 5 ms and torch
+    ops release the GIL, so 0.5 s has margin; measured kill -9 -> all released ~0.55-0.6 s
+    on 2 cores when the heartbeat is the only path (no gloo pair to the dead rank).
     """
 
     def __init__(self, side: SideChannel, on_release: Callable[[str], None] | None = None, *,
                  heartbeat_s: float = 0.05, lost_after_s: float = 0.5, startup_s: float = 60.0,
                  exit_code: int | None = EXIT_RELEASED, release_grace_s: float = 0.5,
-                 watch: list[int] | None = None):
+                 watch: list[int] | None = None, host_grace_s: float | None = None):
         super().__init__(daemon=True, name=f"lockstep-watchdog-{side.rank}")
         self.side = side
         self.on_release = on_release
         self.heartbeat_s, self.lost_after_s, self.startup_s = heartbeat_s, lost_after_s, startup_s
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
+        self.host_grace_s = 2 * heartbeat_s if host_grace_s is None else host_grace_s
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
         self._stop_ev = threading.Event()
@@ -228,7 +239,11 @@ class Watchdog(threading.Thread):
                                 f"rank {p} never started its watchdog within {self.startup_s}s")
                         reason = f"peer lost: {what}"
                         try:
-                            reason = sc.set_abort_with(s, reason)
+                            first = sc.set_abort_with(s, reason)
+                            if first != sc.abort_text(reason):  # someone else was first
+                                reason = f"abort flag: {first}"
+                            if sc.is_master:  # let peers read the flag before the store dies
+                                time.sleep(self.host_grace_s)
                         except Exception:
                             pass
                         return self._release(reason)

@@ -1,0 +1,173 @@
+"""Runtime infrastructure: launcher, side channel + watchdog, groups + GuardedComm.
+
+Every multi-process test runs under ``spawn_local``/``start_local`` with a hard deadline
+well under 60 s, on 127.0.0.1 only, and kills its children; no test waits on a torch
+default timeout. Release times are printed (run with ``-s`` to see them) and only loosely
+asserted: TARGETS.md figures are measured by benchmark commands, not by timed unit tests.
+The child functions live in ``runtime/_selftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.launch import (EXIT_ERROR, EXIT_RELEASED, LaunchResult, dist_env, kill_rank,
+                            spawn_local, start_local)
+
+DEADLINE_S = 40.0     # hard per-run deadline (spawning 3 torch processes takes ~2-4 s)
+LOOSE_RELEASE_S = 3.0  # "fast": far below any torch timeout; the figure itself is printed
+
+
+def _results(res: LaunchResult) -> dict[int, dict]:
+    out = {}
+    for r in res.ranks:
+        for line in Path(r.stdout_path).read_text().splitlines():
+            if line.startswith("RESULT "):
+                out[r.rank] = json.loads(line[len("RESULT "):])
+    return out
+
+
+def _one_reason_line(res: LaunchResult, rank: int) -> str:
+    lines = [ln for ln in res.ranks[rank].stderr_text().splitlines()
+             if ln.startswith("lockstep: ")]
+    assert len(lines) == 1, f"rank {rank} wrote {len(lines)} reason lines:\n{res.summary()}"
+    return lines[0]
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- no processes
+
+def test_dist_env_reads_torchrun_and_lockstep_vars():
+    tr = dist_env({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "MASTER_ADDR": "10.0.0.1",
+                   "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.master_addr, tr.master_port) == \
+        (2, 4, 2, "10.0.0.1", 29500)
+    assert (tr.side_port, tr.run_id, tr.launcher) == (29501, "abc", "torchrun")
+    ls = dist_env({"RANK": "0", "WORLD_SIZE": "3", "MASTER_PORT": "5000",
+                   "LOCKSTEP_SIDE_PORT": "6000", "LOCKSTEP_RUN_ID": "r1"})
+    assert (ls.side_port, ls.run_id, ls.launcher, ls.master_addr) == \
+        (6000, "r1", "lockstep", "127.0.0.1")
+    with pytest.raises(RuntimeError):
+        dist_env({})
+
+
+# --------------------------------------------------------------------------- launcher
+
+def test_launcher_deadline_kills_a_rank_that_sleeps_forever(tmp_path):
+    t0 = time.monotonic()
+    res = spawn_local(2, "runtime._selftest:sleep_forever", {}, deadline_s=3.0,
+                      run_dir=tmp_path)
+    took = time.monotonic() - t0
+    assert res.deadline_hit and res.alive_at_deadline == [1]
+    assert res.ranks[0].returncode == 0 and not res.ranks[0].killed_at_deadline
+    assert res.ranks[1].returncode == -signal.SIGKILL and res.ranks[1].killed_at_deadline
+    assert all(_dead(r.pid) for r in res.ranks)
+    assert took < 3.0 + 5.0, took
+    print(f"\n[deadline] hard deadline 3.0 s -> returned after {took:.2f} s, "
+          f"alive_at_deadline={res.alive_at_deadline}")
+
+
+def test_no_child_survives_an_exception_in_the_parent(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with start_local(2, "runtime._selftest:sleep_forever", {}, run_dir=tmp_path) as run:
+            pids = [r.pid for r in run.result.ranks]
+            raise KeyboardInterrupt
+    assert all(_dead(p) for p in pids)
+
+
+# --------------------------------------------------------------------------- happy path
+
+@pytest.fixture(scope="module")
+def basic_run(tmp_path_factory):
+    res = spawn_local(3, "runtime._selftest:basic", {"pingpong": 50}, deadline_s=DEADLINE_S,
+                      run_dir=tmp_path_factory.mktemp("basic"))
+    assert res.ok, res.summary()
+    return res
+
+
+def test_mesh_broadcast_and_rank0_leader_p2p(basic_run):
+    r = _results(basic_run)
+    assert r[0]["pong"] == [50 + i for i in range(8)]       # 50 round trips, +1 each
+    for k in (1, 2):
+        assert r[k]["bcast"] == [7.0] * 4                   # root: mesh group rank 0 = leader
+        assert r[k]["allreduce"] == [3.0, 3.0]
+        assert r[k]["allgather"] == [1.0, 2.0]
+        assert r[k]["allgather_into"] == [10.0, 20.0]
+        assert r[k]["mesh_group_rank"] == k - 1
+    assert r[1]["seq"] == {"world_pg": 100, "mesh_pg": 4}
+    assert all(rr.reason_line() is None for rr in basic_run.ranks)  # clean: no exit lines
+    print(f"\n[basic] guarded 8 x int64 ping-pong rank0<->leader on gloo: "
+          f"{r[0]['pingpong_us']:.0f} us per round trip")
+
+
+def test_non_member_collective_raises(basic_run):
+    msg = _results(basic_run)[0]["non_member"]
+    assert msg.startswith("GroupMembershipError:") and "mesh_pg" in msg
+
+
+# --------------------------------------------------------------------------- crash > hang
+
+def test_check_rejection_raises_before_backend_and_releases_peers(tmp_path):
+    res = spawn_local(3, "runtime._selftest:check_reject", {}, deadline_s=DEADLINE_S,
+                      run_dir=tmp_path)
+    assert not res.deadline_hit, res.summary()
+    assert res.ranks[1].returncode == EXIT_ERROR
+    leader = _one_reason_line(res, 1)
+    assert "exit=error" in leader and "TableRefused" in leader and "world_pg" in leader
+    assert "backend all_reduce calls=0" in Path(res.ranks[1].stdout_path).read_text()
+    for k in (0, 2):                     # released: by the abort flag or the closed pair,
+        line = _one_reason_line(res, k)  # either way the root cause is named
+        assert res.ranks[k].returncode in (EXIT_ERROR, EXIT_RELEASED), res.summary()
+        assert "rank=1 role=leader: TableRefused" in line, line
+    dt = res.all_exited_after(res.ranks[1].exit_time)
+    print(f"\n[check-reject] leader refused a world_pg all_reduce; all peers exited "
+          f"{dt * 1e3:.0f} ms after the leader\n{res.summary()}")
+    assert dt is not None and dt < LOOSE_RELEASE_S
+
+
+@pytest.mark.parametrize("victim", [2, 0, 1], ids=["worker", "rank0-store-host", "leader"])
+def test_kill9_mid_recv_releases_every_other_rank(tmp_path, victim):
+    with start_local(3, "runtime._selftest:block_for_kill", {}, run_dir=tmp_path) as run:
+        end = time.monotonic() + 30.0
+        while not all((tmp_path / f"ready.rank{r}").exists() for r in range(3)):
+            assert time.monotonic() < end and len(run.alive()) == 3, run.result.summary()
+            time.sleep(0.02)
+        time.sleep(0.2)                   # every rank is now inside its blocking op
+        t_fault = kill_rank(run, victim, signal.SIGKILL)
+        res = run.wait(DEADLINE_S)
+    survivors = [r for r in range(3) if r != victim]
+    assert not res.deadline_hit, res.summary()
+    assert res.ranks[victim].returncode == -signal.SIGKILL
+    for k in survivors:
+        assert res.ranks[k].returncode in (EXIT_ERROR, EXIT_RELEASED), res.summary()
+        _one_reason_line(res, k)
+    dt = res.all_exited_after(t_fault, survivors)
+    print(f"\n[kill-9 {['rank0', 'leader', 'worker'][victim]}] all survivors exited "
+          f"{dt * 1e3:.0f} ms after the kill\n{res.summary()}")
+    assert dt is not None and dt < LOOSE_RELEASE_S
+
+
+def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
+    res = spawn_local(2, "runtime._selftest:op_deadline", {"deadline_s": 0.5},
+                      deadline_s=DEADLINE_S, run_dir=tmp_path)
+    assert not res.deadline_hit, res.summary()
+    line = _one_reason_line(res, 1)
+    assert res.ranks[1].returncode == EXIT_ERROR
+    assert "OpDeadline: recv group=world_pg peer=0 made no progress" in line, line
+    assert res.ranks[0].returncode == EXIT_RELEASED
+    assert "abort flag: rank=1 role=leader: OpDeadline" in _one_reason_line(res, 0)
+    print(f"\n[op-deadline] rank 0 released "
+          f"{(res.ranks[0].exit_time - res.ranks[1].exit_time) * 1e3:.0f} ms after rank 1")
