@@ -119,6 +119,11 @@ def cmd_demo(a) -> int:
     return demo(Path(a.out), chunks=a.chunks, mesh=a.mesh)
 
 
+def cmd_render(a) -> int:
+    from model.render import cli_render
+    return cli_render(a.out, a.mutation or None, _config(a))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -170,6 +175,12 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=24)
     p.add_argument("--mesh", type=int, default=3)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("render", help="state diagrams per role and counterexample charts")
+    _add_config_args(p)
+    p.add_argument("--mutation", default="")
+    p.add_argument("--out", default="docs/diagrams")
+    p.set_defaults(fn=cmd_render)
 
     a = ap.parse_args(argv)
     try:
