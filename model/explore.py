@@ -12,6 +12,8 @@ Reductions
              invariant under the permutation). Canonical form = workers sorted. A
              worker singled out by a fault or mutation keeps its place. tests/ checks
              reduced and unreduced searches agree on small configurations.
+             Workers are sorted by hash, with ties broken by repr, so the order is a
+             function of the multiset of worker states: one representative per orbit.
   interning  process states repeat across millions of global states; each distinct
              one is stored once, a global state is a tuple of references to them.
 Counterexample steps are recovered by replaying the chain of canonical states from
@@ -71,13 +73,18 @@ class Canon:
         procs = tuple(pool.setdefault(pr, pr) for pr in s.procs)
         if self.sym:
             lo, hi = self.sym
-            mid = tuple(sorted(procs[lo:hi], key=_key))
+            mid = procs[lo:hi]
+            keys = [hash(pr) for pr in mid]
+            if len(set(keys)) == len(set(mid)):   # equal states may share a hash
+                mid = tuple(pr for _, pr in sorted(zip(keys, mid), key=_first))
+            else:   # equal hashes (hash(-1) == hash(-2) in CPython): break ties by repr
+                mid = tuple(sorted(mid, key=lambda pr: (hash(pr), repr(pr))))
             procs = procs[:lo] + mid + procs[hi:]
         return State(procs, s.chans, s.seq, s.abort, s.faults_left)
 
 
-def _key(pr):
-    return repr(pr)
+def _first(pair):
+    return pair[0]
 
 
 def explore(model: Model, symmetry: bool = True, progress: bool = False,

@@ -192,8 +192,12 @@ class Model:
             gone = [p for p, pr in enumerate(procs) if pr.status in (CRASHED, ERROR)]
             if gone and any(pr.status == LIVE for pr in procs):
                 p = gone[0]
+                # Name the role, not the index, of an interchangeable worker: the abort
+                # reason is part of the state and must not break the symmetry.
+                who = self.roles[p] if self.sym and self.sym[0] <= p < self.sym[1] \
+                    else self.names[p]
                 out.append(Tr("watchdog", (), None,
-                              f"heartbeat of {self.names[p]} lost ({procs[p].status})"))
+                              f"heartbeat of {who} lost ({procs[p].status})"))
         return out
 
     def watchdog_enabled(self) -> bool:
