@@ -292,15 +292,14 @@ class RankInterpreter:
                 self.env_frames[msg.call_id] = frames
             parts = [frames.header]
         elif row.op.kind == ENV_PAY:
-            frames = self.env_frames[msg.call_id]
-            parts = frames.parts()[1:]
+            parts = [codec.pack_payload(self.env_frames[msg.call_id])]
         elif row.op.kind == RES_HDR:
             if msg.action == C.Action.ERROR:
                 self._error_result({"call_id": msg.call_id, "chunk_index": msg.chunk,
                                     "cache_epoch": msg.epoch})
             parts = [self.result_frames.header]
         else:
-            parts = self.result_frames.parts()[1:]
+            parts = [codec.pack_payload(self.result_frames)]
         return wire.send_parts(parts, dst)
 
     def _after_send(self, row, msg):

@@ -98,18 +98,12 @@ def recv_header(src: int, expect: str, caps=codec.DEFAULT_CAPS, group=None):
 
 
 def recv_payload(h, src: int, caps=codec.DEFAULT_CAPS, group=None):
-    meta_t = codec.alloc_meta(h)
-    if meta_t.numel():
-        yield dist.irecv(meta_t, src, group=group)
-    meta = codec.decode_meta(meta_t, h)
-    man_t = codec.alloc_manifest(h)
-    if man_t.numel():
-        yield dist.irecv(man_t, src, group=group)
-    manifest = codec.decode_manifest(man_t, h, caps=caps)
-    tensors = codec.alloc_tensors(manifest)
-    for t in tensors:
-        yield dist.irecv(t, src, group=group)
-    return meta, manifest, tensors
+    """The packed payload (meta, manifest, tensors) in one receive, sized by the
+    header and capped before allocation."""
+    buf = codec.alloc_packed(h)
+    if buf.numel():
+        yield dist.irecv(buf, src, group=group)
+    return codec.unpack_payload(buf, h, caps=caps)
 
 
 # ------------------------------------------------------------------ mesh broadcast
@@ -123,20 +117,12 @@ def bcast_header(frames, root_global: int, group, expect: str, caps=codec.DEFAUL
 
 
 def bcast_payload(frames, h, root_global: int, group, caps=codec.DEFAULT_CAPS):
-    """Root sends meta, manifest, tensors; the others allocate from the header and
-    the manifest (never inferring shapes on their own: FM-08)."""
-    meta_t = frames.meta if frames is not None else codec.alloc_meta(h)
-    if meta_t.numel():
-        yield dist.broadcast(meta_t, root_global, group=group, async_op=True)
-    meta = codec.decode_meta(meta_t, h)
-    man_t = frames.manifest if frames is not None else codec.alloc_manifest(h)
-    if man_t.numel():
-        yield dist.broadcast(man_t, root_global, group=group, async_op=True)
-    manifest = codec.decode_manifest(man_t, h, caps=caps)
-    tensors = list(frames.tensors) if frames is not None else codec.alloc_tensors(manifest)
-    for t in tensors:
-        yield dist.broadcast(t, root_global, group=group, async_op=True)
-    return meta, manifest, tensors
+    """Root sends the packed payload; the others allocate it from the header and read
+    shapes from the manifest (never inferring them on their own: FM-08)."""
+    buf = codec.pack_payload(frames) if frames is not None else codec.alloc_packed(h)
+    if buf.numel():
+        yield dist.broadcast(buf, root_global, group=group, async_op=True)
+    return codec.unpack_payload(buf, h, caps=caps)
 
 
 def all_gather_ints(values, group, size: int):

@@ -461,3 +461,26 @@ def test_manifest_and_tensor_buffers_checked():
         decode_envelope(h, {**meta_d, "call_id": 9}, descs, bufs, **kw)
     with pytest.raises(ContractError, match="call_id"):
         decode_envelope(h, meta_d, descs, bufs, prev=make_envelope_meta(call_id=3), **kw)
+
+
+def test_packed_payload_round_trip_and_rejects_bad_buffers():
+    import torch
+    from model import contract as C
+    from runtime import codec
+    meta = C.make_envelope_meta()
+    tensors = {"conditioning_embeds": torch.randn(1, 8).to(torch.bfloat16),
+               "latents_in": torch.randn(3, 5).to(torch.bfloat16),
+               "current_denoising_step_list": torch.arange(meta["num_denoise_steps"])}
+    frames = codec.encode_envelope(meta, tensors)
+    buf = codec.pack_payload(frames)
+    h = codec.decode_header(frames.header)
+    assert buf.numel() == codec.packed_len(h)
+    got_meta, manifest, got = codec.unpack_payload(buf.clone(), h)
+    assert got_meta == meta
+    for e, t in zip(manifest, got):
+        assert torch.equal(t, tensors[e.name])
+    with pytest.raises(codec.CodecError):
+        codec.unpack_payload(buf[:-1], h)
+    garbage = torch.randint(0, 255, (buf.numel(),), dtype=torch.uint8)
+    with pytest.raises((codec.CodecError, C.ContractError)):
+        codec.unpack_payload(garbage, h)
