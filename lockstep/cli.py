@@ -124,6 +124,27 @@ def cmd_render(a) -> int:
     return cli_render(a.out, a.mutation or None, _config(a))
 
 
+def cmd_export(a) -> int:
+    from model.mutations import mutation_config
+    from model.promela import export_promela
+    cfg = _config(a)
+    if a.mutation:
+        cfg = mutation_config(cfg, a.mutation)
+    text = export_promela(cfg, fault_budget=a.fault_budget)
+    if a.out == "-":
+        print(text)
+    else:
+        with open(a.out, "w") as f:
+            f.write(text)
+        print(f"wrote {a.out} ({cfg.describe()})")
+    return 0
+
+
+def cmd_crosscheck(a) -> int:
+    from model.crosscheck import main as crosscheck_main
+    return crosscheck_main(a.rest)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -181,6 +202,19 @@ def main(argv=None) -> int:
     p.add_argument("--mutation", default="")
     p.add_argument("--out", default="docs/diagrams")
     p.set_defaults(fn=cmd_render)
+
+    p = sub.add_parser("export", help="export the tables as a Promela model for SPIN")
+    _add_config_args(p)
+    p.add_argument("--promela", action="store_true", default=True)
+    p.add_argument("--mutation", default="")
+    p.add_argument("--fault-budget", choices=("exact", "upto"), default="upto")
+    p.add_argument("--out", default="-")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("crosscheck", help="SPIN and lockstep on the same configurations "
+                       "(options of python -m model.crosscheck follow)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_crosscheck)
 
     a = ap.parse_args(argv)
     try:

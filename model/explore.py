@@ -103,13 +103,17 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
         nxt = []
         for s in frontier:
             trs = enabled(s)
-            if not trs:
+            if not trs or all(tr.kind == "crash" for tr in trs):
+                # Only crashes left: the run is stuck unless someone dies. Judge it as a
+                # terminal state too, or a crash budget would hide every fault-free hang
+                # (found by the SPIN cross-check); the crashes are still explored.
                 terminals += 1
                 v = check_terminal(model, s)
                 if v:
                     found = (s, None, v)
                     break
-                continue
+                if not trs:
+                    continue
             for tr in trs:
                 transitions += 1
                 if tr.kind == "violation":

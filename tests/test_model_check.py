@@ -151,3 +151,10 @@ def test_cli_full_pp1_configuration_is_clean_and_reports_figures():
     assert p.returncode == 0, p.stdout
     for word in ("states", "states/s", "peak memory", "clean"):
         assert word in p.stdout
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_a_crash_budget_does_not_hide_fault_free_hangs(name):
+    """With faults=1 a crash is always enabled; stuck states must still be judged."""
+    r = explore(Model(mutation_config(BASE.with_(faults=1), name)))
+    assert r.verdict == MUTATIONS[name].expected, "\n".join(r.steps)
