@@ -86,6 +86,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     for th in threads:
         th.join()
     how, reason = interp.exit or ("raise", "no exit recorded")
+    _dump_flight_recorder(run_dir, rank, opts)
     if rank == 0:
         (run_dir / "outputs.json").write_text(json.dumps(interp.outputs))
     if errors:
@@ -112,3 +113,17 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         time.sleep(0.1 if rank == 0 else 0)   # the store host lingers so peers read it
     tracer.close()
     return 1
+
+
+def _dump_flight_recorder(run_dir: Path, rank: int, opts: dict) -> None:
+    """On NCCL runs with TORCH_NCCL_TRACE_BUFFER_SIZE set, keep the backend's own record
+    of every op for conformance/flight.py (`lockstep conform` checks it)."""
+    if "nccl" not in opts.get("backend", "gloo") or \
+            not os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE"):
+        return
+    try:
+        raw = torch._C._distributed_c10d._dump_nccl_trace_json(  # noqa: SLF001
+            includeCollectives=True, onlyActive=False)
+        (run_dir / f"fr_rank{rank}.json").write_text(raw)
+    except Exception as e:  # noqa: BLE001 - a missing dump is reported by the checker
+        print(f"lockstep: rank={rank} flight recorder dump failed: {e}", file=sys.stderr)
