@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime.bench")
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--mesh", type=int, default=3)
-    ap.add_argument("--stage-ms", type=float, default=20.0)
+    ap.add_argument("--stage-ms", type=float, default=50.0)
     ap.add_argument("--skip-overlap", action="store_true")
     a = ap.parse_args(argv)
     cp = control_plane(a.chunks, a.mesh)
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.chunks} chunks:")
     print(f"  {'depth':>5} {'period':>9} {'max(s0,s1)':>11} {'s0+s1':>9} {'OverlapScore':>13}"
           f"  verdict")
-    for depth, ov in overlap(min(a.chunks, 60), a.mesh, a.stage_ms):
+    for depth, ov in overlap(min(a.chunks, 40), a.mesh, a.stage_ms):
         print(f"  {depth:>5} {ov.period_ms:8.2f}ms {ov.max_stage_ms:10.2f}ms "
               f"{ov.sum_stage_ms:8.2f}ms {ov.overlap_score:13.2f}  {ov.verdict}")
     return 0
