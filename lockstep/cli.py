@@ -145,6 +145,26 @@ def cmd_crosscheck(a) -> int:
     return crosscheck_main(a.rest)
 
 
+def cmd_prove(a) -> int:
+    from model.prove import cli_prove
+    return cli_prove(a.mutation or None, a.json)
+
+
+def cmd_docs(a) -> int:
+    from model.docgen import cli_docs
+    return cli_docs(a.check)
+
+
+def cmd_conform(a) -> int:
+    from conformance import cli_conform
+    return cli_conform(a.run_dir, a.json)
+
+
+def cmd_overlap(a) -> int:
+    from conformance import cli_overlap
+    return cli_overlap(a.run_dir, a.out or a.run_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -215,6 +235,25 @@ def main(argv=None) -> int:
                        "(options of python -m model.crosscheck follow)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_crosscheck)
+
+    p = sub.add_parser("prove", help="z3: contract, guard and group-rule proofs")
+    p.add_argument("--mutation", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_prove)
+
+    p = sub.add_parser("docs", help="regenerate docs/ from the tables and the contract")
+    p.add_argument("--check", action="store_true", help="fail if docs/ is stale")
+    p.set_defaults(fn=cmd_docs)
+
+    p = sub.add_parser("conform", help="replay a run's traces through the model")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_conform)
+
+    p = sub.add_parser("overlap", help="overlap report, Perfetto timeline and plot")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default="")
+    p.set_defaults(fn=cmd_overlap)
 
     a = ap.parse_args(argv)
     try:

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field, replace
 
 from .contract import expected_generator_calls
 
-# Faults the *runtime* can inject (its fault-injection switches), modelled as one-shot
-# nondeterministic events so the checker covers every point where they could fire.
+# Faults the *runtime* can inject (its fault-injection switches). In the model,
+# rank0_preflight and leader_reject need no switch: a preflight or a validation can
+# fail at any envelope, so the shipped tables always allow those rows and the switch
+# only arms the runtime. The other three change a rank's local state (a wrong-group
+# request, a planned count off by one, a per-rank flag), one-shot and nondeterministic
+# in when they fire, so the checker covers every point.
 INJECTABLE = (
     "rank0_preflight",   # rank0's preflight (serialise, dtype map) raises for one chunk
     "leader_reject",     # the leader's validation rejects one envelope

@@ -303,10 +303,6 @@ def envelope_invalid(v: MeshVars, cfg) -> bool:
     return v.env.calls != cfg.calls
 
 
-def reject_injected(v: MeshVars, cfg) -> bool:
-    return "leader_reject" in v.inject
-
-
 def reject_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
     """Turn the current call into an ERROR terminal for the mesh; rank0 is told next."""
     err = Msg(ERROR, v.env.call_id, v.env.chunk, v.env.epoch, 0)

@@ -234,7 +234,6 @@ GUARDS: dict = {
     "drained": ("r0", lambda c: f"({c.v}.inflight == 0 && {c.v}.decode_q_n == 0)"),
     "envelope_valid": ("mesh", lambda c: f"({c.v}.env.calls == {c.cfg.calls})"),
     "envelope_invalid": ("mesh", lambda c: f"({c.v}.env.calls != {c.cfg.calls})"),
-    "reject_injected": ("mesh", lambda c: f"({c.v}.inj_leader_reject)"),
     "env_not_infer": ("mesh", lambda c: f"({c.v}.env.action != INFER)"),
     "rejected_by_leader": ("mesh", lambda c: f"({c.v}.env.action == ERROR && "
                                              f"{c.v}.rejected)"),
@@ -1307,7 +1306,6 @@ FINGERPRINTS: dict = {
     'guards.queue_shutdown': '243450022d',
     'guards.reject_envelope': 'a303978255',
     'guards.reject_head': '9689a4d8d4',
-    'guards.reject_injected': 'fe3a50e23c',
     'guards.rejected_by_leader': 'd88d0bc40a',
     'guards.result': '0ac2644a34',
     'guards.spend_noop': '882901b3d1',
