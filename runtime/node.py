@@ -96,6 +96,11 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
             on_release(str(e))
             tracer.close()
             os._exit(EXIT_RELEASED)
+        # The trace alone must tell a rank that died of an error from a kill -9.
+        tracer.write({"ev": "release", "rank": rank, "role": role,
+                      "reason": one_line(f"error: {type(e).__name__}: {e}"),
+                      "t_ns": time.monotonic_ns()})
+        tracer.close()
         raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
     detail = f" ({interp.detail})" if interp.detail else ""
     line = exit_line("ok" if how in ("ok", "vanish") else "error",

@@ -1,0 +1,70 @@
+"""What a rank records about a transition, as opposed to what the model computes.
+
+The model's message for a transition is the full summary (`model.guards.Msg`); a rank
+records what *it* saw. The runtime (runtime/interp.py) records:
+
+  * a sender: the full summary it sent (the row's `make`);
+  * a receiver of a header (`env_hdr`, `res_hdr`, p2p or broadcast, root included): only
+    the header's ids: `(action, call_id, chunk if INFER else -1, epoch, calls=-1,
+    init_cache=False)`; the payload that follows carries the rest;
+  * a receiver of a payload: the full summary decoded from it;
+  * an all_gather: the gathered vector (a list); an all_reduce: nothing.
+
+`msg_ok` accepts exactly those two forms (the full summary, or the exact header view for
+header kinds): strict on purpose, so a field altered in a trace never slips through.
+
+Schema extension (optional, written by conformance/simulate.py, checked when present):
+a rank0 *local* step that moves a message through one of rank0's queues records that
+message as `msg` (`build_envelope`/`queue_noop`/`queue_shutdown`/`preflight_fails`: the
+envelope or terminal queued; `take_envelope`: the one dequeued for sending;
+`queue_result`: the result put in the decode queue; `decode_result`/
+`drop_stale_result`/`reject_result`/`drop_after_failure`: the result taken from it).
+`local_subject(v_before, v_after)` computes it from rank0's variables, so the runtime
+can record it with the same pure function. With it a duplicated or swapped decode is
+caught at the step itself, not only at the end of the run.
+"""
+from __future__ import annotations
+
+from model.guards import INFER, Msg, Rank0Vars
+from model.ops import ENV_HDR, RES_HDR
+
+HEADER_KINDS = frozenset({ENV_HDR, RES_HDR})
+
+
+def header_view(m, _new=tuple.__new__) -> tuple:
+    """The ids a receiver decodes from a fixed header (runtime/interp.py _hdr_then_msg)."""
+    return _new(Msg, (m[0], m[1], m[2] if m[0] == INFER else -1, m[3], -1, False))
+
+
+def recorded_msg(kind: str, sender: bool, model_msg):
+    """What a participant records for a p2p/broadcast message of `kind`."""
+    if sender or kind not in HEADER_KINDS:
+        return model_msg
+    return header_view(model_msg)
+
+
+def msg_ok(recorded, model_msg, kind: str) -> bool:
+    """Recorded message of a send/recv/broadcast part against the model's message."""
+    if recorded == model_msg:
+        return True
+    return kind in HEADER_KINDS and model_msg is not None and \
+        recorded == header_view(model_msg)
+
+
+def local_subject(v, v2):
+    """The message a rank0 local step moves through a queue, or None (pure)."""
+    if type(v) is not Rank0Vars or type(v2) is not Rank0Vars:
+        return None
+    if v2.epoch != v.epoch:          # a hard cut flushes queues: no single subject
+        return None
+    dq, dq2 = v.decode_q, v2.decode_q
+    if len(dq2) == len(dq) - 1 and dq[1:] == dq2:
+        return dq[0]
+    if len(dq2) == len(dq) + 1 and dq2[:-1] == dq:
+        return dq2[-1]
+    sq, sq2 = v.send_q, v2.send_q
+    if len(sq2) == len(sq) + 1 and sq2[:-1] == sq:
+        return sq2[-1]
+    if len(sq2) == len(sq) - 1 and sq[1:] == sq2:
+        return sq[0]
+    return None
