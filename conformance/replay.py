@@ -40,7 +40,8 @@ Endings:
     raised to the number of crashed ranks: a kill is the environment's, not the
     protocol's). A send or collective another rank completed with the crashed rank,
     whose event the crashed rank never wrote (killed after the op, before the line), is
-    replayed as that rank's lost event, at most one per thread, and reported;
+    replayed as that rank's lost event, at most one per thread, and reported; the same
+    holds for a released rank (the watchdog's os._exit does not wait for the line);
   * `release` events: the watchdog transition (heartbeat of a failed rank lost) and the
     abort transition, which releases every live rank at once. A rank that died of an
     uncaught error the runtime did not trace (no exit step, no release event, but its
@@ -54,6 +55,8 @@ Endings:
 from __future__ import annotations
 
 import time
+
+LOST_COLLS = 3   # collectives an ended rank may have completed without writing them
 from typing import Optional
 
 from model.ops import Coll, Exit, Local, Recv, Send
@@ -813,6 +816,12 @@ class Replayer:
             live = [p for p, pr in enumerate(s.procs) if pr.status == LIVE]
             if not live:
                 return False
+            # a released rank can be os._exit'ed between its op completing at the peers
+            # and its trace line (the watchdog does not wait): same as a kill -9
+            for r in live:
+                if run.ranks[r].ended == "released" and self._pending(r) == 0 and \
+                        self._synthesise_lost(r):
+                    return True
             if any(self._pending(p) for p in live):
                 return False
             if not all(run.ranks[p].ended in ("released", "error_exit") for p in live):
@@ -879,7 +888,14 @@ class Replayer:
                 if ev.chan_i != (self.rcvd if ev.op == "send" else self.sent).get(key, 0):
                     continue
             for t in range(self.nthreads[r]):
-                if self.lost_per_thread.get((r, t), 0) >= 1:
+                # p2p: at most one unwritten op per thread (the kill lands between the
+                # op and its line). Collectives: gloo's broadcast completes at a receiver
+                # without waiting for the other receivers, so a member that ended may
+                # be "behind" by a few collectives the others recorded.
+                # (rank0's comms thread drives a send and a receive at once: one each)
+                p2p_lost = 2 if THREADS[m.roles[r]][t] == "comms" else 1
+                if self.lost_per_thread.get((r, t), 0) >= (LOST_COLLS if op == "coll"
+                                                           else p2p_lost):
                     continue
                 syn = Ev()
                 syn.rank, syn.t, syn.thread = r, t, THREADS[m.roles[r]][t]
@@ -893,26 +909,55 @@ class Replayer:
                 syn.msg, syn.has_msg = None, False
                 syn.t_ns = syn.dur_ns = 0
                 syn.meas, syn.line, syn.pos = None, 0, -1
+                extra = []
                 if op == "coll":
                     ev.inst[r] = syn
                     syn.inst = ev.inst
+                    # another member that ended (released / killed) right after the
+                    # same collective may be missing its line too
+                    for q in m.members[ev.group]:
+                        if q not in ev.inst and q != r and self._ended(q) and \
+                                self.lost_per_thread.get((q, 0), 0) < LOST_COLLS:
+                            other = self._lost_ev(q, 0, ev)
+                            ev.inst[q] = other
+                            other.inst = ev.inst
+                            extra.append(q)
                 else:
                     syn.partner, ev.partner = ev, syn
                 first = syn if ev.done or (ev.op == "recv" and
                                            self.cfg.p2p == "buffered") else ev
                 code = self.try_fire(first)
                 if code == FIRED:
-                    self.lost_per_thread[(r, t)] = 1
+                    self.lost_per_thread[(r, t)] = self.lost_per_thread.get((r, t), 0) + 1
+                    for q in extra:
+                        self.lost_per_thread[(q, 0)] = self.lost_per_thread.get((q, 0), 0) + 1
+                        self.res.notes.append(f"{m.names[q]}: the same collective "
+                                              f"({ev.where()}) was never written either")
                     self.res.lost.append((r, f"{m.names[r]}.{syn.thread}: a {op} "
                                              f"completed with {ev.where()} was never "
                                              f"written (killed after the op)"))
                     self.res.notes.append(self.res.lost[-1][1])
                     return True
                 if op == "coll":
-                    del ev.inst[r]
+                    for q in [r] + extra:
+                        del ev.inst[q]
                 else:
                     ev.partner = None
         return False
+
+    def _lost_ev(self, r, t, ev):
+        """A placeholder for a collective rank r completed but never wrote."""
+        m, s = self.m, self.s
+        syn = Ev()
+        syn.rank, syn.t, syn.thread = r, t, THREADS[m.roles[r]][t]
+        syn.i = -1
+        syn.src = syn.dst = s.procs[r].pcs[t]
+        syn.label, syn.op, syn.peer = "(lost)", "coll", None
+        syn.chan_i, syn.group, syn.gseq = ev.chan_i, ev.group, ev.gseq
+        syn.msg, syn.has_msg = None, False
+        syn.t_ns = syn.dur_ns = 0
+        syn.meas, syn.line, syn.pos = None, 0, -1
+        return syn
 
     def _ended(self, q) -> bool:
         pr = self.s.procs[q]

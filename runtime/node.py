@@ -48,8 +48,11 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
 
     def on_release(reason: str) -> None:
         ctx = interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
-        tracer.write({"ev": "release", "rank": rank, "role": role, "reason": reason,
-                      "t_ns": time.monotonic_ns()})
+        try:   # the one line below must be written whatever happened to the trace file
+            tracer.write({"ev": "release", "rank": rank, "role": role, "reason": reason,
+                          "t_ns": time.monotonic_ns()})
+        except (OSError, ValueError):
+            pass
         print(f"lockstep: {ctx} exit=released reason={one_line(reason)}", file=sys.stderr,
               flush=True)
 
@@ -100,7 +103,6 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         tracer.write({"ev": "release", "rank": rank, "role": role,
                       "reason": one_line(f"error: {type(e).__name__}: {e}"),
                       "t_ns": time.monotonic_ns()})
-        tracer.close()
         raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
     detail = f" ({interp.detail})" if interp.detail else ""
     line = exit_line("ok" if how in ("ok", "vanish") else "error",

@@ -21,6 +21,8 @@ class TraceWriter:
     def write(self, event: dict) -> None:
         line = json.dumps(event, separators=(",", ":"), sort_keys=True)
         with self._lock:
+            if self._f.closed:
+                return
             self._f.write(line + "\n")
             self._f.flush()
 
