@@ -146,6 +146,7 @@ def run_case(case: Case, out: Path, baseline: bool = True, deadline_s: float = 6
     t_fault = _fault_time(run_dir, res)
     t_all = res.all_exited_after(t_fault) if t_fault is not None else None
     row = {"case": case.name, "failure_mode": case.failure_mode, "model": case.model,
+           "model_verdict": model_verdict(case.model.split()[0]),
            "signature": not problems, "problems": problems,
            "fault_to_all_exited_s": None if t_all is None else round(t_all, 3),
            "children_left": res.alive_at_deadline, "run_dir": str(run_dir),
@@ -153,6 +154,13 @@ def run_case(case: Case, out: Path, baseline: bool = True, deadline_s: float = 6
     if baseline and case.baseline:
         row["baseline_s"], row["baseline_note"] = run_baseline(case, out)
     return row
+
+
+def model_verdict(mutation: str) -> str:
+    """What the checker finds for the unmitigated variant of this failure mode."""
+    from model.check import check
+    from model.mutations import mutation_config
+    return check(mutation_config(Config(mesh=2, chunks=2), mutation)).verdict
 
 
 def _outputs(run_dir):
@@ -194,7 +202,7 @@ def breakit(out: Path, baseline: bool = True, only=None) -> list:
 
 
 def format_table(rows) -> str:
-    head = (f"{'case':20} {'failure mode':18} {'model':34} {'signature':9} "
+    head = (f"{'case':20} {'failure mode':18} {'model (mutation: verdict)':52} {'signature':9} "
             f"{'fault->all exited':>17} {'stock baseline':>22} {'conforms':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
@@ -203,7 +211,8 @@ def format_table(rows) -> str:
         bt = "-" if "baseline_note" not in r else (
             f"{b:.3f} s" if b is not None else "HUNG (killed)")
         conf = {True: "yes", False: "NO", None: "n/a"}.get(r["conforms"], str(r["conforms"]))
-        out.append(f"{r['case']:20} {r['failure_mode']:18} {r['model']:34} "
+        model = f"{r['model'].split()[0]}: {r['model_verdict']}"
+        out.append(f"{r['case']:20} {r['failure_mode']:18} {model:52} "
                    f"{'ok' if r['signature'] else 'MISMATCH':9} {t:>17} {bt:>22} {conf:>8}")
         for p in r["problems"]:
             out.append(f"    ! {p}")
