@@ -163,6 +163,10 @@ class RankInterpreter:
     # ------------------------------------------------------------------ apply + trace
     def _apply(self, t, row, msg=None, t0=None, **ev):
         """Under the lock: the model's update, the new control state, the trace."""
+        if self.exit is not None:
+            # Another thread of this process already left (an Exit ends the process):
+            # work finished outside the lock after that is dropped, never traced.
+            return
         if row.update is not None:
             self.v = row.update(self.v, self.cfg, msg)
         now = time.monotonic_ns()
