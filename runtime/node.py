@@ -40,6 +40,10 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     set_role(role)
     env = dist_env()
     run_dir = Path(os.environ.get("LOCKSTEP_RUN_DIR", args.get("run_dir", ".")))
+    if rank == 0 and not (run_dir / "run.json").exists():   # torchrun: no launcher wrote it
+        (run_dir / "run.json").write_text(json.dumps(
+            {"config": args["config"], "opts": opts, "launcher": "torchrun"}, indent=1,
+            sort_keys=True))
     tracer = TraceWriter(run_dir, rank)
     side = SideChannel(env.master_addr, env.side_port, rank,
                        world_size, env.run_id,
