@@ -129,12 +129,14 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
 def _dump_flight_recorder(run_dir: Path, rank: int, opts: dict) -> None:
     """On NCCL runs with TORCH_NCCL_TRACE_BUFFER_SIZE set, keep the backend's own record
     of every op for conformance/flight.py (`lockstep conform` checks it)."""
-    if "nccl" not in opts.get("backend", "gloo") or \
-            not os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE"):
+    if "nccl" not in opts.get("backend", "gloo") or not (
+            os.environ.get("TORCH_FR_BUFFER_SIZE")
+            or os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE")):
         return
     try:
         raw = torch._C._distributed_c10d._dump_nccl_trace_json(  # noqa: SLF001
             includeCollectives=True, onlyActive=False)
-        (run_dir / f"fr_rank{rank}.json").write_text(raw)
+        (run_dir / f"fr_rank{rank}.json").write_bytes(
+            raw if isinstance(raw, bytes) else raw.encode())
     except Exception as e:  # noqa: BLE001 - a missing dump is reported by the checker
         print(f"lockstep: rank={rank} flight recorder dump failed: {e}", file=sys.stderr)

@@ -59,3 +59,17 @@ def test_missing_broadcast_and_unfinished_op_are_reported(run):
     problems = check_flight(run, {1: d})
     assert any("first difference" in p for p in problems), problems
     assert any("not completed" in p for p in problems), problems
+
+
+def test_real_nccl_flight_recorder_dump_parses_as_one_chunk():
+    """A real dump (torch 2.11, NCCL 2.28.9, one H200, conformance/testdata/fr_probe.py):
+    the parity all_gather on world_pg, then one chunk's mesh ops with steps=2."""
+    from pathlib import Path
+    from conformance.flight import backend_ops, load_dump
+    d = load_dump(Path(__file__).resolve().parent.parent /
+                  "conformance/testdata/fr_nccl_h200_rank0.json")
+    ops = backend_ops(d)
+    assert [op for _, op in ops["colls"]["world_pg"]] == ["all_gather"]
+    assert [op for _, op in ops["colls"]["mesh_pg"]] == \
+        ["broadcast", "broadcast", "all_gather", "all_reduce", "all_reduce"]
+    assert ops["pending"] == []
