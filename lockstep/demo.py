@@ -1,6 +1,6 @@
 """`lockstep demo`: the README's main job on the embedded default.
 
-Model check (full PP1 configuration and every mutation), a CPU/gloo run of rank0 + a
+Model check (full PP1 configuration and every mutation), the z3 proofs, a CPU/gloo run of rank0 + a
 3-rank mesh with a hard cut, its conformance check and overlap report, the state
 diagrams, and a short summary; everything lands in one output directory.
 """
@@ -34,6 +34,14 @@ def demo(out: Path, chunks: int = 24, mesh: int = 3) -> int:
     ok &= caught
     summary.append(f"mutations    {sum(r.verdict == m.expected for m, r in rows)}/{len(rows)}"
                    f" caught with the predicted verdict; shipped protocol {shipped.verdict}")
+
+    from model.prove import prove_all
+    obligations = prove_all()
+    (out / "prove.txt").write_text("\n".join(
+        f"{'PASS' if o.ok else 'FAIL'}  {o.name}: {o.detail}" for o in obligations) + "\n")
+    ok &= all(o.ok for o in obligations)
+    summary.append(f"z3 proofs    {sum(o.ok for o in obligations)}/{len(obligations)} "
+                   f"obligations proved (contract, guards, group rules)")
 
     cfg = Config(mesh=mesh, d_in=2, d_out=2, chunks=chunks, hard_cut=True, steps=2)
     opts = {"hard_cut_at": chunks // 3,
