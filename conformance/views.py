@@ -25,6 +25,8 @@ caught at the step itself, not only at the end of the run.
 """
 from __future__ import annotations
 
+from model.events import local_subject  # noqa: F401 - shared with the runtime
+
 from model.guards import INFER, Msg, Rank0Vars
 from model.ops import ENV_HDR, RES_HDR
 
@@ -51,20 +53,3 @@ def msg_ok(recorded, model_msg, kind: str) -> bool:
         recorded == header_view(model_msg)
 
 
-def local_subject(v, v2):
-    """The message a rank0 local step moves through a queue, or None (pure)."""
-    if type(v) is not Rank0Vars or type(v2) is not Rank0Vars:
-        return None
-    if v2.epoch != v.epoch:          # a hard cut flushes queues: no single subject
-        return None
-    dq, dq2 = v.decode_q, v2.decode_q
-    if len(dq2) == len(dq) - 1 and dq[1:] == dq2:
-        return dq[0]
-    if len(dq2) == len(dq) + 1 and dq2[:-1] == dq:
-        return dq2[-1]
-    sq, sq2 = v.send_q, v2.send_q
-    if len(sq2) == len(sq) + 1 and sq2[:-1] == sq:
-        return sq2[-1]
-    if len(sq2) == len(sq) - 1 and sq[1:] == sq2:
-        return sq[0]
-    return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .guards import Msg
+from .guards import Msg, Rank0Vars
 
 SCHEMA_VERSION = 1
 STEP, START, RELEASE, FAULT = "step", "start", "release", "fault"
@@ -80,3 +80,25 @@ def step_event(rank: int, role: str, thread: str, i: int, row, *, peer=None,
     if meas:
         ev["meas"] = meas
     return ev
+
+
+def local_subject(v, v2):
+    """The message a rank0 local step moves through a queue, or None (pure). The
+    runtime records it as the `msg` of rank0's local steps (which envelope was queued,
+    which result decoded), so a duplicated or swapped decode is caught at that step."""
+    if type(v) is not Rank0Vars or type(v2) is not Rank0Vars:
+        return None
+    if v2.epoch != v.epoch:          # a hard cut flushes queues: no single subject
+        return None
+    dq, dq2 = v.decode_q, v2.decode_q
+    if len(dq2) == len(dq) - 1 and dq[1:] == dq2:
+        return dq[0]
+    if len(dq2) == len(dq) + 1 and dq2[:-1] == dq:
+        return dq2[-1]
+    sq, sq2 = v.send_q, v2.send_q
+    if len(sq2) == len(sq) + 1 and sq2[:-1] == sq:
+        return sq2[-1]
+    if len(sq2) == len(sq) - 1 and sq[1:] == sq2:
+        return sq[0]
+    return None
+

@@ -23,7 +23,7 @@ import torch
 
 from model import contract as C
 from model import guards as G
-from model.events import FAULT, RELEASE, step_event
+from model.events import FAULT, RELEASE, local_subject, step_event
 from model.guards import Msg
 from model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                        RES_PAY, WORLD, Coll, Exit, Local, Recv, Send, op_text)
@@ -167,8 +167,11 @@ class RankInterpreter:
             # Another thread of this process already left (an Exit ends the process):
             # work finished outside the lock after that is dropped, never traced.
             return
+        before = self.v
         if row.update is not None:
             self.v = row.update(self.v, self.cfg, msg)
+        if msg is None and isinstance(row.op, Local):
+            msg = local_subject(before, self.v)
         now = time.monotonic_ns()
         if isinstance(row.op, Exit):
             if row.op.how == "thread_die":
