@@ -1330,10 +1330,10 @@ FINGERPRINTS: dict = {
     'semantics.Model._compile': '18b412d84a',
     'semantics.Model._rendezvous': '47e6ba3379',
     'semantics.Model._start_pcs': '107462b654',
-    'semantics.Model.enabled': 'd428037388',
+    'semantics.Model.enabled': '6625476496',
     'semantics.Model.initial_state': '89f7962d58',
     'semantics.Model.step': '54d4914db8',
-    'semantics.Model.watchdog_enabled': '968585b666',
+    'semantics.Model.watchdog_enabled': 'd6706b61f2',
 }
 
 

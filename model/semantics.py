@@ -94,6 +94,8 @@ class Model:
         if self._targets_one_rank() and self.target >= 2:
             last = self.n - 1
         self.sym = (first, last) if last - first >= 2 else None
+        self._rows_cache = {}
+        self._watchdog = self._watchdog_enabled()
 
     def _targets_one_rank(self) -> bool:
         from .mutations import MUTATIONS
@@ -156,28 +158,18 @@ class Model:
             return []
         out, sends, recvs, colls = [], [], [], {}
         procs = s.procs
+        cache = self._rows_cache
         for p, pr in enumerate(procs):
             if pr.status != LIVE:
                 continue
-            v = pr.v
-            for t, pc in enumerate(pr.pcs):
-                for row in self.tables[p][t].get(pc, ()):
-                    if row.guard is not None and not row.guard(v, cfg):
-                        continue
-                    op = row.op
-                    cls = type(op)
-                    if cls is Coll:
-                        colls.setdefault(op.group, []).append((p, t, row))
-                    elif cls is Send:
-                        sends.append((p, t, row))
-                    elif cls is Recv:
-                        recvs.append((p, t, row))
-                    elif "join_comms" in row.tags and not all(
-                            q == FINAL or q == DEAD_THREAD
-                            for u, q in enumerate(pr.pcs) if u != t):
-                        continue
-                    else:
-                        out.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+            hit = cache.get((p, pr))
+            if hit is None:
+                hit = cache[(p, pr)] = self._posted(p, pr)
+            out += hit[0]
+            sends += hit[1]
+            recvs += hit[2]
+            for grp, entry in hit[3]:
+                colls.setdefault(grp, []).append(entry)
         if sends or recvs:
             if cfg.p2p == "rendezvous":
                 self._rendezvous(s, sends, recvs, out)
@@ -200,7 +192,35 @@ class Model:
                               f"heartbeat of {who} lost ({procs[p].status})"))
         return out
 
+    def _posted(self, p, pr):
+        """What process p, in local state pr, offers: a pure function of (p, pr), so it
+        is computed once per distinct process state (the explorer's hot path)."""
+        cfg, v = self.cfg, pr.v
+        local, sends, recvs, colls = [], [], [], []
+        for t, pc in enumerate(pr.pcs):
+            for row in self.tables[p][t].get(pc, ()):
+                if row.guard is not None and not row.guard(v, cfg):
+                    continue
+                op = row.op
+                cls = type(op)
+                if cls is Coll:
+                    colls.append((op.group, (p, t, row)))
+                elif cls is Send:
+                    sends.append((p, t, row))
+                elif cls is Recv:
+                    recvs.append((p, t, row))
+                elif "join_comms" in row.tags and not all(
+                        q == FINAL or q == DEAD_THREAD
+                        for u, q in enumerate(pr.pcs) if u != t):
+                    continue
+                else:
+                    local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+        return tuple(local), tuple(sends), tuple(recvs), tuple(colls)
+
     def watchdog_enabled(self) -> bool:
+        return self._watchdog
+
+    def _watchdog_enabled(self) -> bool:
         from .mutations import MUTATIONS
         mut = MUTATIONS.get(self.cfg.mutation)
         return not (mut and mut.no_watchdog)
