@@ -27,6 +27,8 @@ def test_every_mutation_is_caught_with_its_predicted_verdict(name):
 
 def test_every_property_has_a_mutation_that_violates_it():
     expected = {m.expected for m in MUTATIONS.values()}
+    # output_order has no mutation (no shipped path reorders); a crafted state
+    # violates it in tests/test_model_semantics.py
     assert expected >= set(VERDICTS) - {"output_order"}
 
 

@@ -118,3 +118,22 @@ def test_counters_are_not_bounded_by_the_semantics():
         steps += 1
     assert all(p.status == "ok" for p in s.procs)
     assert s.seq[1] >= 40 * 4
+
+
+def test_output_order_violation_is_caught_on_the_emit_transition():
+    """No shipped path reorders outputs; a crafted state where chunk 0 waits in the
+    decode queue after chunk 1 was emitted shows the property firing."""
+    from model.guards import INFER, Msg
+    from model.properties import check_transition
+    from model.semantics import Proc, Tr
+    m = Model(Config(mesh=2, chunks=2))
+    s = m.initial_state()
+    r0 = s.procs[0]
+    v = r0.v._replace(decode_q=(Msg(INFER, 0, 0, 0, m.cfg.calls),), last_emitted=1,
+                      built=2, emitted=1)
+    s = s._replace(procs=(Proc(r0.status, ("run", "idle/idle"), v),) + s.procs[1:])
+    tr = next(t for t in m.enabled(s) if t.kind == "local"
+              and t.parts[0][2].label == "decode_result")
+    viol = check_transition(m, s, tr, m.step(s, tr))
+    assert viol is not None and viol.prop == "output_order"
+    assert "chunk 0 emitted after chunk 1" in viol.detail
