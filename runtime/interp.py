@@ -436,14 +436,14 @@ class RankInterpreter:
         if op.kind == PARITY:
             with self.cv:
                 key = int(rows[0].make(self.v, self.cfg))
-            digest = self._parity_digest(key)
-            got = wire.run_one(wire.all_gather_ints([key, digest], pg,
+            names, digests = self._parity_vector(key)
+            got = wire.run_one(wire.all_gather_ints([key] + digests, pg,
                                                     len(self._members(op.group))), **kw)
-            value = tuple(bool(k) for k, _ in got)
+            value = tuple(bool(row[0]) for row in got)
             decide = tuple(got)
-            meas = {"digests": [d for _, d in got]}
+            meas = {"parity_keys": names, "digests": [list(row[1:]) for row in got]}
             if len(set(got)) > 1:
-                self.detail = _parity_detail(got, self._members(op.group))
+                self.detail = _parity_detail(got, self._members(op.group), names)
         elif op.kind == COUNTS:
             with self.cv:
                 planned = int(rows[0].make(self.v, self.cfg))
@@ -479,10 +479,13 @@ class RankInterpreter:
     detail = ""
     last_group = "-"
 
-    def _parity_digest(self, key: int) -> int:
-        d = dict(self.opts.get("parity", {}), flag=key)
-        raw = json.dumps(d, sort_keys=True).encode()
-        return int.from_bytes(hashlib.sha256(raw).digest()[:7], "little")
+    def _parity_vector(self, key: int):
+        """One digest per parity key (sorted), so a mismatch names the key."""
+        d = dict(self.opts.get("parity", {}))
+        names = sorted(d)
+        digests = [int.from_bytes(hashlib.sha256(json.dumps(d[k], sort_keys=True).encode())
+                                  .digest()[:7], "little") for k in names]
+        return names, digests
 
     def _bcast(self, rows, op, pg, kw):
         root_global = self._members(op.group)[op.root]
@@ -549,11 +552,11 @@ class RankInterpreter:
         self._event(RELEASE, reason=reason)
 
 
-def _parity_detail(got, members) -> str:
-    """Name the mismatched parity key and the ranks that differ from the majority."""
-    col = 0 if len({k for k, _ in got}) > 1 else 1
-    values = [g[col] for g in got]
+def _parity_detail(got, members, names) -> str:
+    """Name the mismatched parity keys and the ranks that differ from the majority."""
+    keys = ["cond_flag (a flag that adds a collective)"] + list(names)
+    cols = [c for c in range(len(keys)) if len({row[c] for row in got}) > 1]
+    values = [row[cols[0]] for row in got]
     common = max(set(values), key=values.count)
     odd = [members[i] for i, x in enumerate(values) if x != common]
-    key = "cond_flag (a flag that adds a collective)" if col == 0 else "parity dict digest"
-    return f"key={key} differs on ranks {odd} (others agree)"
+    return f"key={', '.join(keys[c] for c in cols)} differs on ranks {odd} (others agree)"

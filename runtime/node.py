@@ -69,8 +69,19 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     costs = StageCosts(**opts.get("costs", {}))
     work = DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=cfg.mesh, costs=costs,
                         hidden=int(opts.get("hidden", 64)), frames=int(opts.get("frames", 4)))
+    # Everything that can change which collectives a rank issues is parity-checked at
+    # startup, the fault-injection switches included (a switch on one rank only would
+    # itself be a per-rank conditional collective).
+    parity = {"config": args["config"], "world": world_size,
+              "backend": opts.get("backend", "gloo"), "pg_timeout_s": timeout_s,
+              "op_deadline_s": opts.get("op_deadline_s", 30.0),
+              "lost_after_s": opts.get("lost_after_s", 0.5),
+              "fault": opts.get("fault"), "hard_cut_at": opts.get("hard_cut_at")}
+    skew = opts.get("parity_skew")       # test switch: one rank believes something else
+    if skew and skew.get("rank") == rank:
+        parity[skew["key"]] = skew["value"]
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
-                             opts=opts)
+                             opts=dict(opts, parity=parity))
     interp_box.append(interp)
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.get("backend", "gloo"),

@@ -69,3 +69,16 @@ def test_injected_faults_end_every_rank_with_a_reason(tmp_path, fault, reason):
     assert all("lockstep: rank=" in ln for ln in lines), lines
     assert reason in lines[0] or reason in " ".join(lines)
     assert res.returncodes[0] != 0
+
+
+def test_parity_handshake_names_the_key_and_rank_that_differ(tmp_path):
+    """One rank with a different fault-injection switch: every rank fails before the
+    first chunk, naming the key and the rank."""
+    skew = {"rank": 2, "key": "fault", "value": {"name": "wrong_group", "at_chunk": 1}}
+    res = run_local(Config(mesh=3, chunks=4), {"parity_skew": skew}, tmp_path,
+                    deadline_s=DEADLINE_S)
+    assert not res.deadline_hit, res.summary()
+    for r in res.ranks:
+        line = r.reason_line() or ""
+        assert "parity mismatch (key=fault differs on ranks [2]" in line, line
+    assert not any(e["label"] == "build_envelope" for e in _steps(tmp_path, 0))
