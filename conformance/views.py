@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from model.events import local_subject  # noqa: F401 - shared with the runtime
 
-from model.guards import INFER, Msg, Rank0Vars
+from model.guards import INFER, Msg
 from model.ops import ENV_HDR, RES_HDR
 
 HEADER_KINDS = frozenset({ENV_HDR, RES_HDR})

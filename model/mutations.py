@@ -13,7 +13,7 @@ change raises: a mutation that no longer mutates is a defect, not a pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 from . import guards as g
 from .ops import GEN, MESH, WORLD, Coll, Exit, Local, Row, Send, ENV_HDR

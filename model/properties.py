@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from .guards import ids_valid
 from .ops import Coll, Recv, Send, op_text
-from .semantics import (CRASHED, DEAD_THREAD, ERROR, FINAL, LIVE, OK, Model, State, Tr,
+from .semantics import (CRASHED, DEAD_THREAD, ERROR, FINAL, LIVE, Model, State, Tr,
                         Violation)
 
 VERDICTS = ("deadlock", "stranding", "collective_mismatch", "framing_error",

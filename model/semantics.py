@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 
 from .config import Config
 from .guards import MeshVars, Rank0Vars
-from .ops import MESH, WORLD, Coll, Exit, Local, Recv, Send, op_text
+from .ops import MESH, WORLD, Coll, Exit, Recv, Send, op_text
 from .tables import FINAL, INITIAL, THREADS
 
 LIVE, OK, ERROR, CRASHED, ABORTED = "live", "ok", "error", "crashed", "aborted"

@@ -8,8 +8,6 @@ the stock release path. Used by the break-it table as the side-by-side baseline.
 """
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from datetime import timedelta

@@ -22,11 +22,10 @@ import time
 import torch
 
 from model import contract as C
-from model import guards as G
 from model.events import FAULT, RELEASE, local_subject, step_event
 from model.guards import Msg
 from model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
-                       RES_PAY, WORLD, Coll, Exit, Local, Recv, Send, op_text)
+                       WORLD, Coll, Exit, Local, Recv, Send, op_text)
 from model.semantics import DEAD_THREAD, Model
 from model.tables import FINAL, THREADS
 
@@ -73,6 +72,7 @@ class RankInterpreter:
         self.last_b_end = None
         self.t_b_start = 0.0
         self.outputs = []
+        self._comms_jobs = [None, None, None, None]
 
     # ------------------------------------------------------------------ context
     def ctx(self) -> str:
@@ -374,9 +374,7 @@ class RankInterpreter:
         """Drive the posted send and the posted receive together."""
         sends = [r for r in rows if isinstance(r.op, Send)]
         recvs = [r for r in rows if isinstance(r.op, Recv)]
-        if self._comms_jobs is None:
-            self._comms_jobs = [None, None, None, None]
-        js = self._comms_jobs
+        js = self._comms_jobs   # [send job, recv job, (send row, msg), recv rows]
         t0 = time.monotonic_ns()
         with self.cv:
             if sends and js[0] is None:
@@ -411,8 +409,6 @@ class RankInterpreter:
             raise TableViolation(f"{self.name}: {sorted(labels)} completed but state "
                                  f"{self.pcs[t]!r} no longer allows it")
         return self._pick_accepting(now, msg) if isinstance(now[0].op, Recv) else now[0]
-
-    _comms_jobs = None
 
     # ------------------------------------------------------------------ collectives
     def _pg(self, name):
@@ -469,9 +465,6 @@ class RankInterpreter:
             row = self._pick_accepting(rows, decide)
             gseq = self.gseq[op.group]
             self.gseq[op.group] += 1
-            if "phase_b_done" in row.tags or (row.label == "last_generator_call"
-                                              and self.role == "leader"):
-                pass
             self._apply(t, row, value, t0, group=op.group, gseq=gseq, meas=meas)
             if self.role == "leader" and row.dst == "send_res_hdr":
                 self._make_result()
