@@ -30,6 +30,7 @@ from model.semantics import DEAD_THREAD, Model
 from model.tables import FINAL, THREADS
 
 from . import codec, wire
+from .groups import GuardedComm
 from .workload import default_meta
 
 LOCAL_ORDER = ("exit", "hard_cut", "preflight_fails", "build_envelope", "decode_result",
@@ -73,6 +74,8 @@ class RankInterpreter:
         self.t_b_start = 0.0
         self.outputs = []
         self._comms_jobs = [None, None, None, None]
+        self.comm = GuardedComm(groups, p, check=self._table_check, abort_poll=abort_poll,
+                                op_deadline_s=self.deadline)
 
     # ------------------------------------------------------------------ context
     def ctx(self) -> str:
@@ -272,13 +275,19 @@ class RankInterpreter:
         raise TableViolation("wrong-group call was not refused")
 
     def guarded_all_reduce(self, t, group_name):
+        """The workload's collectives go through runtime.groups.GuardedComm, whose check
+        is the table: a collective on a group the current state's rows do not name is
+        refused before the backend is called (this is how a wrong-group collective
+        becomes a crash instead of a hang)."""
+        self.comm.all_reduce(t, group_name)
+        return t
+
+    def _table_check(self, op: str, group: str, peer) -> None:
         row_groups = {r.op.group for r in self.table[0].get(self.pcs[0], ())
                       if isinstance(r.op, Coll)}
-        if group_name not in row_groups:
-            raise WrongGroup(f"all_reduce on {group_name} refused: state "
-                             f"{self.pcs[0]!r} allows only {sorted(row_groups)}")
-        return wire.run_one(wire.all_reduce(t, self._pg(group_name)), **self._pollkw(
-            f"all_reduce({group_name})"))
+        if group not in row_groups:
+            raise WrongGroup(f"{op} on {group} refused: state {self.pcs[0]!r} allows "
+                             f"only {sorted(row_groups)}")
 
     # ------------------------------------------------------------------ p2p
     def _peer(self, row) -> int:

@@ -109,8 +109,9 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         (run_dir / "outputs.json").write_text(json.dumps(interp.outputs))
     if errors:
         e = errors[0]
+        from .groups import CommAborted
         from .wire import Released
-        if isinstance(e, Released):
+        if isinstance(e, (Released, CommAborted)):
             on_release(str(e))
             tracer.close()
             os._exit(EXIT_RELEASED)
