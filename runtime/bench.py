@@ -68,15 +68,6 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
     return 0
 
 
-def _emit_periods(run_dir: Path) -> list:
-    emits = []
-    for line in open(run_dir / "rank0.jsonl"):
-        e = json.loads(line)
-        if e.get("label") == "decode_result":
-            emits.append(e["t_ns"] / 1e9)
-    return [b - a for a, b in zip(emits, emits[1:])]
-
-
 def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,8 +82,9 @@ def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
         res = run_local(cfg, {}, tmp / "lockstep", deadline_s=300)
         if not res.ok:
             raise RuntimeError("lockstep run failed:\n" + res.summary())
-        ours = _emit_periods(tmp / "lockstep")[5:]
-    r, o = statistics.median(raw), statistics.median(ours)
+        from conformance.overlap import analyse   # the same period the overlap report uses
+        o = analyse(tmp / "lockstep").period_ms / 1e3
+    r = statistics.median(raw)
     return {"raw_ms": r * 1e3, "lockstep_ms": o * 1e3, "ratio": o / r, "chunks": chunks,
             "mesh": mesh, "steps": steps}
 

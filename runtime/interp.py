@@ -240,11 +240,12 @@ class RankInterpreter:
             return
         raise TableViolation("injected preflight fault did not raise")
 
-    def _terminal_frames(self, msg: Msg, kind="envelope"):
+    def _terminal_frames(self, msg: Msg):
+        """Header-only envelope: repeats the previous envelope's chunk and epoch."""
         base = self.prev_meta or {"chunk_index": -1, "cache_epoch": msg.epoch}
-        meta = {"pp_envelope_version": C.PP_ENVELOPE_VERSION, "action": int(msg.action),
-                "call_id": msg.call_id, "chunk_index": base["chunk_index"],
-                "cache_epoch": base["cache_epoch"]}
+        meta = C.make_envelope_meta(action=int(msg.action), call_id=msg.call_id,
+                                    chunk_index=base["chunk_index"],
+                                    cache_epoch=base["cache_epoch"])
         return codec.encode_envelope(meta, {}, prev=None)
 
     def _phase_c(self):
@@ -296,8 +297,9 @@ class RankInterpreter:
     def _pollkw(self, what):
         if what.startswith(("send", "recv", "comms")):
             self.last_group = "world_pg(p2p)"
+        # the label is only formatted if the op fails: it is off the per-chunk path
         return {"abort_poll": self.abort_poll, "deadline_s": self.deadline,
-                "what": f"{self.ctx()} {what}"}
+                "what": lambda: f"{self.ctx()} {what}"}
 
     def _send_job(self, row, msg):
         dst = self._peer(row)
@@ -346,8 +348,7 @@ class RankInterpreter:
     def _hdr_then_msg(self, src, expect):
         h = yield from wire.recv_header(src, expect)
         self._hdr = h
-        return Msg(int(h.action), h.call_id, h.chunk_index if h.action == C.Action.INFER
-                   else -1, h.cache_epoch, -1)
+        return _header_msg(h)
 
     def _payload_then_msg(self, src, kind):
         h = self._hdr
@@ -355,15 +356,13 @@ class RankInterpreter:
         if kind == ENV_PAY:
             m = codec.decode_envelope(h, meta, manifest, tensors, where="leader_before_broadcast")
             self.cur = (m.meta, m.tensors)
-            return Msg(int(h.action), h.call_id, h.chunk_index, h.cache_epoch,
-                       m.meta["expected_generator_calls"], m.meta["init_cache"])
+            return _envelope_msg(h, m.meta)
         env_meta = self.env_meta.get(h.call_id)
         m = codec.decode_result(h, meta, manifest, tensors, envelope_meta=env_meta)
         self.results[h.call_id] = (m.meta, m.tensors)
         self.times.setdefault(h.call_id, {})["tRecv_ns"] = time.monotonic_ns()
         self.env_meta.pop(h.call_id, None)
-        return Msg(int(h.action), h.call_id, h.chunk_index, h.cache_epoch,
-                   m.meta["observed_generator_calls"])
+        return _header_msg(h, calls=m.meta["observed_generator_calls"])
 
     def _pick_accepting(self, rows, msg):
         ok = [r for r in rows if r.accept is None or r.accept(self.v, self.cfg, msg)]
@@ -466,7 +465,7 @@ class RankInterpreter:
                                      lambda x: self.guarded_all_reduce(x, op.group))
             value = decide = None
         elif op.kind == COND:
-            wire.run_one(wire.all_reduce(torch.zeros(1), pg), **kw)
+            self.comm.all_reduce(torch.zeros(1), op.group)
             value = decide = None
         else:
             raise TableViolation(f"{self.name}: unknown collective kind {op.kind}")
@@ -501,16 +500,14 @@ class RankInterpreter:
                 self._bframes = frames
             h = wire.run_one(wire.bcast_header(frames, root_global, pg, "envelope"), **kw)
             self._hdr = h
-            return Msg(int(h.action), h.call_id, h.chunk_index if h.action == C.Action.INFER
-                       else -1, h.cache_epoch, -1)
+            return _header_msg(h)
         frames = self._bframes if is_root else None
         h = self._hdr
         meta, manifest, tensors = wire.run_one(
             wire.bcast_payload(frames, h, root_global, pg), **kw)
         m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
         self.cur = (m.meta, m.tensors)
-        return Msg(int(h.action), h.call_id, h.chunk_index, h.cache_epoch,
-                   m.meta["expected_generator_calls"], m.meta["init_cache"])
+        return _envelope_msg(h, m.meta)
 
     def _mesh_frames(self, env: Msg):
         """The leader re-encodes what it validated (or the terminal it decided)."""
@@ -518,18 +515,18 @@ class RankInterpreter:
             meta, tensors = self.cur
             return codec.encode_envelope(meta, tensors, prev=None,
                                          where="leader_before_broadcast")
-        meta = {"pp_envelope_version": C.PP_ENVELOPE_VERSION, "action": int(env.action),
-                "call_id": env.call_id, "chunk_index": self._hdr.chunk_index,
-                "cache_epoch": self._hdr.cache_epoch}
+        meta = C.make_envelope_meta(action=int(env.action), call_id=env.call_id,
+                                    chunk_index=self._hdr.chunk_index,
+                                    cache_epoch=self._hdr.cache_epoch)
         frames = codec.encode_envelope(meta, {}, prev=None, where="leader_before_broadcast")
         if env.action == C.Action.ERROR:
             self._error_result(meta)
         return frames
 
     def _error_result(self, env_meta):
-        meta = {"pp_result_version": C.PP_RESULT_VERSION, "action": int(C.Action.ERROR),
-                "call_id": env_meta["call_id"], "chunk_index": env_meta["chunk_index"],
-                "cache_epoch": env_meta["cache_epoch"]}
+        meta = C.make_result_meta({k: env_meta[k] for k in C.HEADER_FIELDS if k != "action"}
+                                  | {"action": int(C.Action.ERROR)},
+                                  action=int(C.Action.ERROR))
         self.result_frames = codec.encode_result(meta, {}, envelope_meta=None)
 
     def _make_result(self):
@@ -562,3 +559,16 @@ def _parity_detail(got, members, names) -> str:
     common = max(set(values), key=values.count)
     odd = [members[i] for i, x in enumerate(values) if x != common]
     return f"key={', '.join(keys[c] for c in cols)} differs on ranks {odd} (others agree)"
+
+
+def _header_msg(h, calls: int = -1) -> Msg:
+    """The model's message summary from a decoded header (a header carries no call
+    count: -1, which conformance compares only on the header's own ids)."""
+    chunk = h.chunk_index if h.action == C.Action.INFER else -1
+    return Msg(int(h.action), h.call_id, chunk, h.cache_epoch, calls)
+
+
+def _envelope_msg(h, meta) -> Msg:
+    """The full summary once the payload's metadata (the plan bits) is decoded."""
+    return _header_msg(h, meta["expected_generator_calls"])._replace(
+        init_cache=meta["init_cache"])

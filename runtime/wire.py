@@ -47,9 +47,10 @@ class _Pending:
         self.done.set()
 
 
-def poll(jobs, *, abort_poll, deadline_s: float, what: str):
+def poll(jobs, *, abort_poll, deadline_s: float, what):
     """Advance generator jobs until one finishes; return (index, value). Each job
-    yields torch Works and returns its value via StopIteration."""
+    yields torch Works and returns its value via StopIteration. `what` labels a
+    deadline error: a string, or a callable formatted only then."""
     t0 = time.monotonic()
     current = [None] * len(jobs)
     while True:
@@ -71,7 +72,8 @@ def poll(jobs, *, abort_poll, deadline_s: float, what: str):
         if reason:
             raise Released(reason)
         if time.monotonic() - t0 > deadline_s:
-            raise OpDeadline(f"{what}: no progress for {deadline_s:.1f} s")
+            label = what() if callable(what) else what
+            raise OpDeadline(f"{label}: no progress for {deadline_s:.1f} s")
         waiting = [w for w in current if w is not None]
         if len(waiting) == 1:
             waiting[0].done.wait(0.05)
@@ -131,8 +133,3 @@ def all_gather_ints(values, group, size: int):
     out = [torch.zeros_like(mine) for _ in range(size)]
     yield dist.all_gather(out, mine, group=group, async_op=True)
     return [tuple(int(x) for x in t.tolist()) for t in out]
-
-
-def all_reduce(t, group):
-    yield dist.all_reduce(t, group=group, async_op=True)
-    return t
