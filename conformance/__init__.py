@@ -1,14 +1,14 @@
 """Conformance: load a run's per-rank traces, match them into happens-before, replay a
 linearisation through the model's semantics, judge the invariants, measure overlap.
 
-    from conformance.report import conform, format_report
+    from lockstep.conformance.report import conform, format_report
     rep = conform("runs/latest")          # Report: ok, events, events_per_s, divergence,
     print(format_report(rep))             # verdicts, failure_mode, ...
 
 Modules: load (run directory -> events, TraceError), replay (happens-before + replay,
 first divergence), report (conform, invariant verdicts), overlap (OverlapScore, verdict,
 Chrome timeline), simulate (trace generator driven by the model), bench
-(`python -m conformance.bench`). This package imports model/ only: never torch or
+(`python -m lockstep.conformance.bench`). This package imports model/ only: never torch or
 runtime/ (checking a trace needs no GPU stack).
 """
 from __future__ import annotations

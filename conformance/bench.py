@@ -1,4 +1,4 @@
-"""Replay throughput on a generated trace: `python -m conformance.bench`.
+"""Replay throughput on a generated trace: `python -m lockstep.conformance.bench`.
 
 Generates (or reuses, with --dir) a run of about --events step events with the
 simulator (mesh 3, depth 2, one hard cut, steps 2, gloo-like completion order on rank0's
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model.config import Config
+from lockstep.model.config import Config
 
 from .load import load_run
 from .replay import Replayer
@@ -32,7 +32,7 @@ def generate(events: int, out: Path, mesh: int = 3, seed: int = 0) -> tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m conformance.bench")
+    ap = argparse.ArgumentParser(prog="python -m lockstep.conformance.bench")
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--mesh", type=int, default=3)
     ap.add_argument("--dir", default="", help="reuse/keep the generated run here")

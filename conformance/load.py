@@ -28,10 +28,10 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Optional
 
-from model.check import config_from_dict
-from model.config import Config
-from model.events import FAULT, OPS, RELEASE, START, STEP
-from model.tables import THREADS
+from lockstep.model.check import config_from_dict
+from lockstep.model.config import Config
+from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
+from lockstep.model.tables import THREADS
 
 _SCAN = json.decoder.JSONDecoder().scan_once
 _SIGS: dict = {}
@@ -130,7 +130,7 @@ def fmt_msg(m) -> str:
     if m is None:
         return "-"
     if isinstance(m, tuple) and len(m) == 6 and not isinstance(m[0], (tuple, bool)):
-        from model.contract import Action
+        from lockstep.model.contract import Action
         try:
             act = Action(m[0]).name
         except ValueError:
@@ -176,7 +176,7 @@ def load_run(run_dir, cfg: Optional[Config] = None) -> Run:
     meta = {}
     if cfg is None:
         cfg, meta = load_config(run_dir)
-    from model.semantics import Model
+    from lockstep.model.semantics import Model
     model = Model(cfg)
     world = model.n
     files = {}

@@ -131,7 +131,7 @@ class Overlap:
 def emit_events(run: Run) -> list:
     """rank0's emitting step events that carry the overlap measurements."""
     from .report import _rows_with
-    from model.semantics import Model
+    from lockstep.model.semantics import Model
     emit = _rows_with(Model(run.cfg), lambda r: "emit" in r.tags)
     return [ev for ev in run.ranks[0].steps
             if ev.label in emit and ev.meas and all(

@@ -59,12 +59,12 @@ import time
 LOST_COLLS = 3   # collectives an ended rank may have completed without writing them
 from typing import Optional
 
-from model.ops import Coll, Exit, Local, Recv, Send
-from model.properties import (check_progress_at_exit, check_state, check_terminal,
+from lockstep.model.ops import Coll, Exit, Local, Recv, Send
+from lockstep.model.properties import (check_progress_at_exit, check_state, check_terminal,
                               check_transition)
-from model.semantics import (ABORTED, CRASHED, DEAD_THREAD, ERROR, FINAL, GROUPS, LIVE,
+from lockstep.model.semantics import (ABORTED, CRASHED, DEAD_THREAD, ERROR, FINAL, GROUPS, LIVE,
                              Model, State, Tr)
-from model.tables import THREADS
+from lockstep.model.tables import THREADS
 
 from .load import Ev, Run, fmt_msg
 from .views import HEADER_KINDS, header_view, local_subject, msg_ok

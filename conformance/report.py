@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
-from model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
+from lockstep.model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
+from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
 
 from .load import Run, TraceError, load_run
 from .replay import ReplayResult, Replayer

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from model.check import config_to_dict
-from model.config import Config
-from model.events import msg_to_json
-from model.ops import GEN, Coll, Exit, Local, Recv, Send
-from model.semantics import LIVE, Model
-from model.tables import THREADS
+from lockstep.model.check import config_to_dict
+from lockstep.model.config import Config
+from lockstep.model.events import msg_to_json
+from lockstep.model.ops import GEN, Coll, Exit, Local, Recv, Send
+from lockstep.model.semantics import LIVE, Model
+from lockstep.model.tables import THREADS
 
 from .views import local_subject, recorded_msg
 
@@ -336,7 +336,7 @@ class _Sim:
             self._fire(tr, done)
 
     def _crash(self, p):
-        from model.semantics import Tr
+        from lockstep.model.semantics import Tr
         self.s = self.m.step(self.s, Tr("crash", ((p, None, None),)))
         self.steps += 1
 

@@ -25,10 +25,10 @@ caught at the step itself, not only at the end of the run.
 """
 from __future__ import annotations
 
-from model.events import local_subject  # noqa: F401 - shared with the runtime
+from lockstep.model.events import local_subject  # noqa: F401 - shared with the runtime
 
-from model.guards import INFER, Msg
-from model.ops import ENV_HDR, RES_HDR
+from lockstep.model.guards import INFER, Msg
+from lockstep.model.ops import ENV_HDR, RES_HDR
 
 HEADER_KINDS = frozenset({ENV_HDR, RES_HDR})
 

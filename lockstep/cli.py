@@ -25,7 +25,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(a):
-    from model.config import Config
+    from lockstep.model.config import Config
     d_in = a.depth if a.depth is not None else a.d_in
     d_out = a.depth if a.depth is not None else a.d_out
     return Config(mesh=a.mesh, d_in=d_in, d_out=d_out, chunks=a.chunks,
@@ -35,8 +35,8 @@ def _config(a):
 
 
 def cmd_check(a) -> int:
-    from model import check as chk
-    from model.mutations import MUTATIONS, mutation_config
+    from lockstep.model import check as chk
+    from lockstep.model.mutations import MUTATIONS, mutation_config
     cfg = _config(a)
     if a.all_mutations:
         shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry)
@@ -65,7 +65,7 @@ def cmd_check(a) -> int:
 
 
 def cmd_manifest(a) -> int:
-    from model import check as chk
+    from lockstep.model import check as chk
     if a.update:
         chk.write_manifest(chk.compute_manifest())
         print(f"wrote {chk.MANIFEST}")
@@ -81,8 +81,8 @@ def cmd_manifest(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from model.config import Config
-    from runtime.run import run_local
+    from lockstep.model.config import Config
+    from lockstep.runtime.run import run_local
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
                  chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
                  steps=a.steps, inject=frozenset([a.fault.split("@")[0]] if a.fault else []))
@@ -100,7 +100,7 @@ def cmd_run(a) -> int:
 
 def cmd_breakit(a) -> int:
     from pathlib import Path
-    from runtime.breakit import breakit, format_table
+    from lockstep.runtime.breakit import breakit, format_table
     if a.backend != "gloo":
         print("lockstep breakit: only --backend gloo runs on this machine; the NCCL "
               "variant needs a multi-GPU host (see docs/breakit.md)", file=sys.stderr)
@@ -120,13 +120,13 @@ def cmd_demo(a) -> int:
 
 
 def cmd_render(a) -> int:
-    from model.render import cli_render
+    from lockstep.model.render import cli_render
     return cli_render(a.out, a.mutation or None, _config(a))
 
 
 def cmd_export(a) -> int:
-    from model.mutations import mutation_config
-    from model.promela import export_promela
+    from lockstep.model.mutations import mutation_config
+    from lockstep.model.promela import export_promela
     cfg = _config(a)
     if a.mutation:
         cfg = mutation_config(cfg, a.mutation)
@@ -141,27 +141,27 @@ def cmd_export(a) -> int:
 
 
 def cmd_crosscheck(a) -> int:
-    from model.crosscheck import main as crosscheck_main
+    from lockstep.model.crosscheck import main as crosscheck_main
     return crosscheck_main(a.rest)
 
 
 def cmd_prove(a) -> int:
-    from model.prove import cli_prove
+    from lockstep.model.prove import cli_prove
     return cli_prove(a.mutation or None, a.json)
 
 
 def cmd_docs(a) -> int:
-    from model.docgen import cli_docs
+    from lockstep.model.docgen import cli_docs
     return cli_docs(a.check)
 
 
 def cmd_conform(a) -> int:
-    from conformance import cli_conform
+    from lockstep.conformance import cli_conform
     return cli_conform(a.run_dir, a.json)
 
 
 def cmd_overlap(a) -> int:
-    from conformance import cli_overlap
+    from lockstep.conformance import cli_overlap
     return cli_overlap(a.run_dir, a.out or a.run_dir)
 
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("crosscheck", help="SPIN and lockstep on the same configurations "
-                       "(options of python -m model.crosscheck follow)")
+                       "(options of python -m lockstep.model.crosscheck follow)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_crosscheck)
 

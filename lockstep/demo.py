@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def demo(out: Path, chunks: int = 24, mesh: int = 3) -> int:
-    from model import check as chk
-    from model.config import Config
-    from runtime.run import run_local
+    from lockstep.model import check as chk
+    from lockstep.model.config import Config
+    from lockstep.runtime.run import run_local
 
     out.mkdir(parents=True, exist_ok=True)
     summary, ok = [], True
@@ -35,7 +35,7 @@ def demo(out: Path, chunks: int = 24, mesh: int = 3) -> int:
     summary.append(f"mutations    {sum(r.verdict == m.expected for m, r in rows)}/{len(rows)}"
                    f" caught with the predicted verdict; shipped protocol {shipped.verdict}")
 
-    from model.prove import prove_all
+    from lockstep.model.prove import prove_all
     obligations = prove_all()
     (out / "prove.txt").write_text("\n".join(
         f"{'PASS' if o.ok else 'FAIL'}  {o.name}: {o.detail}" for o in obligations) + "\n")
@@ -67,7 +67,7 @@ def demo(out: Path, chunks: int = 24, mesh: int = 3) -> int:
 
 def _conformance(run_dir: Path, out: Path) -> list:
     try:
-        from conformance.report import conform, format_report
+        from lockstep.conformance.report import conform, format_report
     except ImportError:
         return ["conformance  (not available in this build)"]
     rep = conform(run_dir)
@@ -75,7 +75,7 @@ def _conformance(run_dir: Path, out: Path) -> list:
     lines = [f"conformance  {'trace conforms' if rep.ok else 'DIVERGES'} "
              f"({rep.events:,} events)"]
     try:
-        from conformance.overlap import overlap_report
+        from lockstep.conformance.overlap import overlap_report
         ov = overlap_report(run_dir, out / "overlap")
         lines.append(f"overlap      {ov.summary_line()}")
     except (ImportError, AttributeError) as e:
@@ -85,7 +85,7 @@ def _conformance(run_dir: Path, out: Path) -> list:
 
 def _diagrams(out: Path) -> list:
     try:
-        from model.render import render_all
+        from lockstep.model.render import render_all
     except ImportError:
         return ["diagrams     (not available in this build)"]
     try:

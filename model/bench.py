@@ -1,4 +1,4 @@
-"""Model-checking benchmark: `python -m model.bench`.
+"""Model-checking benchmark: `python -m lockstep.model.bench`.
 
 Prints, for the full PP1 configuration of TARGETS.md (leader + 3 workers, D_in = D_out
 = 2, 3 chunks with a hard cut, any single crash fault), the verdict, distinct states,

@@ -15,8 +15,8 @@ SPIN is run without partial-order reduction (-DNOREDUCE) so its state count is t
 interleaving count; lockstep is run with symmetry off (comparable) and on (what it ships).
 SPIN's time is what a user waits for: spin -a + the C compile + the pan run.
 
-    python -m model.crosscheck              the verdict table (every mutation)
-    python -m model.crosscheck --scale      growth over mesh 1..4 x chunks 1..4, and the
+    python -m lockstep.model.crosscheck              the verdict table (every mutation)
+    python -m lockstep.model.crosscheck --scale      growth over mesh 1..4 x chunks 1..4, and the
                                             full PP1 configuration, lockstep vs SPIN
 """
 from __future__ import annotations
@@ -338,7 +338,7 @@ def scale_table(meshes=(1, 2, 3, 4), chunks=(1, 2, 3, 4), spin_full: bool = True
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.crosscheck", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lockstep.model.crosscheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", action="store_true", help="state/time growth and full PP1")
     ap.add_argument("--cc-opt", default="-O2", help="C optimisation for pan (default -O2)")

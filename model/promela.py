@@ -48,8 +48,8 @@ Drift: a mapped guard/update/make/accept whose source changed (docstrings aside)
 export raise (FINGERPRINTS); a change in model.semantics / model.properties warns
 (SemanticsDrift), and the SPIN agreement tests say whether the encoding still holds.
 
-    python -m model.promela [--mesh N --chunks N ... --mutation NAME] > model.pml
-    python -m model.promela --fingerprints
+    python -m lockstep.model.promela [--mesh N --chunks N ... --mutation NAME] > model.pml
+    python -m lockstep.model.promela --fingerprints
 
 Designs considered and rejected: a collective as one atomic step of an engine proctype
 (it would mirror the semantics too closely to be an independent check, and the arrival
@@ -370,7 +370,7 @@ def _lookup(table: dict, fn, what: str, row, kind: str):
     if fn is None:
         return None
     name = getattr(fn, "__name__", repr(fn))
-    if getattr(fn, "__module__", None) != "model.guards" or name not in table:
+    if getattr(fn, "__module__", None) != "lockstep.model.guards" or name not in table:
         raise PromelaExportError(
             f"row {row.thread}:{row.src} --{row.label}--> uses {what} {name!r} "
             f"({getattr(fn, '__module__', '?')}) which has no Promela mapping; add one to "
@@ -1167,7 +1167,7 @@ def proctype_names(cfg: Config) -> list:
 # ------------------------------------------------------------------ fingerprints
 # The mapping tables above and the encoding of the semantics were written against these
 # functions. A change to any of them (docstrings and comments aside) makes the export
-# refuse until someone re-reads the Promela side: `python -m model.promela --fingerprints`
+# refuse until someone re-reads the Promela side: `python -m lockstep.model.promela --fingerprints`
 # prints the new values to paste below once the translation is updated.
 
 def _fingerprint(obj) -> str:
@@ -1225,7 +1225,7 @@ def check_fingerprints() -> None:
     now = current_fingerprints()
     changed = sorted(k for k in now if FINGERPRINTS.get(k) != now[k])
     how = ("Update model/promela.py (or confirm it still holds), then refresh FINGERPRINTS "
-           "with `python -m model.promela --fingerprints`.")
+           "with `python -m lockstep.model.promela --fingerprints`.")
     hard = [k for k in changed if k.startswith("guards.")]
     if hard:
         raise PromelaExportError("changed since the Promela translation was written: " +
@@ -1341,7 +1341,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
     from .mutations import mutation_config
-    ap = argparse.ArgumentParser(prog="python -m model.promela",
+    ap = argparse.ArgumentParser(prog="python -m lockstep.model.promela",
                                  description="print the Promela model of a configuration")
     ap.add_argument("--fingerprints", action="store_true",
                     help="print FINGERPRINTS for the current model sources")

@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from runtime.launch import dist_env
-from runtime.worker_main import set_role
+from lockstep.runtime.launch import dist_env
+from lockstep.runtime.worker_main import set_role
 
 
 def _role(rank: int) -> str:
@@ -31,8 +31,8 @@ def _device(rank, args):
 
 def _boot(rank, world, args, check=None):
     import torch  # noqa: F401
-    from runtime.groups import GuardedComm, init_world, make_groups
-    from runtime.sidechannel import SideChannel, Watchdog
+    from lockstep.runtime.groups import GuardedComm, init_world, make_groups
+    from lockstep.runtime.sidechannel import SideChannel, Watchdog
 
     set_role(_role(rank))
     env = dist_env()
@@ -74,7 +74,7 @@ def basic(rank, world, args):
     """Mesh broadcast (root = mesh group rank 0 = global 1), rank0 <-> leader ping-pong,
     mesh all_reduce / all_gather, and rank 0 calling a mesh collective (non-member)."""
     import torch
-    from runtime.groups import MESH, WORLD, GroupMembershipError
+    from lockstep.runtime.groups import MESH, WORLD, GroupMembershipError
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
     dev = _device(rank, args)
@@ -124,7 +124,7 @@ def check_reject(rank, world, args):
     the worker in a mesh all_reduce; both must be released by the abort flag."""
     import torch
     import torch.distributed as dist
-    from runtime.groups import MESH, WORLD
+    from lockstep.runtime.groups import MESH, WORLD
 
     class TableRefused(RuntimeError):
         pass
@@ -157,7 +157,7 @@ def block_for_kill(rank, world, args):
     """Every rank blocks on a live peer: rank 0 recv<-leader, leader recv<-rank 0, worker(s)
     in a mesh broadcast rooted at the leader. The parent then kill -9s one rank."""
     import torch
-    from runtime.groups import MESH, WORLD
+    from lockstep.runtime.groups import MESH, WORLD
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
     t = torch.zeros(8, dtype=torch.int64, device=_device(rank, args))
@@ -179,7 +179,7 @@ def sleep_forever(rank, world, args):
 def op_deadline(rank, world, args):
     """Rank 1 waits for a recv nobody sends: OpDeadline fires at the per-op deadline."""
     import torch
-    from runtime.groups import WORLD
+    from lockstep.runtime.groups import WORLD
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
     if rank == 1:
@@ -194,7 +194,7 @@ def bench(rank, world, args):
     measure completion, as the guarded (polling) path does."""
     import torch
     import torch.distributed as dist
-    from runtime.groups import MESH, WORLD
+    from lockstep.runtime.groups import MESH, WORLD
 
     env, sc, wd, groups, comm = _boot(rank, world, args)
     dev = _device(rank, args)
@@ -247,14 +247,14 @@ def bench(rank, world, args):
 # --------------------------------------------------------------------------- driver
 
 def main(argv=None) -> int:
-    """``python -m runtime._selftest [--backend nccl] [--world 3]``: run the infra scenarios
+    """``python -m lockstep.runtime._selftest [--backend nccl] [--world 3]``: run the infra scenarios
     (basic, bench, check-reject, kill -9 of each role) and print one report; for backends
     the CPU test suite cannot reach (NCCL on a GPU box)."""
     import argparse
     import signal
     import tempfile
 
-    from runtime.launch import spawn_local, start_local
+    from lockstep.runtime.launch import spawn_local, start_local
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="gloo")
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
                           deadline_s=ns.deadline, run_dir=root / name)
         show(name, res)
         ok &= res.ok
-    res = spawn_local(ns.world, "runtime._selftest:check_reject", base, deadline_s=ns.deadline,
+    res = spawn_local(ns.world, "lockstep.runtime._selftest:check_reject", base, deadline_s=ns.deadline,
                       run_dir=root / "check_reject")
     show("check_reject", res)
     dt = res.all_exited_after(res.ranks[1].exit_time)
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     ok &= dt is not None
     for victim in range(ns.world):
         d = root / f"kill{victim}"
-        with start_local(ns.world, "runtime._selftest:block_for_kill", base, run_dir=d) as run:
+        with start_local(ns.world, "lockstep.runtime._selftest:block_for_kill", base, run_dir=d) as run:
             end = time.monotonic() + ns.deadline
             while not all((d / f"ready.rank{r}").exists() for r in range(ns.world)):
                 if time.monotonic() > end or len(run.alive()) < ns.world:

@@ -8,7 +8,7 @@ times only count on a GPU machine).
   overlap              depth 1 against depth 2 with balanced synthetic stages: period
                        against max(stage0, stage1) and their sum, and OverlapScore.
 
-`python -m runtime.bench [--chunks N] [--mesh M]` prints both tables.
+`python -m lockstep.runtime.bench [--chunks N] [--mesh M]` prints both tables.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model.config import Config
+from lockstep.model.config import Config
 
 from .launch import dist_env, spawn_local
 from .run import run_local
@@ -72,7 +72,7 @@ def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw_out = tmp / "raw.json"
-        res = spawn_local(mesh + 1, "runtime.bench:raw_rank",
+        res = spawn_local(mesh + 1, "lockstep.runtime.bench:raw_rank",
                           {"chunks": chunks, "steps": steps, "out": str(raw_out)},
                           deadline_s=300, run_dir=tmp / "raw")
         if not res.ok:
@@ -82,7 +82,7 @@ def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
         res = run_local(cfg, {}, tmp / "lockstep", deadline_s=300)
         if not res.ok:
             raise RuntimeError("lockstep run failed:\n" + res.summary())
-        from conformance.overlap import analyse   # the same period the overlap report uses
+        from lockstep.conformance.overlap import analyse   # the same period the overlap report uses
         o = analyse(tmp / "lockstep").period_ms / 1e3
     r = statistics.median(raw)
     return {"raw_ms": r * 1e3, "lockstep_ms": o * 1e3, "ratio": o / r, "chunks": chunks,
@@ -91,7 +91,7 @@ def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
 
 def overlap(chunks: int, mesh: int, stage_ms: float) -> list:
     """Balanced stages: stage0 = A + C = stage_ms, stage1 = B = stage_ms."""
-    from conformance.overlap import analyse
+    from lockstep.conformance.overlap import analyse
     rows = []
     for depth in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +106,7 @@ def overlap(chunks: int, mesh: int, stage_ms: float) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench")
+    ap = argparse.ArgumentParser(prog="python -m lockstep.runtime.bench")
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--mesh", type=int, default=3)
     ap.add_argument("--stage-ms", type=float, default=50.0)

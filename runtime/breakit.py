@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.config import Config
+from lockstep.model.config import Config
 
 from .launch import kill_rank, spawn_local
 from .run import run_local
@@ -158,8 +158,8 @@ def run_case(case: Case, out: Path, baseline: bool = True, deadline_s: float = 6
 
 def model_verdict(mutation: str) -> str:
     """What the checker finds for the unmitigated variant of this failure mode."""
-    from model.check import check
-    from model.mutations import mutation_config
+    from lockstep.model.check import check
+    from lockstep.model.mutations import mutation_config
     return check(mutation_config(Config(mesh=2, chunks=2), mutation)).verdict
 
 
@@ -172,7 +172,7 @@ def _outputs(run_dir):
 
 def _conforms(run_dir):
     try:
-        from conformance.report import conform
+        from lockstep.conformance.report import conform
     except ImportError:
         return None
     try:
@@ -185,7 +185,7 @@ def run_baseline(case: Case, out: Path, timeout_s: float = 5.0, deadline_s: floa
     from .baseline import fault_time
     run_dir = out / f"{case.name}.baseline"
     args = {"fault": case.baseline, "at": 2, "chunks": 20, "timeout_s": timeout_s}
-    res = spawn_local(case.cfg.world, "runtime.baseline:stock_rank", args,
+    res = spawn_local(case.cfg.world, "lockstep.runtime.baseline:stock_rank", args,
                       deadline_s=deadline_s, run_dir=run_dir)
     t0 = fault_time(res)
     if t0 is None:

@@ -41,8 +41,8 @@ from typing import Mapping, Optional
 
 import torch
 
-from model import contract as C
-from model.contract import Action, ContractError  # noqa: F401  (decode_* raise it; re-exported)
+from lockstep.model import contract as C
+from lockstep.model.contract import Action, ContractError  # noqa: F401  (decode_* raise it; re-exported)
 
 HEADER_LAYOUT = ("magic", "version", "action", "call_id", "chunk_index", "cache_epoch",
                  "meta_len", "manifest_len", "n_tensors", "payload_bytes_total", "checksum")

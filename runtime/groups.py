@@ -67,7 +67,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from runtime.worker_main import one_line
+from lockstep.runtime.worker_main import one_line
 
 WORLD = "world_pg"
 MESH = "mesh_pg"

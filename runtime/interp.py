@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from model import contract as C
-from model.events import FAULT, RELEASE, local_subject, step_event
-from model.guards import Msg
-from model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
+from lockstep.model import contract as C
+from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
+from lockstep.model.guards import Msg
+from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                        WORLD, Coll, Exit, Local, Recv, Send, op_text)
-from model.semantics import DEAD_THREAD, Model
-from model.tables import FINAL, THREADS
+from lockstep.model.semantics import DEAD_THREAD, Model
+from lockstep.model.tables import FINAL, THREADS
 
 from . import codec, wire
 from .groups import GuardedComm

@@ -3,7 +3,7 @@
 Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
 
 * Fault injection must be real. Each rank is a separate OS process started with
-  ``subprocess.Popen([sys.executable, "-m", "runtime.worker_main", ...])`` in its own session
+  ``subprocess.Popen([sys.executable, "-m", "lockstep.runtime.worker_main", ...])`` in its own session
   (``start_new_session=True``, so pgid == pid), so ``kill_rank(run, r, SIGKILL)`` is a real
   ``kill -9`` of that rank's whole process tree, exactly what an OOM killer or a node
   failure does. ``mp.spawn`` children share the parent's fate and pipe plumbing.
@@ -22,7 +22,7 @@ The child environment is what torchrun would give (MASTER_ADDR=127.0.0.1, MASTER
 WORLD_SIZE, LOCAL_RANK) plus ``LOCKSTEP_SIDE_PORT`` (the side-channel TCPStore, a second free
 port), ``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads either launcher's
 variables, so the same target runs under ``spawn_local`` and under
-``torchrun -m runtime.worker_main --target m:f --args-json '{...}'``.
+``torchrun -m lockstep.runtime.worker_main --target m:f --args-json '{...}'``.
 
 Rejected: polling ``Popen.poll()`` for exit times (resolution = poll interval, and CPU on a
 2-core box); ``mp.spawn`` (no real kill -9 of one rank, pickled args); a store hosted by the
@@ -49,7 +49,6 @@ EXIT_OK = 0
 EXIT_ERROR = 1      # uncaught exception in the target (worker_main)
 EXIT_RELEASED = 3   # released by the side-channel watchdog (abort flag, lost peer, lost store)
 
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 # --------------------------------------------------------------------------- environment
@@ -199,7 +198,8 @@ class LocalRun:
 
     def __init__(self, world_size: int, target: str, args: dict, *, run_dir,
                  env: dict | None = None, run_id: str | None = None):
-        self.run_dir = Path(run_dir)
+        # Absolute: the ranks start in the run directory, whatever the caller's cwd.
+        self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_id = run_id or uuid.uuid4().hex[:12]
         master_port, side_port = free_port(), free_port()
@@ -216,8 +216,6 @@ class LocalRun:
         base = dict(os.environ)
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: keep gloo on loopback
         base.update(env or {})
-        pp = base.get("PYTHONPATH")
-        base["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + pp if pp else "")
         try:
             for rank in range(world_size):
                 renv = dict(base)
@@ -230,9 +228,9 @@ class LocalRun:
                 err = self.run_dir / f"rank{rank}.err"
                 with open(out, "wb") as fo, open(err, "wb") as fe:
                     p = subprocess.Popen(
-                        [sys.executable, "-m", "runtime.worker_main", "--target", target,
+                        [sys.executable, "-m", "lockstep.runtime.worker_main", "--target", target,
                          "--args-file", str(args_file)],
-                        env=renv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=fo,
+                        env=renv, cwd=str(self.run_dir), stdin=subprocess.DEVNULL, stdout=fo,
                         stderr=fe, start_new_session=True,
                         preexec_fn=_pdeathsig if _PRCTL is not None else None)
                 self._procs.append(p)

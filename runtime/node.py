@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from model.check import config_from_dict
-from model.semantics import Model
+from lockstep.model.check import config_from_dict
+from lockstep.model.semantics import Model
 
 from .groups import init_world, make_groups
 from .interp import RankInterpreter

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from model.check import config_to_dict
+from lockstep.model.check import config_to_dict
 
 from .launch import spawn_local
 
@@ -20,6 +20,6 @@ def run_local(cfg, opts: dict, run_dir, *, deadline_s: float = 120.0, on_start=N
         old.unlink()
     meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    return spawn_local(cfg.mesh + 1, "runtime.node:run_rank",
+    return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
                        {"config": config_to_dict(cfg), "opts": opts},
                        deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)

@@ -47,7 +47,7 @@ import time
 from datetime import timedelta
 from typing import Callable
 
-from runtime.worker_main import EXIT_RELEASED, exit_line, get_role, one_line
+from lockstep.runtime.worker_main import EXIT_RELEASED, exit_line, get_role, one_line
 
 _ACTIVE: "SideChannel | None" = None  # the process's side channel, for worker_main's error path
 

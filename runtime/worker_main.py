@@ -1,4 +1,4 @@
-"""Child entry point: ``python -m runtime.worker_main --target module:function [--args-file F |
+"""Child entry point: ``python -m lockstep.runtime.worker_main --target module:function [--args-file F |
 --args-json J]``.
 
 Reads the rank and world size from the environment (``dist_env()``: spawn_local or torchrun),
@@ -94,14 +94,14 @@ def resolve(target: str):
 
 def main(argv: list[str] | None = None) -> None:
     global _RANK
-    ap = argparse.ArgumentParser(prog="runtime.worker_main")
+    ap = argparse.ArgumentParser(prog="lockstep.runtime.worker_main")
     ap.add_argument("--target", required=True, help="module:function")
     ap.add_argument("--args-file")
     ap.add_argument("--args-json")
     ns = ap.parse_args(argv)
     code = EXIT_ERROR
     try:
-        from runtime.launch import dist_env
+        from lockstep.runtime.launch import dist_env
         env = dist_env()
         _RANK = env.rank
         if ns.args_file:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                 pass
         in_force = None
         try:  # release peers now rather than after the heartbeat window
-            from runtime import sidechannel
+            from lockstep.runtime import sidechannel
             in_force = sidechannel.abort_active(reason)
         except Exception:
             pass
@@ -140,5 +140,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run through the canonical module object, not __main__, so set_role() and friends
     # called by the target (which imports runtime.worker_main) share this module's state.
-    from runtime import worker_main as _canonical
+    from lockstep.runtime import worker_main as _canonical
     _canonical.main()

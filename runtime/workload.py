@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import contract as C
+from lockstep.model import contract as C
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from model import contract as C
-from model.contract import Action, ContractError, make_envelope_meta, make_result_meta
-from runtime import codec
-from runtime.codec import (HEADER_WORDS, MAGIC_ENVELOPE, MAGIC_RESULT, Caps, CodecError,
+from lockstep.model import contract as C
+from lockstep.model.contract import Action, ContractError, make_envelope_meta, make_result_meta
+from lockstep.runtime import codec
+from lockstep.runtime.codec import (HEADER_WORDS, MAGIC_ENVELOPE, MAGIC_RESULT, Caps, CodecError,
                            alloc_manifest, alloc_meta, alloc_tensors, decode_envelope,
                            decode_header, decode_manifest, decode_meta, encode_envelope,
                            encode_result, header_checksum, loopback_decode)
@@ -465,8 +465,8 @@ def test_manifest_and_tensor_buffers_checked():
 
 def test_packed_payload_round_trip_and_rejects_bad_buffers():
     import torch
-    from model import contract as C
-    from runtime import codec
+    from lockstep.model import contract as C
+    from lockstep.runtime import codec
     meta = C.make_envelope_meta()
     tensors = {"conditioning_embeds": torch.randn(1, 8).to(torch.bfloat16),
                "latents_in": torch.randn(3, 5).to(torch.bfloat16),

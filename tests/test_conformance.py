@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conformance
-from conformance.load import TraceError, load_run
-from conformance.overlap import analyse, chrome_trace, overlap_report
-from conformance.report import conform, format_report
-from conformance.simulate import Costs, simulate
-from model.config import INJECTABLE, Config
+from lockstep.conformance.load import TraceError, load_run
+from lockstep.conformance.overlap import analyse, chrome_trace, overlap_report
+from lockstep.conformance.report import conform, format_report
+from lockstep.conformance.simulate import Costs, simulate
+from lockstep.model.config import INJECTABLE, Config
 
 GLOO = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / "gloo_mesh3_cut"
 

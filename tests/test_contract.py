@@ -7,8 +7,8 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from model import contract as C
-from model.contract import (Action, ContractError, TensorDesc, example_tensor_descs,
+from lockstep.model import contract as C
+from lockstep.model.contract import (Action, ContractError, TensorDesc, example_tensor_descs,
                             make_envelope_meta, make_result_meta, validate_envelope,
                             validate_result)
 

@@ -3,9 +3,9 @@ yields the bytes on disk, written by another process, so output does not depend 
 seeds), complete (every contract field, every mutation) and their citations resolve."""
 import pytest
 
-from model import contract as C
-from model import docgen as D
-from model.mutations import MUTATIONS
+from lockstep.model import contract as C
+from lockstep.model import docgen as D
+from lockstep.model.mutations import MUTATIONS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def rendered(facts):
 def test_docs_on_disk_are_current(rendered):
     stale = [n for n, text in rendered.items()
              if not (D.DOCS / n).exists() or (D.DOCS / n).read_bytes() != text.encode()]
-    assert not stale, f"stale: {stale}; run `lockstep docs` (python -m model.docgen)"
+    assert not stale, f"stale: {stale}; run `lockstep docs` (python -m lockstep.model.docgen)"
 
 
 def test_every_document_starts_with_the_generated_line(rendered):
@@ -69,8 +69,8 @@ def test_anti_stranding_covers_every_commitment_point_and_failure(rendered):
 
 
 def test_header_after_preflight_is_found_by_the_commit_check():
-    from model.config import Config
-    from model.mutations import build_tables, mutation_config
+    from lockstep.model.config import Config
+    from lockstep.model.mutations import build_tables, mutation_config
     assert not D.committed_failures(D.shipped_rows())
     bad = D.committed_failures(build_tables(mutation_config(Config(), "header_before_preflight")))
     assert [r.label for _, _, r in bad] == ["late_preflight_raises"]

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from conformance.flight import check_flight, expected_ops
-from model.config import Config
-from runtime.run import run_local
+from lockstep.conformance.flight import check_flight, expected_ops
+from lockstep.model.config import Config
+from lockstep.runtime.run import run_local
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_real_nccl_flight_recorder_dump_parses_as_one_chunk():
     """A real dump (torch 2.11, NCCL 2.28.9, one H200, conformance/testdata/fr_probe.py):
     the parity all_gather on world_pg, then one chunk's mesh ops with steps=2."""
     from pathlib import Path
-    from conformance.flight import backend_ops, load_dump
+    from lockstep.conformance.flight import backend_ops, load_dump
     d = load_dump(Path(__file__).resolve().parent.parent /
                   "conformance/testdata/fr_nccl_h200_rank0.json")
     ops = backend_ops(d)

@@ -8,12 +8,12 @@ import sys
 import networkx as nx
 import pytest
 
-from model.check import diff_manifest
-from model.config import Config
-from model.explore import Canon, explore
-from model.mutations import MUTATIONS, mutation_config
-from model.properties import VERDICTS, check_state, check_terminal, check_transition
-from model.semantics import Model
+from lockstep.model.check import diff_manifest
+from lockstep.model.config import Config
+from lockstep.model.explore import Canon, explore
+from lockstep.model.mutations import MUTATIONS, mutation_config
+from lockstep.model.properties import VERDICTS, check_state, check_terminal, check_transition
+from lockstep.model.semantics import Model
 
 BASE = Config(mesh=2, chunks=2)
 

@@ -2,11 +2,11 @@
 violated and caught."""
 import pytest
 
-from model.config import Config
-from model.explore import explore
-from model.mutations import mutation_config
-from model.ops import MESH, WORLD
-from model.semantics import ABORTED, CRASHED, LIVE, Model
+from lockstep.model.config import Config
+from lockstep.model.explore import explore
+from lockstep.model.mutations import mutation_config
+from lockstep.model.ops import MESH, WORLD
+from lockstep.model.semantics import ABORTED, CRASHED, LIVE, Model
 
 
 def run(cfg, **kw):
@@ -123,9 +123,9 @@ def test_counters_are_not_bounded_by_the_semantics():
 def test_output_order_violation_is_caught_on_the_emit_transition():
     """No shipped path reorders outputs; a crafted state where chunk 0 waits in the
     decode queue after chunk 1 was emitted shows the property firing."""
-    from model.guards import INFER, Msg
-    from model.properties import check_transition
-    from model.semantics import Proc, Tr
+    from lockstep.model.guards import INFER, Msg
+    from lockstep.model.properties import check_transition
+    from lockstep.model.semantics import Proc, Tr
     m = Model(Config(mesh=2, chunks=2))
     s = m.initial_state()
     r0 = s.procs[0]

@@ -9,17 +9,17 @@ import subprocess
 
 import pytest
 
-from model import promela
-from model.config import Config
-from model.crosscheck import compare, run_spin, spin_available
-from model.explore import explore
-from model.guards import MeshVars
-from model.mutations import MUTATIONS, build_tables, mutation_config
-from model.ops import Local, Row
-from model.promela import (PromelaExportError, export_promela, export_with_rows,
+from lockstep.model import promela
+from lockstep.model.config import Config
+from lockstep.model.crosscheck import compare, run_spin, spin_available
+from lockstep.model.explore import explore
+from lockstep.model.guards import MeshVars
+from lockstep.model.mutations import MUTATIONS, build_tables, mutation_config
+from lockstep.model.ops import Local, Row
+from lockstep.model.promela import (PromelaExportError, export_promela, export_with_rows,
                            proctype_names)
-from model.semantics import Model
-from model.tables import THREADS
+from lockstep.model.semantics import Model
+from lockstep.model.tables import THREADS
 
 BASE = Config(mesh=2, chunks=2)
 needs_spin = pytest.mark.skipif(not spin_available(), reason="spin / gcc not installed")

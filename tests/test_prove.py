@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from model import contract as C
-from model import prove as P
-from model.mutations import MUTATIONS
+from lockstep.model import contract as C
+from lockstep.model import prove as P
+from lockstep.model.mutations import MUTATIONS
 
 
 @pytest.fixture(scope="module")

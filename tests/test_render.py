@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from model import render
-from model.config import Config
-from model.explore import explore
-from model.mutations import MUTATIONS, build_tables, mutation_config
-from model.semantics import Model
-from model.tables import shipped_rows
+from lockstep.model import render
+from lockstep.model.config import Config
+from lockstep.model.explore import explore
+from lockstep.model.mutations import MUTATIONS, build_tables, mutation_config
+from lockstep.model.semantics import Model
+from lockstep.model.tables import shipped_rows
 
 needs_dot = pytest.mark.skipif(not render.have_dot(), reason="graphviz `dot` not installed")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "diagrams"

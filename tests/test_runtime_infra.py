@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.launch import (EXIT_ERROR, EXIT_RELEASED, LaunchResult, dist_env, kill_rank,
+from lockstep.runtime.launch import (EXIT_ERROR, EXIT_RELEASED, LaunchResult, dist_env, kill_rank,
                             spawn_local, start_local)
 
 DEADLINE_S = 40.0     # hard per-run deadline (spawning 3 torch processes takes ~2-4 s)
@@ -68,7 +68,7 @@ def test_dist_env_reads_torchrun_and_lockstep_vars():
 
 def test_launcher_deadline_kills_a_rank_that_sleeps_forever(tmp_path):
     t0 = time.monotonic()
-    res = spawn_local(2, "runtime._selftest:sleep_forever", {}, deadline_s=3.0,
+    res = spawn_local(2, "lockstep.runtime._selftest:sleep_forever", {}, deadline_s=3.0,
                       run_dir=tmp_path)
     took = time.monotonic() - t0
     assert res.deadline_hit and res.alive_at_deadline == [1]
@@ -82,7 +82,7 @@ def test_launcher_deadline_kills_a_rank_that_sleeps_forever(tmp_path):
 
 def test_no_child_survives_an_exception_in_the_parent(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with start_local(2, "runtime._selftest:sleep_forever", {}, run_dir=tmp_path) as run:
+        with start_local(2, "lockstep.runtime._selftest:sleep_forever", {}, run_dir=tmp_path) as run:
             pids = [r.pid for r in run.result.ranks]
             raise KeyboardInterrupt
     assert all(_dead(p) for p in pids)
@@ -92,7 +92,7 @@ def test_no_child_survives_an_exception_in_the_parent(tmp_path):
 
 @pytest.fixture(scope="module")
 def basic_run(tmp_path_factory):
-    res = spawn_local(3, "runtime._selftest:basic", {"pingpong": 50}, deadline_s=DEADLINE_S,
+    res = spawn_local(3, "lockstep.runtime._selftest:basic", {"pingpong": 50}, deadline_s=DEADLINE_S,
                       run_dir=tmp_path_factory.mktemp("basic"))
     assert res.ok, res.summary()
     return res
@@ -121,7 +121,7 @@ def test_non_member_collective_raises(basic_run):
 # --------------------------------------------------------------------------- crash > hang
 
 def test_check_rejection_raises_before_backend_and_releases_peers(tmp_path):
-    res = spawn_local(3, "runtime._selftest:check_reject", {}, deadline_s=DEADLINE_S,
+    res = spawn_local(3, "lockstep.runtime._selftest:check_reject", {}, deadline_s=DEADLINE_S,
                       run_dir=tmp_path)
     assert not res.deadline_hit, res.summary()
     assert res.ranks[1].returncode == EXIT_ERROR
@@ -143,7 +143,7 @@ def test_check_rejection_raises_before_backend_and_releases_peers(tmp_path):
 
 @pytest.mark.parametrize("victim", [2, 0, 1], ids=["worker", "rank0-store-host", "leader"])
 def test_kill9_mid_recv_releases_every_other_rank(tmp_path, victim):
-    with start_local(3, "runtime._selftest:block_for_kill", {}, run_dir=tmp_path) as run:
+    with start_local(3, "lockstep.runtime._selftest:block_for_kill", {}, run_dir=tmp_path) as run:
         end = time.monotonic() + 30.0
         while not all((tmp_path / f"ready.rank{r}").exists() for r in range(3)):
             assert time.monotonic() < end and len(run.alive()) == 3, run.result.summary()
@@ -164,7 +164,7 @@ def test_kill9_mid_recv_releases_every_other_rank(tmp_path, victim):
 
 
 def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
-    res = spawn_local(2, "runtime._selftest:op_deadline", {"deadline_s": 0.5},
+    res = spawn_local(2, "lockstep.runtime._selftest:op_deadline", {"deadline_s": 0.5},
                       deadline_s=DEADLINE_S, run_dir=tmp_path)
     assert not res.deadline_hit, res.summary()
     line = _one_reason_line(res, 1)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from model.config import Config
-from runtime.run import run_local
+from lockstep.model.config import Config
+from lockstep.runtime.run import run_local
 
 DEADLINE_S = 90
 

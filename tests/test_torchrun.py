@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conformance.report import conform, format_report
-from model.check import config_to_dict
-from model.config import Config
-from runtime.launch import free_port
+from lockstep.conformance.report import conform, format_report
+from lockstep.model.check import config_to_dict
+from lockstep.model.config import Config
+from lockstep.runtime.launch import free_port
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 
@@ -24,8 +24,8 @@ def test_torchrun_env_launch_runs_and_conforms(tmp_path):
                                 "opts": {}}))
     env = dict(os.environ, LOCKSTEP_RUN_DIR=str(tmp_path), GLOO_SOCKET_IFNAME="lo")
     cmd = [TORCHRUN, "--nproc-per-node", "3", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "runtime.worker_main",
-           "--target", "runtime.node:run_rank", "--args-file", str(args)]
+           "--master-port", str(free_port()), "-m", "lockstep.runtime.worker_main",
+           "--target", "lockstep.runtime.node:run_rank", "--args-file", str(args)]
     p = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True, text=True)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.report import conform, format_report
+from lockstep.conformance.report import conform, format_report
 
 RUNS = sorted(p.parent for p in Path(__file__).resolve().parent.parent.glob(
     "traces/*/run.json"))
