@@ -4,6 +4,7 @@
 #   bash dev.sh test   # the test suite (what CI runs)
 #   bash dev.sh <any lockstep subcommand and options>
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")"
 VENV=.venv
 stamp=$VENV/.lockstep-installed
@@ -32,5 +33,8 @@ case "$cmd" in
     if [ $rc -eq 5 ]; then echo "dev.sh: pytest collected no tests" >&2; exit 1; fi
     exit $rc ;;
   *)
-    exec $VENV/bin/lockstep "$cmd" "$@" ;;
+    # The caller's directory: relative paths (--out r) mean what they say.
+    lockstep=$PWD/$VENV/bin/lockstep
+    cd "$here"
+    exec "$lockstep" "$cmd" "$@" ;;
 esac

@@ -5,40 +5,130 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
+from pathlib import Path
+
+# Exit codes, the same for every subcommand (also printed by `lockstep --help`).
+EXIT_OK = 0          # clean: no violation, the trace conforms, the run succeeded
+EXIT_VIOLATION = 1   # a property violated, a trace diverges, a manifest or doc is stale
+EXIT_USAGE = 2       # bad command line or option value
+EXIT_RUN_FAILED = 3  # a real run failed: a rank exited with an error or a deadline hit
+
+EPILOG = f"""exit codes:
+  {EXIT_OK}  clean (no violation / the trace conforms / every rank exited ok)
+  {EXIT_VIOLATION}  violation found (a property, a diverging trace, a stale manifest or doc)
+  {EXIT_USAGE}  usage error (unknown option, bad value)
+  {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit)
+"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Every option shows its default, unless its help already says it or it has none."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if "default:" in h or d is None or d is argparse.SUPPRESS or d is False \
+                or isinstance(action, argparse._HelpAction):
+            return h
+        return f"{h} (default: {d})"
+
+
+def _parser(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=help_, epilog=EPILOG,
+                          formatter_class=_Help)
+
+
+# ------------------------------------------------------------------ model configuration
+
+def _config_defaults() -> dict:
+    from lockstep.model.config import Config
+    return {f.name: getattr(Config(), f.name) for f in fields(Config)}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", type=int, default=2, help="mesh ranks incl. the leader (1 = PP0)")
-    p.add_argument("--depth", type=int, default=None, help="D_in = D_out = DEPTH")
-    p.add_argument("--d-in", type=int, default=2)
-    p.add_argument("--d-out", type=int, default=2)
-    p.add_argument("--chunks", type=int, default=2)
-    p.add_argument("--hard-cut", action="store_true", help="allow one hard cut anywhere")
-    p.add_argument("--faults", type=int, default=0, help="crash-fault budget")
-    p.add_argument("--p2p", choices=("rendezvous", "buffered"), default="rendezvous")
-    p.add_argument("--eager", type=int, default=1, help="buffered p2p channel capacity")
-    p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1")
-    p.add_argument("--steps", type=int, default=1, help="num_denoise_steps")
-    p.add_argument("--noops", type=int, default=0, help="NOOP heartbeats rank0 may send")
-    p.add_argument("--inject", action="append", default=[],
-                   help="runtime fault to model (repeatable)")
+    """The model's switches. Each defaults to None here so that an option the user set can
+    be told from a default (a mutation must never change a set option silently)."""
+    d = _config_defaults()
+
+    def opt(flag, help_, **kw):
+        dest = flag.lstrip("-").replace("-", "_")
+        shown = kw.pop("shown", d.get(dest))
+        p.add_argument(flag, default=None, help=f"{help_} (default: {shown})", **kw)
+
+    opt("--mesh", "mesh ranks including the leader; 1 = PP0", type=int)
+    opt("--depth", "sets both queue depths, D_in = D_out = DEPTH (envelopes / results)",
+        type=int, shown="unset")
+    opt("--d-in", "D_in: envelopes in flight toward the mesh (count)", type=int)
+    opt("--d-out", "D_out: results waiting for decode on rank0 (count)", type=int)
+    opt("--chunks", "INFER envelopes rank0 builds (count)", type=int)
+    opt("--hard-cut", "allow one hard cut (epoch bump + flush) anywhere",
+        action="store_const", const=True)
+    opt("--faults", "crash-fault budget: kill -9s of any process at any step (count)",
+        type=int)
+    opt("--p2p", "point-to-point semantics: rendezvous (conservative NCCL) or buffered",
+        choices=("rendezvous", "buffered"))
+    opt("--eager", "buffered p2p: messages a channel holds before a send blocks (count)",
+        type=int)
+    opt("--no-watchdog", "model no heartbeat watchdog (a crash then releases no one)",
+        action="store_const", const=True, dest="no_watchdog", shown="watchdog on")
+    opt("--regime", "recompute regime", choices=("R1", "R0a", "R0"))
+    opt("--steps", "num_denoise_steps (generator calls per chunk follow from the regime)",
+        type=int)
+    opt("--noops", "NOOP heartbeats rank0 may send (count)", type=int)
+    p.add_argument("--inject", action="append", default=None,
+                   help="runtime fault switch to model, repeatable; one of "
+                        "rank0_preflight, leader_reject, wrong_group, count_mismatch, "
+                        "cond_flag (default: none)")
 
 
 def _config(a):
+    """(Config, the fields the user set explicitly) from parsed config options."""
     from lockstep.model.config import Config
-    d_in = a.depth if a.depth is not None else a.d_in
-    d_out = a.depth if a.depth is not None else a.d_out
-    return Config(mesh=a.mesh, d_in=d_in, d_out=d_out, chunks=a.chunks,
-                  hard_cut=a.hard_cut, faults=a.faults, p2p=a.p2p, eager=a.eager,
-                  regime=a.regime, steps=a.steps, noops=a.noops,
-                  inject=frozenset(a.inject))
+    if a.depth is not None and (a.d_in is not None or a.d_out is not None):
+        raise ValueError("--depth sets both queue depths: give it or --d-in/--d-out, "
+                         "not both")
+    kw = {"mesh": a.mesh, "chunks": a.chunks, "hard_cut": a.hard_cut, "faults": a.faults,
+          "p2p": a.p2p, "eager": a.eager, "regime": a.regime, "steps": a.steps,
+          "noops": a.noops, "d_in": a.depth if a.depth is not None else a.d_in,
+          "d_out": a.depth if a.depth is not None else a.d_out,
+          "watchdog": False if a.no_watchdog else None,
+          "inject": frozenset(a.inject) if a.inject else None}
+    explicit = {k: v for k, v in kw.items() if v is not None}
+    return Config(**explicit), set(explicit)
 
+
+def _with_mutation(cfg, name: str, explicit: set, cmd: str):
+    """`cfg` widened to what mutation `name` needs; every field it changes is said on
+    stderr, naming the ones the user set."""
+    from lockstep.model.mutations import MUTATIONS, mutation_config
+    if name not in MUTATIONS:
+        raise ValueError(f"unknown mutation {name!r}; known: {', '.join(MUTATIONS)}")
+    new = mutation_config(cfg, name)
+    for f in fields(cfg):
+        if f.name == "mutation":
+            continue
+        old, val = getattr(cfg, f.name), getattr(new, f.name)
+        if old != val:
+            who = "you set" if f.name in explicit else "default"
+            print(f"lockstep {cmd}: mutation {name} needs {f.name}={_show(val)} to be "
+                  f"observable ({who} {_show(old)})", file=sys.stderr)
+    return new
+
+
+def _show(v):
+    return ",".join(sorted(v)) or "none" if isinstance(v, frozenset) else v
+
+
+# ------------------------------------------------------------------ subcommands
 
 def cmd_check(a) -> int:
     from lockstep.model import check as chk
-    from lockstep.model.mutations import MUTATIONS, mutation_config
-    cfg = _config(a)
+    from lockstep.model.mutations import MUTATIONS
+    cfg, explicit = _config(a)
     if a.all_mutations:
+        if a.mutation:
+            raise ValueError("--all-mutations checks every mutation: drop --mutation")
         shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry)
         table, ok = chk.mutation_table(shipped, rows)
         if a.json:
@@ -52,16 +142,15 @@ def cmd_check(a) -> int:
                 for m, r in rows:
                     print(f"\n== {m.name}: {m.summary}")
                     print("\n".join(r.steps))
-        return 0 if ok else 1
+        return EXIT_OK if ok else EXIT_VIOLATION
     if a.mutation:
         if a.mutation not in MUTATIONS:
-            print(f"lockstep: unknown mutation {a.mutation!r}; known: "
-                  f"{', '.join(MUTATIONS)}", file=sys.stderr)
-            return 2
-        cfg = mutation_config(cfg, a.mutation)
+            raise ValueError(f"unknown mutation {a.mutation!r}; known: "
+                             f"{', '.join(MUTATIONS)}")
+        cfg = _with_mutation(cfg, a.mutation, explicit, "check")
     r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json)
     print(json.dumps(r.as_dict(), indent=1) if a.json else chk.format_result(r))
-    return 0 if r.verdict == "clean" else 1
+    return EXIT_OK if r.verdict == "clean" else EXIT_VIOLATION
 
 
 def cmd_manifest(a) -> int:
@@ -69,75 +158,85 @@ def cmd_manifest(a) -> int:
     if a.update:
         chk.write_manifest(chk.compute_manifest())
         print(f"wrote {chk.MANIFEST}")
-        return 0
+        return EXIT_OK
     diffs = chk.diff_manifest()
     if diffs:
         print("state-space manifest differs (a table change altered the state space; "
               "explain it and run `lockstep manifest --update`):")
         print("\n".join("  " + d for d in diffs))
-        return 1
-    print("state-space manifest matches")
-    return 0
+        return EXIT_VIOLATION
+    print(f"state-space manifest matches ({chk.MANIFEST})")
+    return EXIT_OK
+
+
+def _run_options(a):
+    from lockstep.model.runopts import RunOptions, StageCosts, parse_fault
+    return RunOptions(backend=a.backend, hard_cut_at=a.hard_cut_at,
+                      fault=parse_fault(a.fault), op_deadline_s=a.op_deadline_s,
+                      pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
+                      costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms))
 
 
 def cmd_run(a) -> int:
-    from lockstep.model.config import Config
+    from lockstep.model.config import INJECTABLE, Config
     from lockstep.runtime.run import run_local
+    opts = _run_options(a)
+    # Faults that change a rank's local state in the model (a wrong-group request, an
+    # off-by-one plan, a per-rank flag) are also model switches; see model/config.py.
+    inject = frozenset([opts.fault.name]) if opts.fault and opts.fault.name in INJECTABLE \
+        else frozenset()
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
                  chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
-                 steps=a.steps, inject=frozenset([a.fault.split("@")[0]] if a.fault else []))
-    opts = {"backend": a.backend, "hard_cut_at": a.hard_cut_at,
-            "costs": {"phase_a_ms": a.stage_a_ms, "phase_b_ms": a.stage_b_ms,
-                      "phase_c_ms": a.stage_c_ms},
-            "op_deadline_s": a.op_deadline_s}
-    if a.fault:
-        name, _, at = a.fault.partition("@")
-        opts["fault"] = {"name": name, "at_chunk": int(at or 0)}
-    res = run_local(cfg, opts, a.out, deadline_s=a.deadline_s)
+                 steps=a.steps, inject=inject)
+    out = Path(a.out).resolve()
+    res = run_local(cfg, opts, out, deadline_s=a.deadline_s)
     print(res.summary())
-    return 0 if res.ok else 1
+    print(f"traces in {out}")
+    return EXIT_OK if res.ok else EXIT_RUN_FAILED
 
 
 def cmd_breakit(a) -> int:
-    from pathlib import Path
     from lockstep.runtime.breakit import breakit, format_table
     if a.backend != "gloo":
         print("lockstep breakit: only --backend gloo runs on this machine; the NCCL "
               "variant needs a multi-GPU host (see docs/breakit.md)", file=sys.stderr)
-        return 2
-    rows = breakit(Path(a.out), baseline=not a.no_baseline, only=a.case or None)
+        return EXIT_USAGE
+    rows = breakit(Path(a.out).resolve(), baseline=not a.no_baseline, only=a.case or None)
     print(json.dumps(rows, indent=1) if a.json else format_table(rows))
     ok = all(r["signature"] and r["conforms"] in (True, None) and (
         r["fault_to_all_exited_s"] is None or r["fault_to_all_exited_s"] < 1.0)
         for r in rows)
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_RUN_FAILED
 
 
 def cmd_demo(a) -> int:
-    from pathlib import Path
     from lockstep.demo import demo
-    return demo(Path(a.out), chunks=a.chunks, mesh=a.mesh)
+    rc = demo(Path(a.out).resolve(), chunks=a.chunks, mesh=a.mesh)
+    return EXIT_OK if rc == 0 else EXIT_RUN_FAILED
 
 
 def cmd_render(a) -> int:
     from lockstep.model.render import cli_render
-    return cli_render(a.out, a.mutation or None, _config(a))
+    cfg, explicit = _config(a)
+    if a.mutation:
+        _with_mutation(cfg, a.mutation, explicit, "render")   # says what it widens
+    out = Path(a.out).resolve()
+    print(f"lockstep render: writing into {out}", file=sys.stderr)
+    return cli_render(out, a.mutation or None, cfg)
 
 
 def cmd_export(a) -> int:
-    from lockstep.model.mutations import mutation_config
     from lockstep.model.promela import export_promela
-    cfg = _config(a)
+    cfg, explicit = _config(a)
     if a.mutation:
-        cfg = mutation_config(cfg, a.mutation)
+        cfg = _with_mutation(cfg, a.mutation, explicit, "export")
     text = export_promela(cfg, fault_budget=a.fault_budget)
     if a.out == "-":
         print(text)
     else:
-        with open(a.out, "w") as f:
-            f.write(text)
-        print(f"wrote {a.out} ({cfg.describe()})")
-    return 0
+        Path(a.out).write_text(text)
+        print(f"wrote {Path(a.out).resolve()} ({cfg.describe()})")
+    return EXIT_OK
 
 
 def cmd_crosscheck(a) -> int:
@@ -151,8 +250,12 @@ def cmd_prove(a) -> int:
 
 
 def cmd_docs(a) -> int:
-    from lockstep.model.docgen import cli_docs
-    return cli_docs(a.check)
+    from lockstep.model.docgen import DOCS, cli_docs
+    # Default: the checkout's docs/ when lockstep runs from one, else ./docs.
+    out = Path(a.out).resolve() if a.out else DOCS if DOCS.is_dir() else Path.cwd() / "docs"
+    print(f"lockstep docs: {'checking' if a.check else 'writing into'} {out}",
+          file=sys.stderr)
+    return cli_docs(a.check, out)
 
 
 def cmd_conform(a) -> int:
@@ -165,102 +268,137 @@ def cmd_overlap(a) -> int:
     return cli_overlap(a.run_dir, a.out or a.run_dir)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lockstep", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    from lockstep import __version__
+    ap = argparse.ArgumentParser(prog="lockstep", description=__doc__, epilog=EPILOG,
+                                 formatter_class=_Help)
+    ap.add_argument("--version", action="version", version=f"lockstep {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="model-check the protocol tables")
+    p = _parser(sub, "check", "model-check the protocol tables")
     _add_config_args(p)
-    p.add_argument("--mutation", default="", help="check a named broken variant")
+    p.add_argument("--mutation", default="", help="check a named broken variant "
+                   "(default: the shipped protocol)")
     p.add_argument("--all-mutations", action="store_true",
                    help="shipped protocol clean and every mutation caught as predicted")
-    p.add_argument("--no-symmetry", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--progress", action="store_true", help="live progress line")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--no-symmetry", action="store_true",
+                   help="explore without worker-symmetry reduction")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--progress", action="store_true", help="live progress line on stderr")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with --all-mutations: print every counterexample")
     p.set_defaults(fn=cmd_check)
 
-    p = sub.add_parser("manifest", help="compare state counts with model/manifest.json")
-    p.add_argument("--update", action="store_true")
+    p = _parser(sub, "manifest", "compare state counts with the recorded manifest")
+    p.add_argument("--update", action="store_true",
+                   help="rewrite the manifest from the current tables")
     p.set_defaults(fn=cmd_manifest)
 
-    p = sub.add_parser("run", help="run the control plane (CPU/gloo by default)")
-    p.add_argument("--mesh", type=int, default=3)
-    p.add_argument("--chunks", type=int, default=10)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--d-in", type=int, default=2)
-    p.add_argument("--d-out", type=int, default=2)
-    p.add_argument("--hard-cut-at", type=int, default=None, help="chunk index of a hard cut")
-    p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--backend", default="gloo")
-    p.add_argument("--stage-a-ms", type=float, default=0.0)
-    p.add_argument("--stage-b-ms", type=float, default=0.0, help="per generator call")
-    p.add_argument("--stage-c-ms", type=float, default=0.0)
-    p.add_argument("--fault", default="", help="NAME@CHUNK, e.g. leader_reject@3")
-    p.add_argument("--op-deadline-s", type=float, default=30.0)
-    p.add_argument("--deadline-s", type=float, default=120.0, help="hard deadline, whole run")
-    p.add_argument("--out", default="runs/latest", help="run directory (traces)")
+    p = _parser(sub, "run", "run the control plane as real processes (CPU/gloo default)")
+    p.add_argument("--mesh", type=int, default=3, help="mesh ranks including the leader")
+    p.add_argument("--chunks", type=int, default=10, help="INFER chunks rank0 builds")
+    p.add_argument("--depth", type=int, default=None,
+                   help="sets D_in = D_out = DEPTH (default: --d-in / --d-out)")
+    p.add_argument("--d-in", type=int, default=2, help="envelopes in flight (count)")
+    p.add_argument("--d-out", type=int, default=2, help="results awaiting decode (count)")
+    p.add_argument("--hard-cut-at", type=int, default=None,
+                   help="chunk index at which rank0 takes a hard cut (default: none)")
+    p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1",
+                   help="recompute regime")
+    p.add_argument("--steps", type=int, default=2, help="num_denoise_steps")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "cpu:gloo,cuda:nccl"),
+                   help="torch.distributed backend")
+    p.add_argument("--stage-a-ms", type=float, default=0.0,
+                   help="synthetic Phase A cost per chunk, ms")
+    p.add_argument("--stage-b-ms", type=float, default=0.0,
+                   help="synthetic Phase B cost per generator call, ms")
+    p.add_argument("--stage-c-ms", type=float, default=0.0,
+                   help="synthetic Phase C (decode) cost per chunk, ms")
+    p.add_argument("--fault", default="", help="fault-injection switch NAME@CHUNK, e.g. "
+                   "leader_reject@3 (default: none)")
+    p.add_argument("--op-deadline-s", type=float, default=30.0,
+                   help="per-op deadline: no progress for this long is a crash, s")
+    p.add_argument("--pg-timeout-s", type=float, default=60.0,
+                   help="backend timeout of every process group, s")
+    p.add_argument("--lost-after-s", type=float, default=0.5,
+                   help="a peer whose heartbeat is silent this long is lost, s")
+    p.add_argument("--deadline-s", type=float, default=120.0,
+                   help="hard deadline for the whole run (the launcher kills the rest), s")
+    p.add_argument("--out", default="runs/latest", help="run directory for the traces")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("breakit", help="every failure mode as a real multi-process job")
-    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--case", action="append", default=[])
-    p.add_argument("--out", default="runs/breakit")
+    p = _parser(sub, "breakit", "every failure mode as a real multi-process job")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+                   help="torch.distributed backend")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the stock torch.distributed baseline runs")
+    p.add_argument("--case", action="append", default=[],
+                   help="run only this case, repeatable (default: every case)")
+    p.add_argument("--out", default="runs/breakit", help="directory for the runs")
     p.set_defaults(fn=cmd_breakit)
 
-    p = sub.add_parser("demo", help="model check, gloo run, conformance, diagrams, report")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--chunks", type=int, default=24)
-    p.add_argument("--mesh", type=int, default=3)
+    p = _parser(sub, "demo", "model check, gloo run, conformance, diagrams, report")
+    p.add_argument("--out", default="out/demo", help="output directory")
+    p.add_argument("--chunks", type=int, default=24, help="chunks of the gloo run")
+    p.add_argument("--mesh", type=int, default=3, help="mesh ranks of the gloo run")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("render", help="state diagrams per role and counterexample charts")
+    p = _parser(sub, "render", "state diagrams per role and counterexample charts")
     _add_config_args(p)
-    p.add_argument("--mutation", default="")
-    p.add_argument("--out", default="docs/diagrams")
+    p.add_argument("--mutation", default="",
+                   help="draw the threads this mutation changes and its counterexample "
+                        "(default: every diagram of the shipped protocol)")
+    p.add_argument("--out", default="docs/diagrams", help="output directory")
     p.set_defaults(fn=cmd_render)
 
-    p = sub.add_parser("export", help="export the tables as a Promela model for SPIN")
+    p = _parser(sub, "export", "export the tables as a Promela model for SPIN")
     _add_config_args(p)
-    p.add_argument("--promela", action="store_true", default=True)
-    p.add_argument("--mutation", default="")
-    p.add_argument("--fault-budget", choices=("exact", "upto"), default="upto")
-    p.add_argument("--out", default="-")
+    p.add_argument("--promela", action="store_true", default=True,
+                   help="Promela (the only format)")
+    p.add_argument("--mutation", default="", help="export a named broken variant "
+                   "(default: the shipped protocol)")
+    p.add_argument("--fault-budget", choices=("exact", "upto"), default="upto",
+                   help="crash budget: exactly --faults crashes, or up to --faults")
+    p.add_argument("--out", default="-", help="output file, - for stdout")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("crosscheck", help="SPIN and lockstep on the same configurations "
-                       "(options of python -m lockstep.model.crosscheck follow)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = _parser(sub, "crosscheck", "SPIN and lockstep on the same configurations "
+                "(options of python -m lockstep.model.crosscheck follow)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the cross-check")
     p.set_defaults(fn=cmd_crosscheck)
 
-    p = sub.add_parser("prove", help="z3: contract, guard and group-rule proofs")
-    p.add_argument("--mutation", default="")
-    p.add_argument("--json", action="store_true")
+    p = _parser(sub, "prove", "z3: contract, guard and group-rule proofs")
+    p.add_argument("--mutation", default="", help="prove against a named broken variant "
+                   "(default: the shipped protocol)")
+    p.add_argument("--json", action="store_true", help="print the obligations as JSON")
     p.set_defaults(fn=cmd_prove)
 
-    p = sub.add_parser("docs", help="regenerate docs/ from the tables and the contract")
-    p.add_argument("--check", action="store_true", help="fail if docs/ is stale")
+    p = _parser(sub, "docs", "regenerate the generated docs from the tables and contract")
+    p.add_argument("--check", action="store_true", help="fail (1) if any document is stale")
+    p.add_argument("--out", default=None,
+                   help="docs directory (default: docs/ of the checkout lockstep runs from)")
     p.set_defaults(fn=cmd_docs)
 
-    p = sub.add_parser("conform", help="replay a run's traces through the model")
-    p.add_argument("run_dir")
-    p.add_argument("--json", action="store_true")
+    p = _parser(sub, "conform", "replay a run's traces through the model")
+    p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_conform)
 
-    p = sub.add_parser("overlap", help="overlap report, Perfetto timeline and plot")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default="")
+    p = _parser(sub, "overlap", "overlap report, Perfetto timeline and plot")
+    p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")
+    p.add_argument("--out", default="", help="output directory (default: RUN_DIR)")
     p.set_defaults(fn=cmd_overlap)
+    return ap
 
-    a = ap.parse_args(argv)
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
     except ValueError as e:
-        print(f"lockstep: {e}", file=sys.stderr)
-        return 2
+        print(f"lockstep {a.cmd}: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

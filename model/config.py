@@ -39,6 +39,7 @@ class Config:
     steps: int = 1                # num_denoise_steps
     noops: int = 0                # NOOP heartbeats rank0 may send
     inject: frozenset = field(default_factory=frozenset)  # subset of INJECTABLE
+    watchdog: bool = True         # heartbeat watchdog: a crashed rank sets the abort flag
     mutation: str = ""            # name from model.mutations, "" = shipped protocol
 
     def __post_init__(self):
@@ -76,6 +77,8 @@ class Config:
             parts.append(f"noops={self.noops}")
         if self.inject:
             parts.append("inject=" + ",".join(sorted(self.inject)))
+        if not self.watchdog:
+            parts.append("watchdog=off")
         if self.mutation:
             parts.append(f"mutation={self.mutation}")
         return " ".join(parts)

@@ -248,7 +248,7 @@ MUTATIONS = {m.name: m for m in [
              rank0_in_mesh_collective),
     Mutation("no_watchdog", "orphan (kill -9)", "crash_hang",
              "no heartbeat watchdog: a crashed rank leaves its peers blocked",
-             no_watchdog, {"faults": 1}, no_watchdog=True),
+             no_watchdog, {"faults": 1, "watchdog": False}, no_watchdog=True),
     Mutation("chunk_index_reset_on_cut", "contract drift", "id_monotonic",
              "a hard cut restarts chunk_index at 0", chunk_index_reset_on_cut,
              {"hard_cut": True, "chunks": 2}),

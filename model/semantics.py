@@ -223,7 +223,7 @@ class Model:
     def _watchdog_enabled(self) -> bool:
         from .mutations import MUTATIONS
         mut = MUTATIONS.get(self.cfg.mutation)
-        return not (mut and mut.no_watchdog)
+        return self.cfg.watchdog and not (mut and mut.no_watchdog)
 
     def _rendezvous(self, s, sends, recvs, out):
         cfg = self.cfg

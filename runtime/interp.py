@@ -48,10 +48,10 @@ class WrongGroup(RuntimeError):
 
 class RankInterpreter:
     def __init__(self, model: Model, p: int, groups, workload, tracer, *, abort_poll,
-                 opts: dict):
+                 opts, parity: dict):
         self.m, self.p, self.cfg = model, p, model.cfg
         self.groups, self.work, self.trace = groups, workload, tracer
-        self.abort_poll, self.opts = abort_poll, opts
+        self.abort_poll, self.opts, self.parity = abort_poll, opts, parity
         self.role = model.roles[p]
         self.name = model.names[p]
         self.threads = THREADS[self.role]
@@ -63,8 +63,8 @@ class RankInterpreter:
         self.chan_i = {"send": 0, "recv": 0}
         self.gseq = {WORLD: 0, MESH: 0}
         self.exit = None            # (how, reason) once the process leaves
-        self.deadline = float(opts.get("op_deadline_s", 30.0))
-        self.fault = opts.get("fault") or {}
+        self.deadline = opts.op_deadline_s
+        self.fault = opts.fault
         # real data beside the model's summaries, keyed by call_id
         self.env_frames, self.env_meta, self.times = {}, {}, {}
         self.results = {}
@@ -144,14 +144,14 @@ class RankInterpreter:
         f = self.fault
         want = {"preflight_fails": "rank0_preflight", "validation_raises": "leader_reject",
                 "wrong_group_caught": "wrong_group"}.get(row.label)
-        if not f or f.get("name") != want or f.get("rank", self.p) != self.p:
+        if f is None or f.name != want or f.rank not in (None, self.p):
             return False
         chunk = self.v.next_chunk if self.role == "rank0" else self.v.env.chunk
-        return chunk == f.get("at_chunk", 0)
+        return chunk == f.at_chunk
 
     def _choose_local(self, t, rows):
         if self.role == "rank0" and self.threads[t] == "main":
-            cut_at = self.opts.get("hard_cut_at")
+            cut_at = self.opts.hard_cut_at
             rows = [r for r in rows if r.label != "hard_cut" or
                     (cut_at is not None and self.v.next_chunk == cut_at)]
             rows = [r for r in rows if r.label != "queue_noop"]
@@ -482,7 +482,7 @@ class RankInterpreter:
 
     def _parity_vector(self, key: int):
         """One digest per parity key (sorted), so a mismatch names the key."""
-        d = dict(self.opts.get("parity", {}))
+        d = self.parity
         names = sorted(d)
         digests = [int.from_bytes(hashlib.sha256(json.dumps(d[k], sort_keys=True).encode())
                                   .digest()[:7], "little") for k in names]

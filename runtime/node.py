@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lockstep.model.check import config_from_dict
+from lockstep.model.runopts import RunOptions
 from lockstep.model.semantics import Model
 
 from .groups import init_world, make_groups
@@ -24,15 +25,15 @@ from .launch import dist_env
 from .sidechannel import SideChannel, Watchdog
 from .trace import TraceWriter
 from .worker_main import EXIT_RELEASED, exit_line, one_line, set_role
-from .workload import DemoWorkload, StageCosts
+from .workload import DemoWorkload
 
 
 def run_rank(rank: int, world_size: int, args: dict) -> int:
     # One intra-op thread per rank: several ranks share few cores, and oversubscribed
     # OpenMP pools turn a tiny matmul into milliseconds of spinning.
-    torch.set_num_threads(int(args.get("opts", {}).get("torch_threads", 1)))
     cfg = config_from_dict(args["config"])
-    opts = args.get("opts", {})
+    opts = RunOptions.from_dict(args.get("opts"))
+    torch.set_num_threads(opts.torch_threads)
     model = Model(cfg)
     if world_size != model.n:
         raise ValueError(f"world size {world_size} != 1 + mesh {cfg.mesh}")
@@ -42,12 +43,12 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     run_dir = Path(os.environ.get("LOCKSTEP_RUN_DIR", args.get("run_dir", ".")))
     if rank == 0 and not (run_dir / "run.json").exists():   # torchrun: no launcher wrote it
         (run_dir / "run.json").write_text(json.dumps(
-            {"config": args["config"], "opts": opts, "launcher": "torchrun"}, indent=1,
+            {"config": args["config"], "opts": opts.to_dict(), "launcher": "torchrun"}, indent=1,
             sort_keys=True))
     tracer = TraceWriter(run_dir, rank)
     side = SideChannel(env.master_addr, env.side_port, rank,
                        world_size, env.run_id,
-                       is_master=rank == 0, timeout=float(opts.get("store_timeout_s", 30)))
+                       is_master=rank == 0, timeout=opts.store_timeout_s)
     interp_box = []
 
     def on_release(reason: str) -> None:
@@ -60,31 +61,28 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         print(f"lockstep: {ctx} exit=released reason={one_line(reason)}", file=sys.stderr,
               flush=True)
 
-    wd = Watchdog(side, on_release, lost_after_s=float(opts.get("lost_after_s", 0.5)))
+    wd = Watchdog(side, on_release, lost_after_s=opts.lost_after_s)
     wd.start()
-    timeout_s = float(opts.get("pg_timeout_s", 60))
-    init_world(opts.get("backend", "gloo"), rank, world_size, env.master_addr,
-               env.master_port, timeout_s)
-    groups = make_groups(world_size, opts.get("backend", "gloo"), timeout_s)
-    costs = StageCosts(**opts.get("costs", {}))
-    work = DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=cfg.mesh, costs=costs,
-                        hidden=int(opts.get("hidden", 64)), frames=int(opts.get("frames", 4)))
+    timeout_s = opts.pg_timeout_s
+    init_world(opts.backend, rank, world_size, env.master_addr, env.master_port, timeout_s)
+    groups = make_groups(world_size, opts.backend, timeout_s)
+    work = DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=cfg.mesh, costs=opts.costs,
+                        hidden=opts.hidden, frames=opts.frames)
     # Everything that can change which collectives a rank issues is parity-checked at
     # startup, the fault-injection switches included (a switch on one rank only would
     # itself be a per-rank conditional collective).
+    od = opts.to_dict()
     parity = {"config": args["config"], "world": world_size,
-              "backend": opts.get("backend", "gloo"), "pg_timeout_s": timeout_s,
-              "op_deadline_s": opts.get("op_deadline_s", 30.0),
-              "lost_after_s": opts.get("lost_after_s", 0.5),
-              "fault": opts.get("fault"), "hard_cut_at": opts.get("hard_cut_at")}
-    skew = opts.get("parity_skew")       # test switch: one rank believes something else
+              **{k: od[k] for k in ("backend", "pg_timeout_s", "op_deadline_s",
+                                    "lost_after_s", "fault", "hard_cut_at")}}
+    skew = opts.parity_skew              # test switch: one rank believes something else
     if skew and skew.get("rank") == rank:
         parity[skew["key"]] = skew["value"]
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
-                             opts=dict(opts, parity=parity))
+                             opts=opts, parity=parity)
     interp_box.append(interp)
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
-                  "world": world_size, "backend": opts.get("backend", "gloo"),
+                  "world": world_size, "backend": opts.backend,
                   "t_ns": time.monotonic_ns()})
     errors = []
 
@@ -128,7 +126,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         wd.stop()
         side.mark_clean_exit()
         if rank == 0:
-            side.wait_all_clean(timeout=float(opts.get("drain_s", 10)))
+            side.wait_all_clean(timeout=opts.drain_s)
         tracer.close()
         return 0
     if how == "abort":
@@ -138,10 +136,10 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     return 1
 
 
-def _dump_flight_recorder(run_dir: Path, rank: int, opts: dict) -> None:
+def _dump_flight_recorder(run_dir: Path, rank: int, opts: RunOptions) -> None:
     """On NCCL runs with TORCH_NCCL_TRACE_BUFFER_SIZE set, keep the backend's own record
     of every op for conformance/flight.py (`lockstep conform` checks it)."""
-    if "nccl" not in opts.get("backend", "gloo") or not (
+    if "nccl" not in opts.backend or not (
             os.environ.get("TORCH_FR_BUFFER_SIZE")
             or os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE")):
         return

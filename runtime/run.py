@@ -7,14 +7,20 @@ import time
 from pathlib import Path
 
 from lockstep.model.check import config_to_dict
+from lockstep.model.runopts import RunOptions
 
 from .launch import spawn_local
 
 
-def run_local(cfg, opts: dict, run_dir, *, deadline_s: float = 120.0, on_start=None):
+def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float = 120.0,
+              on_start=None):
     """Start 1 + cfg.mesh ranks, wait (hard deadline), return the LaunchResult. The run
-    directory gets run.json (config + options), rank*.jsonl traces, rank*.err lines."""
-    run_dir = Path(run_dir)
+    directory gets run.json (config + options), rank*.jsonl traces, rank*.err lines.
+    `opts` is validated here, before any rank starts (a dict is parsed strictly)."""
+    if not isinstance(opts, RunOptions):
+        opts = RunOptions.from_dict(opts)
+    opts = opts.to_dict()
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob("rank*"):
         old.unlink()

@@ -16,16 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lockstep.model import contract as C
-
-
-@dataclass(frozen=True)
-class StageCosts:
-    """Synthetic stage costs in milliseconds (spent computing, not sleeping, unless
-    `sleep` is set: on 2 shared cores sleeping keeps stage times honest)."""
-    phase_a_ms: float = 0.0
-    phase_b_ms: float = 0.0      # per generator call
-    phase_c_ms: float = 0.0
-    sleep: bool = True
+from lockstep.model.runopts import StageCosts
 
 
 def spend(ms: float, sleep: bool) -> None:

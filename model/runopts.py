@@ -1,0 +1,157 @@
+"""Run options: what travels to every rank besides the model `Config`, as one typed value.
+
+`Config` (model/config.py) binds the protocol's constants and is what the checker
+explores; `RunOptions` binds how one real run executes them: backend, timeouts, stage
+costs, where a hard cut falls, which fault-injection switch fires. Both are written to
+`run.json` and `args.json` as plain JSON (never pickle) and parsed back here, so every rank,
+the replayer and a user reading the run directory see the same validated values.
+
+Parsing is strict: an unknown key, a wrong type or an out-of-range value raises
+`ValueError` naming the field (`opts.costs.phase_b_ms: must be >= 0, got -1`), because a
+typo in an option that silently falls back to a default is a run that measures something
+other than what its author asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+from .config import INJECTABLE
+
+BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Synthetic stage costs in milliseconds (spent sleeping unless `sleep` is false, in
+    which case they are spent computing: on shared cores sleeping keeps stages honest)."""
+    phase_a_ms: float = 0.0
+    phase_b_ms: float = 0.0      # per generator call
+    phase_c_ms: float = 0.0
+    sleep: bool = True
+
+
+@dataclass(frozen=True)
+class FaultSwitch:
+    """A runtime fault-injection switch: `name` fires once, at chunk `at_chunk`, on `rank`
+    (None: wherever the name applies)."""
+    name: str
+    at_chunk: int = 0
+    rank: Optional[int] = None
+
+    def label(self) -> str:
+        return f"{self.name}@{self.at_chunk}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    backend: str = "gloo"               # gloo | nccl | cpu:gloo,cuda:nccl
+    hard_cut_at: Optional[int] = None   # chunk index at which rank0 takes a hard cut
+    fault: Optional[FaultSwitch] = None
+    op_deadline_s: float = 30.0         # per-op deadline: no progress -> crash, not hang
+    pg_timeout_s: float = 60.0          # backend timeout given to every process group
+    lost_after_s: float = 0.5           # a silent heartbeat for this long = peer lost
+    store_timeout_s: float = 30.0       # side-channel store connect timeout
+    drain_s: float = 10.0               # rank0 waits this long for every clean-exit mark
+    torch_threads: int = 1              # intra-op threads per rank
+    hidden: int = 64                    # demo workload width
+    frames: int = 4                     # demo workload latent frames
+    costs: StageCosts = field(default_factory=StageCosts)
+    parity_skew: Optional[dict] = None  # test switch: {"rank", "key", "value"}
+
+    def __post_init__(self):
+        _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
+        _check(self.hard_cut_at is None or self.hard_cut_at >= 0, "hard_cut_at",
+               "a chunk index >= 0", self.hard_cut_at)
+        for name in ("op_deadline_s", "pg_timeout_s", "lost_after_s", "store_timeout_s"):
+            _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _check(self.drain_s >= 0, "drain_s", ">= 0", self.drain_s)
+        for name in ("torch_threads", "hidden", "frames"):
+            _check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        for f in fields(StageCosts):
+            if f.name != "sleep":
+                val = getattr(self.costs, f.name)
+                _check(val >= 0, f"costs.{f.name}", ">= 0", val)
+        if self.fault is not None:
+            _check(self.fault.name in INJECTABLE, "fault.name", f"one of {INJECTABLE}",
+                   self.fault.name)
+            _check(self.fault.at_chunk >= 0, "fault.at_chunk", ">= 0", self.fault.at_chunk)
+
+    def with_(self, **kw) -> "RunOptions":
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "RunOptions":
+        """Parse the JSON form; every error names the field (`opts.<name>`)."""
+        d = dict(d or {})
+        kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew"))
+        if "costs" in d:
+            kw["costs"] = StageCosts(**_typed(StageCosts, _obj(d["costs"], "opts.costs"),
+                                               "opts.costs"))
+        if d.get("fault") is not None:
+            kw["fault"] = FaultSwitch(**_typed(FaultSwitch, _obj(d["fault"], "opts.fault"),
+                                               "opts.fault"))
+        if d.get("parity_skew") is not None:
+            kw["parity_skew"] = _obj(d["parity_skew"], "opts.parity_skew")
+        try:
+            return cls(**kw)
+        except ValueError as e:
+            raise ValueError(f"opts.{e}") from None
+
+
+def parse_fault(text: str) -> Optional[FaultSwitch]:
+    """`NAME@CHUNK` (the CLI form), e.g. `leader_reject@3`; empty -> None."""
+    if not text:
+        return None
+    name, _, at = text.partition("@")
+    try:
+        at_chunk = int(at) if at else 0
+    except ValueError:
+        raise ValueError(f"--fault {text!r}: CHUNK must be an integer (NAME@CHUNK)") from None
+    if name not in INJECTABLE:
+        raise ValueError(f"--fault {text!r}: unknown switch {name!r}; known: "
+                         f"{', '.join(INJECTABLE)}")
+    return FaultSwitch(name, at_chunk)
+
+
+# ------------------------------------------------------------------ strict parsing
+
+def _check(ok: bool, name: str, want: str, got) -> None:
+    if not ok:
+        raise ValueError(f"{name}: must be {want}, got {got!r}")
+
+
+def _obj(val, where: str) -> dict:
+    if not isinstance(val, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(val).__name__}")
+    return val
+
+
+def _typed(cls, d: dict, where: str, skip=()) -> dict:
+    """The fields of `cls` present in `d`, each checked against its annotated type."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; known: {sorted(known)}")
+    out = {}
+    for name, val in d.items():
+        if name in skip:
+            continue
+        ann = str(known[name].type)
+        optional = "Optional" in ann
+        if val is None and optional:
+            out[name] = None
+            continue
+        base = ann.replace("Optional[", "").rstrip("]")
+        ok = {"str": isinstance(val, str),
+              "bool": isinstance(val, bool),
+              "int": isinstance(val, int) and not isinstance(val, bool),
+              "float": isinstance(val, (int, float)) and not isinstance(val, bool),
+              }.get(base, True)
+        if not ok:
+            raise ValueError(f"{where}.{name}: must be {base}, got {val!r}")
+        out[name] = float(val) if base == "float" else val
+    return out

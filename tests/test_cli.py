@@ -1,0 +1,92 @@
+"""The command line as people read it: help, defaults, exit codes, typed run options."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lockstep import cli
+from lockstep.model.runopts import FaultSwitch, RunOptions, parse_fault
+
+
+def _subparsers():
+    ap = cli.build_parser()
+    (sub,) = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+@pytest.mark.parametrize("name", sorted(_subparsers()))
+def test_every_option_of_every_subcommand_has_help_with_its_default(name):
+    p = _subparsers()[name]
+    fmt = p._get_formatter()
+    for act in p._actions:
+        if isinstance(act, argparse._HelpAction) or not act.option_strings:
+            continue
+        assert act.help, f"{name} {act.option_strings}: no help text"
+        shown = fmt._get_help_string(act)
+        flag_like = act.nargs == 0
+        assert flag_like or "default:" in shown, f"{name} {act.option_strings}: {shown!r}"
+
+
+def test_top_level_help_documents_exit_codes_and_version():
+    p = subprocess.run([sys.executable, "-m", "lockstep", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0
+    for code, word in ((cli.EXIT_OK, "clean"), (cli.EXIT_VIOLATION, "violation"),
+                       (cli.EXIT_USAGE, "usage"), (cli.EXIT_RUN_FAILED, "run failed")):
+        assert f"{code}  {word}" in p.stdout
+    v = subprocess.run([sys.executable, "-m", "lockstep", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert v.returncode == 0 and v.stdout.startswith("lockstep ")
+
+
+def test_a_mutation_says_on_stderr_what_it_changed_of_an_option_the_user_set(capsys):
+    rc = cli.main(["check", "--mutation", "blocking_send_then_recv", "--p2p", "buffered"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_VIOLATION
+    assert "needs p2p=rendezvous" in err and "you set buffered" in err
+
+
+def test_semantic_switches_combine_with_a_mutation(capsys):
+    rc = cli.main(["check", "--mutation", "no_epoch_filter", "--d-in", "1", "--d-out", "2",
+                   "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == cli.EXIT_VIOLATION and "depth=1/2" in out["config"]
+
+
+def test_watchdog_switch_reaches_the_model(capsys):
+    rc = cli.main(["check", "--faults", "1", "--no-watchdog", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == cli.EXIT_VIOLATION and out["verdict"] == "crash_hang", out["verdict"]
+
+
+def test_usage_errors_exit_2_naming_the_option(capsys):
+    assert cli.main(["check", "--depth", "2", "--d-in", "1"]) == cli.EXIT_USAGE
+    assert "--depth" in capsys.readouterr().err
+    assert cli.main(["run", "--fault", "nosuch@2"]) == cli.EXIT_USAGE
+    assert "unknown switch 'nosuch'" in capsys.readouterr().err
+    assert cli.main(["run", "--op-deadline-s", "0"]) == cli.EXIT_USAGE
+    assert "op_deadline_s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opts,field", [
+    ({"costs": {"phase_b_ms": -1}}, "opts.costs.phase_b_ms"),
+    ({"fault": {"name": "wrong_group", "at_chunk": "2"}}, "opts.fault.at_chunk"),
+    ({"hard_cut_at": 1.5}, "opts.hard_cut_at"),
+    ({"hard_cut": 3}, "unknown option(s) ['hard_cut']"),
+    ({"backend": "mpi"}, "opts.backend"),
+    ({"fault": "wrong_group@2"}, "opts.fault: must be a JSON object"),
+])
+def test_run_options_reject_bad_values_naming_the_field(opts, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)").replace("]", r"\]")):
+        RunOptions.from_dict(opts)
+
+
+def test_run_options_round_trip_through_json():
+    o = RunOptions(hard_cut_at=3, fault=parse_fault("leader_reject@2"), lost_after_s=0.25)
+    back = RunOptions.from_dict(json.loads(json.dumps(o.to_dict())))
+    assert back == o and back.fault == FaultSwitch("leader_reject", 2)
