@@ -196,11 +196,15 @@ def cmd_run(a) -> int:
 
 
 def cmd_breakit(a) -> int:
-    from lockstep.runtime.breakit import breakit, format_table
+    from lockstep.runtime.breakit import breakit, cases, format_table
     if a.backend != "gloo":
         print("lockstep breakit: only --backend gloo runs on this machine; the NCCL "
               "variant needs a multi-GPU host (see docs/breakit.md)", file=sys.stderr)
         return EXIT_USAGE
+    known = [c.name for c in cases()]
+    unknown = [c for c in a.case if c not in known]
+    if unknown:
+        raise ValueError(f"unknown case(s) {unknown}; known: {', '.join(known)}")
     rows = breakit(Path(a.out).resolve(), baseline=not a.no_baseline, only=a.case or None)
     print(json.dumps(rows, indent=1) if a.json else format_table(rows))
     ok = all(r["signature"] and r["conforms"] in (True, None) and (

@@ -70,6 +70,8 @@ def test_usage_errors_exit_2_naming_the_option(capsys):
     assert "unknown switch 'nosuch'" in capsys.readouterr().err
     assert cli.main(["run", "--op-deadline-s", "0"]) == cli.EXIT_USAGE
     assert "op_deadline_s" in capsys.readouterr().err
+    assert cli.main(["breakit", "--case", "leader_reject"]) == cli.EXIT_USAGE
+    assert "unknown case(s) ['leader_reject']; known: wrong_group" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("opts,field", [
