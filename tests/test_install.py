@@ -6,6 +6,7 @@ run from a directory that is not the repository, shows what a user gets.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,8 +28,13 @@ def _run(cmd, cwd, timeout=600):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Build from a copy: setuptools reuses ./build/lib, where a module deleted from the
+    # checkout would linger and ship in the wheel.
+    src = tmp_path_factory.mktemp("src") / "lockstep"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "out", "__pycache__"))
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-          "-w", str(out), str(ROOT)], cwd=out, timeout=120)
+          "-w", str(out), str(src)], cwd=out, timeout=120)
     (whl,) = out.glob("lockstep-*.whl")
     return whl
 
