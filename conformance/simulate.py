@@ -228,7 +228,7 @@ class _Sim:
                 chunk = v.next_chunk if p == 0 else (v.env.chunk if v.env else -1)
                 if chunk != self.fault_at:
                     return False
-            elif row.label == "hard_cut":
+            elif "cut" in row.tags:
                 if self.s.procs[p].v.next_chunk != self.hard_cut_at:
                     return False
             elif row.label == "build_envelope" and self.send_after_decode:
@@ -278,7 +278,7 @@ class _Sim:
                 if cur is None or pr < cur[0]:
                     best_local[(p, t)] = (pr, tr)
         forced = [tr for (pr, tr) in best_local.values() if pr[0] == 0 or
-                  tr.parts[0][2].label == "hard_cut"]
+                  "cut" in tr.parts[0][2].tags]
         if forced:
             tr = forced[0]
             return tr, self._timing(tr)[0]

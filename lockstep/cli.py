@@ -63,7 +63,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     opt("--d-out", "D_out: results waiting for decode on rank0 (count)", type=int)
     opt("--chunks", "INFER envelopes rank0 builds (count)", type=int)
     opt("--hard-cut", "allow one hard cut (epoch bump + flush) anywhere",
-        action="store_const", const=True)
+        action="store_const", const=1, shown="no cut")
+    opt("--hard-cuts", "allow this many hard cuts, anywhere: back to back, during drain "
+        "(count)", type=int, dest="hard_cuts", shown=0)
     opt("--faults", "crash-fault budget: kill -9s of any process at any step (count)",
         type=int)
     opt("--p2p", "point-to-point semantics: rendezvous (conservative NCCL) or buffered",
@@ -88,7 +90,10 @@ def _config(a):
     if a.depth is not None and (a.d_in is not None or a.d_out is not None):
         raise ValueError("--depth sets both queue depths: give it or --d-in/--d-out, "
                          "not both")
-    kw = {"mesh": a.mesh, "chunks": a.chunks, "hard_cut": a.hard_cut, "faults": a.faults,
+    if a.hard_cut is not None and a.hard_cuts is not None:
+        raise ValueError("--hard-cut is --hard-cuts 1: give one of them")
+    cuts = a.hard_cuts if a.hard_cuts is not None else a.hard_cut
+    kw = {"mesh": a.mesh, "chunks": a.chunks, "hard_cut": cuts, "faults": a.faults,
           "p2p": a.p2p, "eager": a.eager, "regime": a.regime, "steps": a.steps,
           "noops": a.noops, "d_in": a.depth if a.depth is not None else a.d_in,
           "d_out": a.depth if a.depth is not None else a.d_out,

@@ -88,6 +88,9 @@ def manifest_entries() -> list:
         ("pp1_mesh3_R0_steps2", Config(mesh=3, chunks=2, regime="R0", steps=2)),
         ("pp1_mesh2_noop_fault", Config(mesh=2, chunks=2, noops=1, faults=1)),
         ("pp1_full", Config(mesh=4, d_in=2, d_out=2, chunks=3, hard_cut=True, faults=1)),
+        ("pp1_mesh2_two_cuts", Config(mesh=2, chunks=3, hard_cut=2)),
+        ("pp1_mesh3_R0a_two_cuts_fault", Config(mesh=3, chunks=3, hard_cut=2,
+                                                regime="R0a", faults=1)),
     ]
     ship += [(f"inject_{f}", Config(mesh=3, chunks=2, hard_cut=True, faults=1,
                                     inject=frozenset({f})))

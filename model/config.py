@@ -31,7 +31,8 @@ class Config:
     d_in: int = 2                 # envelopes in flight toward the mesh
     d_out: int = 2                # results waiting for decode
     chunks: int = 2               # INFER envelopes rank0 builds
-    hard_cut: bool = False        # one hard cut (epoch bump + flush) may happen anywhere
+    hard_cut: int = 0             # hard cuts (epoch bump + flush) that may happen, anywhere
+                                  # (True = 1); also during drain and back to back
     faults: int = 0               # crash-fault budget (kill -9 of any process at any step)
     p2p: str = "rendezvous"       # "rendezvous" (conservative NCCL) or "buffered"
     eager: int = 1                # messages a buffered channel holds before send blocks
@@ -45,6 +46,9 @@ class Config:
     def __post_init__(self):
         if self.mesh < 1:
             raise ValueError("mesh must be >= 1 (the leader alone is PP0)")
+        if int(self.hard_cut) < 0:
+            raise ValueError(f"hard_cut must be >= 0 cuts, not {self.hard_cut!r}")
+        object.__setattr__(self, "hard_cut", int(self.hard_cut))
         if min(self.d_in, self.d_out) < 1:
             raise ValueError("queue depths must be >= 1")
         if self.p2p not in ("rendezvous", "buffered"):
@@ -70,7 +74,7 @@ class Config:
 
     def describe(self) -> str:
         parts = [f"mesh={self.mesh}", f"depth={self.d_in}/{self.d_out}",
-                 f"chunks={self.chunks}", f"hard_cut={self.hard_cut}",
+                 f"chunks={self.chunks}", f"hard_cuts={self.hard_cut}",
                  f"faults={self.faults}", f"p2p={self.p2p}", f"regime={self.regime}",
                  f"steps={self.steps}"]
         if self.noops:

@@ -34,7 +34,7 @@ class Rank0Vars(NamedTuple):
     epoch: int = 0
     next_chunk: int = 0
     next_call: int = 0
-    cut_done: bool = False
+    cuts: int = 0                  # hard cuts taken (the config bounds them)
     init_cache: bool = True        # the next INFER envelope starts a fresh KV cache
     inflight: int = 0              # envelopes enqueued whose result is not yet received
     send_q: tuple = ()             # main -> comms
@@ -115,16 +115,27 @@ def _queue_terminal(v: Rank0Vars, action) -> Rank0Vars:
 
 
 def can_cut(v: Rank0Vars, cfg) -> bool:
-    return (cfg.hard_cut and not v.cut_done and not v.terminal_queued
-            and v.next_chunk >= 1)
+    return v.cuts < cfg.hard_cut and not v.terminal_queued and v.next_chunk >= 1
+
+
+def can_cut_in_drain(v: Rank0Vars, cfg) -> bool:
+    return v.cuts < cfg.hard_cut
 
 
 def hard_cut(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
     """Prompt change: bump cache_epoch, flush both queues, next envelope init_cache.
     Results already on the wire still arrive; decode drops them by epoch."""
-    return v._replace(epoch=v.epoch + 1, cut_done=True, init_cache=True,
+    return v._replace(epoch=v.epoch + 1, cuts=v.cuts + 1, init_cache=True,
                       inflight=v.inflight - sum(m.action == INFER for m in v.send_q),
                       send_q=(), decode_q=(),
+                      built=0, emitted=0)
+
+
+def hard_cut_in_drain(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """A cut while SHUTDOWN drains: bump cache_epoch and flush the decode queue. The send
+    queue stays: the SHUTDOWN behind its envelopes must still go out, and their results,
+    of the old epoch now, are received and dropped like any stale result."""
+    return v._replace(epoch=v.epoch + 1, cuts=v.cuts + 1, init_cache=True, decode_q=(),
                       built=0, emitted=0)
 
 

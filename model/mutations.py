@@ -288,7 +288,7 @@ def mutation_config(base, name: str):
         kw["mesh"] = max(kw["mesh"], base.mesh)
     if "inject" in kw:
         kw["inject"] = frozenset(base.inject) | kw["inject"]
-    for k in ("chunks", "d_in", "faults", "noops", "eager"):
+    for k in ("chunks", "d_in", "faults", "noops", "eager", "hard_cut"):
         if k in kw:
             kw[k] = max(kw[k], getattr(base, k))
     return base.with_(mutation=name, **kw)

@@ -103,7 +103,7 @@ def _when(cond: str, prop: str) -> str:
 # Every field of a role's NamedTuple must have a layout; a new field raises.
 
 R0_LAYOUT = {
-    "epoch": "byte", "next_chunk": "byte", "next_call": "byte", "cut_done": "bit",
+    "epoch": "byte", "next_chunk": "byte", "next_call": "byte", "cuts": "byte",
     "init_cache": "bit", "inflight": "short", "send_q": "queue", "decode_q": "queue",
     "env_out": "optmsg", "res_in": "optmsg", "awaiting": "short",
     "terminal_queued": "bit", "terminal_sent": "bit", "built": "byte", "emitted": "byte",
@@ -171,7 +171,7 @@ def _count_infer(c: Ctx, q: str) -> str:
 
 def _hard_cut(c: Ctx) -> str:
     v = c.v
-    return "; ".join([f"{v}.epoch++", f"{v}.cut_done = 1", f"{v}.init_cache = 1",
+    return "; ".join([f"{v}.epoch++", f"{v}.cuts++", f"{v}.init_cache = 1",
                       f"{v}.inflight = {v}.inflight - ({_count_infer(c, 'send_q')})",
                       _clear(c, "send_q"), _clear(c, "decode_q"),
                       f"{v}.built = 0", f"{v}.emitted = 0"])
@@ -210,8 +210,9 @@ GUARDS: dict = {
     "can_build": ("r0", _can_build),
     "can_build_ok": ("r0", _can_build),
     "can_build_preflight_fails": ("r0", _can_build),
-    "can_cut": ("r0", lambda c: f"({int(c.cfg.hard_cut)} && !{c.v}.cut_done && "
+    "can_cut": ("r0", lambda c: f"({c.v}.cuts < {c.cfg.hard_cut} && "
                                 f"!{c.v}.terminal_queued && {c.v}.next_chunk >= 1)"),
+    "can_cut_in_drain": ("r0", lambda c: f"({c.v}.cuts < {c.cfg.hard_cut})"),
     "head_current": ("r0", lambda c: f"({c.v}.decode_q_n > 0 && {c.v}.decode_q[0].epoch == "
                                      f"{c.v}.epoch && {c.v}.decode_q[0].calls == "
                                      f"{c.cfg.calls})"),
@@ -300,6 +301,9 @@ UPDATES: dict = {
         f"{c.v}.failure = {FAILURES.index('preflight failed')}",
         _queue_terminal(c, "ERROR")])),
     "hard_cut": ("r0", None, _hard_cut),
+    "hard_cut_in_drain": ("r0", None, lambda c: "; ".join([
+        f"{c.v}.epoch++", f"{c.v}.cuts++", f"{c.v}.init_cache = 1", _clear(c, "decode_q"),
+        f"{c.v}.built = 0", f"{c.v}.emitted = 0"])),
     "hard_cut_resetting_chunks": ("r0", None, lambda c: _hard_cut(c) +
                                   f"; {c.v}.next_chunk = 0"),
     "decode_head": ("r0", None, lambda c: "; ".join([
@@ -1242,7 +1246,8 @@ FINGERPRINTS: dict = {
     'guards.can_build': '901595cb30',
     'guards.can_build_ok': 'bada501799',
     'guards.can_build_preflight_fails': '7c28b34c66',
-    'guards.can_cut': 'cfcee6b8d1',
+    'guards.can_cut': 'b1eef1b4bd',
+    'guards.can_cut_in_drain': '88256e144c',
     'guards.can_heartbeat': '2e34ab62bc',
     'guards.can_take': '5b34c3f0b1',
     'guards.comms_finished': 'ab12643a3b',
@@ -1272,7 +1277,8 @@ FINGERPRINTS: dict = {
     'guards.got_envelope_header': 'ee35050dbd',
     'guards.got_result_header': 'ca6a0e9e30',
     'guards.got_result_payload': 'bd6c593404',
-    'guards.hard_cut': '8b4555e08c',
+    'guards.hard_cut': 'bf1eb1fb0f',
+    'guards.hard_cut_in_drain': '5ce2810c9d',
     'guards.hard_cut_resetting_chunks': 'ab7702640f',
     'guards.has_result': '4e762e92a3',
     'guards.head_bad_count': '6ddf1d226e',

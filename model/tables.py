@@ -93,6 +93,10 @@ def rank0_main_rows() -> list:
     for r in loop:
         if r.label in ("decode_result", "drop_stale_result"):
             rows.append(r._replace(src="drain", dst="drain"))
+    rows.append(Row("main", "drain", "hard_cut_in_drain", Local("hard_cut"), "drain",
+                    guard=g.can_cut_in_drain, update=g.hard_cut_in_drain,
+                    tags=frozenset({"cut"}),
+                    why="prompt change while draining: what is still to come is dropped"))
     rows.append(_exit("main", "drain", "exit_clean", "ok", "shutdown complete",
                       guard=g.drained, tags=frozenset({"join_comms", "end"})))
     # failing: the ERROR terminal is queued; drop what still arrives, then fail.

@@ -152,7 +152,7 @@ class RankInterpreter:
     def _choose_local(self, t, rows):
         if self.role == "rank0" and self.threads[t] == "main":
             cut_at = self.opts.hard_cut_at
-            rows = [r for r in rows if r.label != "hard_cut" or
+            rows = [r for r in rows if "cut" not in r.tags or
                     (cut_at is not None and self.v.next_chunk == cut_at)]
             rows = [r for r in rows if r.label != "queue_noop"]
             if not rows:
