@@ -157,7 +157,12 @@ def cmd_docs(a) -> int:
 
 def cmd_conform(a) -> int:
     from lockstep.conformance import cli_conform
-    return cli_conform(a.run_dir, a.json)
+    return cli_conform(a.run_dir, a.json, a.reference or None)
+
+
+def cmd_equivalence(a) -> int:
+    from lockstep.equivalence import cli
+    return cli(a)
 
 
 def cmd_overlap(a) -> int:
@@ -248,7 +253,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("conform", help="replay a run's traces through the model")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--reference", default="", help="also compare outputs and state with "
+                   "a reference stream (written by `lockstep equivalence`)")
     p.set_defaults(fn=cmd_conform)
+
+    p = sub.add_parser("equivalence", help="the DiT stream without PP/TP vs under lockstep "
+                       "at each mesh size, chunk by chunk (digests, state, decoded output)")
+    p.add_argument("--mesh", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--regime", nargs="+", default=["R1", "R0a"], choices=("R1", "R0a", "R0"))
+    p.add_argument("--chunks", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--hard-cut-at", type=int, default=3)
+    p.add_argument("--drift", default="", help="state-drift switch: skip_kv_reset, "
+                   "stale_start_frame, wrong_anchor (success = every run caught)")
+    p.add_argument("--drift-rank", type=int, default=2)
+    p.add_argument("--drift-at", type=int, default=4, help="chunk the drift fires at")
+    p.add_argument("--deadline-s", type=float, default=60.0, help="hard deadline per run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default="runs/equivalence")
+    p.set_defaults(fn=cmd_equivalence)
 
     p = sub.add_parser("overlap", help="overlap report, Perfetto timeline and plot")
     p.add_argument("run_dir")
