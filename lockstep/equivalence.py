@@ -24,16 +24,18 @@ DEFAULTS = {"chunks": 6, "steps": 2, "hard_cut_at": 3}
 
 
 def reference_stream(regime: str, *, chunks: int, steps: int, hard_cut_at,
-                     spec=None) -> dict:
-    """The stream computed in one process, as a reference file's content."""
+                     spec=None, device="cpu", dtype=None) -> dict:
+    """The stream computed in one process, as a reference file's content (on CPU in
+    float32 unless told otherwise: the runtime's ranks compute on CPU by default)."""
     import torch
     from lockstep.model import contract as C
     from lockstep.runtime.dit import DiTSpec, DiTWorkload, spec_dict
     from lockstep.runtime.workload import default_meta
     spec = spec or DiTSpec()
     records, outputs = [], []
-    rank0 = DiTWorkload(rank=0, mesh_size=1, spec=spec, record=records.append)
-    mesh = DiTWorkload(rank=1, mesh_size=1, spec=spec, record=records.append)
+    kw = dict(mesh_size=1, spec=spec, device=device, dtype=dtype or torch.float32)
+    rank0 = DiTWorkload(rank=0, record=records.append, **kw)
+    mesh = DiTWorkload(rank=1, record=records.append, **kw)
     epoch, init = 0, True
 
     def identity(t):
