@@ -17,12 +17,19 @@ import json
 import sys
 
 
-def cli_conform(run_dir, as_json: bool = False) -> int:
-    """`lockstep conform RUN_DIR [--json]`: 0 when the trace conforms, 1 otherwise."""
+def cli_conform(run_dir, as_json: bool = False, reference=None) -> int:
+    """`lockstep conform RUN_DIR [--json] [--reference FILE]`: 0 when the trace conforms
+    (and, with a reference stream, the outputs and state agree with it), 1 otherwise."""
     from .report import conform, format_report
     rep = conform(run_dir)
     print(json.dumps(rep.as_dict(), indent=1) if as_json else format_report(rep))
-    return 0 if rep.ok else 1
+    ok = rep.ok
+    if reference:
+        from .reference import cli_reference
+        same, text = cli_reference(run_dir, reference)
+        print(text)
+        ok = ok and same
+    return 0 if ok else 1
 
 
 def cli_overlap(run_dir, out_dir) -> int:

@@ -269,7 +269,12 @@ def cmd_docs(a) -> int:
 
 def cmd_conform(a) -> int:
     from lockstep.conformance import cli_conform
-    return cli_conform(a.run_dir, a.json)
+    return cli_conform(a.run_dir, a.json, a.reference or None)
+
+
+def cmd_equivalence(a) -> int:
+    from lockstep.equivalence import cli
+    return cli(a)
 
 
 def cmd_overlap(a) -> int:
@@ -392,7 +397,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "conform", "replay a run's traces through the model")
     p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--reference", default="", help="also compare outputs and state with a "
+                   "reference stream written by `lockstep equivalence` (default: none)")
     p.set_defaults(fn=cmd_conform)
+
+    p = _parser(sub, "equivalence", "the DiT stream without PP/TP vs under lockstep at each "
+                "mesh size, chunk by chunk (digests, state, decoded output)")
+    p.add_argument("--mesh", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help="mesh sizes to run (ranks incl. the leader)")
+    p.add_argument("--regime", nargs="+", default=["R1", "R0a"], choices=("R1", "R0a", "R0"),
+                   help="recompute regimes to run")
+    p.add_argument("--chunks", type=int, default=6, help="chunks per stream")
+    p.add_argument("--steps", type=int, default=2, help="num_denoise_steps")
+    p.add_argument("--hard-cut-at", type=int, default=3,
+                   help="chunk index of the stream's hard cut")
+    p.add_argument("--drift", default="", choices=("", "skip_kv_reset", "stale_start_frame",
+                                                     "wrong_anchor"),
+                   help="state-drift switch; success = every run caught (default: none)")
+    p.add_argument("--drift-rank", type=int, default=2, help="global rank the drift hits")
+    p.add_argument("--drift-at", type=int, default=4, help="chunk the drift fires at")
+    p.add_argument("--deadline-s", type=float, default=60.0,
+                   help="hard deadline per run, s")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--out", default="runs/equivalence", help="directory for the runs")
+    p.set_defaults(fn=cmd_equivalence)
 
     p = _parser(sub, "overlap", "overlap report, Perfetto timeline and plot")
     p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")

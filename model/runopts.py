@@ -19,6 +19,10 @@ from typing import Optional
 from .config import INJECTABLE
 
 BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
+WORKLOADS = ("mlp", "dit")   # runtime/workload.py's demo MLP, runtime/dit.py's causal DiT
+# State-drift switches of the DiT workload (runtime/dit.py): the control plane stays
+# clean while one rank's state goes wrong; only the equivalence check can see them.
+DRIFTS = ("skip_kv_reset", "stale_start_frame", "wrong_anchor")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class FaultSwitch:
 
 
 @dataclass(frozen=True)
+class DriftSwitch:
+    """A DiT state-drift switch: `name` on `rank` (global), at chunk `at_chunk` (None:
+    every chunk)."""
+    name: str
+    rank: int = 2
+    at_chunk: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class RunOptions:
     backend: str = "gloo"               # gloo | nccl | cpu:gloo,cuda:nccl
     hard_cut_at: Optional[int] = None   # chunk index at which rank0 takes a hard cut
@@ -57,6 +70,10 @@ class RunOptions:
     hidden: int = 64                    # demo workload width
     frames: int = 4                     # demo workload latent frames
     costs: StageCosts = field(default_factory=StageCosts)
+    workload: str = "mlp"               # mlp | dit
+    dit: dict = field(default_factory=dict)   # DiTSpec overrides (runtime/dit.py)
+    device: str = "cpu"                 # where the workload's tensors live
+    drift: Optional[DriftSwitch] = None
     parity_skew: Optional[dict] = None  # test switch: {"rank", "key", "value"}
 
     def __post_init__(self):
@@ -72,6 +89,10 @@ class RunOptions:
             if f.name != "sleep":
                 val = getattr(self.costs, f.name)
                 _check(val >= 0, f"costs.{f.name}", ">= 0", val)
+        _check(self.workload in WORKLOADS, "workload", f"one of {WORKLOADS}", self.workload)
+        if self.drift is not None:
+            _check(self.drift.name in DRIFTS, "drift.name", f"one of {DRIFTS}",
+                   self.drift.name)
         if self.fault is not None:
             _check(self.fault.name in INJECTABLE, "fault.name", f"one of {INJECTABLE}",
                    self.fault.name)
@@ -87,13 +108,18 @@ class RunOptions:
     def from_dict(cls, d: Optional[dict]) -> "RunOptions":
         """Parse the JSON form; every error names the field (`opts.<name>`)."""
         d = dict(d or {})
-        kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew"))
+        kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew", "dit", "drift"))
         if "costs" in d:
             kw["costs"] = StageCosts(**_typed(StageCosts, _obj(d["costs"], "opts.costs"),
                                                "opts.costs"))
         if d.get("fault") is not None:
             kw["fault"] = FaultSwitch(**_typed(FaultSwitch, _obj(d["fault"], "opts.fault"),
                                                "opts.fault"))
+        if d.get("drift") is not None:
+            kw["drift"] = DriftSwitch(**_typed(DriftSwitch, _obj(d["drift"], "opts.drift"),
+                                               "opts.drift"))
+        if "dit" in d:
+            kw["dit"] = _obj(d["dit"], "opts.dit")
         if d.get("parity_skew") is not None:
             kw["parity_skew"] = _obj(d["parity_skew"], "opts.parity_skew")
         try:

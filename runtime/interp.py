@@ -539,7 +539,8 @@ class RankInterpreter:
         self.last_b_end = now
         out = self.work.result(meta, tensors)
         rmeta = C.make_result_meta(meta, observed_generator_calls=self.v.calls_done,
-                                   t_b_ms=round(t_b, 3), t_mesh_idle_ms=round(idle, 3))
+                                   t_b_ms=round(t_b, 3), t_mesh_idle_ms=round(idle, 3),
+                                   **self.work.result_meta(meta, out))
         self.result_frames = codec.encode_result(rmeta, out, envelope_meta=meta)
 
     # ------------------------------------------------------------------ events

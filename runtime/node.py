@@ -25,7 +25,7 @@ from .launch import dist_env
 from .sidechannel import SideChannel, Watchdog
 from .trace import TraceWriter
 from .worker_main import EXIT_RELEASED, exit_line, one_line, set_role
-from .workload import DemoWorkload
+from .workload import make_workload
 
 
 def run_rank(rank: int, world_size: int, args: dict) -> int:
@@ -66,8 +66,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     timeout_s = opts.pg_timeout_s
     init_world(opts.backend, rank, world_size, env.master_addr, env.master_port, timeout_s)
     groups = make_groups(world_size, opts.backend, timeout_s)
-    work = DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=cfg.mesh, costs=opts.costs,
-                        hidden=opts.hidden, frames=opts.frames)
+    work = make_workload(opts, rank=rank, mesh_size=cfg.mesh, record_dir=run_dir)
     # Everything that can change which collectives a rank issues is parity-checked at
     # startup, the fault-injection switches included (a switch on one rank only would
     # itself be a per-rank conditional collective).

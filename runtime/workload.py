@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from lockstep.model import contract as C
-from lockstep.model.runopts import StageCosts
+from lockstep.model.runopts import RunOptions, StageCosts
 
 
 def spend(ms: float, sleep: bool) -> None:
@@ -49,9 +49,41 @@ class Workload:
         """Phase B output on the leader: the result tensors."""
         raise NotImplementedError
 
+    def result_meta(self, envelope: dict, out: dict) -> dict:
+        """Result fields the workload measured on the leader (merged into the result's
+        metadata): by default the exact digest of `latents_out`."""
+        if "latents_out" not in out:
+            return {}
+        return {"output_digest_i64": tensor_digest_i64(out["latents_out"])}
+
     def decode(self, result_meta: dict, tensors: dict) -> object:
-        """Phase C on rank0: decode and emit one output."""
+        """Phase C on rank0: decode and emit one output (JSON-serialisable: rank0 writes
+        every emitted output to outputs.json as [chunk, epoch, output])."""
         raise NotImplementedError
+
+
+def tensor_digest_i64(t: torch.Tensor) -> int:
+    """Exact digest of a tensor's dtype, shape and bits, as a signed int64 (the
+    contract's `output_digest_i64`)."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
+                  record_dir=None) -> Workload:
+    """The workload a run's options choose: `opts.workload` is "mlp" (the default,
+    DemoWorkload) or "dit" (runtime/dit.py, sized by `opts.dit`, faulted by
+    `opts.drift`)."""
+    if opts.workload == "dit":
+        from .dit import DiTWorkload, spec_from_opts
+        return DiTWorkload(rank=rank, mesh_size=mesh_size, spec=spec_from_opts(opts),
+                           costs=opts.costs, device=opts.device,
+                           drift=asdict(opts.drift) if opts.drift else None,
+                           record=record_dir)
+    return DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=mesh_size, costs=opts.costs,
+                        hidden=opts.hidden, frames=opts.frames)
 
 
 class DemoWorkload(Workload):
