@@ -21,9 +21,11 @@ from lockstep.model.semantics import Model
 from .groups import init_world, make_groups
 from .interp import RankInterpreter
 from .launch import dist_env
+from lockstep.model import release as R
+
 from .sidechannel import SideChannel, Watchdog
 from .trace import TraceWriter
-from .worker_main import EXIT_RELEASED, exit_line, one_line, set_role
+from .worker_main import EXIT_RELEASED, cause_line, claim_exit, one_line, set_role
 from .workload import DemoWorkload, StageCosts
 
 
@@ -45,22 +47,25 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
             {"config": args["config"], "opts": opts, "launcher": "torchrun"}, indent=1,
             sort_keys=True))
     tracer = TraceWriter(run_dir, rank)
-    side = SideChannel(env.master_addr, env.side_port, rank,
-                       world_size, env.run_id,
-                       is_master=rank == 0, timeout=float(opts.get("store_timeout_s", 30)))
+    lost_after_s = float(opts.get("lost_after_s", 0.5))
+    side = SideChannel.from_env(env, timeout=float(opts.get("store_timeout_s", 30)),
+                                echo_grace_s=lost_after_s + 0.1)
     interp_box = []
 
-    def on_release(reason: str) -> None:
-        ctx = interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
+    def ctx() -> str:
+        return interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
+
+    def on_release(cause: dict, via: str, own: str | None = None) -> None:
         try:   # the one line below must be written whatever happened to the trace file
-            tracer.write({"ev": "release", "rank": rank, "role": role, "reason": reason,
+            tracer.write({"ev": "release", "rank": rank, "role": role,
+                          "reason": one_line(R.text(cause)), "cause": cause, "via": via,
                           "t_ns": time.monotonic_ns()})
         except (OSError, ValueError):
             pass
-        print(f"lockstep: {ctx} exit=released reason={one_line(reason)}", file=sys.stderr,
+        print(cause_line("released", via, cause, own=own, ctx=ctx()), file=sys.stderr,
               flush=True)
 
-    wd = Watchdog(side, on_release, lost_after_s=float(opts.get("lost_after_s", 0.5)))
+    wd = Watchdog(side, on_release, lost_after_s=lost_after_s)
     wd.start()
     timeout_s = float(opts.get("pg_timeout_s", 60))
     init_world(opts.get("backend", "gloo"), rank, world_size, env.master_addr,
@@ -101,8 +106,9 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                for t, th in enumerate(interp.threads)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    for th in threads:   # an error in one thread ends the rank even if another is blocked
+        while th.is_alive() and not errors:
+            th.join(0.02)
     how, reason = interp.exit or ("raise", "no exit recorded")
     _dump_flight_recorder(run_dir, rank, opts)
     if rank == 0:
@@ -112,30 +118,90 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         from .groups import CommAborted
         from .wire import Released
         if isinstance(e, (Released, CommAborted)):
-            on_release(str(e))
-            tracer.close()
+            if claim_exit():    # else the watchdog is writing the line and exiting
+                on_release(wd.cause or side.abort_cause() or
+                           side.cause("error", str(e)), wd.via or "abort_flag")
+                tracer.close()
+                os._exit(EXIT_RELEASED)
+            time.sleep(2.0)
             os._exit(EXIT_RELEASED)
-        # The trace alone must tell a rank that died of an error from a kill -9.
-        tracer.write({"ev": "release", "rank": rank, "role": role,
-                      "reason": one_line(f"error: {type(e).__name__}: {e}"),
-                      "t_ns": time.monotonic_ns()})
-        raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
+        _error_exit(e, interp, side, tracer, run_dir, rank, role)
     detail = f" ({interp.detail})" if interp.detail else ""
-    line = exit_line("ok" if how in ("ok", "vanish") else "error",
-                     f"{interp.ctx()} {reason}{detail}", rank, role)
-    print(line, file=sys.stderr, flush=True)
     if how in ("ok", "vanish"):
+        print(cause_line("ok", "ok", None, own=f"{interp.ctx()} {reason}{detail}",
+                         ctx=f"rank={rank} role={role}"), file=sys.stderr, flush=True)
         wd.stop()
         side.mark_clean_exit()
-        if rank == 0:
+        if side.hosts_store:    # env:// fallback: the store must outlive the others' use
             side.wait_all_clean(timeout=float(opts.get("drain_s", 10)))
         tracer.close()
         return 0
-    if how == "abort":
-        side.set_abort(f"{interp.ctx()} {reason}")
-        time.sleep(0.1 if rank == 0 else 0)   # the store host lingers so peers read it
+    # Every error exit from a table row settles the root cause exactly like an uncaught
+    # error (worker_main.error_exit): its own failure sets the flag; an exit on a peer's
+    # terminal ERROR message is an echo and waits (bounded) for the peer's cause.
+    if not claim_exit():        # the watchdog released us first: it exits the process
+        time.sleep(2.0)
+        os._exit(EXIT_RELEASED)
+    wd._stop_ev.set()
+    own = f"{interp.ctx()} {reason}{detail}"
+    echo = _exit_label(model, rank, how, reason) in R.ECHO_EXIT_LABELS
+    mine = side.cause("table_refused" if how == "abort" else "error", f"{reason}{detail}",
+                      **R.ids_from_ctx(interp.ctx()))
+    from .sidechannel import abort_active
+    cause, via = abort_active(mine, echo=echo)
+    if echo and via == "echo":
+        via = "terminal_message"
+    print(cause_line("error", via, cause, own=own, ctx=f"rank={rank} role={role}"),
+          file=sys.stderr, flush=True)
     tracer.close()
     return 1
+
+
+def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
+    """A thread of this rank raised (not a table exit): settle the root cause like
+    worker_main.error_exit (own failure -> the flag; an echo waits for the peer's cause),
+    record it in the trace (the trace alone must tell a rank that died of an error from a
+    kill -9, and whether it was the root cause) and leave with one line."""
+    import traceback
+
+    from .sidechannel import abort_active
+    from .worker_main import EXIT_ERROR, classify
+    if not claim_exit():
+        time.sleep(2.0)
+        os._exit(EXIT_RELEASED)
+    ctx = interp.ctx()
+    own = f"{ctx}: {type(e).__name__}: {e}"
+    try:
+        with open(run_dir / f"rank{rank}.traceback", "w") as f:
+            traceback.print_exception(e, file=f)
+    except OSError:
+        pass
+    kind, echo = classify(e)
+    cause, via = abort_active(side.cause(kind, own, **R.ids_from_ctx(interp.ctx())),
+                              echo=echo)
+    try:
+        tracer.write({"ev": "release", "rank": rank, "role": role,
+                      "reason": one_line(f"error: {type(e).__name__}: {e}"), "cause": cause,
+                      "via": via, "t_ns": time.monotonic_ns()})
+        tracer.close()
+    except (OSError, ValueError):
+        pass
+    released = via == "echo"    # our error only echoed the root cause: we were released
+    print(cause_line("released" if released else "error", via, cause, own=own, ctx=ctx),
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_RELEASED if released else EXIT_ERROR)
+
+
+def _exit_label(model: Model, rank: int, how: str, reason: str) -> str | None:
+    """The label of this rank's exit row with ``(how, reason)`` (the interpreter records
+    only those two): tells an echo exit (a peer's terminal message) from a first-hand one."""
+    from lockstep.model.ops import Exit
+    for table in model.tables[rank]:
+        for rows in table.values():
+            for row in rows:
+                if type(row.op) is Exit and (row.op.how, row.op.reason) == (how, reason):
+                    return row.label
+    return None
 
 
 def _dump_flight_recorder(run_dir: Path, rank: int, opts: dict) -> None:
