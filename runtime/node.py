@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -145,10 +146,18 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     wd._stop_ev.set()
     own = f"{interp.ctx()} {reason}{detail}"
     echo = _exit_label(model, rank, how, reason) in R.ECHO_EXIT_LABELS
-    mine = side.cause("table_refused" if how == "abort" else "error", f"{reason}{detail}",
-                      **R.ids_from_ctx(interp.ctx()))
+    kind = "table_refused" if how == "abort" else "error"
+    odd = re.search(r"differs on ranks \[(\d+)\]", interp.detail or "")
+    if odd:   # a mismatch every member detects at once: its origin is the odd rank
+        o = int(odd.group(1))
+        mine = R.cause(kind, o, side.peer_role(o), f"{reason}{detail}",
+                       **R.ids_from_ctx(interp.ctx()))
+    else:
+        mine = side.cause(kind, f"{reason}{detail}", **R.ids_from_ctx(interp.ctx()))
     from .sidechannel import abort_active
     cause, via = abort_active(mine, echo=echo)
+    if odd and via == "abort_flag" and cause and cause["rank"] == mine["rank"]:
+        via = "own"           # the same first-hand detection, written by a peer first
     if echo and via == "echo":
         via = "terminal_message"
     print(cause_line("error", via, cause, own=own, ctx=f"rank={rank} role={role}"),
