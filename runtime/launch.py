@@ -222,6 +222,31 @@ def _pdeathsig():  # runs in the child between fork and exec
         _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent thread
 
 
+def _last_ids(trace: Path) -> dict:
+    """Where a killed rank was: call_id / chunk_index / cache_epoch of the last message it
+    traced and the group of its last op (read from the tail of its rank{R}.jsonl)."""
+    out: dict = {}
+    try:
+        with open(trace, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return out
+    for ln in reversed(lines):
+        try:
+            e = json.loads(ln)
+        except ValueError:
+            continue
+        if "group" not in out and e.get("op") in ("send", "recv", "coll"):
+            out["group"] = e.get("group") or "world_pg(p2p)"
+        m = e.get("msg")
+        if isinstance(m, dict) and "call_id" in m:
+            out.update(call_id=m["call_id"], chunk_index=m["chunk"], cache_epoch=m["epoch"])
+            break
+    return out
+
+
 class LocalRun:
     """Handle on running ranks: ``wait()``, ``kill_rank()``, ``kill_all()``; a context
     manager whose exit SIGKILLs anything left. Create it from the thread that will live as
@@ -332,7 +357,8 @@ class LocalRun:
                         name = f"signal {-rc}"
                     c = R.cause("killed", rank, role,
                                 f"killed by {name} (pid {self._procs[rank].pid}); "
-                                f"reaped by the launcher")
+                                f"reaped by the launcher",
+                                **_last_ids(self.run_dir / f"rank{rank}.jsonl"))
                 else:
                     c = R.cause("error", rank, role, f"exited with code {rc} without "
                                 f"recording a cause; reaped by the launcher")

@@ -91,6 +91,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     interp_box.append(interp)
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.get("backend", "gloo"),
+                  "side_store": env.side_host,
                   "t_ns": time.monotonic_ns()})
     errors = []
 

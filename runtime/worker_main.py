@@ -31,6 +31,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import threading
 import traceback
@@ -85,6 +86,8 @@ def cause_line(exit_kind: str, via: str, cause: dict | None, own: str | None = N
     if cause is None:
         return f"lockstep: {ctx} exit={exit_kind} via={via} root=- reason={one_line(own or '', 600)}"
     reason = R.text(cause)
+    if own:   # gloo messages carry a source path and advice; keep the fact
+        own = re.sub(r"\[/[^\]]*\]\s*", "", own).split(". This is typically")[0]
     if own and via != "own" and own not in reason:
         reason += f" | own: {own}"
     return f"lockstep: {ctx} exit={exit_kind} via={via} root={R.tag(cause)} " \
