@@ -93,14 +93,28 @@ class RankTrace:
         self.err_line = ""          # the rank's one-line exit reason (rank{R}.err), if any
 
     @property
+    def root_cause_is_self(self) -> bool:
+        """Its last release event says it is the run's root cause (``via=own``, the cause's
+        origin is this rank): it failed outside its table (an uncaught error, a per-op
+        deadline, a refused op) and set the abort flag itself (model/release.py)."""
+        d = self.releases[-1] if self.releases else {}
+        c = d.get("cause")
+        return d.get("via") == "own" and isinstance(c, dict) and c.get("rank") == self.rank
+
+    @property
     def ended(self) -> str:
-        """exit (an exit step), released (a release event), error_exit (no exit step or
+        """exit (an exit step), failed (a release event naming this rank as the root
+        cause: replayed as the model's crash of it, the one transition for a process that
+        stops without an exit row and without a clean mark, followed by the watchdog),
+        released (a release event), error_exit (no exit step or
         release event, but the rank's .err file has its one-line error exit: it died of
         an uncaught exception the runtime did not trace, e.g. a backend error after a
         peer died, and set the abort flag on its way out) or crashed (none: kill -9)."""
         if self.has_exit:
             return "exit"
         if self.releases:
+            if self.root_cause_is_self:
+                return "failed"
             return "released"
         if self.err_line:
             return "error_exit"
@@ -118,7 +132,17 @@ class Run:
 
     @property
     def crashed(self) -> list:
+        """Ranks the model ends CRASHED: killed (no exit, no release) or failed outside
+        their table (a release event naming themselves as the root cause)."""
+        return [r.rank for r in self.ranks if r.ended in ("crashed", "failed")]
+
+    @property
+    def killed(self) -> list:
         return [r.rank for r in self.ranks if r.ended == "crashed"]
+
+    @property
+    def failed(self) -> list:
+        return [r.rank for r in self.ranks if r.ended == "failed"]
 
     @property
     def released(self) -> list:

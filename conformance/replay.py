@@ -42,6 +42,10 @@ Endings:
     whose event the crashed rank never wrote (killed after the op, before the line), is
     replayed as that rank's lost event, at most one per thread, and reported; the same
     holds for a released rank (the watchdog's os._exit does not wait for the line);
+  * a rank whose `release` event names itself as the root cause (``via: own``: it failed
+    outside its table, e.g. a per-op deadline, a refused op, an uncaught error, and set
+    the abort flag itself; model/release.py) is replayed the same way: the model's crash
+    of that rank (it stops beating without a clean mark), then the watchdog;
   * `release` events: the watchdog transition (heartbeat of a failed rank lost) and the
     abort transition, which releases every live rank at once. A rank that died of an
     uncaught error the runtime did not trace (no exit step, no release event, but its
@@ -157,9 +161,9 @@ class Replayer:
         self.res.model = m
         if crashed:
             self.res.notes.append(
-                f"crashed (trace ends with no exit and no release): "
-                f"{', '.join(m.names[r] for r in crashed)}; replayed as kill -9 "
-                f"(fault budget {run.cfg.faults} -> {cfg.faults})"
+                f"crashed (trace ends with no exit and no release, or a release naming "
+                f"itself as the root cause): {', '.join(m.names[r] for r in crashed)}; "
+                f"replayed as kill -9 (fault budget {run.cfg.faults} -> {cfg.faults})"
                 if cfg.faults != run.cfg.faults else
                 f"crashed: {', '.join(m.names[r] for r in crashed)}")
         errs = [rt.rank for rt in run.ranks if rt.ended == "error_exit"]
@@ -964,7 +968,7 @@ class Replayer:
         if pr.status != LIVE:
             return True
         rt = self.run.ranks[q]
-        return self._pending(q) == 0 and rt.ended in ("released", "crashed", "error_exit")
+        return self._pending(q) == 0 and rt.ended in ("released", "crashed", "failed", "error_exit")
 
     def _absorb_orphans(self) -> bool:
         m, s = self.m, self.s

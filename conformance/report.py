@@ -273,7 +273,35 @@ def _end_verdict(run: Run, res: ReplayResult) -> Verdict:
     st = [pr.status for pr in res.state.procs]
     if LIVE in st:
         return Verdict("end", "violated", _ended(run, res))
+    bad = _root_cause_problems(run, st)
+    if bad:
+        return Verdict("end", "violated", f"{_ended(run, res)}; {bad[0]}")
     return Verdict("end", "ok", _ended(run, res))
+
+
+def _root_cause_problems(run: Run, st: list) -> list:
+    """Rule (model/release.py): the root cause a release event names is an ending the
+    model has. ``killed`` names a rank the model ends CRASHED; ``heartbeat_lost`` and the
+    own-failure kinds (error, table_refused, deadline) a rank it ends ERROR or CRASHED
+    (failed outside its table, or silent after an error exit). A cause from outside the ranks (the launcher's deadline,
+    a lost store) is never a normal ending. Releases without a structured cause (older
+    traces) are not judged."""
+    out = []
+    for rt in run.ranks:
+        for d in rt.releases:
+            c = d.get("cause")
+            if not isinstance(c, dict):
+                continue
+            o, kind = c.get("rank"), c.get("kind")
+            if not isinstance(o, int) or not 0 <= o < len(st):
+                out.append(f"rank {rt.rank}'s release names a cause outside the ranks "
+                           f"({kind}: {c.get('detail', '')[:80]})")
+                continue
+            want = (CRASHED,) if kind == "killed" else (ERROR, CRASHED)
+            if st[o] not in want:
+                out.append(f"rank {rt.rank}'s release names rank {o} ({kind}) as the root "
+                           f"cause, but the model ends rank {o} {st[o]}")
+    return out
 
 
 def _ended(run: Run, res: ReplayResult) -> str:
@@ -318,8 +346,12 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
             names.append(name)
     def who(r):
         return run.ranks[r].role + (f" (rank {r})" if run.ranks[r].role == "worker" else "")
-    if run.crashed:
-        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in run.crashed))
+    if run.killed:
+        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in run.killed))
+    for r in run.failed:
+        c = run.ranks[r].releases[-1]["cause"]
+        names.append(f"failure outside the table of {who(r)} ({c.get('kind')}: "
+                     f"{c.get('detail', '')[:120]})")
     errs = [r for r in range(len(run.ranks)) if run.ranks[r].ended == "error_exit"]
     if errs:
         names.append("untraced error exit of " + ", ".join(who(r) for r in errs) +

@@ -22,8 +22,10 @@ Transition events (`"ev": "step"`):
   meas                    optional measurements (queue depths, stage times, bytes, shapes)
 Other events:
   {"ev": "start", ...}    config, world size, backend, pid, parity dict digest
-  {"ev": "release", "reason": ...}   the watchdog released this rank (abort flag or a
-                          lost heartbeat), with the reason; written before os._exit
+  {"ev": "release", "reason": ..., "cause": {...}, "via": ...}   the rank was released
+                          (abort flag, a lost heartbeat, an echo) or failed outside its
+                          table; `cause` is the root cause (model/release.py), `via` its
+                          own path ("own": it is the root cause); written before os._exit
   {"ev": "fault", "what": ...}       a fault-injection switch fired here
 """
 from __future__ import annotations

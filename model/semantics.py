@@ -23,6 +23,17 @@ Rules
                    without a clean-exit mark; the survivors' watchdogs set the abort
                    flag. Once the flag is set, every live process is released (exits)
                    before anything else happens: the fast path of crash > hang.
+Release paths (model/release.py; the runtime has exactly these, conformance accepts
+exactly these): (1) a terminal message: a table exit row (status error/ok); (2) the abort
+flag set by a failing rank: an error exit row (status error) or an `abort` exit row (sets
+the flag in the step); a failure outside the table (uncaught error, refused op) is a
+crash of that rank; either way the `watchdog` transition sets the flag, which the runtime
+does at once on the failing rank's way out; (3) the flag set for a killed or silent
+rank (launcher record `killed`, heartbeat loss `heartbeat_lost`): `crash`, then
+`watchdog`; (4) a per-op deadline: a failure outside the table of the rank whose op
+expired (crash, then watchdog). Every survivor then leaves by `abort`, or by its own
+exit row when a terminal message reached it first. The flag's first value is the root
+cause; later writers never change it (the model keeps the first `abort` too).
 Violations that are visible immediately (framing error, collective mismatch, a message
 no row accepts) are returned by `enabled` as transitions of kind "violation", so every
 driver sees them the same way.

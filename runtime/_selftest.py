@@ -36,8 +36,8 @@ def _boot(rank, world, args, check=None):
 
     set_role(_role(rank))
     env = dist_env()
-    sc = SideChannel("127.0.0.1", env.side_port, rank, world, env.run_id,
-                     is_master=(rank == 0), timeout=args.get("store_timeout_s", 20.0))
+    sc = SideChannel.from_env(env, timeout=args.get("store_timeout_s", 20.0),
+                              echo_grace_s=args.get("lost_after_s", 0.5) + 0.1)
     wd = Watchdog(sc, heartbeat_s=args.get("heartbeat_s", 0.05),
                   lost_after_s=args.get("lost_after_s", 0.5))
     wd.start()
@@ -56,7 +56,7 @@ def _boot(rank, world, args, check=None):
 def _finish(rank, sc, wd):
     wd.stop()
     sc.mark_clean_exit()
-    if sc.is_master:
+    if sc.hosts_store:
         missing = sc.wait_all_clean(10.0)
         if missing:
             raise RuntimeError(f"ranks {missing} never marked a clean exit")

@@ -455,6 +455,10 @@ class RankInterpreter:
             got = wire.run_one(wire.all_gather_ints([planned], pg,
                                                     len(self._members(op.group))), **kw)
             value = decide = tuple(x[0] for x in got)
+            if len(set(value)) > 1:   # name the odd rank: the exit line's root cause
+                common = max(set(value), key=value.count)
+                odd = [m for m, x in zip(self._members(op.group), value) if x != common]
+                self.detail = f"calls {list(value)}: differs on ranks {odd}"
         elif op.kind in (ENV_HDR, ENV_PAY):
             value = decide = self._bcast(rows, op, pg, kw)
         elif op.kind == GEN:

@@ -17,16 +17,25 @@ Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
   SIGKILLed the rank's process group, so a pid can never be reused under our feet.
 * No child survives ``spawn_local`` returning or raising (try/finally, plus
   ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux).
+* The side channel outlives every rank: the parent hosts the side-channel TCPStore server
+  (abort flag, heartbeats, clean marks; runtime/sidechannel.py) before it starts the ranks,
+  so no rank's death takes the abort flag down. The waiter that reaps a rank killed by a
+  signal writes the root cause at once (first-cause-wins, kind ``killed``, naming the rank
+  and its registered role), and one that exited with an error code without writing a cause
+  gets kind ``error``. Ranks the launcher itself kills (deadline, cleanup) are not causes;
+  the deadline is (kind ``deadline``, origin ``launcher``).
 
 The child environment is what torchrun would give (MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK) plus ``LOCKSTEP_SIDE_PORT`` (the side-channel TCPStore, a second free
-port), ``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads either launcher's
-variables, so the same target runs under ``spawn_local`` and under
-``torchrun -m lockstep.runtime.worker_main --target m:f --args-json '{...}'``.
+WORLD_SIZE, LOCAL_RANK) plus ``LOCKSTEP_SIDE_ADDR``/``LOCKSTEP_SIDE_PORT`` (the parent's
+side-channel store), ``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads
+either launcher's variables, so the same target runs under ``spawn_local`` and under
+``torchrun -m lockstep.runtime.worker_main --target m:f --args-json '{...}'``; under
+torchrun the side channel is the agent's own store (see ``dist_env``).
 
 Rejected: polling ``Popen.poll()`` for exit times (resolution = poll interval, and CPU on a
-2-core box); ``mp.spawn`` (no real kill -9 of one rank, pickled args); a store hosted by the
-launcher (the protocol must also run under torchrun, where there is no such parent).
+2-core box); ``mp.spawn`` (no real kill -9 of one rank, pickled args); a store hosted by
+rank 0 (measured: when rank 0 leaves first, every other rank loses the flag and its reason,
+and "store unreachable" becomes a release path the model does not have).
 """
 
 from __future__ import annotations
@@ -68,10 +77,13 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    side_port: int          # side-channel TCPStore port (LOCKSTEP_SIDE_PORT, else MASTER_PORT+1)
+    side_port: int          # side-channel TCPStore port (see side_host)
     run_id: str
     run_dir: str | None
     launcher: str           # "lockstep" | "torchrun" | "slurm" | "mpi" | "env"
+    side_addr: str = "127.0.0.1"
+    side_host: str = "launcher"   # who hosts the side store: launcher | agent | rank0
+    side_prefix: str = ""         # key namespace: lockstep/<side_prefix>/...
 
 
 def dist_env(environ: dict | None = None) -> DistEnv:
@@ -79,6 +91,14 @@ def dist_env(environ: dict | None = None) -> DistEnv:
 
     torchrun and spawn_local both set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT
     (env://). SLURM and Open MPI variables are a fallback for rank and size only.
+
+    The side channel (a store no rank hosts): spawn_local passes its own store in
+    LOCKSTEP_SIDE_ADDR/LOCKSTEP_SIDE_PORT (``side_host="launcher"``). torchrun with
+    TORCHELASTIC_USE_AGENT_STORE=True (its static and c10d rendezvous) already hosts a
+    TCPStore in the agent at MASTER_ADDR:MASTER_PORT: every rank is a client of it, keys
+    under ``lockstep/<TORCHELASTIC_RUN_ID>/attempt_<TORCHELASTIC_RESTART_COUNT>/``
+    (``side_host="agent"``). Anything else: rank 0 hosts on LOCKSTEP_SIDE_PORT or
+    MASTER_PORT+1 (``side_host="rank0"``, the fallback that dies with rank 0).
     """
     e = os.environ if environ is None else environ
 
@@ -104,12 +124,22 @@ def dist_env(environ: dict | None = None) -> DistEnv:
         launcher = "slurm"
     else:
         launcher = "mpi"
+    master_addr = first("MASTER_ADDR", default="127.0.0.1")
+    run_id = first("LOCKSTEP_RUN_ID", "TORCHELASTIC_RUN_ID", default="local")
+    if "LOCKSTEP_SIDE_PORT" in e and launcher == "lockstep":
+        side = (first("LOCKSTEP_SIDE_ADDR", default="127.0.0.1"),
+                int(e["LOCKSTEP_SIDE_PORT"]), "launcher", run_id)
+    elif e.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        side = (master_addr, port, "agent",
+                f"{run_id}/attempt_{first('TORCHELASTIC_RESTART_COUNT', default='0')}")
+    else:
+        side = (master_addr, int(first("LOCKSTEP_SIDE_PORT", default=str(port + 1))),
+                "rank0", run_id)
     return DistEnv(
         rank=int(rank), world_size=int(world), local_rank=int(local),
-        master_addr=first("MASTER_ADDR", default="127.0.0.1"), master_port=port,
-        side_port=int(first("LOCKSTEP_SIDE_PORT", default=str(port + 1))),
-        run_id=first("LOCKSTEP_RUN_ID", "TORCHELASTIC_RUN_ID", default="local"),
-        run_dir=first("LOCKSTEP_RUN_DIR"), launcher=launcher,
+        master_addr=master_addr, master_port=port, side_port=side[1], run_id=run_id,
+        run_dir=first("LOCKSTEP_RUN_DIR"), launcher=launcher, side_addr=side[0],
+        side_host=side[2], side_prefix=side[3],
     )
 
 
@@ -151,6 +181,7 @@ class LaunchResult:
     alive_at_deadline: list[int] = field(default_factory=list)
     faults: list[tuple[int, int, float]] = field(default_factory=list)  # (rank, signal, t)
     on_start_error: str | None = None
+    cause: dict | None = None   # the root cause in the abort flag when the run ended
 
     @property
     def returncodes(self) -> list[int | None]:
@@ -191,6 +222,31 @@ def _pdeathsig():  # runs in the child between fork and exec
         _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent thread
 
 
+def _last_ids(trace: Path) -> dict:
+    """Where a killed rank was: call_id / chunk_index / cache_epoch of the last message it
+    traced and the group of its last op (read from the tail of its rank{R}.jsonl)."""
+    out: dict = {}
+    try:
+        with open(trace, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return out
+    for ln in reversed(lines):
+        try:
+            e = json.loads(ln)
+        except ValueError:
+            continue
+        if "group" not in out and e.get("op") in ("send", "recv", "coll"):
+            out["group"] = e.get("group") or "world_pg(p2p)"
+        m = e.get("msg")
+        if isinstance(m, dict) and "call_id" in m:
+            out.update(call_id=m["call_id"], chunk_index=m["chunk"], cache_epoch=m["epoch"])
+            break
+    return out
+
+
 class LocalRun:
     """Handle on running ranks: ``wait()``, ``kill_rank()``, ``kill_all()``; a context
     manager whose exit SIGKILLs anything left. Create it from the thread that will live as
@@ -202,9 +258,22 @@ class LocalRun:
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_id = run_id or uuid.uuid4().hex[:12]
-        master_port, side_port = free_port(), free_port()
-        while side_port == master_port:
-            side_port = free_port()
+        self.run_id, self.world_size = run_id, world_size
+        # The side channel's store lives HERE, in the parent, before any rank starts.
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        from lockstep.runtime.sidechannel import init_keys
+        self._store = TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=5),
+                               wait_for_workers=False)
+        init_keys(self._store, run_id, world_size)
+        self._store_lock = threading.Lock()
+        self._own_kills: set[int] = set()      # ranks killed by the launcher itself
+        side_port = self._store.port
+        master_port = free_port()
+        while master_port == side_port:
+            master_port = free_port()
         args_file = self.run_dir / "args.json"
         args_file.write_text(json.dumps(args, sort_keys=True))
         self.result = LaunchResult(world_size, str(self.run_dir), run_id, master_port,
@@ -222,6 +291,7 @@ class LocalRun:
                 renv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
                             RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                             LOCAL_WORLD_SIZE=str(world_size),
+                            LOCKSTEP_SIDE_ADDR="127.0.0.1",
                             LOCKSTEP_SIDE_PORT=str(side_port), LOCKSTEP_RUN_ID=run_id,
                             LOCKSTEP_RUN_DIR=str(self.run_dir))
                 out = self.run_dir / f"rank{rank}.out"
@@ -241,6 +311,7 @@ class LocalRun:
                 w.start()
                 self._waiters.append(w)
         except BaseException:
+            self._own_kills.update(range(world_size))
             self.kill_all()
             raise
 
@@ -262,10 +333,44 @@ class LocalRun:
         except (ProcessLookupError, PermissionError):
             pass
         rc = p.wait()
+        self._record_cause(rank, rc)
         with self._exited:
             rr = self.result.ranks[rank]
             rr.returncode, rr.exit_time = rc, t
             self._exited.notify_all()
+
+    def _record_cause(self, rank: int, rc: int) -> None:
+        """First-cause-wins: a rank killed by a signal (not by us) is a root cause, and so
+        is an error exit that left the flag clear (e.g. died before its side channel)."""
+        if rc == 0 or rc == EXIT_RELEASED or rank in self._own_kills:
+            return
+        from lockstep.model import release as R
+        from lockstep.runtime.sidechannel import peer_role
+        p = f"lockstep/{self.run_id}/"
+        try:
+            with self._store_lock:
+                role = peer_role(self._store, f"{p}role/{rank}", rank)
+                if rc < 0:
+                    try:
+                        name = signal.Signals(-rc).name
+                    except ValueError:
+                        name = f"signal {-rc}"
+                    c = R.cause("killed", rank, role,
+                                f"killed by {name} (pid {self._procs[rank].pid}); "
+                                f"reaped by the launcher",
+                                **_last_ids(self.run_dir / f"rank{rank}.jsonl"))
+                else:
+                    c = R.cause("error", rank, role, f"exited with code {rc} without "
+                                f"recording a cause; reaped by the launcher")
+                self._store.compare_set(p + "abort", "", R.encode(c))
+        except Exception:  # noqa: BLE001 - recording is best effort, reaping is not
+            pass
+
+    def abort_cause(self) -> dict | None:
+        """The root cause in the run's abort flag (None: clear)."""
+        from lockstep.model import release as R
+        with self._store_lock:
+            return R.decode(self._store.get(f"lockstep/{self.run_id}/abort"))
 
     def alive(self) -> list[int]:
         with self._lock:
@@ -307,16 +412,31 @@ class LocalRun:
             self.result.alive_at_deadline = late
             for r in late:
                 self.result.ranks[r].killed_at_deadline = True
+            self._own_kills.update(late)
+            try:
+                from lockstep.model import release as R
+                with self._store_lock:
+                    self._store.compare_set(
+                        f"lockstep/{self.run_id}/abort", "", R.encode(R.cause(
+                            "deadline", -1, "launcher", f"hard deadline {deadline_s:g}s: "
+                            f"ranks {late} still alive, killed")))
+            except Exception:  # noqa: BLE001
+                pass
             self.kill_all()
         for w in self._waiters:
             w.join(10.0)
         self.result.end_time = time.monotonic()
+        try:
+            self.result.cause = self.abort_cause()
+        except Exception:  # noqa: BLE001
+            pass
         return self.result
 
     def __enter__(self) -> "LocalRun":
         return self
 
     def __exit__(self, *exc) -> None:
+        self._own_kills.update(range(len(self._procs)))
         self.kill_all()
         for w in self._waiters:
             w.join(10.0)

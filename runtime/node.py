@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lockstep.model import release as R
 from lockstep.model.check import config_from_dict
 from lockstep.model.runopts import RunOptions
 from lockstep.model.semantics import Model
@@ -24,7 +26,7 @@ from .interp import RankInterpreter
 from .launch import dist_env
 from .sidechannel import SideChannel, Watchdog
 from .trace import TraceWriter
-from .worker_main import EXIT_RELEASED, exit_line, one_line, set_role
+from .worker_main import EXIT_RELEASED, cause_line, claim_exit, one_line, set_role
 from .workload import make_workload
 
 
@@ -46,22 +48,25 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
             {"config": args["config"], "opts": opts.to_dict(), "launcher": "torchrun"}, indent=1,
             sort_keys=True))
     tracer = TraceWriter(run_dir, rank)
-    side = SideChannel(env.master_addr, env.side_port, rank,
-                       world_size, env.run_id,
-                       is_master=rank == 0, timeout=opts.store_timeout_s)
+    lost_after_s = opts.lost_after_s
+    side = SideChannel.from_env(env, timeout=opts.store_timeout_s,
+                                echo_grace_s=lost_after_s + 0.1)
     interp_box = []
 
-    def on_release(reason: str) -> None:
-        ctx = interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
+    def ctx() -> str:
+        return interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
+
+    def on_release(cause: dict, via: str, own: str | None = None) -> None:
         try:   # the one line below must be written whatever happened to the trace file
-            tracer.write({"ev": "release", "rank": rank, "role": role, "reason": reason,
+            tracer.write({"ev": "release", "rank": rank, "role": role,
+                          "reason": one_line(R.text(cause)), "cause": cause, "via": via,
                           "t_ns": time.monotonic_ns()})
         except (OSError, ValueError):
             pass
-        print(f"lockstep: {ctx} exit=released reason={one_line(reason)}", file=sys.stderr,
+        print(cause_line("released", via, cause, own=own, ctx=ctx()), file=sys.stderr,
               flush=True)
 
-    wd = Watchdog(side, on_release, lost_after_s=opts.lost_after_s)
+    wd = Watchdog(side, on_release, lost_after_s=lost_after_s)
     wd.start()
     timeout_s = opts.pg_timeout_s
     init_world(opts.backend, rank, world_size, env.master_addr, env.master_port, timeout_s)
@@ -82,6 +87,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     interp_box.append(interp)
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.backend,
+                  "side_store": env.side_host,
                   "t_ns": time.monotonic_ns()})
     errors = []
 
@@ -98,8 +104,9 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                for t, th in enumerate(interp.threads)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    for th in threads:   # an error in one thread ends the rank even if another is blocked
+        while th.is_alive() and not errors:
+            th.join(0.02)
     how, reason = interp.exit or ("raise", "no exit recorded")
     _dump_flight_recorder(run_dir, rank, opts)
     if rank == 0:
@@ -109,30 +116,98 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         from .groups import CommAborted
         from .wire import Released
         if isinstance(e, (Released, CommAborted)):
-            on_release(str(e))
-            tracer.close()
+            if claim_exit():    # else the watchdog is writing the line and exiting
+                on_release(wd.cause or side.abort_cause() or
+                           side.cause("error", str(e)), wd.via or "abort_flag")
+                tracer.close()
+                os._exit(EXIT_RELEASED)
+            time.sleep(2.0)
             os._exit(EXIT_RELEASED)
-        # The trace alone must tell a rank that died of an error from a kill -9.
-        tracer.write({"ev": "release", "rank": rank, "role": role,
-                      "reason": one_line(f"error: {type(e).__name__}: {e}"),
-                      "t_ns": time.monotonic_ns()})
-        raise RuntimeError(f"{interp.ctx()}: {type(e).__name__}: {e}") from e
+        _error_exit(e, interp, side, tracer, run_dir, rank, role)
     detail = f" ({interp.detail})" if interp.detail else ""
-    line = exit_line("ok" if how in ("ok", "vanish") else "error",
-                     f"{interp.ctx()} {reason}{detail}", rank, role)
-    print(line, file=sys.stderr, flush=True)
     if how in ("ok", "vanish"):
+        print(cause_line("ok", "ok", None, own=f"{interp.ctx()} {reason}{detail}",
+                         ctx=f"rank={rank} role={role}"), file=sys.stderr, flush=True)
         wd.stop()
         side.mark_clean_exit()
-        if rank == 0:
+        if side.hosts_store:    # env:// fallback: the store must outlive the others' use
             side.wait_all_clean(timeout=opts.drain_s)
         tracer.close()
         return 0
-    if how == "abort":
-        side.set_abort(f"{interp.ctx()} {reason}")
-        time.sleep(0.1 if rank == 0 else 0)   # the store host lingers so peers read it
+    # Every error exit from a table row settles the root cause exactly like an uncaught
+    # error (worker_main.error_exit): its own failure sets the flag; an exit on a peer's
+    # terminal ERROR message is an echo and waits (bounded) for the peer's cause.
+    if not claim_exit():        # the watchdog released us first: it exits the process
+        time.sleep(2.0)
+        os._exit(EXIT_RELEASED)
+    wd._stop_ev.set()
+    own = f"{interp.ctx()} {reason}{detail}"
+    echo = _exit_label(model, rank, how, reason) in R.ECHO_EXIT_LABELS
+    kind = "table_refused" if how == "abort" else "error"
+    odd = re.search(r"differs on ranks \[(\d+)\]", interp.detail or "")
+    if odd:   # a mismatch every member detects at once: its origin is the odd rank
+        o = int(odd.group(1))
+        mine = R.cause(kind, o, side.peer_role(o), f"{reason}{detail}",
+                       **R.ids_from_ctx(interp.ctx()))
+    else:
+        mine = side.cause(kind, f"{reason}{detail}", **R.ids_from_ctx(interp.ctx()))
+    from .sidechannel import abort_active
+    cause, via = abort_active(mine, echo=echo)
+    if odd and via == "abort_flag" and cause and cause["rank"] == mine["rank"]:
+        via = "own"           # the same first-hand detection, written by a peer first
+    if echo and via == "echo":
+        via = "terminal_message"
+    print(cause_line("error", via, cause, own=own, ctx=f"rank={rank} role={role}"),
+          file=sys.stderr, flush=True)
     tracer.close()
     return 1
+
+
+def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
+    """A thread of this rank raised (not a table exit): settle the root cause like
+    worker_main.error_exit (own failure -> the flag; an echo waits for the peer's cause),
+    record it in the trace (the trace alone must tell a rank that died of an error from a
+    kill -9, and whether it was the root cause) and leave with one line."""
+    import traceback
+
+    from .sidechannel import abort_active
+    from .worker_main import EXIT_ERROR, classify
+    if not claim_exit():
+        time.sleep(2.0)
+        os._exit(EXIT_RELEASED)
+    ctx = interp.ctx()
+    own = f"{ctx}: {type(e).__name__}: {e}"
+    try:
+        with open(run_dir / f"rank{rank}.traceback", "w") as f:
+            traceback.print_exception(e, file=f)
+    except OSError:
+        pass
+    kind, echo = classify(e)
+    cause, via = abort_active(side.cause(kind, own, **R.ids_from_ctx(interp.ctx())),
+                              echo=echo)
+    try:
+        tracer.write({"ev": "release", "rank": rank, "role": role,
+                      "reason": one_line(f"error: {type(e).__name__}: {e}"), "cause": cause,
+                      "via": via, "t_ns": time.monotonic_ns()})
+        tracer.close()
+    except (OSError, ValueError):
+        pass
+    released = via == "echo"    # our error only echoed the root cause: we were released
+    print(cause_line("released" if released else "error", via, cause, own=own, ctx=ctx),
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_RELEASED if released else EXIT_ERROR)
+
+
+def _exit_label(model: Model, rank: int, how: str, reason: str) -> str | None:
+    """The label of this rank's exit row with ``(how, reason)`` (the interpreter records
+    only those two): tells an echo exit (a peer's terminal message) from a first-hand one."""
+    from lockstep.model.ops import Exit
+    for table in model.tables[rank]:
+        for rows in table.values():
+            for row in rows:
+                if type(row.op) is Exit and (row.op.how, row.op.reason) == (how, reason):
+                    return row.label
+    return None
 
 
 def _dump_flight_recorder(run_dir: Path, rank: int, opts: RunOptions) -> None:

@@ -8,17 +8,30 @@ timeout. So a rank that fails must tell everyone out of band, and every rank nee
 that can end its own process from outside the blocked call: ``os._exit``.
 
 Layout (all keys under ``lockstep/<run_id>/``):
-  ``abort``     "" until someone fails; then the one-line reason of the FIRST setter
-                (``compare_set("", reason)``: the root cause wins, echoes never overwrite it)
+  ``abort``     "" until someone fails; then the CAUSE of the FIRST setter, canonical JSON
+                (model/release.py: kind, origin rank/role, call_id, chunk_index,
+                cache_epoch, group, detail), set with ``compare_set("", cause)``: the root
+                cause wins, later setters read it back and never overwrite it
   ``hb/<r>``    rank r's heartbeat counter (``add(key, 1)`` every ``heartbeat_s``)
   ``clean/<r>`` set when rank r exits on purpose: a silent heartbeat is then not a fault
-  ``ready``     set by the store host after creating the keys above
+  ``role/<r>``  rank r's role, so a cause written by someone else (launcher, a peer's
+                watchdog) names it
+Every rank creates the keys idempotently (``compare_set(abort, "", "")``, ``add(hb, 0)``),
+so no rank has to come first and no "ready" handshake is needed.
 
-Rank 0 hosts the store (``is_master=True``). If rank 0 dies the store dies, every store call
-fails within milliseconds, and the watchdogs treat "store unreachable" as a release reason.
-Consequence for clean shutdown: rank 0 must outlive the others' use of the store, so it calls
-``wait_all_clean()`` before exiting, and every rank stops its watchdog BEFORE marking clean
-(``Watchdog.stop(); side.mark_clean_exit()``), after which it no longer reacts to anything.
+Where the store lives (the side channel outlives every rank, ARCHITECTURE.md):
+  * embedded launcher (runtime/launch.py ``LocalRun``): the PARENT hosts the TCPStore
+    server before starting the ranks and passes ``LOCKSTEP_SIDE_ADDR``/``LOCKSTEP_SIDE_PORT``;
+    it also records a child killed by a signal (kind ``killed``) the moment it reaps it.
+  * torchrun with ``TORCHELASTIC_USE_AGENT_STORE=True`` (static and c10d rendezvous, the
+    default): the store torchrun's agent already hosts at ``MASTER_ADDR:MASTER_PORT``;
+    keys are prefixed ``lockstep/<TORCHELASTIC_RUN_ID>/attempt_<TORCHELASTIC_RESTART_COUNT>/``
+    so a restarted attempt starts with a clear flag. The agent records no kills: a
+    kill -9 is named by the heartbeat path (kind ``heartbeat_lost``).
+  * any other launcher (plain env://): rank 0 hosts on ``LOCKSTEP_SIDE_PORT`` or
+    ``MASTER_PORT+1`` (``hosts_store=True``), the one case where a rank's death takes the
+    flag down; that rank then waits for the others' clean marks before exiting, and a lost
+    store is reported as such (via ``store_lost``), never as a normal release.
 
 Threads: a TCPStore client must not be shared between threads (a ``set`` waits behind another
 thread's ``wait``), so ``client()`` makes a NEW connection; ``SideChannel`` methods called
@@ -47,68 +60,94 @@ import time
 from datetime import timedelta
 from typing import Callable
 
-from lockstep.runtime.worker_main import EXIT_RELEASED, exit_line, get_role, one_line
+from lockstep.model import release as R
+from lockstep.runtime.worker_main import (EXIT_RELEASED, cause_line, claim_exit, get_role,
+                                          one_line)
 
 _ACTIVE: "SideChannel | None" = None  # the process's side channel, for worker_main's error path
 
 
-def abort_active(reason: str, grace_s: float = 0.1, limit_s: float = 0.3) -> str | None:
-    """Best effort, for a process that is exiting on an error: stop this process's
-    watchdogs (the caller writes the one exit line), set the abort flag on its side channel
-    (if any) with at most ``limit_s`` of waiting, and return the reason now in force: ours,
-    or an EARLIER one (the root cause, e.g. the peer whose exit broke our gloo op) --
-    put that in the exit line. On the store host, linger ``grace_s`` so peers can read the
-    flag before the store dies with this process. Uses the calling thread's existing
-    client: a new connection to a dead store would retry for the whole store timeout."""
+def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
+                 limit_s: float = 0.3) -> tuple[dict | None, str]:
+    """For a process exiting on an error: stop this process's watchdogs (the caller writes
+    the one exit line) and settle the root cause. Returns ``(cause in force, via)``.
+
+    Not an echo: set the flag to ``mine`` (first-cause-wins); ``via`` is ``own`` if ours won,
+    else ``abort_flag`` (someone failed earlier: that is the root cause). An echo (a peer's
+    disappearance): wait up to ``grace_s`` (default ``echo_grace_s``) for the flag, then
+    ``via=echo``; if still clear, claim it with ``mine`` marked as an echo. Every store call
+    is bounded by ``limit_s`` (a thread of its own: a dead store would retry for the whole
+    store timeout). ``(None, "own")`` without a side channel."""
     sc = _ACTIVE
     if sc is None:
-        return None
+        return None, "own"
     for wd in list(sc.watchdogs):
         wd._stop_ev.set()
-    store = sc._store()
+    grace = sc.echo_grace_s if grace_s is None else grace_s
     box: list = []
-    t = threading.Thread(target=lambda: box.append(sc.set_abort_with(store, reason)),
-                         daemon=True)
+
+    def settle():
+        store = sc._store()
+        if echo:
+            c = sc.wait_cause(grace, store)
+            if c is not None:
+                box.append((c, "echo"))
+                return
+            m = dict(mine, detail="echo: " + mine["detail"])
+            c = sc.set_abort_with(store, m)
+            box.append((c, "echo" if c != m else "own"))
+            return
+        c = sc.set_abort_with(store, mine)
+        box.append((c, "own" if c == mine else "abort_flag"))
+
+    t = threading.Thread(target=settle, daemon=True)
     t.start()
-    t.join(limit_s)
-    if sc.is_master and grace_s > 0:
-        time.sleep(grace_s)
-    return box[0] if box else None
+    t.join(limit_s + (grace if echo else 0.0))
+    if sc.hosts_store:   # env:// fallback only: let peers read the flag first
+        time.sleep(0.1)
+    return box[0] if box else (None, "store_lost")
 
 
 class SideChannel:
-    """One rank's handle on the run's side channel. The store host (``is_master=True``,
-    rank 0) creates the keys; the others connect and wait for ``ready`` (a TCPStore client
-    retries the connection for ``timeout``, so start order does not matter). Methods use the
-    calling thread's own client; threads that block (the watchdog) take ``client()``."""
+    """One rank's handle on the run's side channel: a CLIENT of a store hosted outside the
+    ranks (``hosts_store=False``), except under a plain env:// launcher where rank 0 hosts
+    it. Methods use the calling thread's own client; threads that block (the watchdog)
+    take ``client()``. ``echo_grace_s`` bounds how long an echo waits for a root cause."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, run_id: str,
-                 is_master: bool, timeout: float = 30.0):
+                 hosts_store: bool = False, timeout: float = 30.0,
+                 echo_grace_s: float = 0.6):
         from torch.distributed import TCPStore  # imported here: model/ side never needs torch
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
-        self.run_id, self.is_master = run_id, is_master
+        self.run_id, self.hosts_store = run_id, hosts_store
+        self.echo_grace_s = echo_grace_s
         self.timeout = timedelta(seconds=timeout)
         self._TCPStore = TCPStore
         self._local = threading.local()
         p = f"lockstep/{run_id}/"
-        self.k_abort, self.k_ready = p + "abort", p + "ready"
+        self.k_abort = p + "abort"
         self.k_hb = [f"{p}hb/{r}" for r in range(world_size)]
         self.k_clean = [f"{p}clean/{r}" for r in range(world_size)]
-        if is_master:
+        self.k_role = [f"{p}role/{r}" for r in range(world_size)]
+        if hosts_store:
             store = TCPStore(host, port, world_size, True, timeout=self.timeout,
                              wait_for_workers=False)
-            store.set(self.k_abort, "")
-            for k in self.k_hb:
-                store.set(k, "0")
-            store.set(self.k_ready, "1")
         else:
             store = self.client()
-            store.wait([self.k_ready])
+        init_keys(store, run_id, world_size)
+        store.set(self.k_role[rank], get_role())
         self._local.store = store
-        self._master_store = store if is_master else None  # keeps the server alive
+        self._host_store = store if hosts_store else None  # keeps the server alive
         self.watchdogs: list[Watchdog] = []
         global _ACTIVE
         _ACTIVE = self
+
+    @classmethod
+    def from_env(cls, env, timeout: float = 30.0, echo_grace_s: float = 0.6):
+        """The side channel a ``DistEnv`` (runtime/launch.py ``dist_env``) points at."""
+        return cls(env.side_addr, env.side_port, env.rank, env.world_size, env.side_prefix,
+                   hosts_store=env.side_host == "rank0" and env.rank == 0, timeout=timeout,
+                   echo_grace_s=echo_grace_s)
 
     # -- clients -------------------------------------------------------------------------
     def client(self, timeout: float | None = None):
@@ -123,22 +162,32 @@ class SideChannel:
         return s
 
     # -- abort flag ----------------------------------------------------------------------
-    def set_abort(self, reason: str) -> str:
-        """Set the abort flag unless already set; returns the reason that is in force."""
-        return self.set_abort_with(self._store(), reason)
+    def cause(self, kind: str, detail: str, **ids) -> dict:
+        """A cause originating in this rank."""
+        return R.cause(kind, self.rank, get_role(), detail, **ids)
 
-    def set_abort_with(self, store, reason: str) -> str:
+    def set_abort(self, cause: dict) -> dict:
+        """Set the abort flag unless already set; returns the cause in force."""
+        return self.set_abort_with(self._store(), cause)
+
+    def set_abort_with(self, store, cause: dict) -> dict:
         """``set_abort`` through an explicit client (the watchdog uses its own)."""
-        return store.compare_set(self.k_abort, "", self.abort_text(reason)).decode(
-            errors="replace")
+        return R.decode(store.compare_set(self.k_abort, "", R.encode(cause)))
 
-    def abort_text(self, reason: str) -> str:
-        """The flag's value for a reason set by this rank: ``rank=R role=ROLE: reason``."""
-        return one_line(f"rank={self.rank} role={get_role()}: {reason}")
+    def abort_cause(self, store=None) -> dict | None:
+        return R.decode((store or self._store()).get(self.k_abort))
 
-    def abort_reason(self) -> str | None:
-        v = self._store().get(self.k_abort)
-        return v.decode(errors="replace") if v else None
+    def wait_cause(self, grace_s: float, store=None) -> dict | None:
+        """Poll the flag for up to ``grace_s``; the cause, or None if it stayed clear."""
+        end = time.monotonic() + grace_s
+        while True:
+            c = self.abort_cause(store)
+            if c is not None or time.monotonic() >= end:
+                return c
+            time.sleep(0.005)
+
+    def peer_role(self, rank: int, store=None) -> str:
+        return peer_role(store or self._store(), self.k_role[rank], rank)
 
     # -- clean exit ----------------------------------------------------------------------
     def mark_clean_exit(self) -> None:
@@ -146,49 +195,75 @@ class SideChannel:
 
     def wait_all_clean(self, timeout: float, ranks=None) -> list[int]:
         """Wait (polling, <= ``timeout``) until ``ranks`` (default: all others) have marked a
-        clean exit or the abort flag is set; returns the ranks that did not. The store host
-        calls this before exiting so it does not pull the store from under the others."""
+        clean exit or the abort flag is set; returns the ranks that did not. Only a rank
+        that hosts the store (env:// fallback) needs this before exiting."""
         ranks = [r for r in range(self.world_size) if r != self.rank] if ranks is None else ranks
         s, end = self._store(), time.monotonic() + timeout
         while True:
             missing = [r for r in ranks if not s.check([self.k_clean[r]])]
-            if not missing or self.abort_reason() or time.monotonic() >= end:
+            if not missing or self.abort_cause() or time.monotonic() >= end:
                 return missing
             time.sleep(0.01)
 
 
+def init_keys(store, run_id: str, world_size: int) -> None:
+    """Create the flag and heartbeat keys if missing (idempotent: any order of callers)."""
+    p = f"lockstep/{run_id}/"
+    store.compare_set(p + "abort", "", "")
+    for r in range(world_size):
+        store.add(f"{p}hb/{r}", 0)
+
+
+def peer_role(store, key: str, rank: int) -> str:
+    """A rank's registered role, else the lockstep convention (model/release.py)."""
+    try:
+        if store.check([key]):
+            v = store.get(key).decode(errors="replace")
+            if v and v != "?":
+                return v
+    except Exception:  # noqa: BLE001 - a name is a nicety, never a reason to hang
+        pass
+    return R.role_of(rank)
+
+
 class Watchdog(threading.Thread):
     """Per-rank release thread. Beats ``hb/<rank>`` every ``heartbeat_s`` with its own
-    client and releases the process (``on_release(reason)`` then ``os._exit(exit_code)``)
-    when: the abort flag is set; a peer's beat has not advanced for ``lost_after_s`` and the
-    peer has no clean-exit mark (the watchdog first sets the abort flag naming that peer, so
-    every survivor reports the same root cause); or the store is unreachable.
+    client and releases the process (``on_release(cause, via)`` then
+    ``os._exit(exit_code)``) when: the abort flag is set (``via=abort_flag``); a peer's beat
+    has not advanced for ``lost_after_s`` and the peer has no clean-exit mark (the watchdog
+    first sets the flag to a ``heartbeat_lost`` cause naming the SILENT peer, so every
+    survivor reports the same root cause; ``via=heartbeat`` if it won); or the store is
+    unreachable (``via=store_lost``: only possible when a rank hosts the store, or the
+    launcher itself died, which PR_SET_PDEATHSIG turns into a kill of every rank).
 
-    ``poll()`` returns the release reason once decided (cheap, local): pass it as
-    ``GuardedComm(abort_poll=...)``. ``exit_code=None`` disables the ``os._exit`` (tests,
-    or an NCCL runtime that prefers an in-process abort); ``on_release`` still runs.
-    A ``release_grace_s`` timer forces the exit if ``on_release`` itself blocks.
+    ``poll()`` returns the release reason text once decided (cheap, local): pass it as
+    ``GuardedComm(abort_poll=...)``; ``cause`` holds the structured cause. ``exit_code=None``
+    disables the ``os._exit`` (tests, or an NCCL runtime that prefers an in-process abort);
+    ``on_release`` still runs. A ``release_grace_s`` timer forces the exit if
+    ``on_release`` itself blocks. Only the first of the process's exit paths writes a line
+    (``worker_main.claim_exit``).
 
     ``lost_after_s`` must exceed the longest time this process can hold the GIL in one
     stretch (the beat runs in a Python thread): pure Python switches every 5 ms and torch
     ops release the GIL, so 0.5 s has margin; measured kill -9 -> all released ~0.55-0.6 s
-    on 2 cores when the heartbeat is the only path (no gloo pair to the dead rank).
+    on 2 cores when the heartbeat is the only path (no launcher record, no gloo pair).
     """
 
-    def __init__(self, side: SideChannel, on_release: Callable[[str], None] | None = None, *,
-                 heartbeat_s: float = 0.05, lost_after_s: float = 0.5, startup_s: float = 60.0,
+    def __init__(self, side: SideChannel, on_release: Callable[[dict, str], None] | None = None,
+                 *, heartbeat_s: float = 0.05, lost_after_s: float = 0.5, startup_s: float = 60.0,
                  exit_code: int | None = EXIT_RELEASED, release_grace_s: float = 0.5,
-                 watch: list[int] | None = None, host_grace_s: float | None = None):
+                 watch: list[int] | None = None):
         super().__init__(daemon=True, name=f"lockstep-watchdog-{side.rank}")
         self.side = side
         self.on_release = on_release
         self.heartbeat_s, self.lost_after_s, self.startup_s = heartbeat_s, lost_after_s, startup_s
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
-        self.host_grace_s = 2 * heartbeat_s if host_grace_s is None else host_grace_s
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
         self._stop_ev = threading.Event()
         self._reason: str | None = None
+        self.cause: dict | None = None
+        self.via: str | None = None
         self.ticks = 0
         self.started_at = 0.0
         # The client is made here (caller's thread) so a dead store fails loudly at start.
@@ -220,7 +295,7 @@ class Watchdog(threading.Thread):
                 if self._stop_ev.is_set():
                     return
                 if vals[0]:
-                    return self._release(f"abort flag: {vals[0].decode(errors='replace')}")
+                    return self._release(R.decode(vals[0]), "abort_flag")
                 now = time.monotonic()
                 for p, v in zip(self.peers, vals[1:]):
                     if p in gone:
@@ -234,38 +309,39 @@ class Watchdog(threading.Thread):
                         if s.check([sc.k_clean[p]]):
                             gone.add(p)
                             continue
-                        what = (f"heartbeat of rank {p} stalled {now - changed[p]:.2f}s "
-                                f"(> lost_after_s={self.lost_after_s})" if started else
-                                f"rank {p} never started its watchdog within {self.startup_s}s")
-                        reason = f"peer lost: {what}"
-                        try:
-                            first = sc.set_abort_with(s, reason)
-                            if first != sc.abort_text(reason):  # someone else was first
-                                reason = f"abort flag: {first}"
-                            if sc.is_master:  # let peers read the flag before the store dies
-                                time.sleep(self.host_grace_s)
-                        except Exception:
-                            pass
-                        return self._release(reason)
+                        what = (f"heartbeat stalled {now - changed[p]:.2f}s "
+                                f"(> lost_after_s={self.lost_after_s}), no clean-exit mark; "
+                                f"seen by rank {sc.rank}" if started else
+                                f"never started its watchdog within {self.startup_s}s; "
+                                f"seen by rank {sc.rank}")
+                        mine = R.cause("heartbeat_lost", p, sc.peer_role(p, s), what)
+                        first = sc.set_abort_with(s, mine)
+                        return self._release(first, "heartbeat" if first == mine
+                                             else "abort_flag")
                 self.ticks += 1
                 self._stop_ev.wait(self.heartbeat_s)
         except Exception as e:  # noqa: BLE001 - store gone (host died) or broken
             if self._stop_ev.is_set():
                 return
-            self._release(f"side-channel store {sc.host}:{sc.port} unreachable "
-                          f"(store host rank 0 gone?): {type(e).__name__}: {one_line(e, 160)}")
+            self._release(R.cause("error", -1, "side-channel",
+                                  f"store {sc.host}:{sc.port} unreachable: "
+                                  f"{type(e).__name__}: {one_line(e, 160)}"), "store_lost")
 
-    def _release(self, reason: str) -> None:
-        self._reason = reason
+    def _release(self, cause: dict, via: str) -> None:
+        if self.exit_code is not None and not claim_exit():  # another exit path of this process writes the line
+            self._stop_ev.wait()
+            return
+        self.cause, self.via = cause, via
+        self._reason = R.text(cause)
         if self.exit_code is not None:
             killer = threading.Timer(self.release_grace_s, os._exit, args=(self.exit_code,))
             killer.daemon = True
             killer.start()
         try:
             if self.on_release is not None:
-                self.on_release(reason)
+                self.on_release(cause, via)
             else:
-                sys.stderr.write(exit_line("released", reason, self.side.rank) + "\n")
+                sys.stderr.write(cause_line("released", via, cause) + "\n")
         except Exception:
             pass
         if self.exit_code is not None:
@@ -275,4 +351,3 @@ class Watchdog(threading.Thread):
                 except Exception:
                     pass
             os._exit(self.exit_code)
-

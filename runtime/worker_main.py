@@ -12,11 +12,14 @@ process leaves with ``os._exit``. Targets must flush their own files (traces are
 line-flushed anyway).
 
 Why stderr gets exactly ONE line on an uncaught exception: the line is the rank's
-actionable reason, parsed by tests and the CLI:
-``lockstep: rank=R role=ROLE exit=error reason=<ExcType>: <message>``. The traceback goes
-to ``$LOCKSTEP_RUN_DIR/rank{R}.traceback`` (or nowhere if no run dir). Before exiting, the
-abort flag is set on the side channel if this process has one, so peers are released in
-milliseconds instead of after the heartbeat-loss window.
+actionable reason, parsed by tests and the CLI (model/release.py):
+``lockstep: rank=R role=ROLE exit=error via=VIA root=RANK/ROLE/KIND reason=...``. The
+traceback goes to ``$LOCKSTEP_RUN_DIR/rank{R}.traceback`` (or nowhere if no run dir).
+Before exiting, the root cause is settled on the side channel if this process has one
+(``sidechannel.abort_active``): the rank's own failure is written to the abort flag
+(first-cause-wins), so peers are released in milliseconds; an ECHO of a peer's
+disappearance (closed / reset connection) claims nothing and waits a bounded grace for
+the real cause. Only one of a process's exit paths writes the line (``claim_exit``).
 
 Exit codes: 0 ok (or the int the target returns), 1 uncaught exception, 3 released by the
 watchdog (see sidechannel.py).
@@ -28,7 +31,9 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
+import threading
 import traceback
 
 EXIT_OK = 0
@@ -37,6 +42,13 @@ EXIT_RELEASED = 3
 
 _ROLE = "?"
 _RANK: int | None = None
+_EXIT_LOCK = threading.Lock()
+
+
+def claim_exit() -> bool:
+    """True for the first of this process's exit paths (watchdog release, error exit,
+    table exit) and False for every later one: exactly one exit line per rank."""
+    return _EXIT_LOCK.acquire(blocking=False)
 
 
 def set_role(role: str) -> None:
@@ -60,6 +72,42 @@ def exit_line(exit_kind: str, reason: str, rank: int | None = None, role: str | 
         rank = _RANK if _RANK is not None else int(os.environ.get("RANK", "-1"))
     return (f"lockstep: rank={rank} role={role or _ROLE} exit={exit_kind} "
             f"reason={one_line(reason)}")
+
+
+def cause_line(exit_kind: str, via: str, cause: dict | None, own: str | None = None,
+               ctx: str | None = None) -> str:
+    """The one exit line naming the root cause and this rank's release path:
+    ``lockstep: CTX exit=KIND via=VIA root=RANK/ROLE/KIND reason=ROOT TEXT | own: ...``.
+    ``ctx`` defaults to ``rank=R role=ROLE``; without a cause the reason is ``own``."""
+    from lockstep.model import release as R
+    if ctx is None:
+        rank = _RANK if _RANK is not None else int(os.environ.get("RANK", "-1"))
+        ctx = f"rank={rank} role={_ROLE}"
+    if cause is None:
+        return f"lockstep: {ctx} exit={exit_kind} via={via} root=- reason={one_line(own or '', 600)}"
+    reason = R.text(cause)
+    if own:   # gloo messages carry a source path and advice; keep the fact
+        own = re.sub(r"\[/[^\]]*\]\s*", "", own).split(". This is typically")[0]
+    if own and via != "own" and own not in reason:
+        reason += f" | own: {own}"
+    return f"lockstep: {ctx} exit={exit_kind} via={via} root={R.tag(cause)} " \
+           f"reason={one_line(reason, 600)}"
+
+
+def classify(e: BaseException) -> tuple[str, bool]:
+    """(cause kind, is_echo) of an exception, from the innermost error of its chain."""
+    from lockstep.model import release as R
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names = {type(x).__name__ for x in chain}
+    text = " ".join(str(x) for x in chain)
+    if names & {"OpDeadline"}:
+        return "deadline", False
+    if names & {"TableViolation", "WrongGroup", "TableRefused", "GroupMembershipError"}:
+        return "table_refused", False
+    return "error", R.is_echo(text)
 
 
 def write_exit_line(exit_kind: str, reason: str, rank: int | None = None) -> None:
@@ -123,18 +171,35 @@ def main(argv: list[str] | None = None) -> None:
                     traceback.print_exc(file=f)
             except Exception:
                 pass
-        in_force = None
-        try:  # release peers now rather than after the heartbeat window
-            from lockstep.runtime import sidechannel
-            in_force = sidechannel.abort_active(reason)
-        except Exception:
-            pass
-        mine = f"rank={_RANK} role={_ROLE}: "
-        if in_force and not in_force.startswith(mine):  # someone else failed first
-            reason = f"abort flag: {in_force} | local: {reason}"
-        write_exit_line("error", reason)
-        code = EXIT_ERROR
+        error_exit(e, reason)
     _flush_and_exit(code)
+
+
+def error_exit(e: BaseException, reason: str) -> None:
+    """Settle the root cause (set the flag, or wait for it if ours is an echo), write the
+    one line, leave. A process whose watchdog already claimed the exit just waits for it."""
+    if not claim_exit():
+        import time
+        time.sleep(2.0)
+        _flush_and_exit(EXIT_RELEASED)
+    cause, via = None, "own"
+    try:
+        from lockstep.model import release as R
+        from lockstep.runtime import sidechannel
+        kind, echo = classify(e)
+        mine = R.cause(kind, _RANK if _RANK is not None else -1, _ROLE, reason,
+                       **R.ids_from_ctx(reason))
+        cause, via = sidechannel.abort_active(mine, echo=echo)
+    except Exception:
+        pass
+    released = via == "echo"    # our error only echoed the root cause: we were released
+    line = cause_line("released" if released else "error", via, cause, own=reason)
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:
+        pass
+    _flush_and_exit(EXIT_RELEASED if released else EXIT_ERROR)
 
 
 if __name__ == "__main__":

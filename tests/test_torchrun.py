@@ -39,3 +39,8 @@ def test_torchrun_env_launch_runs_and_conforms(tmp_path):
         [0, 1, 2, 3]
     rep = conform(tmp_path)
     assert rep.ok, format_report(rep)
+    # the side channel is the agent's own store (TORCHELASTIC_USE_AGENT_STORE), no rank's
+    starts = [json.loads(ln) for r in range(3)
+              for ln in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()
+              if '"start"' in ln]
+    assert [e["side_store"] for e in starts] == ["agent"] * 3, starts

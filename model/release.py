@@ -1,0 +1,138 @@
+"""Release causes: what the abort flag holds, and how every rank's one exit line names the
+root cause and its own release path. Pure Python (no torch): the runtime writes causes,
+the conformance checker reads them.
+
+The cause (the abort flag's value) is canonical JSON (sorted keys, no spaces, ASCII; never
+pickle) of one object::
+
+    {"kind": K, "rank": R, "role": ROLE, "call_id": C, "chunk_index": I,
+     "cache_epoch": E, "group": G, "detail": "one line"}
+
+``kind`` is one of ``KINDS``; ``rank``/``role`` are the ORIGIN (the rank that failed, was
+killed or went silent), not the rank that wrote the flag; ids are ``"-"`` when unknown.
+The flag is first-cause-wins (``compare_set("", cause)``): the first writer is the root
+cause and every later writer reads it back instead.
+
+Who writes which kind:
+  error           a rank's own failure: an error exit from a table row, or an uncaught
+                  exception that is not an echo (below)
+  table_refused   a rank's table refused an op (TableViolation / WrongGroup / a refused
+                  GuardedComm check, or an ``abort`` exit row)
+  deadline        a per-op deadline fired in this rank (a live peer that never answered)
+  killed          the embedded launcher reaped a rank killed by a signal (kill -9, OOM)
+  heartbeat_lost  a watchdog saw a peer's heartbeat stall with no clean-exit mark; names
+                  the SILENT rank (the only cause under torchrun for a kill -9)
+
+Echo rule: a rank whose own failure is an ECHO of a peer's disappearance (gloo "Connection
+closed / reset by peer", a broken pipe, a peer's terminal ERROR message) does not claim the
+root cause. It waits up to ``echo_grace_s`` (default ``lost_after_s + 2 * heartbeat_s``:
+long enough for the heartbeat path to name a silent peer even where no launcher records
+kills) for the flag to be set and exits naming that cause, ``via=echo``. Only if the grace
+passes with the flag still clear does it set the flag itself (kind ``error``, detail
+prefixed ``echo:``), so a release never waits on anything unbounded.
+
+Exit line (one per rank, on stderr)::
+
+    lockstep: rank=R role=ROLE [ids] exit=KIND via=VIA root=RANK/ROLE/KIND reason=TEXT
+
+``via`` is this rank's own release path (``VIAS``); ``root`` names the root cause;
+``reason`` is the cause's text, then `` | own: ...`` with this rank's own error when it
+differs from the cause.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost")
+
+# A rank's own release path, as written in its exit line:
+VIAS = (
+    "own",               # this rank is the root cause (it set the flag)
+    "abort_flag",        # its watchdog read the flag set by another rank or the launcher
+    "heartbeat",         # its watchdog saw the silent peer and set the flag naming it
+    "echo",              # its own error was an echo; it read the cause after <= grace
+    "terminal_message",  # a table exit on a peer's terminal (ERROR) message
+    "ok",                # a clean exit
+    "store_lost",        # the side channel itself is gone (never a normal path)
+)
+
+# Exit rows (by label) whose exit is a peer's terminal message arriving: echoes.
+ECHO_EXIT_LABELS = frozenset({"exit_leader_error", "exit_rank0_failed", "exit_on_error"})
+
+_ECHO_RE = re.compile(r"Connection closed by peer|Connection reset by peer|Read error|"
+                      r"Broken pipe|Socket closed|ECONNRESET|EPIPE|Connection refused|"
+                      r"Connection was likely closed", re.I)
+_FIELDS = ("call_id", "chunk_index", "cache_epoch", "group")
+
+
+def role_of(rank: int) -> str:
+    """The lockstep role convention: rank 0, then the mesh leader, then workers."""
+    return "rank0" if rank == 0 else ("leader" if rank == 1 else "worker")
+
+
+def cause(kind: str, rank: int, role: str, detail: str, **ids) -> dict:
+    if kind not in KINDS:
+        raise ValueError(f"cause kind {kind!r} not in {KINDS}")
+    c = {"kind": kind, "rank": int(rank), "role": str(role),
+         "detail": " ".join(str(detail).split())[:400]}
+    for f in _FIELDS:
+        v = ids.get(f, "-")
+        c[f] = "-" if v is None else v
+    return c
+
+
+def encode(c: dict) -> str:
+    return json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def decode(raw) -> dict | None:
+    """The cause in a flag value (bytes or str); None if the flag is clear."""
+    if isinstance(raw, bytes):
+        raw = raw.decode(errors="replace")
+    if not raw:
+        return None
+    try:
+        c = json.loads(raw)
+    except ValueError:
+        c = None
+    if not isinstance(c, dict) or c.get("kind") not in KINDS:
+        return cause("error", -1, "?", f"unstructured flag value: {raw}")
+    return c
+
+
+def ids_from_ctx(ctx: str) -> dict:
+    """call_id / chunk_index / cache_epoch / group from an interpreter context string."""
+    out = {}
+    for f in _FIELDS:
+        m = re.search(rf"\b{f}=(\S+)", ctx)
+        if m:
+            v = m.group(1)
+            out[f] = int(v) if re.fullmatch(r"-?\d+", v) else v
+    return out
+
+
+def tag(c: dict) -> str:
+    """``RANK/ROLE/KIND``: what the ``root=`` field of an exit line holds."""
+    return f"{c['rank']}/{c['role']}/{c['kind']}"
+
+
+def text(c: dict) -> str:
+    ids = " ".join(f"{f}={c.get(f, '-')}" for f in _FIELDS)
+    return f"root cause rank={c['rank']} role={c['role']} kind={c['kind']} {ids}: " \
+           f"{c['detail']}"
+
+
+def is_echo(message: str) -> bool:
+    """Is this error message an echo of a peer's disappearance (closed/reset pair)?"""
+    return bool(_ECHO_RE.search(message or ""))
+
+
+def parse_line(line: str) -> dict:
+    """``{"exit", "via", "root"}`` of an exit line (missing fields omitted)."""
+    out = {}
+    for f in ("exit", "via", "root"):
+        m = re.search(rf" {f}=(\S+)", line or "")
+        if m:
+            out[f] = m.group(1)
+    return out
