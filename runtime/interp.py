@@ -23,7 +23,8 @@ import torch
 
 from lockstep.model import contract as C
 from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
-from lockstep.model.guards import Msg
+from lockstep.model import guards as G
+from lockstep.model.messages import Msg
 from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                        WORLD, Coll, Exit, Local, Recv, Send, op_text)
 from lockstep.model.semantics import DEAD_THREAD, Model
@@ -31,7 +32,7 @@ from lockstep.model.tables import FINAL, THREADS
 
 from . import codec, wire
 from .groups import GuardedComm
-from .workload import default_meta
+from .workload import envelope_fields
 
 LOCAL_ORDER = ("exit", "hard_cut", "preflight_fails", "build_envelope", "decode_result",
                "drop_stale_result", "reject_result", "drop_after_failure",
@@ -214,39 +215,31 @@ class RankInterpreter:
 
     def _phase_a(self):
         v = self.v
-        call, chunk = v.next_call, v.next_chunk
+        msg = G.new_envelope(v, self.cfg)     # the message the model's update enqueues
         t_a0 = time.monotonic_ns()
-        extra, tensors = self.work.build(chunk, v.epoch, v.init_cache, self.cfg.regime,
-                                         self.cfg.steps)
-        meta = default_meta(extra, action=C.Action.INFER, call_id=call, chunk_index=chunk,
-                            cache_epoch=v.epoch, init_cache=v.init_cache,
-                            regime=self.cfg.regime, steps=self.cfg.steps)
-        frames = codec.encode_envelope(meta, tensors, prev=self.prev_meta)   # preflight
-        self.prev_meta = meta
-        self.env_frames[call], self.env_meta[call] = frames, meta
-        self.times[call] = {"tA0_ns": t_a0, "tA1_ns": time.monotonic_ns()}
+        extra, tensors = self.work.build(msg.chunk, msg.epoch, msg.init_cache,
+                                         self.cfg.regime, self.cfg.steps)
+        fields = envelope_fields(extra, regime=self.cfg.regime, steps=self.cfg.steps)
+        frames = codec.encode_envelope_msg(msg, fields, tensors,
+                                           prev=self.prev_meta)   # preflight
+        self.prev_meta = meta = {**fields, **codec.M.wire_ids("envelope", msg)}
+        self.env_frames[msg.call_id], self.env_meta[msg.call_id] = frames, meta
+        self.times[msg.call_id] = {"tA0_ns": t_a0, "tA1_ns": time.monotonic_ns()}
 
     def _preflight_fails(self):
-        v = self.v
-        meta = default_meta({}, action=C.Action.INFER, call_id=v.next_call,
-                            chunk_index=v.next_chunk, cache_epoch=v.epoch,
-                            init_cache=v.init_cache, regime=self.cfg.regime,
-                            steps=self.cfg.steps)
+        msg = G.new_envelope(self.v, self.cfg)
+        fields = envelope_fields({}, regime=self.cfg.regime, steps=self.cfg.steps)
         bad = {"latents_in": torch.zeros(2, 2, dtype=torch.float64)}
         try:
-            codec.encode_envelope(meta, bad, prev=self.prev_meta)
+            codec.encode_envelope_msg(msg, fields, bad, prev=self.prev_meta)
         except (codec.CodecError, C.ContractError) as e:
             self._event(FAULT, what="rank0_preflight", error=str(e))
             return
         raise TableViolation("injected preflight fault did not raise")
 
     def _terminal_frames(self, msg: Msg):
-        """Header-only envelope: repeats the previous envelope's chunk and epoch."""
-        base = self.prev_meta or {"chunk_index": -1, "cache_epoch": msg.epoch}
-        meta = C.make_envelope_meta(action=int(msg.action), call_id=msg.call_id,
-                                    chunk_index=base["chunk_index"],
-                                    cache_epoch=base["cache_epoch"])
-        return codec.encode_envelope(meta, {}, prev=None)
+        """Header-only envelope: every id from the model's message (model.messages)."""
+        return codec.encode_envelope_msg(msg, {}, {}, prev=self.prev_meta)
 
     def _phase_c(self):
         head = self.v.decode_q[0]
@@ -312,9 +305,7 @@ class RankInterpreter:
         elif row.op.kind == ENV_PAY:
             parts = [codec.pack_payload(self.env_frames[msg.call_id])]
         elif row.op.kind == RES_HDR:
-            if msg.action == C.Action.ERROR:
-                self._error_result({"call_id": msg.call_id, "chunk_index": msg.chunk,
-                                    "cache_epoch": msg.epoch})
+            self.result_frames = self._result_frames(msg)   # result preflight
             parts = [self.result_frames.header]
         else:
             parts = [codec.pack_payload(self.result_frames)]
@@ -348,7 +339,7 @@ class RankInterpreter:
     def _hdr_then_msg(self, src, expect):
         h = yield from wire.recv_header(src, expect)
         self._hdr = h
-        return _header_msg(h)
+        return codec.header_msg(h)
 
     def _payload_then_msg(self, src, kind):
         h = self._hdr
@@ -356,13 +347,13 @@ class RankInterpreter:
         if kind == ENV_PAY:
             m = codec.decode_envelope(h, meta, manifest, tensors, where="leader_before_broadcast")
             self.cur = (m.meta, m.tensors)
-            return _envelope_msg(h, m.meta)
+            return m.msg
         env_meta = self.env_meta.get(h.call_id)
         m = codec.decode_result(h, meta, manifest, tensors, envelope_meta=env_meta)
         self.results[h.call_id] = (m.meta, m.tensors)
         self.times.setdefault(h.call_id, {})["tRecv_ns"] = time.monotonic_ns()
         self.env_meta.pop(h.call_id, None)
-        return _header_msg(h, calls=m.meta["observed_generator_calls"])
+        return m.msg
 
     def _pick_accepting(self, rows, msg):
         ok = [r for r in rows if r.accept is None or r.accept(self.v, self.cfg, msg)]
@@ -474,8 +465,8 @@ class RankInterpreter:
             gseq = self.gseq[op.group]
             self.gseq[op.group] += 1
             self._apply(t, row, value, t0, group=op.group, gseq=gseq, meas=meas)
-            if self.role == "leader" and row.dst == "send_res_hdr":
-                self._make_result()
+            if "phase_b_done" in row.tags:
+                self.t_b_end = time.monotonic()
 
     detail = ""
     last_group = "-"
@@ -500,47 +491,39 @@ class RankInterpreter:
                 self._bframes = frames
             h = wire.run_one(wire.bcast_header(frames, root_global, pg, "envelope"), **kw)
             self._hdr = h
-            return _header_msg(h)
+            return codec.header_msg(h)
         frames = self._bframes if is_root else None
         h = self._hdr
         meta, manifest, tensors = wire.run_one(
             wire.bcast_payload(frames, h, root_global, pg), **kw)
         m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
         self.cur = (m.meta, m.tensors)
-        return _envelope_msg(h, m.meta)
+        return m.msg
 
     def _mesh_frames(self, env: Msg):
-        """The leader re-encodes what it validated (or the terminal it decided)."""
+        """The leader re-encodes what it validated (or the terminal it decided): the ids
+        are the model's message's (model.messages.wire_ids)."""
         if env.action == C.Action.INFER:
             meta, tensors = self.cur
-            return codec.encode_envelope(meta, tensors, prev=None,
+            return codec.encode_envelope_msg(env, meta, tensors, prev=None,
+                                             where="leader_before_broadcast")
+        return codec.encode_envelope_msg(env, {}, {}, prev=None,
                                          where="leader_before_broadcast")
-        meta = C.make_envelope_meta(action=int(env.action), call_id=env.call_id,
-                                    chunk_index=self._hdr.chunk_index,
-                                    cache_epoch=self._hdr.cache_epoch)
-        frames = codec.encode_envelope(meta, {}, prev=None, where="leader_before_broadcast")
-        if env.action == C.Action.ERROR:
-            self._error_result(meta)
-        return frames
 
-    def _error_result(self, env_meta):
-        meta = C.make_result_meta({k: env_meta[k] for k in C.HEADER_FIELDS if k != "action"}
-                                  | {"action": int(C.Action.ERROR)},
-                                  action=int(C.Action.ERROR))
-        self.result_frames = codec.encode_result(meta, {}, envelope_meta=None)
-
-    def _make_result(self):
-        """Result preflight: encoded before the header is sent (commitment point)."""
+    def _result_frames(self, msg: Msg):
+        """Result preflight, before the result header (commitment point): the ids and
+        the observed count are the model's message (`result` / `error_result`)."""
+        if msg.action != C.Action.INFER:
+            return codec.encode_result_msg(msg, {}, {}, envelope_meta=None)
         meta, tensors = self.cur
-        now = time.monotonic()
-        t_b = (now - self.t_b_start) * 1000.0
+        t_b = (self.t_b_end - self.t_b_start) * 1000.0
         idle = 0.0 if self.last_b_end is None else \
             max(0.0, (self.t_b_start - self.last_b_end) * 1000.0)
-        self.last_b_end = now
+        self.last_b_end = self.t_b_end
         out = self.work.result(meta, tensors)
-        rmeta = C.make_result_meta(meta, observed_generator_calls=self.v.calls_done,
-                                   t_b_ms=round(t_b, 3), t_mesh_idle_ms=round(idle, 3))
-        self.result_frames = codec.encode_result(rmeta, out, envelope_meta=meta)
+        fields = {"mesh_current_start_frame": meta["current_start_frame"],
+                  "t_b_ms": round(t_b, 3), "t_mesh_idle_ms": round(idle, 3)}
+        return codec.encode_result_msg(msg, fields, out, envelope_meta=meta)
 
     # ------------------------------------------------------------------ events
     def _event(self, ev, **kw):
@@ -559,16 +542,3 @@ def _parity_detail(got, members, names) -> str:
     common = max(set(values), key=values.count)
     odd = [members[i] for i, x in enumerate(values) if x != common]
     return f"key={', '.join(keys[c] for c in cols)} differs on ranks {odd} (others agree)"
-
-
-def _header_msg(h, calls: int = -1) -> Msg:
-    """The model's message summary from a decoded header (a header carries no call
-    count: -1, which conformance compares only on the header's own ids)."""
-    chunk = h.chunk_index if h.action == C.Action.INFER else -1
-    return Msg(int(h.action), h.call_id, chunk, h.cache_epoch, calls)
-
-
-def _envelope_msg(h, meta) -> Msg:
-    """The full summary once the payload's metadata (the plan bits) is decoded."""
-    return _header_msg(h, meta["expected_generator_calls"])._replace(
-        init_cache=meta["init_cache"])
