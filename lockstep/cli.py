@@ -83,10 +83,13 @@ def cmd_manifest(a) -> int:
 def cmd_run(a) -> int:
     from lockstep.model.config import Config
     from lockstep.runtime.run import run_local
+    noops = a.noops if a.noops is not None else (4 if a.heartbeat_ms is not None else 0)
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
                  chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
-                 steps=a.steps, inject=frozenset([a.fault.split("@")[0]] if a.fault else []))
+                 steps=a.steps, noops=noops,
+                 inject=frozenset([a.fault.split("@")[0]] if a.fault else []))
     opts = {"backend": a.backend, "hard_cut_at": a.hard_cut_at,
+            "heartbeat_ms": a.heartbeat_ms,
             "costs": {"phase_a_ms": a.stage_a_ms, "phase_b_ms": a.stage_b_ms,
                       "phase_c_ms": a.stage_c_ms},
             "op_deadline_s": a.op_deadline_s}
@@ -198,6 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--stage-b-ms", type=float, default=0.0, help="per generator call")
     p.add_argument("--stage-c-ms", type=float, default=0.0)
     p.add_argument("--fault", default="", help="NAME@CHUNK, e.g. leader_reject@3")
+    p.add_argument("--heartbeat-ms", type=float, default=None,
+                   help="rank0 sends a NOOP heartbeat after this long idle (off if unset)")
+    p.add_argument("--noops", type=int, default=None,
+                   help="heartbeat budget the model allows (default 4 with --heartbeat-ms)")
     p.add_argument("--op-deadline-s", type=float, default=30.0)
     p.add_argument("--deadline-s", type=float, default=120.0, help="hard deadline, whole run")
     p.add_argument("--out", default="runs/latest", help="run directory (traces)")

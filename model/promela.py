@@ -276,6 +276,12 @@ MAKES: dict = {
     "outgoing": ("r0", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env_out)"),
     "direct_noop": ("r0", "msg", lambda c, d: f"msg_set({d}, NOOP, {c.v}.next_call, -1, "
                                               f"{c.v}.epoch, 0, 0)"),
+    # the envelope a Phase-A row builds (its update enqueues the same message): made
+    # for the runtime's effect on a local row, never exchanged, so the export needs it
+    # only to exist; its fields are enqueue_envelope's
+    "new_envelope": ("r0", "msg", lambda c, d: f"msg_set({d}, INFER, {c.v}.next_call, "
+                                               f"{c.v}.next_chunk, {c.v}.epoch, "
+                                               f"{c.cfg.calls}, {c.v}.init_cache)"),
     "current_envelope": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env)"),
     "result": ("mesh", "msg", lambda c, d: f"msg_set({d}, INFER, {c.v}.env.call_id, "
                                            f"{c.v}.env.chunk, {c.v}.env.epoch, "
