@@ -163,6 +163,11 @@ def cmd_conform(a) -> int:
     return cli_conform(a.run_dir, a.json)
 
 
+def cmd_coverage(a) -> int:
+    from lockstep.conformance.coverage import cli_coverage
+    return cli_coverage(a.run_dirs)
+
+
 def cmd_overlap(a) -> int:
     from lockstep.conformance import cli_overlap
     return cli_overlap(a.run_dir, a.out or a.run_dir)
@@ -256,6 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_conform)
+
+    p = sub.add_parser("coverage", help="which shipped rows the runs' traces exercised")
+    p.add_argument("run_dirs", nargs="+")
+    p.set_defaults(fn=cmd_coverage)
 
     p = sub.add_parser("overlap", help="overlap report, Perfetto timeline and plot")
     p.add_argument("run_dir")
