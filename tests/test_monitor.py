@@ -21,9 +21,10 @@ def test_control_plane_ops_are_checked_on_every_thread():
     with pytest.raises(TableViolation, match=r"rank0\.comms: send\(leader, env_hdr\) "
                        r"refused in state 'idle/idle'; its rows allow \[\]"):
         r0._monitor(1, Send("leader", ENV_HDR))
-    r0.pcs[1] = "hdr/idle"
     with pytest.raises(TableViolation, match="recv"):
         r0._monitor(1, Recv("leader", (RES_HDR,)))               # nothing awaited yet
+    r0.v = r0.v._replace(awaiting=1)
+    r0._monitor(1, Recv("leader", (RES_HDR,)))                   # a result is awaited
     lead = _interp(1)
     with pytest.raises(WrongGroup, match="broadcast"):
         lead._monitor(0, Coll("broadcast", MESH, 0, ENV_HDR))     # before the handshake
