@@ -13,8 +13,8 @@ Scheduling. `policy="des"` (default) is a small discrete-event simulation: every
 has a clock, a transition completes at max(its threads' clocks, the time it became
 enabled) + its cost (Phase A/B/C from `Costs`, jittered), and the transition that
 completes first fires. Like runtime/interp.py, a thread with a local row enabled takes
-it before starting a communication, in the runtime's LOCAL_ORDER (fault, exit, hard cut,
-build, decode, ...). This gives plausible overlap: with depth 2 the mesh computes chunk
+it before starting a communication, chosen by the scheduling policy the runtime uses
+(model/policy.py: a firing fault or environment row, then an exit, then table order). This gives plausible overlap: with depth 2 the mesh computes chunk
 k while rank0 builds k+1 and decodes k-1. `policy="random"` picks uniformly among the
 enabled transitions (every interleaving the model allows, for replay robustness).
 
@@ -41,17 +41,16 @@ from typing import Optional
 from lockstep.model.check import config_to_dict
 from lockstep.model.config import Config
 from lockstep.model.events import msg_to_json
+from lockstep.model import policy as P
 from lockstep.model.ops import GEN, Coll, Exit, Local, Recv, Send
 from lockstep.model.semantics import LIVE, Model
-from lockstep.model.tables import THREADS
+from lockstep.model.tables import THREADS, shipped_rows
 
 from .views import local_subject, recorded_msg
 
-LOCAL_ORDER = ("exit", "hard_cut", "preflight_fails", "build_envelope", "decode_result",
-               "drop_stale_result", "reject_result", "drop_after_failure",
-               "queue_shutdown", "queue_noop", "queue_result", "take_envelope")
-FAULT_ROWS = {"preflight_fails": "rank0_preflight", "validation_raises": "leader_reject",
-              "wrong_group_caught": "wrong_group"}
+# the injectable faults a fault row realises (its effect), from the shipped tables
+FAULT_EFFECTS = frozenset(r.effect for rows in shipped_rows().values() for r in rows
+                          if r.choice == "fault")
 
 
 @dataclass
@@ -139,7 +138,7 @@ def simulate(cfg: Config, out_dir, *, seed: int = 0, policy: str = "des",
     m = Model(gen_cfg)
     if cfg.hard_cut and hard_cut_at is None:
         hard_cut_at = rng.randrange(1, max(2, cfg.chunks))
-    faultable = cfg.inject & set(FAULT_ROWS.values())
+    faultable = cfg.inject & FAULT_EFFECTS
     if faultable and fault_at is None:
         fault_at = rng.randrange(0, max(1, cfg.chunks))
     meta = {"config": config_to_dict(cfg), "created": 0.0,
@@ -209,7 +208,9 @@ class _Sim:
         self.bstats = {}         # call_id -> (t_b_ms, t_mesh_idle_ms)
         self.b_start = {}        # leader: call_id -> Phase B start (ms)
         self.last_b_end = None
-        self.prio = {name: k for k, name in enumerate(LOCAL_ORDER)}
+        fault = ({"name": sorted(faultable)[0], "at_chunk": fault_at} if faultable
+                 else None)
+        self.policy = P.Policy(fault, hard_cut_at, heartbeat_ms=0.0, chunks=cfg.chunks)
         self.send_after_decode = False
 
     # ------------------------------------------------------------------ policy
@@ -220,18 +221,9 @@ class _Sim:
         if k in ("watchdog", "abort"):
             return True
         for p, t, row in tr.parts:
-            if "fault" in row.tags:
-                name = FAULT_ROWS.get(row.label)
-                if name not in self.faultable:
-                    return False
-                v = self.s.procs[p].v
-                chunk = v.next_chunk if p == 0 else (v.env.chunk if v.env else -1)
-                if chunk != self.fault_at:
-                    return False
-            elif "cut" in row.tags:
-                if self.s.procs[p].v.next_chunk != self.hard_cut_at:
-                    return False
-            elif row.label == "build_envelope" and self.send_after_decode:
+            if row.choice and not P.fires(row, self.s.procs[p].v, p, self.policy):
+                return False
+            if row.effect == "phase_a" and self.send_after_decode:
                 v = self.s.procs[p].v
                 if v.inflight or v.decode_q:
                     return False
@@ -244,9 +236,9 @@ class _Sim:
         total = 0.0
         for p, t, row in tr.parts:
             op = row.op
-            if row.label == "build_envelope" or row.label == "preflight_fails":
+            if row.effect in ("phase_a", "rank0_preflight"):    # Phase A (+ preflight)
                 x = c.phase_a_ms
-            elif row.label == "decode_result":
+            elif row.effect == "phase_c":
                 x = c.phase_c_ms
             elif type(op) is Coll and op.kind == GEN:
                 x = c.phase_b_ms / max(1, self.cfg.calls)
@@ -272,13 +264,11 @@ class _Sim:
         for tr in cands:
             if tr.kind in ("local", "exit"):
                 p, t, row = tr.parts[0]
-                pr = (0 if "fault" in row.tags else 1, 0 if tr.kind == "exit" else 1,
-                      self.prio.get(row.label, 99))
+                pr = P.local_key(row, self.m.tables[p][t][row.src].index(row))
                 cur = best_local.get((p, t))
                 if cur is None or pr < cur[0]:
                     best_local[(p, t)] = (pr, tr)
-        forced = [tr for (pr, tr) in best_local.values() if pr[0] == 0 or
-                  "cut" in tr.parts[0][2].tags]
+        forced = [tr for (pr, tr) in best_local.values() if pr[0] == 0]
         if forced:
             tr = forced[0]
             return tr, self._timing(tr)[0]
@@ -367,7 +357,7 @@ class _Sim:
             self.ready[(p, t)] = done
             if "fault" in row.tags:
                 rk.put({"ev": "fault", "rank": p, "role": rk.role,
-                        "what": FAULT_ROWS.get(row.label, row.label),
+                        "what": row.effect,
                         "t_ns": rk.stamp(max(start, ready))})
             ev = {"ev": "step", "rank": p, "role": rk.role, "thread": THREADS[rk.role][t],
                   "i": rk.i[t], "src": row.src, "label": row.label, "dst": row.dst,

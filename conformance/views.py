@@ -5,8 +5,7 @@ records what *it* saw. The runtime (runtime/interp.py) records:
 
   * a sender: the full summary it sent (the row's `make`);
   * a receiver of a header (`env_hdr`, `res_hdr`, p2p or broadcast, root included): only
-    the header's ids: `(action, call_id, chunk if INFER else -1, epoch, calls=-1,
-    init_cache=False)`; the payload that follows carries the rest;
+    the header's ids (`model.messages.header_view`); the payload that follows carries the rest;
   * a receiver of a payload: the full summary decoded from it;
   * an all_gather: the gathered vector (a list); an all_reduce: nothing.
 
@@ -27,15 +26,10 @@ from __future__ import annotations
 
 from lockstep.model.events import local_subject  # noqa: F401 - shared with the runtime
 
-from lockstep.model.guards import INFER, Msg
+from lockstep.model.messages import header_view  # noqa: F401 - one definition, shared
 from lockstep.model.ops import ENV_HDR, RES_HDR
 
 HEADER_KINDS = frozenset({ENV_HDR, RES_HDR})
-
-
-def header_view(m, _new=tuple.__new__) -> tuple:
-    """The ids a receiver decodes from a fixed header (runtime/interp.py _hdr_then_msg)."""
-    return _new(Msg, (m[0], m[1], m[2] if m[0] == INFER else -1, m[3], -1, False))
 
 
 def recorded_msg(kind: str, sender: bool, model_msg):

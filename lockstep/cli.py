@@ -177,7 +177,8 @@ def cmd_manifest(a) -> int:
 def _run_options(a):
     from lockstep.model.runopts import RunOptions, StageCosts, parse_fault
     return RunOptions(backend=a.backend, hard_cut_at=a.hard_cut_at,
-                      fault=parse_fault(a.fault), op_deadline_s=a.op_deadline_s,
+                      fault=parse_fault(a.fault), heartbeat_ms=a.heartbeat_ms,
+                      op_deadline_s=a.op_deadline_s,
                       pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
                       costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms))
 
@@ -190,9 +191,10 @@ def cmd_run(a) -> int:
     # off-by-one plan, a per-rank flag) are also model switches; see model/config.py.
     inject = frozenset([opts.fault.name]) if opts.fault and opts.fault.name in INJECTABLE \
         else frozenset()
+    noops = a.noops if a.noops is not None else (4 if a.heartbeat_ms is not None else 0)
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
                  chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
-                 steps=a.steps, inject=inject)
+                 steps=a.steps, noops=noops, inject=inject)
     out = Path(a.out).resolve()
     res = run_local(cfg, opts, out, deadline_s=a.deadline_s)
     print(res.summary())
@@ -277,6 +279,11 @@ def cmd_equivalence(a) -> int:
     return cli(a)
 
 
+def cmd_coverage(a) -> int:
+    from lockstep.conformance.coverage import cli_coverage
+    return cli_coverage(a.run_dirs)
+
+
 def cmd_overlap(a) -> int:
     from lockstep.conformance import cli_overlap
     return cli_overlap(a.run_dir, a.out or a.run_dir)
@@ -330,11 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic Phase C (decode) cost per chunk, ms")
     p.add_argument("--fault", default="", help="fault-injection switch NAME@CHUNK, e.g. "
                    "leader_reject@3 (default: none)")
+    p.add_argument("--heartbeat-ms", type=float, default=None,
+                   help="rank0 sends a NOOP heartbeat after this long idle, ms "
+                        "(default: no heartbeats)")
+    p.add_argument("--noops", type=int, default=None,
+                   help="heartbeats the model allows, count (default: 4 with "
+                        "--heartbeat-ms, else 0)")
     p.add_argument("--op-deadline-s", type=float, default=30.0,
                    help="per-op deadline: no progress for this long is a crash, s")
     p.add_argument("--pg-timeout-s", type=float, default=60.0,
                    help="backend timeout of every process group, s")
-    p.add_argument("--lost-after-s", type=float, default=0.5,
+    p.add_argument("--lost-after-s", type=float, default=1.0,
                    help="a peer whose heartbeat is silent this long is lost, s")
     p.add_argument("--deadline-s", type=float, default=120.0,
                    help="hard deadline for the whole run (the launcher kills the rest), s")
@@ -421,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", default="runs/equivalence", help="directory for the runs")
     p.set_defaults(fn=cmd_equivalence)
+
+    p = _parser(sub, "coverage", "which shipped rows the runs' traces exercised, per role "
+                "and thread")
+    p.add_argument("run_dirs", nargs="+", help="run directories (run.json + rank*.jsonl)")
+    p.set_defaults(fn=cmd_coverage)
 
     p = _parser(sub, "overlap", "overlap report, Perfetto timeline and plot")
     p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")

@@ -3,7 +3,7 @@
 For each regime, the stream (hard cut included) is computed once in this process by the
 reference: the DiT workload of runtime/dit.py at mesh size 1, no PP, no TP, no
 torch.distributed (its all_reduce is the identity), driven through the same plan rank0
-decides (runtime.workload.default_meta). Then the same stream runs under the lockstep
+decides (runtime.workload.infer_meta). Then the same stream runs under the lockstep
 runtime (`run_local`, CPU/gloo, rank0 + a mesh of N) for each N, and
 conformance/reference.py compares chunk by chunk: rank0's anchors, every mesh rank's
 state (start frame, KV-cache positions exactly; KV values), the result's
@@ -30,7 +30,7 @@ def reference_stream(regime: str, *, chunks: int, steps: int, hard_cut_at,
     import torch
     from lockstep.model import contract as C
     from lockstep.runtime.dit import DiTSpec, DiTWorkload, spec_dict
-    from lockstep.runtime.workload import default_meta
+    from lockstep.runtime.workload import infer_meta
     spec = spec or DiTSpec()
     records, outputs = [], []
     kw = dict(mesh_size=1, spec=spec, device=device, dtype=dtype or torch.float32)
@@ -46,7 +46,7 @@ def reference_stream(regime: str, *, chunks: int, steps: int, hard_cut_at,
             if hard_cut_at is not None and k == hard_cut_at and k > 0:
                 epoch, init = epoch + 1, True
             extra, tensors = rank0.build(k, epoch, init, regime, steps)
-            meta = default_meta(extra, action=C.Action.INFER, call_id=k, chunk_index=k,
+            meta = infer_meta(extra, call_id=k, chunk_index=k,
                                 cache_epoch=epoch, init_cache=init, regime=regime,
                                 steps=steps)
             init = False

@@ -13,9 +13,14 @@ Conventions decided here (see PROTOCOL.md "Contract"):
 * Presence is *iff*: a field or tensor must be present exactly when its ``required_when`` rule
   holds (``optional`` fields may also be omitted). Payload-free actions (NOOP, SHUTDOWN, ERROR)
   carry only the header-borne fields and no tensors; their tensor checks are skipped.
-* Header-only envelopes (NOOP, SHUTDOWN) repeat the ``chunk_index`` and ``cache_epoch`` of the
-  envelope before them: only INFER advances the chunk or the epoch, so "the first INFER of a
-  new epoch carries init_cache=True" is checkable from the previous envelope alone.
+* Header-only envelopes (NOOP, SHUTDOWN) carry no chunk (``chunk_index = -1``) and rank0's
+  *current* ``cache_epoch`` (the epoch in force when rank0 queues them, so a SHUTDOWN after a
+  hard cut belongs to the new epoch even if no INFER of it was sent). ERROR carries the ids of
+  the call it ends. One definition of every message's ids (``model/messages.py``) is shared by
+  the model's tables and the runtime's codec.
+* The plan bits of a regime (``plan_bits``) are decided here once: R0a and R0 both schedule the
+  recompute pass (``do_kv_recompute=True``, one extra generator call); R0 marks it with the
+  ``latent_anchor`` bit and carries no ``context_frames``.
 * ERROR is the release path and is never refused for ordering reasons (no ``prev`` checks):
   refusing a terminal message would itself strand the peer.
 * ``context_frames`` is the one wire name; ``context_frames_override`` is the pipeline-side
@@ -72,8 +77,17 @@ def expected_generator_calls(regime, num_denoise_steps: int, *,
     with no recompute (e.g. the first chunk after init_cache in R0a) runs ``steps`` calls.
     """
     regime = Regime(regime)
-    recompute = regime is not Regime.R1 if do_kv_recompute is None else do_kv_recompute
+    recompute = plan_bits(regime)["do_kv_recompute"] if do_kv_recompute is None \
+        else do_kv_recompute
     return num_denoise_steps + (1 if recompute and regime is not Regime.R1 else 0)
+
+
+def plan_bits(regime) -> dict:
+    """The recompute plan bits rank0 puts in every INFER envelope of `regime`: the one
+    source for the envelope, the call-count formula and the model's `Config.calls`."""
+    regime = Regime(regime)
+    return {"regime": regime.value, "do_kv_recompute": regime is not Regime.R1,
+            "latent_anchor": regime is Regime.R0}
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,7 +222,7 @@ ENVELOPE_FIELDS = (
               "monotonic across all actions: pairs every message with its reply and log line",
               _E, bounds=_ID),
     FieldSpec("chunk_index", "int", ALWAYS,
-              "monotonic across INFER; header-only actions repeat the last one (-1: none yet)",
+              "monotonic across INFER; -1 in NOOP/SHUTDOWN (no chunk); ERROR: the call it ends",
               _E, bounds=(-1, INT64_MAX)),
     FieldSpec("cache_epoch", "int", ALWAYS,
               "bumped by a hard cut; results of an older epoch are dropped, never decoded",
@@ -301,7 +315,7 @@ RESULT_TENSORS = (
 ENVELOPE_RULES = (
     CrossRule("infer_chunk_index", ("chunk_index", "action"),
               "action == INFER implies chunk_index >= 0",
-              "-1 only means 'no chunk yet' in header-only envelopes", _E),
+              "-1 means no chunk: header-only envelopes only", _E),
     CrossRule("r1_no_recompute", ("do_kv_recompute", "regime"),
               "regime == R1 implies not do_kv_recompute",
               "R1 is bring-up without recompute", _E),
@@ -315,11 +329,11 @@ ENVELOPE_RULES = (
     CrossRule("call_id_monotonic", ("call_id",), "call_id > prev.call_id",
               "a replayed or reordered message is refused, not executed twice", _E, True),
     CrossRule("chunk_index_monotonic", ("chunk_index", "action"),
-              "INFER: chunk_index > prev.chunk_index; NOOP/SHUTDOWN: == prev.chunk_index",
-              "only INFER advances the chunk", _E, True),
+              "INFER: chunk_index > prev.chunk_index; NOOP/SHUTDOWN: chunk_index == -1",
+              "only INFER carries and advances the chunk", _E, True),
     CrossRule("epoch_monotonic", ("cache_epoch", "action"),
-              "INFER: cache_epoch >= prev.cache_epoch; NOOP/SHUTDOWN: == prev.cache_epoch",
-              "epochs never go back; only INFER opens a new one", _E, True),
+              "cache_epoch >= prev.cache_epoch (NOOP/SHUTDOWN carry rank0's current epoch)",
+              "epochs never go back", _E, True),
     CrossRule("new_epoch_inits_cache", ("init_cache", "cache_epoch"),
               "INFER with cache_epoch > prev.cache_epoch implies init_cache",
               "after a hard cut the next envelope carries init_cache=True (FM-10)", _E, True),
@@ -536,8 +550,8 @@ def _chk_chunk(meta, tensors, ctx):
     got, last = meta["chunk_index"], prev["chunk_index"]
     if _infer(meta) and got <= last:
         return f"INFER chunk_index {got} not > previous {last}"
-    if not _infer(meta) and got != last:
-        return f"header-only chunk_index {got} != previous {last}"
+    if not _infer(meta) and got != -1:
+        return f"header-only chunk_index {got} != -1 (no chunk)"
 
 
 def _chk_epoch(meta, tensors, ctx):
@@ -545,7 +559,7 @@ def _chk_epoch(meta, tensors, ctx):
     if prev is None:
         return None
     got, last = meta["cache_epoch"], prev["cache_epoch"]
-    if got < last or (not _infer(meta) and got != last):
+    if got < last:
         return f"cache_epoch {got} after {last}"
 
 

@@ -935,7 +935,9 @@ DELTA = [
      [("field", "envelope.action"), ("mutation", "leader_throw_no_terminal"),
       ("row", "leader:bcast_error"), ("row", "rank0:preflight_fails")]),
     ("call_id monotonic across all actions, chunk_index monotonic across INFER", "refined",
-     "kept; header-only envelopes repeat the previous chunk_index and cache_epoch, ERROR is "
+     "kept; header-only NOOP/SHUTDOWN carry no chunk (-1) and rank0's current cache_epoch "
+     "(one definition of every message's ids, model/messages.py, shared with the codec), "
+     "ERROR is "
      "exempt from ordering (refusing a terminal would strand the peer), and a hard cut does "
      "not restart chunk_index",
      [("rule", "envelope.call_id_monotonic"), ("rule", "envelope.chunk_index_monotonic"),

@@ -6,26 +6,18 @@ They take `(v, cfg[, msg])` and return a bool or a new NamedTuple; they do no I/
 hold no state, so the explorer can call them millions of times and the replayer can
 trust them.
 
-Message summaries (`Msg`) carry the ids the protocol reasons about (action, call_id,
-chunk_index, cache_epoch, generator calls, init_cache); the runtime's real envelope
-carries these plus tensors, and the runtime builds the summary from its decoded header.
+Message summaries (`Msg`, model/messages.py) carry the ids the protocol reasons about
+(action, call_id, chunk_index, cache_epoch, generator calls, init_cache); every one is
+built by `messages.message`, the one definition the runtime's codec also frames.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 from .contract import Action
+from .messages import Msg, message
 
 INFER, NOOP, SHUTDOWN, ERROR = Action.INFER, Action.NOOP, Action.SHUTDOWN, Action.ERROR
-
-
-class Msg(NamedTuple):
-    action: int
-    call_id: int
-    chunk: int          # chunk_index (-1 when the action carries no chunk)
-    epoch: int          # cache_epoch
-    calls: int          # envelope: expected_generator_calls; result: observed
-    init_cache: bool = False
 
 
 class Rank0Vars(NamedTuple):
@@ -91,7 +83,7 @@ def can_build_preflight_fails(v, cfg) -> bool:
 
 
 def new_envelope(v: Rank0Vars, cfg) -> Msg:
-    return Msg(INFER, v.next_call, v.next_chunk, v.epoch, cfg.calls, v.init_cache)
+    return message(INFER, v.next_call, v.next_chunk, v.epoch, cfg.calls, v.init_cache)
 
 
 def enqueue_envelope(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
@@ -109,7 +101,7 @@ def fail_preflight(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
 
 
 def _queue_terminal(v: Rank0Vars, action) -> Rank0Vars:
-    term = Msg(action, v.next_call, -1, v.epoch, 0)
+    term = message(action, v.next_call, -1, v.epoch)
     return v._replace(send_q=v.send_q + (term,), next_call=v.next_call + 1,
                       terminal_queued=True)
 
@@ -180,14 +172,14 @@ def can_heartbeat(v: Rank0Vars, cfg) -> bool:
 
 
 def queue_noop(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
-    noop = Msg(NOOP, v.next_call, -1, v.epoch, 0)
+    noop = message(NOOP, v.next_call, -1, v.epoch)
     return v._replace(send_q=v.send_q + (noop,), next_call=v.next_call + 1,
                       noops_left=v.noops_left - 1)
 
 
 def direct_noop(v: Rank0Vars, cfg) -> Msg:
     """The message a *second* thread would send if it bypassed the comms thread."""
-    return Msg(NOOP, v.next_call, -1, v.epoch, 0)
+    return message(NOOP, v.next_call, -1, v.epoch)
 
 
 def spend_noop(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
@@ -316,7 +308,7 @@ def envelope_invalid(v: MeshVars, cfg) -> bool:
 
 def reject_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
     """Turn the current call into an ERROR terminal for the mesh; rank0 is told next."""
-    err = Msg(ERROR, v.env.call_id, v.env.chunk, v.env.epoch, 0)
+    err = message(ERROR, v.env.call_id, v.env.chunk, v.env.epoch)
     return v._replace(env=err, rejected=True, inject=v.inject - {"leader_reject"})
 
 
@@ -349,13 +341,13 @@ def error_from_rank0(v: MeshVars, cfg) -> bool:
 
 def error_result(v: MeshVars, cfg) -> Msg:
     e = v.env
-    return Msg(ERROR, e.call_id, e.chunk, e.epoch, v.calls_done)
+    return message(ERROR, e.call_id, e.chunk, e.epoch, v.calls_done)
 
 
 def result(v: MeshVars, cfg) -> Msg:
     """PPResult summary: ids echo the envelope; calls = observed_generator_calls."""
     e = v.env
-    return Msg(INFER, e.call_id, e.chunk, e.epoch, v.calls_done)
+    return message(INFER, e.call_id, e.chunk, e.epoch, v.calls_done)
 
 
 # ---------------------------------------------------------------- every mesh rank

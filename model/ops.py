@@ -83,6 +83,14 @@ class Row(NamedTuple):
     accept(v, cfg, msg) -> bool  for receiving rows: which row handles the message
     update(v, cfg, msg) -> v'    new local variables (msg is None for local rows)
     tags                         what properties observe ('emit', 'commit', ...)
+    choice                       "" (the protocol takes the row whenever its guard holds),
+                                 "env" (the environment chooses when: a hard cut, a
+                                 heartbeat) or "fault" (an injected fault fires it)
+    effect                       the real work the row stands for, by name ("phase_a",
+                                 "phase_c", "validate", ...; for a fault row the
+                                 injectable fault it realises, model.config.INJECTABLE):
+                                 a driver maps effects to its workload and never looks
+                                 at the label
     """
     thread: str
     src: str
@@ -95,6 +103,8 @@ class Row(NamedTuple):
     update: Optional[Callable] = None
     tags: frozenset = frozenset()
     why: str = ""
+    choice: str = ""
+    effect: str = ""
 
 
 def op_text(op) -> str:

@@ -277,6 +277,12 @@ MAKES: dict = {
     "outgoing": ("r0", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env_out)"),
     "direct_noop": ("r0", "msg", lambda c, d: f"msg_set({d}, NOOP, {c.v}.next_call, -1, "
                                               f"{c.v}.epoch, 0, 0)"),
+    # the envelope a Phase-A row builds (its update enqueues the same message): made
+    # for the runtime's effect on a local row, never exchanged, so the export needs it
+    # only to exist; its fields are enqueue_envelope's
+    "new_envelope": ("r0", "msg", lambda c, d: f"msg_set({d}, INFER, {c.v}.next_call, "
+                                               f"{c.v}.next_chunk, {c.v}.epoch, "
+                                               f"{c.cfg.calls}, {c.v}.init_cache)"),
     "current_envelope": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env)"),
     "result": ("mesh", "msg", lambda c, d: f"msg_set({d}, INFER, {c.v}.env.call_id, "
                                            f"{c.v}.env.chunk, {c.v}.env.epoch, "
@@ -1240,7 +1246,7 @@ def check_fingerprints() -> None:
 
 
 FINGERPRINTS: dict = {
-    'guards._queue_terminal': '6d3905a86c',
+    'guards._queue_terminal': 'be77975d1c',
     'guards.all_built': 'd56ebcf078',
     'guards.call_done': '9ad47b6216',
     'guards.can_build': '901595cb30',
@@ -1258,7 +1264,7 @@ FINGERPRINTS: dict = {
     'guards.decode_head': '7fc0100246',
     'guards.decode_queue_empty': 'c67dbcfc41',
     'guards.decode_room': 'd63637157f',
-    'guards.direct_noop': '2472115e98',
+    'guards.direct_noop': 'bf4c7074b9',
     'guards.drained': '19cdffd6ae',
     'guards.drop_head': 'f8c745f6c4',
     'guards.enqueue_envelope': '1f19480afe',
@@ -1270,7 +1276,7 @@ FINGERPRINTS: dict = {
     'guards.envelope_invalid': '22fe95ef73',
     'guards.envelope_valid': '0e98d00315',
     'guards.error_from_rank0': '3374f2ecb2',
-    'guards.error_result': 'd2971d9034',
+    'guards.error_result': '47c7a85bfe',
     'guards.expecting_result': '27f2e71c9e',
     'guards.expecting_result_before_terminal': 'e0bef188dc',
     'guards.fail_preflight': '3b54c1e0e7',
@@ -1298,7 +1304,7 @@ FINGERPRINTS: dict = {
     'guards.msg_is_INFER': '33b7b6c2af',
     'guards.msg_is_NOOP': '33b7b6c2af',
     'guards.msg_is_SHUTDOWN': '33b7b6c2af',
-    'guards.new_envelope': 'a5bbac67be',
+    'guards.new_envelope': 'a4943e5492',
     'guards.out_has_payload': '3fe6a64078',
     'guards.out_header_only': 'ab23605c53',
     'guards.outgoing': '11783aa430',
@@ -1308,12 +1314,12 @@ FINGERPRINTS: dict = {
     'guards.payload_sent': '7a35d4fa9b',
     'guards.plan_calls': '11a76641e3',
     'guards.put_result': 'e37c4056b3',
-    'guards.queue_noop': '92e010f82b',
+    'guards.queue_noop': 'f7246a28ff',
     'guards.queue_shutdown': '243450022d',
-    'guards.reject_envelope': 'a303978255',
+    'guards.reject_envelope': '91ad1c21d5',
     'guards.reject_head': '9689a4d8d4',
     'guards.rejected_by_leader': 'd88d0bc40a',
-    'guards.result': '0ac2644a34',
+    'guards.result': '0319f8f61f',
     'guards.spend_noop': '882901b3d1',
     'guards.start_phase_b': '36bef2eec0',
     'guards.start_phase_b_inferred': 'bc1f1edeee',

@@ -63,13 +63,17 @@ class RunOptions:
     fault: Optional[FaultSwitch] = None
     op_deadline_s: float = 30.0         # per-op deadline: no progress -> crash, not hang
     pg_timeout_s: float = 60.0          # backend timeout given to every process group
-    lost_after_s: float = 0.5           # a silent heartbeat for this long = peer lost
+    # A silent heartbeat for this long = peer lost. Only a backstop: the launcher records
+    # a killed rank at once and gloo reports a closed pair in ms; 0.5 s saw false losses
+    # of a live leader with 5 ranks on 2 loaded cores (the beat thread was not scheduled).
+    lost_after_s: float = 1.0
     store_timeout_s: float = 30.0       # side-channel store connect timeout
     drain_s: float = 10.0               # rank0 waits this long for every clean-exit mark
     torch_threads: int = 1              # intra-op threads per rank
     hidden: int = 64                    # demo workload width
     frames: int = 4                     # demo workload latent frames
     costs: StageCosts = field(default_factory=StageCosts)
+    heartbeat_ms: Optional[float] = None  # rank0 sends a NOOP after this idle time (off)
     workload: str = "mlp"               # mlp | dit
     dit: dict = field(default_factory=dict)   # DiTSpec overrides (runtime/dit.py)
     device: str = "cpu"                 # where the workload's tensors live
@@ -83,6 +87,8 @@ class RunOptions:
         for name in ("op_deadline_s", "pg_timeout_s", "lost_after_s", "store_timeout_s"):
             _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _check(self.drain_s >= 0, "drain_s", ">= 0", self.drain_s)
+        _check(self.heartbeat_ms is None or self.heartbeat_ms > 0, "heartbeat_ms",
+               "> 0 (or unset: no heartbeats)", self.heartbeat_ms)
         for name in ("torch_threads", "hidden", "frames"):
             _check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         for f in fields(StageCosts):

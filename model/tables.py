@@ -64,17 +64,18 @@ def rank0_main_rows() -> list:
     rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
     loop = [
         Row("main", "{s}", "build_envelope", Local("phase_a+preflight"), "{s}",
-            guard=g.can_build_ok, update=g.enqueue_envelope, tags=frozenset({"phase_a"}),
+            guard=g.can_build_ok, make=g.new_envelope, update=g.enqueue_envelope,
+            tags=frozenset({"phase_a"}), effect="phase_a",
             why="Phase A builds and fully materialises envelope k before it is queued"),
         Row("main", "{s}", "preflight_fails", Local("phase_a+preflight"), "failing",
-            guard=g.can_build_preflight_fails, update=g.fail_preflight,
-            tags=frozenset({"fault"}),
+            guard=g.can_build_preflight_fails, make=g.new_envelope, update=g.fail_preflight,
+            tags=frozenset({"fault"}), choice="fault", effect="rank0_preflight",
             why="preflight raised before any header: send an ERROR terminal instead"),
         Row("main", "{s}", "hard_cut", Local("hard_cut"), "{s}", guard=g.can_cut,
-            update=g.hard_cut, tags=frozenset({"cut"}),
+            update=g.hard_cut, tags=frozenset({"cut"}), choice="env", effect="hard_cut",
             why="prompt change: bump cache_epoch, flush both queues"),
         Row("main", "{s}", "decode_result", Local("phase_c"), "{s}", guard=g.head_current,
-            update=g.decode_head, tags=frozenset({"emit"}),
+            update=g.decode_head, tags=frozenset({"emit"}), effect="phase_c",
             why="Phase C: decode and emit result k"),
         Row("main", "{s}", "drop_stale_result", Local("drop"), "{s}", guard=g.head_stale,
             update=g.drop_head, why="a result of an old cache_epoch is never decoded"),
@@ -82,7 +83,8 @@ def rank0_main_rows() -> list:
             guard=g.head_bad_count, update=g.reject_head,
             why="observed_generator_calls differs from the plan"),
         Row("main", "{s}", "queue_noop", Local("heartbeat"), "{s}", guard=g.can_heartbeat,
-            update=g.queue_noop, why="NOOP heartbeat through the comms thread"),
+            update=g.queue_noop, choice="env", effect="heartbeat",
+            why="NOOP heartbeat through the comms thread (the heartbeat_ms policy)"),
     ]
     for s in ("run",):
         rows += [r._replace(src=s, dst=r.dst.replace("{s}", s)) for r in loop]
@@ -95,7 +97,7 @@ def rank0_main_rows() -> list:
             rows.append(r._replace(src="drain", dst="drain"))
     rows.append(Row("main", "drain", "hard_cut_in_drain", Local("hard_cut"), "drain",
                     guard=g.can_cut_in_drain, update=g.hard_cut_in_drain,
-                    tags=frozenset({"cut"}),
+                    tags=frozenset({"cut"}), choice="env", effect="hard_cut",
                     why="prompt change while draining: what is still to come is dropped"))
     rows.append(_exit("main", "drain", "exit_clean", "ok", "shutdown complete",
                       guard=g.drained, tags=frozenset({"join_comms", "end"})))
@@ -175,7 +177,8 @@ def phase_b_rows(thread: str, after: str, group: str = MESH) -> list:
             why="only ranks whose flag is set issue it (FM-03)"),
         _exit(thread, "gen", "wrong_group_caught", "abort",
               "Phase-B all_reduce requested on world_pg; the table allows mesh_pg",
-              guard=g.wrong_group_requested, tags=frozenset({"fault"}),
+              guard=g.wrong_group_requested, tags=frozenset({"fault"}), choice="fault",
+              effect="wrong_group",
               why="the collective wrapper refuses before the backend is called; the "
                   "abort flag releases the members already blocked in the collective"),
     ]
@@ -207,14 +210,14 @@ def leader_rows() -> list:
             "validate", update=g.store_envelope,
             why="the payload's metadata completes the envelope (plan bits)"),
         Row("main", "validate", "envelope_valid", Local("validate"), "bcast_hdr",
-            guard=g.envelope_valid,
+            guard=g.envelope_valid, effect="validate",
             why="every contract check passes before the first mesh broadcast"),
         Row("main", "validate", "envelope_invalid", Local("validate"), "bcast_hdr",
             guard=g.envelope_invalid, update=g.reject_envelope,
             why="tell the mesh (ERROR broadcast) and rank0 (ERROR result)"),
         Row("main", "validate", "validation_raises", Local("validate"), "bcast_hdr",
-            update=g.reject_envelope, tags=frozenset({"fault"}),
-            why="break-it 2: the leader fails after receiving, before the broadcast"),
+            update=g.reject_envelope, tags=frozenset({"fault"}), choice="fault",
+            effect="leader_reject", why="break-it 2: the leader fails after receiving, before the broadcast"),
     ]
     bcast = Coll("broadcast", MESH, 0, ENV_HDR)
     rows += [

@@ -42,6 +42,7 @@ from typing import Mapping, Optional
 import torch
 
 from lockstep.model import contract as C
+from lockstep.model import messages as M
 from lockstep.model.contract import Action, ContractError  # noqa: F401  (decode_* raise it; re-exported)
 
 HEADER_LAYOUT = ("magic", "version", "action", "call_id", "chunk_index", "cache_epoch",
@@ -165,6 +166,11 @@ class Message:
     def action(self) -> Action:
         return self.header.action
 
+    @property
+    def msg(self) -> M.Msg:
+        """The model's identity of this message (model.messages.summary)."""
+        return M.summary(self.header.kind, self.meta)
+
 
 def header_checksum(body) -> int:
     """FNV-1a 64 over the little-endian two's-complement bytes of the header words."""
@@ -185,6 +191,22 @@ def encode_envelope(meta: Mapping, tensors: Mapping, *, prev: Optional[Mapping] 
     descs = _describe(tensors)
     C.validate_envelope(meta, descs, where=where, prev=prev)
     return _encode(_KINDS["envelope"], meta, tensors, caps, device)
+
+
+def encode_envelope_msg(msg: M.Msg, fields: Mapping, tensors: Mapping, **kw) -> Frames:
+    """Encode the envelope the model's row made: its identifying fields come from `msg`
+    through model.messages.wire_ids (the one definition), the rest from `fields`."""
+    return encode_envelope(M.full_meta("envelope", msg, fields), tensors, **kw)
+
+
+def encode_result_msg(msg: M.Msg, fields: Mapping, tensors: Mapping, **kw) -> Frames:
+    """Encode the result the model's row made (ids and observed count from `msg`)."""
+    return encode_result(M.full_meta("result", msg, fields), tensors, **kw)
+
+
+def header_msg(h: Header) -> M.Msg:
+    """What a receiver of header `h` records (model.messages.header_view)."""
+    return M.from_header(h.action, h.call_id, h.chunk_index, h.cache_epoch)
 
 
 def encode_result(meta: Mapping, tensors: Mapping, *, envelope_meta: Optional[Mapping],

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lockstep.model import contract as C
 from lockstep.model.runopts import DRIFTS   # the names travel in RunOptions
 
 from .workload import StageCosts, Workload, spend, tensor_digest_i64
@@ -203,13 +204,12 @@ class DiTWorkload(Workload):
         tensors = {"conditioning_embeds": cond.to(torch.bfloat16),
                    "latents_in": latents.to(torch.bfloat16),
                    "current_denoising_step_list": torch.tensor(sched, dtype=torch.int64)}
-        recompute = regime in ("R0a", "R0")
         anchor = None
-        if regime == "R0a":
+        plan = C.plan_bits(regime)       # rank0's contract decides, not the workload
+        if plan["do_kv_recompute"] and not plan["latent_anchor"]:   # R0a: decoded anchor
             anchor = self._anchor(chunk_index)
             tensors["context_frames"] = anchor
         meta = {"height": 2 * s.lat_h, "width": 2 * s.lat_w, "current_start_frame": csf,
-                "do_kv_recompute": recompute, "latent_anchor": regime == "R0",
                 "reset_kv_cache": bool(init_cache), "reset_crossattn_cache": bool(init_cache),
                 "base_seed": seed}
         self.record({"rank": 0, "chunk": chunk_index, "epoch": cache_epoch, "csf": csf,

@@ -23,27 +23,24 @@ import torch
 
 from lockstep.model import contract as C
 from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
-from lockstep.model.guards import Msg
+from lockstep.model.messages import Msg
 from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                        WORLD, Coll, Exit, Local, Recv, Send, op_text)
+from lockstep.model import policy as P
 from lockstep.model.semantics import DEAD_THREAD, Model
 from lockstep.model.tables import FINAL, THREADS
 
 from . import codec, wire
 from .groups import GuardedComm
-from .workload import default_meta
-
-LOCAL_ORDER = ("exit", "hard_cut", "preflight_fails", "build_envelope", "decode_result",
-               "drop_stale_result", "reject_result", "drop_after_failure",
-               "queue_shutdown", "queue_noop", "queue_result", "take_envelope")
+from .workload import envelope_fields
 
 
 class TableViolation(RuntimeError):
     """The runtime was asked to do something no row allows."""
 
 
-class WrongGroup(RuntimeError):
-    pass
+class WrongGroup(TableViolation):
+    """A collective on a group (or of a kind) no row of the current state allows."""
 
 
 class RankInterpreter:
@@ -64,16 +61,19 @@ class RankInterpreter:
         self.gseq = {WORLD: 0, MESH: 0}
         self.exit = None            # (how, reason) once the process leaves
         self.deadline = opts.op_deadline_s
-        self.fault = opts.fault
+        self.policy = P.Policy.from_opts(opts.to_dict(), chunks=self.cfg.chunks)
+        self.last_step = [time.monotonic()] * len(self.threads)
         # real data beside the model's summaries, keyed by call_id
         self.env_frames, self.env_meta, self.times = {}, {}, {}
         self.results = {}
         self.cur = None             # mesh: (meta, tensors) of the current envelope
-        self.prev_meta = None
+        self.prev_meta = None         # rank0: the last INFER built (Phase A preflight)
+        self.sent_ids = None          # rank0: ids of the last envelope header sent
         self.last_b_end = None
         self.t_b_start = 0.0
         self.outputs = []
         self._comms_jobs = [None, None, None, None]
+        self._tl = threading.local()
         self.comm = GuardedComm(groups, p, check=self._table_check, abort_poll=abort_poll,
                                 op_deadline_s=self.deadline)
 
@@ -123,8 +123,10 @@ class RankInterpreter:
             rows = self.table[t].get(pc)
             if not rows:
                 raise TableViolation(f"{self.name}: no row leaves state {pc!r}")
+            idle_ms = (time.monotonic() - self.last_step[t]) * 1000.0
             ok = [r for r in rows if (r.guard is None or r.guard(self.v, self.cfg))
-                  and self._joined(t, r) and self._fault_allows(r)]
+                  and self._joined(t, r)
+                  and P.fires(r, self.v, self.p, self.policy, idle_ms)]
             if ok:
                 return ok
             reason = self.abort_poll()
@@ -137,31 +139,8 @@ class RankInterpreter:
             return True
         return all(pc in (FINAL, DEAD_THREAD) for u, pc in enumerate(self.pcs) if u != t)
 
-    def _fault_allows(self, row) -> bool:
-        """Fault rows fire only where the run's fault-injection switch says."""
-        if "fault" not in row.tags:
-            return True
-        f = self.fault
-        want = {"preflight_fails": "rank0_preflight", "validation_raises": "leader_reject",
-                "wrong_group_caught": "wrong_group"}.get(row.label)
-        if f is None or f.name != want or f.rank not in (None, self.p):
-            return False
-        chunk = self.v.next_chunk if self.role == "rank0" else self.v.env.chunk
-        return chunk == f.at_chunk
-
     def _choose_local(self, t, rows):
-        if self.role == "rank0" and self.threads[t] == "main":
-            cut_at = self.opts.hard_cut_at
-            rows = [r for r in rows if "cut" not in r.tags or
-                    (cut_at is not None and self.v.next_chunk == cut_at)]
-            rows = [r for r in rows if r.label != "queue_noop"]
-            if not rows:
-                return None
-        order = {name: i for i, name in enumerate(LOCAL_ORDER)}
-        # A fault row is only enabled here when its switch fires now: it goes first.
-        return min(rows, key=lambda r: (0 if "fault" in r.tags else 1,
-                                        0 if isinstance(r.op, Exit) else 1,
-                                        order.get(r.label, 99)))
+        return P.choose_local([r for r in rows if isinstance(r.op, (Local, Exit))])
 
     # ------------------------------------------------------------------ apply + trace
     def _apply(self, t, row, msg=None, t0=None, **ev):
@@ -186,69 +165,49 @@ class RankInterpreter:
         self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
                                     msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
         self.i[t] += 1
+        self.last_step[t] = time.monotonic()
         self.cv.notify_all()
 
     # ------------------------------------------------------------------ local rows
     def _do_local(self, t, row):
-        if row is None:           # only rows the policy holds back: wait a little
-            with self.cv:
-                self.cv.wait(0.01)
-            return
+        """A local row: the real work its effect stands for, then the model's update."""
         t0 = time.monotonic_ns()
-        meas = None
-        label = row.label
-        if label == "build_envelope":
-            self._phase_a()
-        elif label == "preflight_fails":
-            self._preflight_fails()
-        elif label == "decode_result":
-            meas = self._phase_c()
-        elif label == "validation_raises":
-            self._event(FAULT, what="leader_reject", where="leader validation")
-        elif label == "envelope_valid":
-            self._validate()
-        elif label == "wrong_group_caught":
-            self._wrong_group()
+        work = self.EFFECTS.get(row.effect) if row.effect else None
+        meas = work(self, row) if work is not None else None
         with self.cv:
             self._apply(t, row, None, t0, meas=meas)
 
-    def _phase_a(self):
+    def _phase_a(self, row):
         v = self.v
-        call, chunk = v.next_call, v.next_chunk
+        msg = row.make(v, self.cfg)           # the message the model's update enqueues
         t_a0 = time.monotonic_ns()
-        extra, tensors = self.work.build(chunk, v.epoch, v.init_cache, self.cfg.regime,
-                                         self.cfg.steps)
-        meta = default_meta(extra, action=C.Action.INFER, call_id=call, chunk_index=chunk,
-                            cache_epoch=v.epoch, init_cache=v.init_cache,
-                            regime=self.cfg.regime, steps=self.cfg.steps)
-        frames = codec.encode_envelope(meta, tensors, prev=self.prev_meta)   # preflight
-        self.prev_meta = meta
-        self.env_frames[call], self.env_meta[call] = frames, meta
-        self.times[call] = {"tA0_ns": t_a0, "tA1_ns": time.monotonic_ns()}
+        extra, tensors = self.work.build(msg.chunk, msg.epoch, msg.init_cache,
+                                         self.cfg.regime, self.cfg.steps)
+        fields = envelope_fields(extra, regime=self.cfg.regime, steps=self.cfg.steps)
+        frames = codec.encode_envelope_msg(msg, fields, tensors,
+                                           prev=self.prev_meta)   # preflight
+        self.prev_meta = meta = {**fields, **codec.M.wire_ids("envelope", msg)}
+        self.env_frames[msg.call_id], self.env_meta[msg.call_id] = frames, meta
+        self.times[msg.call_id] = {"tA0_ns": t_a0, "tA1_ns": time.monotonic_ns()}
 
-    def _preflight_fails(self):
-        v = self.v
-        meta = default_meta({}, action=C.Action.INFER, call_id=v.next_call,
-                            chunk_index=v.next_chunk, cache_epoch=v.epoch,
-                            init_cache=v.init_cache, regime=self.cfg.regime,
-                            steps=self.cfg.steps)
+    def _preflight_fails(self, row):
+        msg = row.make(self.v, self.cfg)
+        fields = envelope_fields({}, regime=self.cfg.regime, steps=self.cfg.steps)
         bad = {"latents_in": torch.zeros(2, 2, dtype=torch.float64)}
         try:
-            codec.encode_envelope(meta, bad, prev=self.prev_meta)
+            codec.encode_envelope_msg(msg, fields, bad, prev=self.prev_meta)
         except (codec.CodecError, C.ContractError) as e:
             self._event(FAULT, what="rank0_preflight", error=str(e))
             return
         raise TableViolation("injected preflight fault did not raise")
 
     def _terminal_frames(self, msg: Msg):
-        """Header-only envelope: repeats the previous envelope's chunk and epoch."""
-        base = self.prev_meta or {"chunk_index": -1, "cache_epoch": msg.epoch}
-        meta = C.make_envelope_meta(action=int(msg.action), call_id=msg.call_id,
-                                    chunk_index=base["chunk_index"],
-                                    cache_epoch=base["cache_epoch"])
-        return codec.encode_envelope(meta, {}, prev=None)
+        """Header-only envelope: every id from the model's message (model.messages),
+        encoded when the comms thread sends it, so it is ordered against the envelope
+        sent before it (main may have built later INFERs meanwhile)."""
+        return codec.encode_envelope_msg(msg, {}, {}, prev=self.sent_ids)
 
-    def _phase_c(self):
+    def _phase_c(self, row):
         head = self.v.decode_q[0]
         meta, tensors = self.results.pop(head.call_id)
         self.outputs.append((head.chunk, head.epoch, self.work.decode(meta, tensors)))
@@ -258,22 +217,31 @@ class RankInterpreter:
                   q_in=self.v.inflight, q_out=len(self.v.decode_q))
         return tm
 
-    def _validate(self):
+    def _validate(self, row):
         meta, tensors = self.cur
         C.validate_envelope(meta, {k: C.TensorDesc(str(t.dtype).split(".")[-1],
                                                    tuple(t.shape))
                                    for k, t in tensors.items()},
                             where="leader_before_broadcast")
 
-    def _wrong_group(self):
+    def _wrong_group(self, row):
         """The workload asks for world_pg; the guarded wrapper refuses before the
         backend is called because the table's row says mesh_pg."""
+        self._tl.where = (0, GEN)    # inside a generator call, as the workload would be
         try:
             self.guarded_all_reduce(torch.zeros(1), WORLD)
         except WrongGroup as e:
             self._event(FAULT, what="wrong_group", error=str(e))
             return
         raise TableViolation("wrong-group call was not refused")
+
+    def _fault_event(self, row):
+        self._event(FAULT, what=row.effect, where=row.src)
+
+    # effect (a row attribute) -> the real work; rows without an effect do none
+    EFFECTS = {"phase_a": _phase_a, "rank0_preflight": _preflight_fails,
+               "phase_c": _phase_c, "validate": _validate, "leader_reject": _fault_event,
+               "wrong_group": _wrong_group}
 
     def guarded_all_reduce(self, t, group_name):
         """The workload's collectives go through runtime.groups.GuardedComm, whose check
@@ -284,11 +252,24 @@ class RankInterpreter:
         return t
 
     def _table_check(self, op: str, group: str, peer) -> None:
-        row_groups = {r.op.group for r in self.table[0].get(self.pcs[0], ())
-                      if isinstance(r.op, Coll)}
-        if group not in row_groups:
-            raise WrongGroup(f"{op} on {group} refused: state {self.pcs[0]!r} allows "
-                             f"only {sorted(row_groups)}")
+        """GuardedComm's check for the workload's collectives (Phase B): the calling
+        thread and the collective kind it is inside are set by `_coll`."""
+        t, kind = getattr(self._tl, "where", (0, GEN))
+        self._monitor(t, Coll(op, group, None, kind))
+
+    def _monitor(self, t, op) -> None:
+        """The online monitor: every op of every thread (control plane and workload) is
+        checked against the rows of the thread's current state before the backend is
+        called. A call no row allows raises with the state and the rows it allows."""
+        with self.cv:
+            pc = self.pcs[t]
+            rows = [r for r in self.table[t].get(pc, ())
+                    if r.guard is None or r.guard(self.v, self.cfg)]
+        if any(_allows(r.op, op) for r in rows):
+            return
+        err = WrongGroup if isinstance(op, Coll) else TableViolation
+        raise err(f"{self.name}.{self.threads[t]}: {op_text(op)} refused in state {pc!r}; "
+                  f"its rows allow {sorted({op_text(r.op) for r in rows})}")
 
     # ------------------------------------------------------------------ p2p
     def _peer(self, row) -> int:
@@ -312,15 +293,15 @@ class RankInterpreter:
         elif row.op.kind == ENV_PAY:
             parts = [codec.pack_payload(self.env_frames[msg.call_id])]
         elif row.op.kind == RES_HDR:
-            if msg.action == C.Action.ERROR:
-                self._error_result({"call_id": msg.call_id, "chunk_index": msg.chunk,
-                                    "cache_epoch": msg.epoch})
+            self.result_frames = self._result_frames(msg)   # result preflight
             parts = [self.result_frames.header]
         else:
             parts = [codec.pack_payload(self.result_frames)]
         return wire.send_parts(parts, dst)
 
     def _after_send(self, row, msg):
+        if row.op.kind == ENV_HDR:
+            self.sent_ids = codec.M.wire_ids("envelope", msg)
         if row.op.kind == ENV_PAY or (row.op.kind == ENV_HDR and msg.action != C.Action.INFER):
             self.env_frames.pop(msg.call_id, None)
 
@@ -328,6 +309,7 @@ class RankInterpreter:
         t0 = time.monotonic_ns()
         with self.cv:
             msg = row.make(self.v, self.cfg)
+        self._monitor(t, row.op)
         wire.run_one(self._send_job(row, msg), **self._pollkw(op_text(row.op)))
         self._after_send(row, msg)
         with self.cv:
@@ -348,7 +330,7 @@ class RankInterpreter:
     def _hdr_then_msg(self, src, expect):
         h = yield from wire.recv_header(src, expect)
         self._hdr = h
-        return _header_msg(h)
+        return codec.header_msg(h)
 
     def _payload_then_msg(self, src, kind):
         h = self._hdr
@@ -356,13 +338,13 @@ class RankInterpreter:
         if kind == ENV_PAY:
             m = codec.decode_envelope(h, meta, manifest, tensors, where="leader_before_broadcast")
             self.cur = (m.meta, m.tensors)
-            return _envelope_msg(h, m.meta)
+            return m.msg
         env_meta = self.env_meta.get(h.call_id)
         m = codec.decode_result(h, meta, manifest, tensors, envelope_meta=env_meta)
         self.results[h.call_id] = (m.meta, m.tensors)
         self.times.setdefault(h.call_id, {})["tRecv_ns"] = time.monotonic_ns()
         self.env_meta.pop(h.call_id, None)
-        return _header_msg(h, calls=m.meta["observed_generator_calls"])
+        return m.msg
 
     def _pick_accepting(self, rows, msg):
         ok = [r for r in rows if r.accept is None or r.accept(self.v, self.cfg, msg)]
@@ -373,6 +355,7 @@ class RankInterpreter:
 
     def _recv(self, t, rows):
         t0 = time.monotonic_ns()
+        self._monitor(t, rows[0].op)
         msg = wire.run_one(self._recv_job(rows), **self._pollkw(op_text(rows[0].op)))
         with self.cv:
             row = self._pick_accepting(rows, msg)
@@ -387,12 +370,15 @@ class RankInterpreter:
         with self.cv:
             if sends and js[0] is None:
                 msg = sends[0].make(self.v, self.cfg)
+                self._monitor(t, sends[0].op)
                 js[0], js[2] = self._send_job(sends[0], msg), (sends[0], msg)
             if recvs and js[1] is None:
+                self._monitor(t, recvs[0].op)
                 js[1], js[3] = self._recv_job(recvs), recvs
         i, value = wire.poll([js[0], js[1]], **self._pollkw("comms"))
         # The other side may have moved while this op was in flight (the control state
-        # is a pair), so the row is looked up again in the current state by its label.
+        # is a pair), so the row is looked up again in the current state (same op and
+        # functions, `_side`).
         if i == 0:
             row, msg = js[2]
             js[0] = js[2] = None
@@ -410,12 +396,12 @@ class RankInterpreter:
                             chan_i=self._next_chan("recv"))
 
     def _current_row(self, t, rows, msg):
-        labels = {r.label for r in rows}
-        now = [r for r in self.table[t].get(self.pcs[t], ()) if r.label in labels
+        same = {_side(r) for r in rows}   # one side's row, in whatever pair state now
+        now = [r for r in self.table[t].get(self.pcs[t], ()) if _side(r) in same
                and (r.guard is None or r.guard(self.v, self.cfg))]
         if not now:
-            raise TableViolation(f"{self.name}: {sorted(labels)} completed but state "
-                                 f"{self.pcs[t]!r} no longer allows it")
+            raise TableViolation(f"{self.name}: {[op_text(r.op) for r in rows]} completed "
+                                 f"but state {self.pcs[t]!r} no longer allows it")
         return self._pick_accepting(now, msg) if isinstance(now[0].op, Recv) else now[0]
 
     # ------------------------------------------------------------------ collectives
@@ -435,6 +421,9 @@ class RankInterpreter:
         t0 = time.monotonic_ns()
         self.last_group = op.group
         pg = self._pg(op.group)
+        self._tl.where = (t, op.kind)     # the workload's collectives are checked as this
+        if op.kind not in (GEN, COND):    # those go through GuardedComm -> _table_check
+            self._monitor(t, op)
         kw = self._pollkw(f"{op_text(op)} seq {self.gseq[op.group]}")
         meas = None
         if op.kind == PARITY:
@@ -478,8 +467,8 @@ class RankInterpreter:
             gseq = self.gseq[op.group]
             self.gseq[op.group] += 1
             self._apply(t, row, value, t0, group=op.group, gseq=gseq, meas=meas)
-            if self.role == "leader" and row.dst == "send_res_hdr":
-                self._make_result()
+            if "phase_b_done" in row.tags:
+                self.t_b_end = time.monotonic()
 
     detail = ""
     last_group = "-"
@@ -504,48 +493,42 @@ class RankInterpreter:
                 self._bframes = frames
             h = wire.run_one(wire.bcast_header(frames, root_global, pg, "envelope"), **kw)
             self._hdr = h
-            return _header_msg(h)
+            return codec.header_msg(h)
         frames = self._bframes if is_root else None
         h = self._hdr
         meta, manifest, tensors = wire.run_one(
             wire.bcast_payload(frames, h, root_global, pg), **kw)
         m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
         self.cur = (m.meta, m.tensors)
-        return _envelope_msg(h, m.meta)
+        return m.msg
 
     def _mesh_frames(self, env: Msg):
-        """The leader re-encodes what it validated (or the terminal it decided)."""
+        """The leader re-encodes what it validated (or the terminal it decided): the ids
+        are the model's message's (model.messages.wire_ids)."""
         if env.action == C.Action.INFER:
             meta, tensors = self.cur
-            return codec.encode_envelope(meta, tensors, prev=None,
+            return codec.encode_envelope_msg(env, meta, tensors, prev=None,
+                                             where="leader_before_broadcast")
+        return codec.encode_envelope_msg(env, {}, {}, prev=None,
                                          where="leader_before_broadcast")
-        meta = C.make_envelope_meta(action=int(env.action), call_id=env.call_id,
-                                    chunk_index=self._hdr.chunk_index,
-                                    cache_epoch=self._hdr.cache_epoch)
-        frames = codec.encode_envelope(meta, {}, prev=None, where="leader_before_broadcast")
-        if env.action == C.Action.ERROR:
-            self._error_result(meta)
-        return frames
 
-    def _error_result(self, env_meta):
-        meta = C.make_result_meta({k: env_meta[k] for k in C.HEADER_FIELDS if k != "action"}
-                                  | {"action": int(C.Action.ERROR)},
-                                  action=int(C.Action.ERROR))
-        self.result_frames = codec.encode_result(meta, {}, envelope_meta=None)
-
-    def _make_result(self):
-        """Result preflight: encoded before the header is sent (commitment point)."""
+    def _result_frames(self, msg: Msg):
+        """Result preflight, before the result header (commitment point): the ids and
+        the observed count are the model's message (`result` / `error_result`)."""
+        if msg.action != C.Action.INFER:
+            return codec.encode_result_msg(msg, {}, {}, envelope_meta=None)
         meta, tensors = self.cur
-        now = time.monotonic()
-        t_b = (now - self.t_b_start) * 1000.0
+        t_b = (self.t_b_end - self.t_b_start) * 1000.0
         idle = 0.0 if self.last_b_end is None else \
             max(0.0, (self.t_b_start - self.last_b_end) * 1000.0)
-        self.last_b_end = now
+        self.last_b_end = self.t_b_end
         out = self.work.result(meta, tensors)
-        rmeta = C.make_result_meta(meta, observed_generator_calls=self.v.calls_done,
-                                   t_b_ms=round(t_b, 3), t_mesh_idle_ms=round(idle, 3),
-                                   **self.work.result_meta(meta, out))
-        self.result_frames = codec.encode_result(rmeta, out, envelope_meta=meta)
+        # The workload reports what it used (digest, start frame); the envelope's
+        # start frame is the fallback for a workload that reports none.
+        fields = {"mesh_current_start_frame": meta["current_start_frame"],
+                  "t_b_ms": round(t_b, 3), "t_mesh_idle_ms": round(idle, 3),
+                  **self.work.result_meta(meta, out)}
+        return codec.encode_result_msg(msg, fields, out, envelope_meta=meta)
 
     # ------------------------------------------------------------------ events
     def _event(self, ev, **kw):
@@ -566,14 +549,18 @@ def _parity_detail(got, members, names) -> str:
     return f"key={', '.join(keys[c] for c in cols)} differs on ranks {odd} (others agree)"
 
 
-def _header_msg(h, calls: int = -1) -> Msg:
-    """The model's message summary from a decoded header (a header carries no call
-    count: -1, which conformance compares only on the header's own ids)."""
-    chunk = h.chunk_index if h.action == C.Action.INFER else -1
-    return Msg(int(h.action), h.call_id, chunk, h.cache_epoch, calls)
+def _side(row) -> tuple:
+    """What identifies a comms-thread row across the pair states it appears in: its op
+    and its functions (the pair state is src/dst only)."""
+    return (row.op, row.guard, row.accept, row.update, row.make)
 
 
-def _envelope_msg(h, meta) -> Msg:
-    """The full summary once the payload's metadata (the plan bits) is decoded."""
-    return _header_msg(h, meta["expected_generator_calls"])._replace(
-        init_cache=meta["init_cache"])
+def _allows(row_op, op) -> bool:
+    """Does a row's op allow the op a thread is about to issue?"""
+    if type(row_op) is not type(op):
+        return False
+    if isinstance(op, Send):
+        return row_op == op
+    if isinstance(op, Recv):
+        return row_op.peer == op.peer and bool(set(row_op.kinds) & set(op.kinds))
+    return row_op == op

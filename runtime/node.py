@@ -130,8 +130,11 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                          ctx=f"rank={rank} role={role}"), file=sys.stderr, flush=True)
         wd.stop()
         side.mark_clean_exit()
-        if side.hosts_store:    # env:// fallback: the store must outlive the others' use
-            side.wait_all_clean(timeout=opts.drain_s)
+        # Linger until every peer has exited cleanly (or the flag is set): a gloo send
+        # completes before the peer has read it, and a process that exits closes its
+        # pairs, so rank0 leaving right after SHUTDOWN resets the leader's receive of it.
+        # (Under the env:// fallback this rank may also host the store the others use.)
+        side.wait_all_clean(timeout=opts.drain_s)
         tracer.close()
         return 0
     # Every error exit from a table row settles the root cause exactly like an uncaught

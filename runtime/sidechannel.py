@@ -178,12 +178,19 @@ class SideChannel:
         return R.decode((store or self._store()).get(self.k_abort))
 
     def wait_cause(self, grace_s: float, store=None) -> dict | None:
-        """Poll the flag for up to ``grace_s``; the cause, or None if it stayed clear."""
-        end = time.monotonic() + grace_s
+        """Poll the flag for up to ``grace_s``; the cause, or None if it stayed clear. Beats
+        this rank's heartbeat meanwhile (its watchdog is stopped): a rank waiting for the
+        root cause is alive, and a silent beat would make a peer name *it* as the cause."""
+        store = store or self._store()
+        end, beat = time.monotonic() + grace_s, 0.0
         while True:
             c = self.abort_cause(store)
-            if c is not None or time.monotonic() >= end:
+            now = time.monotonic()
+            if c is not None or now >= end:
                 return c
+            if now - beat >= 0.05:
+                store.add(self.k_hb[self.rank], 1)
+                beat = now
             time.sleep(0.005)
 
     def peer_role(self, rank: int, store=None) -> str:
@@ -196,7 +203,8 @@ class SideChannel:
     def wait_all_clean(self, timeout: float, ranks=None) -> list[int]:
         """Wait (polling, <= ``timeout``) until ``ranks`` (default: all others) have marked a
         clean exit or the abort flag is set; returns the ranks that did not. Only a rank
-        that hosts the store (env:// fallback) needs this before exiting."""
+        that exits cleanly waits for it: its connections (and under the env:// fallback its
+        store) must outlive the peers' last reads."""
         ranks = [r for r in range(self.world_size) if r != self.rank] if ranks is None else ranks
         s, end = self._store(), time.monotonic() + timeout
         while True:
@@ -244,9 +252,11 @@ class Watchdog(threading.Thread):
     (``worker_main.claim_exit``).
 
     ``lost_after_s`` must exceed the longest time this process can hold the GIL in one
-    stretch (the beat runs in a Python thread): pure Python switches every 5 ms and torch
-    ops release the GIL, so 0.5 s has margin; measured kill -9 -> all released ~0.55-0.6 s
-    on 2 cores when the heartbeat is the only path (no launcher record, no gloo pair).
+    stretch (the beat runs in a Python thread) and the longest time the OS leaves it
+    unscheduled: pure Python switches every 5 ms and torch ops release the GIL, but 5 ranks
+    on 2 loaded cores were seen stalling 0.5 s, so runs default to 1.0 s (RunOptions).
+    Measured kill -9 -> all released ~0.55-0.6 s at 0.5 s when the heartbeat is the only
+    path (no launcher record, no gloo pair); with the embedded launcher it never is.
     """
 
     def __init__(self, side: SideChannel, on_release: Callable[[dict, str], None] | None = None,

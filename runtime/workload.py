@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lockstep.model import contract as C
+from lockstep.model import messages as M
 from lockstep.model.runopts import RunOptions, StageCosts
 
 
@@ -111,12 +112,9 @@ class DemoWorkload(Workload):
         cond = torch.randn(1, self.hidden, generator=g).to(torch.bfloat16)
         tensors = {"conditioning_embeds": cond, "latents_in": latents,
                    "current_denoising_step_list": torch.arange(steps, dtype=torch.int64)}
-        recompute = regime == "R0a"
-        if recompute:
+        if C.ON_R0A_RECOMPUTE.holds({"action": C.Action.INFER, **C.plan_bits(regime)}):
             tensors["context_frames"] = latents[:1].clone()
-        meta = {"height": self.frames, "width": self.hidden, "do_kv_recompute": recompute,
-                "latent_anchor": regime == "R0"}
-        return meta, tensors
+        return {"height": self.frames, "width": self.hidden}, tensors
 
     def generator_call(self, call_index, envelope, tensors, all_reduce):
         spend(self.costs.phase_b_ms, self.costs.sleep)
@@ -136,14 +134,25 @@ class DemoWorkload(Workload):
         return hashlib.sha1(raw).hexdigest()[:12]
 
 
-def default_meta(chunk_meta: dict, *, action, call_id, chunk_index, cache_epoch,
-                 init_cache, regime, steps) -> dict:
-    """Complete an envelope's metadata from the workload's fields and the plan bits
-    rank0 decides (the mesh never infers them)."""
-    meta = C.make_envelope_meta(
-        action=int(action), call_id=call_id, chunk_index=chunk_index,
-        cache_epoch=cache_epoch, init_cache=init_cache, regime=regime,
-        num_denoise_steps=steps,
-        expected_generator_calls=C.expected_generator_calls(regime, steps))
+def envelope_fields(chunk_meta: dict, *, regime, steps) -> dict:
+    """An INFER envelope's metadata beyond its identity (model.messages.wire_ids): the
+    contract's defaults, the plan bits rank0 decides for the regime (contract.plan_bits;
+    the mesh never infers them), then the workload's own fields."""
+    ids = {"action", "call_id", "chunk_index", "cache_epoch", "init_cache",
+           "expected_generator_calls", "pp_envelope_version"}
+    meta = {k: v for k, v in C.make_envelope_meta(**C.plan_bits(regime),
+                                                  num_denoise_steps=steps).items()
+            if k not in ids}
     meta.update(chunk_meta)
     return meta
+
+
+def infer_meta(chunk_meta: dict, *, call_id, chunk_index, cache_epoch, init_cache,
+               regime, steps) -> dict:
+    """An INFER envelope's whole metadata as rank0 frames it, for drivers outside the
+    runtime (a one-process reference stream, tests): the identity from model.messages
+    (the count from the contract's formula), the rest from `envelope_fields`."""
+    msg = M.message(C.Action.INFER, call_id, chunk_index, cache_epoch,
+                    C.expected_generator_calls(regime, steps), init_cache)
+    return M.full_meta("envelope", msg, envelope_fields(chunk_meta, regime=regime,
+                                                        steps=steps))

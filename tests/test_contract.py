@@ -206,8 +206,9 @@ PREV_VIOLATIONS = [
     ({"call_id": 11, "chunk_index": 6, "cache_epoch": 1}, "cache_epoch"),
     ({"call_id": 11, "chunk_index": 6, "cache_epoch": 3, "init_cache": False}, "init_cache"),
     ({"action": 0, "call_id": 9, "chunk_index": 5, "cache_epoch": 2}, "call_id"),
-    ({"action": 0, "call_id": 11, "chunk_index": 6, "cache_epoch": 2}, "chunk_index"),
-    ({"action": 2, "call_id": 11, "chunk_index": 5, "cache_epoch": 3}, "cache_epoch"),
+    # header-only NOOP/SHUTDOWN carry no chunk and rank0's current epoch (model/messages.py)
+    ({"action": 0, "call_id": 11, "chunk_index": 5, "cache_epoch": 2}, "chunk_index"),
+    ({"action": 2, "call_id": 11, "chunk_index": -1, "cache_epoch": 1}, "cache_epoch"),
 ]
 
 
@@ -222,8 +223,10 @@ def test_ordering_against_prev(over, field):
 def test_ordering_valid_sequences():
     ok = [make_envelope_meta(call_id=11, chunk_index=6, cache_epoch=2, init_cache=False),
           make_envelope_meta(call_id=11, chunk_index=9, cache_epoch=3, init_cache=True),
-          make_envelope_meta(action=0, call_id=11, chunk_index=5, cache_epoch=2),
-          make_envelope_meta(action=2, call_id=12, chunk_index=5, cache_epoch=2),
+          make_envelope_meta(action=0, call_id=11, chunk_index=-1, cache_epoch=2),
+          make_envelope_meta(action=2, call_id=12, chunk_index=-1, cache_epoch=2),
+          # a SHUTDOWN after a hard cut carries the new epoch
+          make_envelope_meta(action=2, call_id=12, chunk_index=-1, cache_epoch=3),
           # ERROR is the release path: never refused for ordering
           make_envelope_meta(action=3, call_id=10, chunk_index=0, cache_epoch=0)]
     for meta in ok:

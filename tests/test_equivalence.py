@@ -11,7 +11,7 @@ from lockstep.conformance.reference import TOLERANCE, compare
 from lockstep.equivalence import check_one, equivalence, reference_stream
 from lockstep.model import contract as C
 from lockstep.runtime.dit import DiTSpec, DiTWorkload, PlanBitError
-from lockstep.runtime.workload import default_meta
+from lockstep.runtime.workload import infer_meta
 
 DEADLINE_S = 60
 
@@ -83,7 +83,7 @@ def test_stale_start_frame_on_the_leader_is_caught_by_the_contract():
                                                    "rank": 1, "at_chunk": 1})
     for k in range(2):
         extra, tensors = rank0.build(k, 0, k == 0, "R1", 2)
-        meta = default_meta(extra, action=C.Action.INFER, call_id=k, chunk_index=k,
+        meta = infer_meta(extra, call_id=k, chunk_index=k,
                             cache_epoch=0, init_cache=k == 0, regime="R1", steps=2)
         for i in range(meta["expected_generator_calls"]):
             leader.generator_call(i, meta, tensors, lambda t: t)
@@ -108,7 +108,7 @@ def test_reference_is_deterministic_and_every_chunk_differs():
 def _envelope(spec, **over):
     w = DiTWorkload(rank=0, spec=spec)
     extra, tensors = w.build(0, 0, True, "R1", 2)
-    meta = default_meta(extra, action=C.Action.INFER, call_id=0, chunk_index=0,
+    meta = infer_meta(extra, call_id=0, chunk_index=0,
                         cache_epoch=0, init_cache=True, regime="R1", steps=2)
     meta.update(over)
     return meta, tensors

@@ -82,3 +82,38 @@ def test_parity_handshake_names_the_key_and_rank_that_differ(tmp_path):
         line = r.reason_line() or ""
         assert "parity mismatch (key=fault differs on ranks [2]" in line, line
     assert not any(e["label"] == "build_envelope" for e in _steps(tmp_path, 0))
+
+
+@pytest.mark.parametrize("argv", [
+    # the terminal after a hard cut at the last chunk carries the new epoch (one
+    # definition of the message in model/messages.py; it used to diverge)
+    (Config(mesh=1, chunks=2, hard_cut=True), {"hard_cut_at": 2}),
+    # R0 used to fail rank0's preflight: call count vs recompute bit
+    (Config(mesh=2, chunks=3, regime="R0", steps=2), {}),
+])
+def test_run_conforms(tmp_path, argv):
+    from lockstep.conformance.report import conform, format_report
+    cfg, opts = argv
+    res = run_local(cfg, opts, tmp_path, deadline_s=DEADLINE_S)
+    assert res.ok, res.summary()
+    rep = conform(tmp_path)
+    assert rep.ok, format_report(rep)
+
+
+def test_heartbeats_are_a_user_policy_and_conform(tmp_path):
+    """NOOP heartbeats (queue_noop / bcast_noop / recv_noop) run when heartbeat_ms is
+    set, instead of being filtered out; the run conforms."""
+    from lockstep.conformance.report import conform, format_report
+    cfg = Config(mesh=2, chunks=3, noops=3)
+    res = run_local(cfg, {"heartbeat_ms": 5, "costs": {"phase_b_ms": 25}}, tmp_path,
+                    deadline_s=DEADLINE_S)
+    assert res.ok, res.summary()
+    labels = {r: [e["label"] for e in _steps(tmp_path, r)] for r in range(3)}
+    n = labels[0].count("queue_noop")
+    assert 1 <= n <= 3, labels[0]          # the model's budget bounds them (noops=3)
+    assert labels[1].count("bcast_noop") == n and labels[2].count("recv_noop") == n
+    rep = conform(tmp_path)
+    assert rep.ok, format_report(rep)
+    # off unless asked for
+    res = run_local(cfg, {}, tmp_path, deadline_s=DEADLINE_S)
+    assert res.ok and "queue_noop" not in [e["label"] for e in _steps(tmp_path, 0)]

@@ -1,0 +1,65 @@
+"""Row coverage: which shipped rows a set of recorded runs exercised, per role and thread.
+
+A row is named by (role, thread, label): the tables repeat one row in several states
+(rank0's comms thread over its pair states, the drain copies of decode), and a trace
+exercises the row when any copy fires. A shipped row no committed trace exercises is
+either dead protocol (the model cannot reach it either) or a run the corpus is
+missing; `tests/test_traces.py` fails on it (STYLE.md: "sometimes" properties, trace
+corpora judged by the rows they exercise).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lockstep.model.tables import shipped_rows
+
+
+def shipped() -> dict:
+    """(role, thread) -> sorted labels of the shipped tables."""
+    out = {}
+    for role, rows in shipped_rows().items():
+        for r in rows:
+            out.setdefault((role, r.thread), set()).add(r.label)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def exercised(run_dirs) -> set:
+    """{(role, thread, label)} of every step event in the runs' rank*.jsonl files."""
+    seen = set()
+    for d in run_dirs:
+        for f in sorted(Path(d).glob("rank*.jsonl")):
+            for line in f.read_text().splitlines():
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue          # a last line cut by kill -9
+                if ev.get("ev") == "step":
+                    seen.add((ev["role"], ev["thread"], ev["label"]))
+    return seen
+
+
+def coverage(run_dirs) -> dict:
+    """(role, thread) -> {"run": [...], "never": [...]} over the shipped rows."""
+    seen = exercised(run_dirs)
+    return {k: {"run": [lb for lb in labels if (*k, lb) in seen],
+                "never": [lb for lb in labels if (*k, lb) not in seen]}
+            for k, labels in shipped().items()}
+
+
+def format_coverage(cov: dict) -> str:
+    total = sum(len(c["run"]) + len(c["never"]) for c in cov.values())
+    run = sum(len(c["run"]) for c in cov.values())
+    out = [f"row coverage: {run} / {total} shipped (role, thread, row) exercised"]
+    for (role, thread), c in cov.items():
+        out.append(f"  {role}.{thread}: {len(c['run'])}/{len(c['run']) + len(c['never'])}")
+        if c["never"]:
+            out.append(f"    never ran: {', '.join(c['never'])}")
+    return "\n".join(out)
+
+
+def cli_coverage(run_dirs) -> int:
+    """`lockstep coverage RUN_DIR...`: 0 when every shipped row was exercised."""
+    cov = coverage(run_dirs)
+    print(format_coverage(cov))
+    return 0 if not any(c["never"] for c in cov.values()) else 1
