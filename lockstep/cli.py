@@ -39,7 +39,8 @@ def cmd_check(a) -> int:
     from lockstep.model.mutations import MUTATIONS, mutation_config
     cfg = _config(a)
     if a.all_mutations:
-        shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry)
+        shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry,
+                                          por=not a.no_por)
         table, ok = chk.mutation_table(shipped, rows)
         if a.json:
             print(json.dumps({"shipped": shipped.as_dict(), "ok": ok, "mutations": [
@@ -59,7 +60,8 @@ def cmd_check(a) -> int:
                   f"{', '.join(MUTATIONS)}", file=sys.stderr)
             return 2
         cfg = mutation_config(cfg, a.mutation)
-    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json)
+    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
+                  por=not a.no_por, workers=a.workers)
     print(json.dumps(r.as_dict(), indent=1) if a.json else chk.format_result(r))
     return 0 if r.verdict == "clean" else 1
 
@@ -175,6 +177,11 @@ def main(argv=None) -> int:
     p.add_argument("--all-mutations", action="store_true",
                    help="shipped protocol clean and every mutation caught as predicted")
     p.add_argument("--no-symmetry", action="store_true")
+    p.add_argument("--no-por", action="store_true",
+                   help="no partial-order reduction (default: on; state counts unreduced)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="search processes (count, default 1; >1: multiprocess search "
+                        "without partial-order reduction)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--progress", action="store_true", help="live progress line")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .properties import (check_progress_at_exit, check_state, check_terminal,
+from .properties import (check_progress_at_exit, check_rank0, check_terminal,
                          check_transition)
+from .reduction import Ample
 from .semantics import Model, State, Tr, Violation
 
 
@@ -45,6 +46,8 @@ class Result:
     peak_mb: float = 0.0
     terminals: int = 0
     symmetry: bool = True
+    por: bool = False
+    workers: int = 1
 
     @property
     def states_per_s(self) -> float:
@@ -58,7 +61,8 @@ class Result:
                 "states": self.states, "transitions": self.transitions,
                 "depth": self.depth, "seconds": round(self.seconds, 3),
                 "states_per_s": round(self.states_per_s),
-                "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry}
+                "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry,
+                "por": self.por, "workers": self.workers}
 
 
 class Canon:
@@ -87,21 +91,139 @@ def _first(pair):
     return pair[0]
 
 
+class Interner:
+    """Compact keys: process states interned to small ints, a global state packed into
+    one int (its interned process states and its interned channels/sequence/abort/
+    budget tuple, FIELD bits each). Symmetric workers are sorted by interned id: a
+    total order on worker states, so one key per orbit, like Canon's order.
+
+    It also memoises the model's per-process work on interned states (the rows a
+    process posts, and the successor process state of a row), so the hot path hashes
+    small ints, not nested tuples. The memo is keyed by object identity of interned
+    states only; those stay alive in `procs`, so an identity is never reused."""
+
+    FIELD = 24
+
+    def __init__(self, model: Model, symmetry: bool):
+        self.model = model
+        self.n = model.n
+        self.sym = model.sym if symmetry else None
+        self.procs, self.pool, self.ids = [], {}, {}
+        self.rests, self.rest_ids = [], {}
+        self.checked = {}
+        posted, apply = model.posted, model._apply
+        n, ids, memo_posted, memo_apply = self.n, self.ids, {}, {}
+
+        def fast_posted(p, pr):
+            i = ids.get(id(pr))
+            if i is None:
+                return posted(p, pr)
+            hit = memo_posted.get(i * n + p)
+            if hit is None:
+                hit = memo_posted[i * n + p] = posted(p, pr)
+            return hit
+
+        def fast_apply(pr, t, row, msg):
+            i = ids.get(id(pr))
+            if i is None:
+                return apply(pr, t, row, msg)
+            key = (i, t, id(row), msg)
+            hit = memo_apply.get(key)
+            if hit is None:
+                new, abort = apply(pr, t, row, msg)
+                hit = memo_apply[key] = (self.procs[self.intern(new)], abort)
+            return hit
+
+        model.posted, model._apply = fast_posted, fast_apply
+
+    def intern(self, pr) -> int:
+        i = self.ids.get(id(pr))
+        if i is None:
+            i = self.pool.get(pr)
+            if i is None:
+                i = self.pool[pr] = len(self.procs)
+                self.procs.append(pr)
+                self.ids[id(pr)] = i
+        return i
+
+    def pids(self, s: State) -> list:
+        ids = self.ids
+        out = [ids.get(id(pr)) for pr in s.procs]
+        if None in out:
+            out = [self.intern(pr) if i is None else i for i, pr in zip(out, s.procs)]
+        if self.sym:
+            lo, hi = self.sym
+            out[lo:hi] = sorted(out[lo:hi])
+        return out
+
+    def key(self, s: State, pids: list) -> int:
+        rest = (s.chans, s.seq, s.abort, s.faults_left)
+        k = self.rest_ids.get(rest)
+        if k is None:
+            k = self.rest_ids[rest] = len(self.rests)
+            self.rests.append(rest)
+        f = self.FIELD
+        for i in pids:
+            k = (k << f) | i
+        return k
+
+    def state(self, k: int) -> State:
+        """The canonical state a key stands for."""
+        f, mask, procs = self.FIELD, (1 << self.FIELD) - 1, self.procs
+        out = []
+        for _ in range(self.n):
+            out.append(procs[k & mask])
+            k >>= f
+        out.reverse()
+        return State(tuple(out), *self.rests[k])
+
+    def rank0_violation(self, m: Model, pid0: int):
+        """State invariants read rank0 only: judge each interned rank0 state once."""
+        hit = self.checked.get(pid0, self)
+        if hit is self:
+            hit = self.checked[pid0] = check_rank0(m, self.procs[pid0])
+        return hit
+
+
 def explore(model: Model, symmetry: bool = True, progress: bool = False,
-            max_states: int = 0) -> Result:
-    """Search every reachable state of `model`; stop at the first violation."""
+            max_states: int = 0, por: bool = True, workers: int = 1) -> Result:
+    """Search every reachable state of `model`; stop at the first violation.
+
+    With `por`, the partial-order reduction of model.reduction; a violation found under
+    it is searched for again without it, so the counterexample is a shortest one.
+    With `workers` > 1, the hash-partitioned multiprocess search of model.parallel
+    (no partial-order reduction: its cycle proviso needs the whole visited set)."""
+    if workers > 1:
+        from .parallel import explore_parallel
+        return explore_parallel(model, symmetry=symmetry, workers=workers,
+                                progress=progress)
+    res = _search(model, symmetry, progress, max_states, por)
+    if por and res.violation is not None:
+        res = _search(Model(model.cfg), symmetry, progress, max_states, False)
+    return res
+
+
+def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
+            por: bool) -> Result:
     t0 = time.perf_counter()
-    canon = Canon(model, symmetry)
-    init = canon(model.initial_state())
+    keys = Interner(model, symmetry)
+    ample = Ample(model) if por else None
+    tagged = {id(r) for table in model.tables for rows_by_pc in table
+              for rows in rows_by_pc.values() for r in rows if r.tags}
+    s0 = model.initial_state()
+    init = keys.key(s0, keys.pids(s0))
     parent = {init: None}
     frontier = [init]
     transitions = terminals = depth = 0
     last_report = t0
     found = None
-    enabled, step = model.enabled, model.step
+    enabled, step, state_of = model.enabled, model.step, keys.state
+    pids_of, key_of, r0_bad = keys.pids, keys.key, keys.rank0_violation
     while frontier and found is None:
         nxt = []
-        for s in frontier:
+        fresh = set() if por else None
+        for k in frontier:
+            s = state_of(k)
             trs = enabled(s)
             if not trs or all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
@@ -110,25 +232,52 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
                 terminals += 1
                 v = check_terminal(model, s)
                 if v:
-                    found = (s, None, v)
+                    found = (k, None, v)
                     break
                 if not trs:
                     continue
-            for tr in trs:
+            succ = None
+            if ample is not None and not any(tr.kind == "violation" for tr in trs):
+                amp = ample(s, trs)
+                if amp is not trs:
+                    succ = []
+                    for tr in amp:
+                        s2 = step(s, tr)
+                        ps = pids_of(s2)
+                        c = key_of(s2, ps)
+                        if c in parent and c not in fresh:
+                            succ = None     # cycle proviso: expand s fully
+                            break
+                        succ.append((tr, s2, ps, c))
+            if succ is None:
+                succ = []
+                for tr in trs:
+                    if tr.kind == "violation":
+                        succ.append((tr, None, None, None))
+                        break
+                    s2 = step(s, tr)
+                    ps = pids_of(s2)
+                    succ.append((tr, s2, ps, key_of(s2, ps)))
+            for tr, s2, ps, c in succ:
                 transitions += 1
-                if tr.kind == "violation":
-                    found = (s, tr, tr.info)
+                if s2 is None:
+                    found = (k, tr, tr.info)
                     break
-                s2 = step(s, tr)
-                v = check_transition(model, s, tr, s2) or check_state(model, s2) \
-                    or check_progress_at_exit(model, s, tr)
+                v = None
+                for _p, _t, row in tr.parts:
+                    if row is not None and id(row) in tagged:
+                        v = check_transition(model, s, tr, s2) or \
+                            check_progress_at_exit(model, s, tr)
+                        break
+                v = v or r0_bad(model, ps[0])
                 if v:
-                    found = (s, tr, v)
+                    found = (k, tr, v)
                     break
-                c = canon(s2)
                 if c not in parent:
-                    parent[c] = s
+                    parent[c] = k
                     nxt.append(c)
+                    if fresh is not None:
+                        fresh.add(c)
             if found:
                 break
             if progress:
@@ -148,25 +297,29 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
     res = Result(model.cfg.describe(), "clean", None, states=len(parent),
                  transitions=transitions, depth=depth, seconds=secs,
                  peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 terminals=terminals, symmetry=symmetry)
+                 terminals=terminals, symmetry=symmetry, por=por)
     if found:
-        s, tr, v = found
+        k, tr, v = found
         res.verdict, res.violation = v.prop, v
-        res.steps = counterexample(model, canon, parent, s, tr, v)
+        chain = [k]
+        while parent[chain[-1]] is not None:
+            chain.append(parent[chain[-1]])
+        chain.reverse()
+        res.steps = counterexample(model, lambda s: key_of(s, pids_of(s)), chain,
+                                   state_of(k), tr, v)
     return res
 
 
-def counterexample(model: Model, canon: Canon, parent: dict, last: State,
-                   tr: Optional[Tr], v: Violation) -> list:
-    """Numbered, one line per step, from the initial state to the violation."""
-    chain = [last]
-    while parent[chain[-1]] is not None:
-        chain.append(parent[chain[-1]])
-    chain.reverse()
+def counterexample(model: Model, key, chain: list, last: State, tr: Optional[Tr],
+                   v: Violation) -> list:
+    """Numbered, one line per step, from the initial state to the violation. `chain`
+    holds the keys of the states on the path (from the initial one); `key` maps a
+    concrete state to its key, so the path is replayed concretely and worker names
+    stay consistent along it."""
     lines, s = [], model.initial_state()
     for target in chain[1:]:
         for cand in model.enabled(s):
-            if cand.kind != "violation" and canon(model.step(s, cand)) == target:
+            if cand.kind != "violation" and key(model.step(s, cand)) == target:
                 lines.append(model.describe(s, cand))
                 s = model.step(s, cand)
                 break
@@ -175,7 +328,7 @@ def counterexample(model: Model, canon: Canon, parent: dict, last: State,
     if tr is not None:
         # Re-find the final transition in the concrete (non-canonical) last state.
         for cand in model.enabled(s):
-            if canon(s) == last and cand.kind == tr.kind and _same(cand, tr):
+            if key(s) == chain[-1] and cand.kind == tr.kind and _same(cand, tr):
                 lines.append(model.describe(s, cand))
                 break
         else:

@@ -1,0 +1,126 @@
+"""Partial-order reduction: ample sets over closed groups of processes.
+
+In a state s the explorer may expand an *ample set* A, a subset of the enabled
+transitions, instead of all of them. Here A is the set of enabled transitions of a
+*closed* group Q of processes, plus the crash of each live member of Q:
+
+  Q = {p}    every row process p (all its threads) has posted in its current local
+             state is local or an exit: no send, receive or collective.
+  Q = mesh   every row each live mesh rank (leader and workers) has posted is local,
+             an exit or a collective on mesh_pg: no point-to-point with rank0 and no
+             world_pg collective.
+
+A group is accepted only if A holds at least one transition that is not a crash and A
+is smaller than the full enabled set; the smallest accepted A is used.
+
+Why it is sound here (the properties of model.properties keep their verdicts)
+  Closed means nobody outside Q can interact with Q before Q moves: a joint transition
+  needs a posted row of every participant, a member's posted rows depend only on its
+  own local state, and by closure they involve only Q. So a transition b outside Q
+  touches neither Q's local states nor anything Q's posted rows read (mesh_pg's
+  sequence number belongs to Q; a buffered channel is read only by a posted receive,
+  and Q has none toward outsiders). Q's transitions and b commute and neither enables
+  or disables the other: the usual condition C1 (no transition dependent on A can run
+  before a member of A). The exceptions, and why they do no harm:
+  - crash(q), q in Q, is dependent on Q's transitions, so it is in A. It shares the
+    fault budget with crash(x), x outside Q; when one fault is left, crash(x)
+    disables crash(q). A run that takes crash(x) then never crashes q, so it is
+    covered by a (a non-crash member of A) followed by that run: a stays enabled,
+    because only Q's own moves, crash(q) or the abort flag change Q.
+  - watchdog (and an exit that sets the abort flag) disables everything. But once the
+    abort flag is set the only transition is the release of every live process,
+    which ends in a state with no live process: a clean end (model.properties
+    `_check_end`), with no transition or state property on the way (the abort state
+    keeps rank0's local variables, already judged in the state before). A run that
+    reaches the watchdog is therefore covered, as far as verdicts go, by any run that
+    covers its prefix.
+  Every property is local to the processes a transition involves, or to rank0's
+  local state: transition properties read the participants' states before and after
+  (row tags emit, wire_ids, phase_b_done, end), the state invariant (queue bounds)
+  reads rank0 only, violation transitions are enabled by their participants' posted
+  rows. Moving Q's transitions ahead of independent ones keeps every process's own
+  sequence of local states, so each such check is made in the same local context.
+  Terminal checks (deadlock, stranding, crash > hang, collective mismatch at a stuck
+  state) are about states where nothing but crashes is enabled; a run from s that
+  never takes a member of A cannot stop there (a stays enabled), so such a state is
+  reached by a run that takes A first (C0 and C1 suffice to keep every terminal
+  state; Godefroid, "Partial-Order Methods", thm. 6.14).
+  Cycle proviso (C3, BFS form): if a member of A leads to a state already visited at
+  a depth not greater than s's, s is expanded fully. Every cycle in a breadth-first
+  graph has an edge that does not go deeper, so every cycle of the reduced graph
+  holds a fully expanded state and no transition is ignored forever. (The state
+  graph is acyclic, tests/test_model_check.py checks it, so this rarely fires; it is
+  kept so the reduction stays sound if a table ever adds a loop.)
+  Violations found under the reduction are real (every reduced state is reachable);
+  the search then re-runs without it so the printed counterexample is a shortest one.
+
+Designs considered and rejected
+  rank0.main alone against the mesh: rank0's main thread does most of the local
+  work, but it shares rank0's variables with the comms thread (send_q, decode_q), so
+  its steps do not commute with the comms thread's receives; a thread-level reduction
+  needs a read/write analysis of every guard and update, which the tables do not
+  declare. Dropping crash transitions after local steps (crash absorbs them): true for
+  single-process local steps, but not for collectives, and the group form above covers
+  the local case anyway.
+"""
+from __future__ import annotations
+
+from .ops import MESH, Coll, Recv, Send
+from .semantics import LIVE, Model, State
+
+def partners(model: Model, p: int, pr) -> frozenset:
+    """The processes p, in local state pr, has a posted row with: the peer of a send
+    or receive, every member of a collective's group. Rows whose guard is false do not
+    count: a guard reads only p's own variables, so nobody else can make it true."""
+    _local, sends, recvs, colls = model.posted(p, pr)
+    out = set()
+    for _p, _t, row in sends + recvs:
+        out.add(model.index[row.op.peer])
+    for grp, _entry in colls:
+        out.update(model.members.get(grp, range(model.n)))
+    out.discard(p)
+    return frozenset(out)
+
+
+class Ample:
+    """Chooses the ample set of a state; caches each process state's partners."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._partners = {}
+
+    def partners(self, p, pr):
+        key = (p, id(pr))
+        hit = self._partners.get(key)
+        if hit is None or hit[1] is not pr:
+            hit = self._partners[key] = (partners(self.model, p, pr), pr)
+        return hit[0]
+
+    def __call__(self, s: State, trs: list) -> list:
+        """The transitions to expand in s (trs itself when no group qualifies)."""
+        if s.abort or len(trs) < 2:
+            return trs
+        procs = s.procs
+        near = [self.partners(p, pr) if pr.status == LIVE else frozenset()
+                for p, pr in enumerate(procs)]
+        best, tried = trs, set()
+        for p, pr in enumerate(procs):
+            if pr.status != LIVE:
+                continue
+            group, todo = {p}, [p]
+            while todo:
+                for q in near[todo.pop()]:
+                    if q not in group:
+                        group.add(q)
+                        todo.append(q)
+            if len(group) == len(procs):
+                continue
+            key = frozenset(group)
+            if key in tried:
+                continue
+            tried.add(key)
+            amp = [tr for tr in trs if tr.parts and
+                   all(part[0] in group for part in tr.parts)]
+            if len(amp) < len(best) and any(tr.kind != "crash" for tr in amp):
+                best = amp
+        return best
