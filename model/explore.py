@@ -197,14 +197,16 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
         from .parallel import explore_parallel
         return explore_parallel(model, symmetry=symmetry, workers=workers,
                                 progress=progress)
-    res = _search(model, symmetry, progress, max_states, por)
+    res = _search(model, symmetry, progress, max_states, por, por)
     if por and res.violation is not None:
-        res = _search(Model(model.cfg), symmetry, progress, max_states, False)
+        res = _search(Model(model.cfg), symmetry, progress, max_states, False, False)
     return res
 
 
 def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
-            por: bool) -> Result:
+            por: bool, compress: bool) -> Result:
+    """The breadth-first search. `compress`: follow the abort flag's release without
+    storing the state in between (it has one transition and no choice)."""
     t0 = time.perf_counter()
     keys = Interner(model, symmetry)
     ample = Ample(model) if por else None
@@ -273,6 +275,24 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                 if v:
                     found = (k, tr, v)
                     break
+                if compress and s2.abort:
+                    # The abort flag is set: only the release of every live process is
+                    # enabled, a chain with no choice. Follow it, judging each step,
+                    # and store only where it ends.
+                    while True:
+                        nxt_trs = enabled(s2)
+                        if len(nxt_trs) != 1 or nxt_trs[0].kind != "abort":
+                            break
+                        transitions += 1
+                        s2 = step(s2, nxt_trs[0])
+                        ps = pids_of(s2)
+                        v = r0_bad(model, ps[0])
+                        if v:
+                            break
+                    if v:
+                        found = (k, tr, v)
+                        break
+                    c = key_of(s2, ps)
                 if c not in parent:
                     parent[c] = k
                     nxt.append(c)

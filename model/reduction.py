@@ -68,26 +68,30 @@ from __future__ import annotations
 from .ops import MESH, Coll, Recv, Send
 from .semantics import LIVE, Model, State
 
-def partners(model: Model, p: int, pr) -> frozenset:
-    """The processes p, in local state pr, has a posted row with: the peer of a send
-    or receive, every member of a collective's group. Rows whose guard is false do not
-    count: a guard reads only p's own variables, so nobody else can make it true."""
+def partners(model: Model, p: int, pr) -> tuple:
+    """Whom process p, in local state pr, has a posted row with: (bit mask of the
+    peers of its sends and receives, tuple of the groups of its collectives). Rows whose
+    guard is false do not count: a guard reads only p's own variables, so nobody else
+    can make it true."""
     _local, sends, recvs, colls = model.posted(p, pr)
-    out = set()
+    peers = 0
     for _p, _t, row in sends + recvs:
-        out.add(model.index[row.op.peer])
-    for grp, _entry in colls:
-        out.update(model.members.get(grp, range(model.n)))
-    out.discard(p)
-    return frozenset(out)
+        peers |= 1 << model.index[row.op.peer]
+    groups = tuple(sorted({grp for grp, _entry in colls}))
+    return peers & ~(1 << p), groups
 
 
 class Ample:
-    """Chooses the ample set of a state; caches each process state's partners."""
+    """Chooses the ample set of a state; caches each process state's partners and the
+    groups each combination of partners closes into."""
 
     def __init__(self, model: Model):
         self.model = model
+        self.n = model.n
+        self.masks = {grp: sum(1 << q for q in members)
+                      for grp, members in model.members.items()}
         self._partners = {}
+        self._groups = {}
 
     def partners(self, p, pr):
         key = (p, id(pr))
@@ -96,31 +100,64 @@ class Ample:
             hit = self._partners[key] = (partners(self.model, p, pr), pr)
         return hit[0]
 
+    def groups(self, near: tuple) -> list:
+        """The closed groups (bit masks) containing each live process, smallest first;
+        `near` holds each process's partner mask, or None if it is not live."""
+        hit = self._groups.get(near)
+        if hit is None:
+            everyone = (1 << self.n) - 1
+            found = set()
+            for p, m in enumerate(near):
+                if m is None:
+                    continue
+                group, todo = 1 << p, m
+                while todo & ~group:
+                    new = todo & ~group
+                    group |= new
+                    todo = 0
+                    for q in range(self.n):
+                        if new >> q & 1 and near[q] is not None:
+                            todo |= near[q]
+                    todo |= group
+                if group != everyone:
+                    found.add(group)
+            hit = self._groups[near] = sorted(found, key=lambda g: bin(g).count("1"))
+        return hit
+
     def __call__(self, s: State, trs: list) -> list:
         """The transitions to expand in s (trs itself when no group qualifies)."""
         if s.abort or len(trs) < 2:
             return trs
         procs = s.procs
-        near = [self.partners(p, pr) if pr.status == LIVE else frozenset()
-                for p, pr in enumerate(procs)]
-        best, tried = trs, set()
+        live = 0
         for p, pr in enumerate(procs):
-            if pr.status != LIVE:
+            if pr.status == LIVE:
+                live |= 1 << p
+        near = []
+        for p, pr in enumerate(procs):
+            if not live >> p & 1:
+                near.append(None)
                 continue
-            group, todo = {p}, [p]
-            while todo:
-                for q in near[todo.pop()]:
-                    if q not in group:
-                        group.add(q)
-                        todo.append(q)
-            if len(group) == len(procs):
-                continue
-            key = frozenset(group)
-            if key in tried:
-                continue
-            tried.add(key)
-            amp = [tr for tr in trs if tr.parts and
-                   all(part[0] in group for part in tr.parts)]
+            peers, colls = self.partners(p, pr)
+            for grp in colls:
+                # A collective completes only when every member enters it: with a
+                # member gone it never will, so it ties p to nobody.
+                gm = self.masks.get(grp, 0)
+                if gm & live == gm:
+                    peers |= gm
+            near.append(peers & ~(1 << p))
+        groups = self.groups(tuple(near))
+        if not groups:
+            return trs
+        owner = []
+        for tr in trs:
+            m = 0
+            for part in tr.parts:
+                m |= 1 << part[0]
+            owner.append(m)
+        best = trs
+        for g in groups:
+            amp = [tr for tr, m in zip(trs, owner) if m and m & g == m]
             if len(amp) < len(best) and any(tr.kind != "crash" for tr in amp):
                 best = amp
         return best
