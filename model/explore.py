@@ -5,19 +5,41 @@ depth: counterexamples are shortest. A violation is either a `violation` transit
 (framing, collective mismatch: visible as soon as it is enabled), a transition or state
 property (model.properties), or a stuck state that is not a clean end.
 
-Reductions
+Reductions (each can be switched off; docs/model-check.md has the figures)
   symmetry   workers with identical tables are interchangeable: permuting them is an
              automorphism of the transition system (groups and channels refer to them
              only as members of mesh_pg, never by index, and every property is
              invariant under the permutation). Canonical form = workers sorted. A
              worker singled out by a fault or mutation keeps its place. tests/ checks
              reduced and unreduced searches agree on small configurations.
-             Workers are sorted by hash, with ties broken by repr, so the order is a
-             function of the multiset of worker states: one representative per orbit.
-  interning  process states repeat across millions of global states; each distinct
-             one is stored once, a global state is a tuple of references to them.
+             The search sorts workers by interned id (Interner), a total order on
+             worker states, so one key per orbit; `Canon` (sorted by hash, ties by
+             repr) is the same quotient for drivers that need a process-independent
+             representative (model.parallel, the acyclicity test).
+  partial-order reduction (`por`)   ample sets over closed groups of processes, with
+             a breadth-first cycle proviso: model.reduction says why it is sound. A
+             violation found under it is searched again without it, so the verdict and
+             the counterexample printed are the unreduced search's: shortest.
+  abort chain (with `por`)   once the abort flag is set, the only transition is the
+             release of every live process; the search follows it without storing the
+             state in between (judging it on the way).
+  compact keys   process states repeat across millions of global states: each distinct
+             one is interned to an int, and a global state is stored as one int that
+             packs its process ids and its interned channels/sequence numbers/abort
+             flag/fault budget. Frontiers hold keys too and states are rebuilt from them
+             when expanded. The model's per-process work (rows posted, a row's successor
+             process state) is memoised on interned states, and the state invariants
+             (rank0 only) are judged once per distinct rank0 state. Rejected: keeping
+             `State` objects as keys (each lookup rehashes every nested tuple: the
+             profile's largest item before), and a tuple of ints as key (about twice the
+             memory of a packed int at a million states).
 Counterexample steps are recovered by replaying the chain of canonical states from
 the initial state concretely, so worker names stay consistent along the path.
+
+Mesh sizes: verdicts for a mesh with more workers than crash faults carry to every
+larger mesh (the argument, and what does not carry, is in docs/model-check.md, "Every
+mesh size"; tests/test_model_reduction.py checks its two predictions: the same verdict
+for every mutation at mesh 2..5, and state counts affine in the mesh size).
 """
 from __future__ import annotations
 
@@ -156,6 +178,23 @@ class Interner:
             out[lo:hi] = sorted(out[lo:hi])
         return out
 
+    def pids_after(self, base: list, s2: State, tr: Tr) -> list:
+        """pids of s2 = step(s, tr), from `base`, the pids of s in s's own order:
+        only the participants of tr change (the abort release changes everyone)."""
+        if not tr.parts:
+            return self.pids(s2)
+        ids, out = self.ids, list(base)
+        procs = s2.procs
+        for part in tr.parts:
+            p = part[0]
+            pr = procs[p]
+            i = ids.get(id(pr))
+            out[p] = self.intern(pr) if i is None else i
+        if self.sym:
+            lo, hi = self.sym
+            out[lo:hi] = sorted(out[lo:hi])
+        return out
+
     def key(self, s: State, pids: list) -> int:
         rest = (s.chans, s.seq, s.abort, s.faults_left)
         k = self.rest_ids.get(rest)
@@ -167,15 +206,15 @@ class Interner:
             k = (k << f) | i
         return k
 
-    def state(self, k: int) -> State:
-        """The canonical state a key stands for."""
+    def state(self, k: int) -> tuple:
+        """(the canonical state a key stands for, the pids of its processes)."""
         f, mask, procs = self.FIELD, (1 << self.FIELD) - 1, self.procs
-        out = []
+        pids = []
         for _ in range(self.n):
-            out.append(procs[k & mask])
+            pids.append(k & mask)
             k >>= f
-        out.reverse()
-        return State(tuple(out), *self.rests[k])
+        pids.reverse()
+        return State(tuple([procs[i] for i in pids]), *self.rests[k]), pids
 
     def rank0_violation(self, m: Model, pid0: int):
         """State invariants read rank0 only: judge each interned rank0 state once."""
@@ -221,11 +260,12 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     found = None
     enabled, step, state_of = model.enabled, model.step, keys.state
     pids_of, key_of, r0_bad = keys.pids, keys.key, keys.rank0_violation
+    after, r0_seen = keys.pids_after, keys.checked
     while frontier and found is None:
         nxt = []
         fresh = set() if por else None
         for k in frontier:
-            s = state_of(k)
+            s, base = state_of(k)
             trs = enabled(s)
             if not trs or all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
@@ -240,12 +280,12 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     continue
             succ = None
             if ample is not None and not any(tr.kind == "violation" for tr in trs):
-                amp = ample(s, trs)
+                amp = ample(s, trs, base)
                 if amp is not trs:
                     succ = []
                     for tr in amp:
                         s2 = step(s, tr)
-                        ps = pids_of(s2)
+                        ps = after(base, s2, tr)
                         c = key_of(s2, ps)
                         if c in parent and c not in fresh:
                             succ = None     # cycle proviso: expand s fully
@@ -258,7 +298,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                         succ.append((tr, None, None, None))
                         break
                     s2 = step(s, tr)
-                    ps = pids_of(s2)
+                    ps = after(base, s2, tr)
                     succ.append((tr, s2, ps, key_of(s2, ps)))
             for tr, s2, ps, c in succ:
                 transitions += 1
@@ -271,7 +311,10 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                         v = check_transition(model, s, tr, s2) or \
                             check_progress_at_exit(model, s, tr)
                         break
-                v = v or r0_bad(model, ps[0])
+                if not v:
+                    v = r0_seen.get(ps[0], keys)
+                    if v is keys:
+                        v = r0_bad(model, ps[0])
                 if v:
                     found = (k, tr, v)
                     break
@@ -326,7 +369,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
             chain.append(parent[chain[-1]])
         chain.reverse()
         res.steps = counterexample(model, lambda s: key_of(s, pids_of(s)), chain,
-                                   state_of(k), tr, v)
+                                   state_of(k)[0], tr, v)
     return res
 
 

@@ -93,12 +93,13 @@ class Ample:
         self._partners = {}
         self._groups = {}
 
-    def partners(self, p, pr):
-        key = (p, id(pr))
+    def partners(self, p, pr, pid):
+        """Cached per interned process state `pid` (model.explore.Interner)."""
+        key = pid * self.n + p
         hit = self._partners.get(key)
-        if hit is None or hit[1] is not pr:
-            hit = self._partners[key] = (partners(self.model, p, pr), pr)
-        return hit[0]
+        if hit is None:
+            hit = self._partners[key] = partners(self.model, p, pr)
+        return hit
 
     def groups(self, near: tuple) -> list:
         """The closed groups (bit masks) containing each live process, smallest first;
@@ -124,8 +125,9 @@ class Ample:
             hit = self._groups[near] = sorted(found, key=lambda g: bin(g).count("1"))
         return hit
 
-    def __call__(self, s: State, trs: list) -> list:
-        """The transitions to expand in s (trs itself when no group qualifies)."""
+    def __call__(self, s: State, trs: list, pids: list) -> list:
+        """The transitions to expand in s (trs itself when no group qualifies); `pids`
+        are the interned ids of s's process states (model.explore.Interner)."""
         if s.abort or len(trs) < 2:
             return trs
         procs = s.procs
@@ -138,7 +140,7 @@ class Ample:
             if not live >> p & 1:
                 near.append(None)
                 continue
-            peers, colls = self.partners(p, pr)
+            peers, colls = self.partners(p, pr, pids[p])
             for grp in colls:
                 # A collective completes only when every member enters it: with a
                 # member gone it never will, so it ties p to nobody.

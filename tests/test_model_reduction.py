@@ -52,7 +52,7 @@ def test_an_unsound_reduction_is_caught_by_the_agreement_check(monkeypatch):
     """Expanding one process's transitions without asking whether the group is closed
     (rank0's main thread steps ahead of its comms thread's receive) misses real
     violations: the agreement test above would fail for such a reduction."""
-    def unsound(self, s, trs):
+    def unsound(self, s, trs, pids):
         if s.abort or len(trs) < 2:
             return trs
         for p in range(len(s.procs)):
