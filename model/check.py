@@ -31,6 +31,8 @@ def format_result(r: Result) -> str:
              f"time     {r.seconds:.3f} s  ({r.states_per_s:,.0f} states/s)  "
              f"peak memory {r.peak_mb:.0f} MB  symmetry {'on' if r.symmetry else 'off'}  "
              f"partial-order reduction {'on' if r.por else 'off'}"
+             + (" (violation searched again without it: states and counterexample "
+                "are the unreduced search's)" if r.researched else "")
              + (f"  workers {r.workers}" if r.workers > 1 else "")]
     if r.violation:
         lines.append(f"counterexample ({len(r.steps) - 1} steps, shortest):")

@@ -70,6 +70,7 @@ class Result:
     symmetry: bool = True
     por: bool = False
     workers: int = 1
+    researched: bool = False   # found under POR; states, steps: the unreduced search's
 
     @property
     def states_per_s(self) -> float:
@@ -84,7 +85,8 @@ class Result:
                 "depth": self.depth, "seconds": round(self.seconds, 3),
                 "states_per_s": round(self.states_per_s),
                 "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry,
-                "por": self.por, "workers": self.workers}
+                "por": self.por, "researched": self.researched,
+                "workers": self.workers}
 
 
 class Canon:
@@ -238,7 +240,11 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
                                 progress=progress)
     res = _search(model, symmetry, progress, max_states, por, por)
     if por and res.violation is not None:
+        first = res
         res = _search(Model(model.cfg), symmetry, progress, max_states, False, False)
+        res.seconds += first.seconds
+        res.peak_mb = max(res.peak_mb, first.peak_mb)
+        res.por, res.researched = True, True
     return res
 
 
