@@ -251,7 +251,10 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
 def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
             por: bool, compress: bool) -> Result:
     """The breadth-first search. `compress`: follow the abort flag's release without
-    storing the state in between (it has one transition and no choice)."""
+    storing the state in between (it has one transition and no choice), and do not
+    crash a process again right after its own local step (the crash overwrites the
+    process, so it reaches the state the crash before that step reached; a symmetric
+    worker is exempt, its place moves when the state is made canonical)."""
     t0 = time.perf_counter()
     keys = Interner(model, symmetry)
     ample = Ample(model) if por else None
@@ -267,12 +270,20 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     enabled, step, state_of = model.enabled, model.step, keys.state
     pids_of, key_of, r0_bad = keys.pids, keys.key, keys.rank0_violation
     after, r0_seen = keys.pids_after, keys.checked
+    lo, hi = keys.sym or (0, 0)
+    skip_next = {}
     while frontier and found is None:
         nxt = []
         fresh = set() if por else None
+        skip, skip_next = skip_next, {}
         for k in frontier:
             s, base = state_of(k)
             trs = enabled(s)
+            if skip:
+                gone = skip.pop(k, 0)
+                if gone:
+                    trs = [tr for tr in trs if tr.kind != "crash" or
+                           not gone >> tr.parts[0][0] & 1]
             if not trs or all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
                 # terminal state too, or a crash budget would hide every fault-free hang
@@ -347,6 +358,12 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     nxt.append(c)
                     if fresh is not None:
                         fresh.add(c)
+                    if compress and tr.kind == "local" and s.faults_left:
+                        p = tr.parts[0][0]
+                        if not lo <= p < hi:
+                            # A crash overwrites the whole process: after a local step
+                            # of p, crash(p) reaches the state crash(p) reached from s.
+                            skip_next[c] = 1 << p
             if found:
                 break
             if progress:
