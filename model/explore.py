@@ -23,6 +23,11 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
   abort chain (with `por`)   once the abort flag is set, the only transition is the
              release of every live process; the search follows it without storing the
              state in between (judging it on the way).
+  crash after a local step (with `por`)   a crash overwrites the whole process, so
+             crashing p right after p's own local step reaches exactly the state that
+             crashing p before the step reached (from the parent, where the crash was
+             expanded: it is in every ample set p's step is in). The search skips it.
+             Not for a symmetric worker, whose place moves under the canonical sort.
   compact keys   process states repeat across millions of global states: each distinct
              one is interned to an int, and a global state is stored as one int that
              packs its process ids and its interned channels/sequence numbers/abort
@@ -279,11 +284,6 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
         for k in frontier:
             s, base = state_of(k)
             trs = enabled(s)
-            if skip:
-                gone = skip.pop(k, 0)
-                if gone:
-                    trs = [tr for tr in trs if tr.kind != "crash" or
-                           not gone >> tr.parts[0][0] & 1]
             if not trs or all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
                 # terminal state too, or a crash budget would hide every fault-free hang
@@ -295,6 +295,11 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     break
                 if not trs:
                     continue
+            if skip:  # after the terminal check: it judges s by all of trs
+                gone = skip.pop(k, 0)
+                if gone:
+                    trs = [tr for tr in trs if tr.kind != "crash" or
+                           not gone >> tr.parts[0][0] & 1]
             succ = None
             if ample is not None and not any(tr.kind == "violation" for tr in trs):
                 amp = ample(s, trs, base)
