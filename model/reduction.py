@@ -2,21 +2,27 @@
 
 In a state s the explorer may expand an *ample set* A, a subset of the enabled
 transitions, instead of all of them. Here A is the set of enabled transitions of a
-*closed* group Q of processes, plus the crash of each live member of Q:
+*closed* group Q of processes, plus the crash of each live member of Q. Q is the
+closure of one live process under "has a posted row with": the peer of a posted send
+or receive, every member of a posted collective's group, unless a member of that group
+is gone (then the collective can never complete and ties nobody). Rows whose guard is
+false do not count: a guard reads only the process's own variables. Typical groups:
+{rank0} while both its threads only do local work; {rank0, leader} while they talk
+point-to-point and the mesh waits; the mesh ranks while they run collectives and
+rank0 works on its own; {rank0, leader} after a worker crashed (the mesh's next
+collective can never complete).
 
-  Q = {p}    every row process p (all its threads) has posted in its current local
-             state is local or an exit: no send, receive or collective.
-  Q = mesh   every row each live mesh rank (leader and workers) has posted is local,
-             an exit or a collective on mesh_pg: no point-to-point with rank0 and no
-             world_pg collective.
-
-A group is accepted only if A holds at least one transition that is not a crash and A
-is smaller than the full enabled set; the smallest accepted A is used.
+Every closed group other than all processes is tried; a group is accepted only if A
+holds at least one transition that is not a crash and A is smaller than the full
+enabled set; the smallest accepted A is used.
 
 Why it is sound here (the properties of model.properties keep their verdicts)
   Closed means nobody outside Q can interact with Q before Q moves: a joint transition
   needs a posted row of every participant, a member's posted rows depend only on its
-  own local state, and by closure they involve only Q. So a transition b outside Q
+  own local state, and by closure they involve only Q (a collective left out because
+  a member of its group is gone can never fire: a gone process never comes back, and
+  a collective, or a mismatch between collectives, needs every member waiting). So a
+  transition b outside Q
   touches neither Q's local states nor anything Q's posted rows read (mesh_pg's
   sequence number belongs to Q; a buffered channel is read only by a posted receive,
   and Q has none toward outsiders). Q's transitions and b commute and neither enables
@@ -55,18 +61,21 @@ Why it is sound here (the properties of model.properties keep their verdicts)
   the search then re-runs without it so the printed counterexample is a shortest one.
 
 Designs considered and rejected
-  rank0.main alone against the mesh: rank0's main thread does most of the local
+  Computing only the group's transitions (enabled() on a view of s where outsiders
+  have left) instead of filtering all of them: the same sets, but no faster (the
+  outsiders are mostly blocked, so their transitions are cheap). rank0.main alone
+  against the mesh: rank0's main thread does most of the local
   work, but it shares rank0's variables with the comms thread (send_q, decode_q), so
   its steps do not commute with the comms thread's receives; a thread-level reduction
   needs a read/write analysis of every guard and update, which the tables do not
-  declare. Dropping crash transitions after local steps (crash absorbs them): true for
-  single-process local steps, but not for collectives, and the group form above covers
-  the local case anyway.
+  declare. Leaving crashes out of A (a crash absorbs the process's local steps): true
+  only for single-process local steps, not for collectives; the explorer uses the
+  local case as a rule of its own (model.explore, "crash after a local step").
 """
 from __future__ import annotations
 
-from .ops import MESH, Coll, Recv, Send
 from .semantics import LIVE, Model, State
+
 
 def partners(model: Model, p: int, pr) -> tuple:
     """Whom process p, in local state pr, has a posted row with: (bit mask of the
