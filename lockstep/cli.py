@@ -134,7 +134,8 @@ def cmd_check(a) -> int:
     if a.all_mutations:
         if a.mutation:
             raise ValueError("--all-mutations checks every mutation: drop --mutation")
-        shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry)
+        shipped, rows = chk.all_mutations(cfg, symmetry=not a.no_symmetry,
+                                          por=not a.no_por)
         table, ok = chk.mutation_table(shipped, rows)
         if a.json:
             print(json.dumps({"shipped": shipped.as_dict(), "ok": ok, "mutations": [
@@ -153,7 +154,8 @@ def cmd_check(a) -> int:
             raise ValueError(f"unknown mutation {a.mutation!r}; known: "
                              f"{', '.join(MUTATIONS)}")
         cfg = _with_mutation(cfg, a.mutation, explicit, "check")
-    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json)
+    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
+                  por=not a.no_por, workers=a.workers)
     print(json.dumps(r.as_dict(), indent=1) if a.json else chk.format_result(r))
     return EXIT_OK if r.verdict == "clean" else EXIT_VIOLATION
 
@@ -304,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shipped protocol clean and every mutation caught as predicted")
     p.add_argument("--no-symmetry", action="store_true",
                    help="explore without worker-symmetry reduction")
+    p.add_argument("--no-por", action="store_true",
+                   help="explore without partial-order reduction (state counts unreduced)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="search processes, count (>1: multiprocess search, without "
+                        "partial-order reduction)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", action="store_true", help="live progress line on stderr")
     p.add_argument("-v", "--verbose", action="store_true",

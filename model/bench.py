@@ -1,30 +1,78 @@
-"""Model-checking benchmark: `python -m lockstep.model.bench`.
+"""Model-checking benchmark: `python -m lockstep.model.bench [--big] [--workers N]`.
 
-Prints, for the full PP1 configuration of TARGETS.md (leader + 3 workers, D_in = D_out
-= 2, 3 chunks with a hard cut, any single crash fault), the verdict, distinct states,
-states/s, wall time and peak memory, with symmetry reduction on and off, measured in
-one run. Record the output in docs/model-check.md with the machine it ran on.
+Prints, in one run, the verdict, distinct states, transitions, wall and CPU time,
+states/s and peak memory of each reduction switched on and off side by side:
+  - the full PP1 configuration of TARGETS.md (leader + 3 workers, D_in = D_out = 2,
+    3 chunks with a hard cut, any single crash fault): symmetry x partial-order
+    reduction (which includes the abort-chain compression), four rows;
+  - full PP1 at mesh 8: with and without the partial-order reduction (symmetry on);
+  - with --big, the raised target of TARGETS.md (mesh 4, depth 3, 5 chunks, a hard cut,
+    2 crashes, 1 NOOP, 2 steps), with and without the partial-order reduction;
+  - with --workers N, the full PP1 configuration through the multiprocess search.
+Record the output in docs/model-check.md with the machine it ran on. CPU time is
+printed beside wall time because the benchmark machine is shared: CPU seconds are what
+the search itself cost.
 """
 from __future__ import annotations
 
+import argparse
+import gc
 import os
+import resource
+import time
 
 from .check import check
 from .config import Config
 
 FULL_PP1 = Config(mesh=4, d_in=2, d_out=2, chunks=3, hard_cut=True, faults=1)
+PP1_MESH8 = FULL_PP1.with_(mesh=8)
+BIG = Config(mesh=4, d_in=3, d_out=3, chunks=5, hard_cut=True, faults=2, noops=1,
+             steps=2)
 
 
-def main() -> int:
-    print(f"machine: {os.cpu_count()} cores; configuration: {FULL_PP1.describe()}")
-    print(f"{'symmetry':9} {'verdict':8} {'states':>9} {'transitions':>12} {'time':>8} "
-          f"{'states/s':>10} {'peak MB':>8}")
+def _row(label: str, cfg: Config, **kw) -> bool:
+    gc.collect()
+    c0 = time.process_time() + _children_cpu()
+    r = check(cfg, **kw)
+    cpu = time.process_time() + _children_cpu() - c0
+    print(f"{label:12} {'on' if r.symmetry else 'off':8} {'on' if r.por else 'off':4} "
+          f"{r.workers:>3} {r.verdict:8} {r.states:>10,} {r.transitions:>12,} "
+          f"{r.seconds:>8.2f}s {cpu:>7.2f}s {r.states / max(cpu, 1e-9):>10,.0f} "
+          f"{r.peak_mb:>8.0f}", flush=True)
+    return r.verdict == "clean"
+
+
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (the multiprocess search's workers)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lockstep.model.bench")
+    ap.add_argument("--big", action="store_true",
+                    help="also the mesh-4 depth-3 5-chunk 2-crash configuration "
+                         "(minutes without the reduction)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also the multiprocess search with this many processes "
+                         "(count; default 0: not run)")
+    a = ap.parse_args(argv)
+    print(f"machine: {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; full PP1: {FULL_PP1.describe()}")
+    print(f"{'config':12} {'symmetry':8} {'por':4} {'wk':>3} {'verdict':8} "
+          f"{'states':>10} {'transitions':>12} {'wall':>9} {'cpu':>8} "
+          f"{'states/cpu-s':>10} {'peak MB':>8}")
     ok = True
     for sym in (True, False):
-        r = check(FULL_PP1, symmetry=sym)
-        ok &= r.verdict == "clean"
-        print(f"{'on' if sym else 'off':9} {r.verdict:8} {r.states:>9,} {r.transitions:>12,} "
-              f"{r.seconds:>7.2f}s {r.states_per_s:>10,.0f} {r.peak_mb:>8.0f}")
+        for por in (True, False):
+            ok &= _row("pp1_full", FULL_PP1, symmetry=sym, por=por)
+    for por in (True, False):
+        ok &= _row("pp1_mesh8", PP1_MESH8, por=por)
+    if a.workers:
+        ok &= _row("pp1_full", FULL_PP1, por=False, workers=a.workers)
+    if a.big:
+        for por in (True, False):
+            ok &= _row("big", BIG, por=por)
     return 0 if ok else 1
 
 

@@ -17,8 +17,10 @@ from .semantics import Model
 MANIFEST = Path(__file__).with_name("manifest.json")
 
 
-def check(cfg: Config, symmetry: bool = True, progress: bool = False) -> Result:
-    return explore(Model(cfg), symmetry=symmetry, progress=progress)
+def check(cfg: Config, symmetry: bool = True, progress: bool = False, por: bool = True,
+          workers: int = 1) -> Result:
+    return explore(Model(cfg), symmetry=symmetry, progress=progress, por=por,
+                   workers=workers)
 
 
 def format_result(r: Result) -> str:
@@ -27,17 +29,21 @@ def format_result(r: Result) -> str:
              f"states   {r.states:,}  transitions {r.transitions:,}  depth {r.depth}  "
              f"terminal states {r.terminals:,}",
              f"time     {r.seconds:.3f} s  ({r.states_per_s:,.0f} states/s)  "
-             f"peak memory {r.peak_mb:.0f} MB  symmetry {'on' if r.symmetry else 'off'}"]
+             f"peak memory {r.peak_mb:.0f} MB  symmetry {'on' if r.symmetry else 'off'}  "
+             f"partial-order reduction {'on' if r.por else 'off'}"
+             + (" (violation searched again without it: states and counterexample "
+                "are the unreduced search's)" if r.researched else "")
+             + (f"  workers {r.workers}" if r.workers > 1 else "")]
     if r.violation:
         lines.append(f"counterexample ({len(r.steps) - 1} steps, shortest):")
         lines += r.steps
     return "\n".join(lines)
 
 
-def all_mutations(base: Config, symmetry: bool = True):
+def all_mutations(base: Config, symmetry: bool = True, por: bool = True):
     """(shipped result, [(mutation, result)]) on `base` widened per mutation."""
-    shipped = check(base, symmetry)
-    rows = [(MUTATIONS[name], check(mutation_config(base, name), symmetry))
+    shipped = check(base, symmetry, por=por)
+    rows = [(MUTATIONS[name], check(mutation_config(base, name), symmetry, por=por))
             for name in MUTATIONS]
     return shipped, rows
 

@@ -5,19 +5,46 @@ depth: counterexamples are shortest. A violation is either a `violation` transit
 (framing, collective mismatch: visible as soon as it is enabled), a transition or state
 property (model.properties), or a stuck state that is not a clean end.
 
-Reductions
+Reductions (each can be switched off; docs/model-check.md has the figures)
   symmetry   workers with identical tables are interchangeable: permuting them is an
              automorphism of the transition system (groups and channels refer to them
              only as members of mesh_pg, never by index, and every property is
              invariant under the permutation). Canonical form = workers sorted. A
              worker singled out by a fault or mutation keeps its place. tests/ checks
              reduced and unreduced searches agree on small configurations.
-             Workers are sorted by hash, with ties broken by repr, so the order is a
-             function of the multiset of worker states: one representative per orbit.
-  interning  process states repeat across millions of global states; each distinct
-             one is stored once, a global state is a tuple of references to them.
+             The search sorts workers by interned id (Interner), a total order on
+             worker states, so one key per orbit; `Canon` (sorted by hash, ties by
+             repr) is the same quotient for drivers that need a process-independent
+             representative (model.parallel, the acyclicity test).
+  partial-order reduction (`por`)   ample sets over closed groups of processes, with
+             a breadth-first cycle proviso: model.reduction says why it is sound. A
+             violation found under it is searched again without it, so the verdict and
+             the counterexample printed are the unreduced search's: shortest.
+  abort chain (with `por`)   once the abort flag is set, the only transition is the
+             release of every live process; the search follows it without storing the
+             state in between (judging it on the way).
+  crash after a local step (with `por`)   a crash overwrites the whole process, so
+             crashing p right after p's own local step reaches exactly the state that
+             crashing p before the step reached (from the parent, where the crash was
+             expanded: it is in every ample set p's step is in). The search skips it.
+             Not for a symmetric worker, whose place moves under the canonical sort.
+  compact keys   process states repeat across millions of global states: each distinct
+             one is interned to an int, and a global state is stored as one int that
+             packs its process ids and its interned channels/sequence numbers/abort
+             flag/fault budget. Frontiers hold keys too and states are rebuilt from them
+             when expanded. The model's per-process work (rows posted, a row's successor
+             process state) is memoised on interned states, and the state invariants
+             (rank0 only) are judged once per distinct rank0 state. Rejected: keeping
+             `State` objects as keys (each lookup rehashes every nested tuple: the
+             profile's largest item before), and a tuple of ints as key (about twice the
+             memory of a packed int at a million states).
 Counterexample steps are recovered by replaying the chain of canonical states from
 the initial state concretely, so worker names stay consistent along the path.
+
+Mesh sizes: verdicts for a mesh with more workers than crash faults carry to every
+larger mesh (the argument, and what does not carry, is in docs/model-check.md, "Every
+mesh size"; tests/test_model_reduction.py checks its two predictions: the same verdict
+for every mutation at mesh 2..5, and state counts affine in the mesh size).
 """
 from __future__ import annotations
 
@@ -27,8 +54,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .properties import (check_progress_at_exit, check_state, check_terminal,
+from .properties import (check_progress_at_exit, check_rank0, check_terminal,
                          check_transition)
+from .reduction import Ample
 from .semantics import Model, State, Tr, Violation
 
 
@@ -45,6 +73,9 @@ class Result:
     peak_mb: float = 0.0
     terminals: int = 0
     symmetry: bool = True
+    por: bool = False
+    workers: int = 1
+    researched: bool = False   # found under POR; states, steps: the unreduced search's
 
     @property
     def states_per_s(self) -> float:
@@ -58,7 +89,9 @@ class Result:
                 "states": self.states, "transitions": self.transitions,
                 "depth": self.depth, "seconds": round(self.seconds, 3),
                 "states_per_s": round(self.states_per_s),
-                "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry}
+                "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry,
+                "por": self.por, "researched": self.researched,
+                "workers": self.workers}
 
 
 class Canon:
@@ -87,21 +120,169 @@ def _first(pair):
     return pair[0]
 
 
+class Interner:
+    """Compact keys: process states interned to small ints, a global state packed into
+    one int (its interned process states and its interned channels/sequence/abort/
+    budget tuple, FIELD bits each). Symmetric workers are sorted by interned id: a
+    total order on worker states, so one key per orbit, like Canon's order.
+
+    It also memoises the model's per-process work on interned states (the rows a
+    process posts, and the successor process state of a row), so the hot path hashes
+    small ints, not nested tuples. The memo is keyed by object identity of interned
+    states only; those stay alive in `procs`, so an identity is never reused."""
+
+    FIELD = 24
+
+    def __init__(self, model: Model, symmetry: bool):
+        self.model = model
+        self.n = model.n
+        self.sym = model.sym if symmetry else None
+        self.procs, self.pool, self.ids = [], {}, {}
+        self.rests, self.rest_ids = [], {}
+        self.checked = {}
+        posted, apply = model.posted, model._apply
+        n, ids, memo_posted, memo_apply = self.n, self.ids, {}, {}
+
+        def fast_posted(p, pr):
+            i = ids.get(id(pr))
+            if i is None:
+                return posted(p, pr)
+            hit = memo_posted.get(i * n + p)
+            if hit is None:
+                hit = memo_posted[i * n + p] = posted(p, pr)
+            return hit
+
+        def fast_apply(pr, t, row, msg):
+            i = ids.get(id(pr))
+            if i is None:
+                return apply(pr, t, row, msg)
+            key = (i, t, id(row), msg)
+            hit = memo_apply.get(key)
+            if hit is None:
+                new, abort = apply(pr, t, row, msg)
+                hit = memo_apply[key] = (self.procs[self.intern(new)], abort)
+            return hit
+
+        model.posted, model._apply = fast_posted, fast_apply
+
+    def intern(self, pr) -> int:
+        i = self.ids.get(id(pr))
+        if i is None:
+            i = self.pool.get(pr)
+            if i is None:
+                i = self.pool[pr] = len(self.procs)
+                self.procs.append(pr)
+                self.ids[id(pr)] = i
+        return i
+
+    def pids(self, s: State) -> list:
+        ids = self.ids
+        out = [ids.get(id(pr)) for pr in s.procs]
+        if None in out:
+            out = [self.intern(pr) if i is None else i for i, pr in zip(out, s.procs)]
+        if self.sym:
+            lo, hi = self.sym
+            out[lo:hi] = sorted(out[lo:hi])
+        return out
+
+    def pids_after(self, base: list, s2: State, tr: Tr) -> list:
+        """pids of s2 = step(s, tr), from `base`, the pids of s in s's own order:
+        only the participants of tr change (the abort release changes everyone)."""
+        if not tr.parts:
+            return self.pids(s2)
+        ids, out = self.ids, list(base)
+        procs = s2.procs
+        for part in tr.parts:
+            p = part[0]
+            pr = procs[p]
+            i = ids.get(id(pr))
+            out[p] = self.intern(pr) if i is None else i
+        if self.sym:
+            lo, hi = self.sym
+            out[lo:hi] = sorted(out[lo:hi])
+        return out
+
+    def key(self, s: State, pids: list) -> int:
+        rest = (s.chans, s.seq, s.abort, s.faults_left)
+        k = self.rest_ids.get(rest)
+        if k is None:
+            k = self.rest_ids[rest] = len(self.rests)
+            self.rests.append(rest)
+        f = self.FIELD
+        for i in pids:
+            k = (k << f) | i
+        return k
+
+    def state(self, k: int) -> tuple:
+        """(the canonical state a key stands for, the pids of its processes)."""
+        f, mask, procs = self.FIELD, (1 << self.FIELD) - 1, self.procs
+        pids = []
+        for _ in range(self.n):
+            pids.append(k & mask)
+            k >>= f
+        pids.reverse()
+        return State(tuple([procs[i] for i in pids]), *self.rests[k]), pids
+
+    def rank0_violation(self, m: Model, pid0: int):
+        """State invariants read rank0 only: judge each interned rank0 state once."""
+        hit = self.checked.get(pid0, self)
+        if hit is self:
+            hit = self.checked[pid0] = check_rank0(m, self.procs[pid0])
+        return hit
+
+
 def explore(model: Model, symmetry: bool = True, progress: bool = False,
-            max_states: int = 0) -> Result:
-    """Search every reachable state of `model`; stop at the first violation."""
+            max_states: int = 0, por: bool = True, workers: int = 1) -> Result:
+    """Search every reachable state of `model`; stop at the first violation.
+
+    With `por`, the partial-order reduction of model.reduction; a violation found under
+    it is searched for again without it, so the counterexample is a shortest one.
+    With `workers` > 1, the hash-partitioned multiprocess search of model.parallel
+    (no partial-order reduction: its cycle proviso needs the whole visited set)."""
+    if workers > 1:
+        from .parallel import explore_parallel
+        return explore_parallel(model, symmetry=symmetry, workers=workers,
+                                progress=progress)
+    res = _search(model, symmetry, progress, max_states, por, por)
+    if por and res.violation is not None:
+        first = res
+        res = _search(Model(model.cfg), symmetry, progress, max_states, False, False)
+        res.seconds += first.seconds
+        res.peak_mb = max(res.peak_mb, first.peak_mb)
+        res.por, res.researched = True, True
+    return res
+
+
+def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
+            por: bool, compress: bool) -> Result:
+    """The breadth-first search. `compress`: follow the abort flag's release without
+    storing the state in between (it has one transition and no choice), and do not
+    crash a process again right after its own local step (the crash overwrites the
+    process, so it reaches the state the crash before that step reached; a symmetric
+    worker is exempt, its place moves when the state is made canonical)."""
     t0 = time.perf_counter()
-    canon = Canon(model, symmetry)
-    init = canon(model.initial_state())
+    keys = Interner(model, symmetry)
+    ample = Ample(model) if por else None
+    tagged = {id(r) for table in model.tables for rows_by_pc in table
+              for rows in rows_by_pc.values() for r in rows if r.tags}
+    s0 = model.initial_state()
+    init = keys.key(s0, keys.pids(s0))
     parent = {init: None}
     frontier = [init]
     transitions = terminals = depth = 0
     last_report = t0
     found = None
-    enabled, step = model.enabled, model.step
+    enabled, step, state_of = model.enabled, model.step, keys.state
+    pids_of, key_of, r0_bad = keys.pids, keys.key, keys.rank0_violation
+    after, r0_seen = keys.pids_after, keys.checked
+    lo, hi = keys.sym or (0, 0)
+    skip_next = {}
     while frontier and found is None:
         nxt = []
-        for s in frontier:
+        fresh = set() if por else None
+        skip, skip_next = skip_next, {}
+        for k in frontier:
+            s, base = state_of(k)
             trs = enabled(s)
             if not trs or all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
@@ -110,25 +291,84 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
                 terminals += 1
                 v = check_terminal(model, s)
                 if v:
-                    found = (s, None, v)
+                    found = (k, None, v)
                     break
                 if not trs:
                     continue
-            for tr in trs:
+            if skip:  # after the terminal check: it judges s by all of trs
+                gone = skip.pop(k, 0)
+                if gone:
+                    trs = [tr for tr in trs if tr.kind != "crash" or
+                           not gone >> tr.parts[0][0] & 1]
+            succ = None
+            if ample is not None and not any(tr.kind == "violation" for tr in trs):
+                amp = ample(s, trs, base)
+                if amp is not trs:
+                    succ = []
+                    for tr in amp:
+                        s2 = step(s, tr)
+                        ps = after(base, s2, tr)
+                        c = key_of(s2, ps)
+                        if c in parent and c not in fresh:
+                            succ = None     # cycle proviso: expand s fully
+                            break
+                        succ.append((tr, s2, ps, c))
+            if succ is None:
+                succ = []
+                for tr in trs:
+                    if tr.kind == "violation":
+                        succ.append((tr, None, None, None))
+                        break
+                    s2 = step(s, tr)
+                    ps = after(base, s2, tr)
+                    succ.append((tr, s2, ps, key_of(s2, ps)))
+            for tr, s2, ps, c in succ:
                 transitions += 1
-                if tr.kind == "violation":
-                    found = (s, tr, tr.info)
+                if s2 is None:
+                    found = (k, tr, tr.info)
                     break
-                s2 = step(s, tr)
-                v = check_transition(model, s, tr, s2) or check_state(model, s2) \
-                    or check_progress_at_exit(model, s, tr)
+                v = None
+                for _p, _t, row in tr.parts:
+                    if row is not None and id(row) in tagged:
+                        v = check_transition(model, s, tr, s2) or \
+                            check_progress_at_exit(model, s, tr)
+                        break
+                if not v:
+                    v = r0_seen.get(ps[0], keys)
+                    if v is keys:
+                        v = r0_bad(model, ps[0])
                 if v:
-                    found = (s, tr, v)
+                    found = (k, tr, v)
                     break
-                c = canon(s2)
+                if compress and s2.abort:
+                    # The abort flag is set: only the release of every live process is
+                    # enabled, a chain with no choice. Follow it, judging each step,
+                    # and store only where it ends.
+                    while True:
+                        nxt_trs = enabled(s2)
+                        if len(nxt_trs) != 1 or nxt_trs[0].kind != "abort":
+                            break
+                        transitions += 1
+                        s2 = step(s2, nxt_trs[0])
+                        ps = pids_of(s2)
+                        v = r0_bad(model, ps[0])
+                        if v:
+                            break
+                    if v:
+                        found = (k, tr, v)
+                        break
+                    c = key_of(s2, ps)
                 if c not in parent:
-                    parent[c] = s
+                    parent[c] = k
                     nxt.append(c)
+                    if fresh is not None:
+                        fresh.add(c)
+                    if compress and tr.kind == "local" and s.faults_left:
+                        p = tr.parts[0][0]
+                        if not lo <= p < hi:
+                            # A crash overwrites the whole process: after a local step
+                            # of p, crash(p) reaches the state crash(p) reached from s.
+                            skip_next[c] = 1 << p
             if found:
                 break
             if progress:
@@ -148,25 +388,29 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
     res = Result(model.cfg.describe(), "clean", None, states=len(parent),
                  transitions=transitions, depth=depth, seconds=secs,
                  peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 terminals=terminals, symmetry=symmetry)
+                 terminals=terminals, symmetry=symmetry, por=por)
     if found:
-        s, tr, v = found
+        k, tr, v = found
         res.verdict, res.violation = v.prop, v
-        res.steps = counterexample(model, canon, parent, s, tr, v)
+        chain = [k]
+        while parent[chain[-1]] is not None:
+            chain.append(parent[chain[-1]])
+        chain.reverse()
+        res.steps = counterexample(model, lambda s: key_of(s, pids_of(s)), chain,
+                                   state_of(k)[0], tr, v)
     return res
 
 
-def counterexample(model: Model, canon: Canon, parent: dict, last: State,
-                   tr: Optional[Tr], v: Violation) -> list:
-    """Numbered, one line per step, from the initial state to the violation."""
-    chain = [last]
-    while parent[chain[-1]] is not None:
-        chain.append(parent[chain[-1]])
-    chain.reverse()
+def counterexample(model: Model, key, chain: list, last: State, tr: Optional[Tr],
+                   v: Violation) -> list:
+    """Numbered, one line per step, from the initial state to the violation. `chain`
+    holds the keys of the states on the path (from the initial one); `key` maps a
+    concrete state to its key, so the path is replayed concretely and worker names
+    stay consistent along it."""
     lines, s = [], model.initial_state()
     for target in chain[1:]:
         for cand in model.enabled(s):
-            if cand.kind != "violation" and canon(model.step(s, cand)) == target:
+            if cand.kind != "violation" and key(model.step(s, cand)) == target:
                 lines.append(model.describe(s, cand))
                 s = model.step(s, cand)
                 break
@@ -175,7 +419,7 @@ def counterexample(model: Model, canon: Canon, parent: dict, last: State,
     if tr is not None:
         # Re-find the final transition in the concrete (non-canonical) last state.
         for cand in model.enabled(s):
-            if canon(s) == last and cand.kind == tr.kind and _same(cand, tr):
+            if key(s) == chain[-1] and cand.kind == tr.kind and _same(cand, tr):
                 lines.append(model.describe(s, cand))
                 break
         else:

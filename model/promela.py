@@ -1203,10 +1203,12 @@ def _watched():
     out["guards._queue_terminal"] = guards._queue_terminal
     out["guards.new_envelope"] = guards.new_envelope
     out["guards.infer_calls_locally"] = guards.infer_calls_locally
-    for meth in ("initial_state", "enabled", "_rendezvous", "_buffered", "_collective",
-                 "step", "_apply", "_start_pcs", "_compile", "watchdog_enabled"):
+    for meth in ("initial_state", "enabled", "posted", "_rendezvous", "_buffered",
+                 "_collective", "step", "_apply", "_start_pcs", "_compile",
+                 "watchdog_enabled"):
         out[f"semantics.Model.{meth}"] = getattr(semantics.Model, meth)
-    for fn in ("check_transition", "check_state", "check_terminal", "_check_end",
+    for fn in ("check_transition", "check_state", "check_rank0", "check_terminal",
+               "_check_end",
                "check_progress_at_exit", "blocked_ops", "_group_mismatch", "_send_cycle"):
         out[f"properties.{fn}"] = getattr(properties, fn)
     return out
@@ -1333,7 +1335,8 @@ FINGERPRINTS: dict = {
     'properties._send_cycle': 'aa8ece83d4',
     'properties.blocked_ops': '6d15b8ba9c',
     'properties.check_progress_at_exit': '71af807a7b',
-    'properties.check_state': '4b9419587e',
+    'properties.check_rank0': '6d1de7135c',
+    'properties.check_state': '3839daab2e',
     'properties.check_terminal': '570a11a71c',
     'properties.check_transition': '0391912828',
     'semantics.Model._apply': '604653a47b',
@@ -1342,8 +1345,9 @@ FINGERPRINTS: dict = {
     'semantics.Model._compile': '18b412d84a',
     'semantics.Model._rendezvous': '47e6ba3379',
     'semantics.Model._start_pcs': '107462b654',
-    'semantics.Model.enabled': '6625476496',
+    'semantics.Model.enabled': '6dcf60bf9a',
     'semantics.Model.initial_state': '89f7962d58',
+    'semantics.Model.posted': 'e651e607c2',
     'semantics.Model.step': '54d4914db8',
     'semantics.Model.watchdog_enabled': 'd6706b61f2',
 }

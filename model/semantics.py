@@ -169,13 +169,11 @@ class Model:
             return []
         out, sends, recvs, colls = [], [], [], {}
         procs = s.procs
-        cache = self._rows_cache
+        posted = self.posted
         for p, pr in enumerate(procs):
             if pr.status != LIVE:
                 continue
-            hit = cache.get((p, pr))
-            if hit is None:
-                hit = cache[(p, pr)] = self._posted(p, pr)
+            hit = posted(p, pr)
             out += hit[0]
             sends += hit[1]
             recvs += hit[2]
@@ -202,6 +200,15 @@ class Model:
                 out.append(Tr("watchdog", (), None,
                               f"heartbeat of {who} lost ({procs[p].status})"))
         return out
+
+    def posted(self, p, pr):
+        """(local, sends, recvs, colls) that live process p offers in local state pr;
+        cached per distinct (p, pr). The explorer may replace it on an instance with
+        a lookup keyed by its interned process states (model.explore)."""
+        hit = self._rows_cache.get((p, pr))
+        if hit is None:
+            hit = self._rows_cache[(p, pr)] = self._posted(p, pr)
+        return hit
 
     def _posted(self, p, pr):
         """What process p, in local state pr, offers: a pure function of (p, pr), so it

@@ -1,0 +1,145 @@
+"""Multiprocess search: a hash-partitioned, level-synchronous breadth-first search.
+
+Each of W worker processes owns the canonical states whose hash falls in its
+partition: it keeps their visited set and expands the ones in its frontier. One level
+at a time, the coordinator (the calling process) asks every worker to expand its
+frontier, routes each successor to the worker that owns it, and asks the owners to
+keep the new ones as their next frontier. Levels keep the search breadth-first, so
+the level at which a violation first shows is the depth of a shortest counterexample;
+the counterexample itself is then printed by the serial search (model.explore), which
+stops at that same depth.
+
+Ownership uses the process-independent canonical state (model.explore.Canon: workers
+sorted by hash, ties by repr), not the serial search's interned ids, which differ from
+one process to the next. Workers are forked, so every process shares the string hash
+seed and the model object; states travel pickled.
+
+No partial-order reduction here: its cycle proviso asks whether a successor is already
+visited, which only the owner knows. On a machine with few cores the serial search with
+the reductions is faster; this path is for many-core machines and is checked against
+the serial search (same verdict, same number of distinct states) in
+tests/test_model_check.py.
+
+Designs considered and rejected: a shared visited set in shared memory (a lock per
+insert costs more than the hashing it saves in Python); a work-stealing search without
+levels (loses shortest counterexamples).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+
+from .properties import (check_progress_at_exit, check_state, check_terminal,
+                         check_transition)
+from .semantics import Model
+
+
+def _owner(s, workers: int) -> int:
+    return hash(s) % workers
+
+
+def _serve(model: Model, symmetry: bool, workers: int, conn) -> None:
+    from .explore import Canon
+    canon = Canon(model, symmetry)
+    seen, frontier = set(), []
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "stop":
+            conn.close()
+            return
+        if cmd == "absorb":
+            new = [s for s in arg if s not in seen]
+            seen.update(new)
+            frontier = list(dict.fromkeys(new))
+            conn.send(len(frontier))
+        elif cmd == "expand":
+            out = [[] for _ in range(workers)]
+            transitions = terminals = 0
+            found = None
+            for s in frontier:
+                trs = model.enabled(s)
+                if not trs or all(tr.kind == "crash" for tr in trs):
+                    terminals += 1
+                    v = check_terminal(model, s)
+                    if v:
+                        found = v
+                        break
+                for tr in trs:
+                    transitions += 1
+                    if tr.kind == "violation":
+                        found = tr.info
+                        break
+                    s2 = model.step(s, tr)
+                    v = check_transition(model, s, tr, s2) or check_state(model, s2) \
+                        or check_progress_at_exit(model, s, tr)
+                    if v:
+                        found = v
+                        break
+                    c = canon(s2)
+                    out[_owner(c, workers)].append(c)
+                if found:
+                    break
+            conn.send((out, transitions, terminals, found, len(seen)))
+
+
+def explore_parallel(model: Model, symmetry: bool = True, workers: int = 2,
+                     progress: bool = False):
+    """The search of model.explore, spread over `workers` processes."""
+    from .explore import Canon, Result, explore
+    t0 = time.perf_counter()
+    ctx = mp.get_context("fork")
+    pipes, procs = [], []
+    for _ in range(workers):
+        here, there = ctx.Pipe()
+        pr = ctx.Process(target=_serve, args=(model, symmetry, workers, there),
+                         daemon=True)
+        pr.start()
+        there.close()
+        pipes.append(here)
+        procs.append(pr)
+    try:
+        init = Canon(model, symmetry)(model.initial_state())
+        batches = [[] for _ in range(workers)]
+        batches[_owner(init, workers)].append(init)
+        transitions = terminals = depth = 0
+        found = None
+        sizes = [0] * workers
+        while True:
+            for conn, batch in zip(pipes, batches):
+                conn.send(("absorb", batch))
+            if sum(conn.recv() for conn in pipes) == 0:
+                break
+            for conn in pipes:
+                conn.send(("expand", None))
+            batches = [[] for _ in range(workers)]
+            for w, conn in enumerate(pipes):
+                out, n_tr, n_term, v, sizes[w] = conn.recv()
+                transitions += n_tr
+                terminals += n_term
+                found = found or v
+                for dst, states in enumerate(out):
+                    batches[dst] += states
+            depth += 1
+            if found:
+                break
+    finally:
+        for conn in pipes:
+            try:
+                conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for pr in procs:
+            pr.join(timeout=10)
+            if pr.is_alive():
+                pr.kill()
+    if found:
+        # The level tells the depth; the serial search prints a shortest path to it.
+        res = explore(Model(model.cfg), symmetry=symmetry, por=False)
+        res.workers = workers
+        return res
+    return Result(model.cfg.describe(), "clean", None, states=sum(sizes),
+                  transitions=transitions, depth=depth,
+                  seconds=time.perf_counter() - t0,
+                  peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  terminals=terminals, symmetry=symmetry, por=False, workers=workers)
