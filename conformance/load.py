@@ -33,6 +33,10 @@ from lockstep.model.config import Config
 from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
 from lockstep.model.tables import THREADS
 
+try:                      # a fast parser when installed (pyproject: orjson); same JSON
+    from orjson import loads as _fast_loads
+except ImportError:       # pragma: no cover
+    _fast_loads = None
 _SCAN = json.decoder.JSONDecoder().scan_once
 _SIGS: dict = {}
 _new_ev = object.__new__
@@ -274,12 +278,19 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
         try:
             # the C scanner behind json.loads, without its Python wrapper; anything
             # it does not consume whole goes through json.loads for the message
-            try:
-                d, end = scan(line, 0)
-            except StopIteration:
-                end = -1
-            if end != len(line):
-                d = json.loads(line)
+            d = None
+            if _fast_loads is not None:
+                try:
+                    d = _fast_loads(line)
+                except ValueError:
+                    d = None
+            if d is None:
+                try:
+                    d, end = scan(line, 0)
+                except StopIteration:
+                    end = -1
+                if end != len(line):
+                    d = json.loads(line)
         except ValueError as e:
             if ln == nlines and not complete_end:
                 rt.truncated = True

@@ -1,7 +1,10 @@
-"""Replay a run's traces through the model: happens-before from matching, then one
-linearisation stepped through `Model.step` from `Model.initial_state()`.
+"""Replay a run's traces through the model: happens-before from the trace coordinates,
+then one linearisation stepped through `Model.step` from `Model.initial_state()`. The
+replayer is a driver: every step it takes is a transition `Model.enabled_of` (the
+model's own `enabled`, indexed by (process, thread, row label)) returned for the
+recorded events. It has no matching rules of its own.
 
-Happens-before, with no clock compared across ranks:
+Happens-before, with no clock compared across ranks (the trace's coordinates):
   * program order per (rank, thread) (`i`);
   * each send to the receive with the same directed channel and `chan_i`;
   * each collective event to the other members' events with the same group and `gseq`.
@@ -9,67 +12,39 @@ rank0's comms thread is the one refinement: its control state is a pair (send si
 receive side) and the runtime keeps a send and a receive in flight together, completing
 whichever finishes first. Its send-side events are ordered among themselves, its
 receive-side events among themselves, and its other rows (comms_done, the error exit)
-after both; the order in which a send and a receive that were both in flight completed
-is not program order. (A gloo run shows why: rank0 records sending envelope k+1 before
-receiving the rest of result k while the leader records sending result k before
-receiving envelope k+1; under the rendezvous reading only the second order exists.)
-Checking a comms event then compares only its own side of the pair state with the model
-(`src`/`dst` must also chain within the trace, so no field escapes the check).
+after both. A comms event fired out of its recorded pair order is compared on its own
+side of the pair (`_lane_ok`: the trace's reading of the pair state, not a rule of the
+model).
 
-The linearisation follows each rank's file order where it can: the runtime writes a
-rank's events under the process lock in the order it applied their updates to the
-shared local variables, so file order is the order rank0's two threads changed them.
-A joint transition fires as soon as every participant's event is ready (all its
-happens-before predecessors replayed), even if that event is not yet first in its
-rank's file; if every rank is blocked, any ready event within a short window is tried.
-The greedy choice is sound: whatever it accepts is a model execution consistent with
-happens-before. Crashes, the watchdog and the abort flag are placed last, when nothing
-else can move: they are not ordered by any message, so that placement is always
-consistent with happens-before.
+A step: the events that make one transition (the event, its channel partner, or every
+member's event of the collective) must be ready; the model's index at the current state
+is looked up at the event's (rank, thread, label); a transition is taken when its parts
+are exactly those events' rows (label, and dst continuing the recorded dst) and the
+recorded messages are the model's (`views.msg_ok`). The trace's coordinates (chan_i, gseq)
+must be the model's next ones. Crashes, the watchdog and the abort flag are placed last,
+when nothing else can move; an exit that sets the abort flag too.
 
-Matching a step to the model: the transition is built directly from the tables at the
-participants' current control states, indexed by (proc, thread, state, label), with the
-same rules as `Model.enabled` (guards, rendezvous/buffered p2p, collective signatures,
-`accept`, non-members): scanning `enabled` for every event would cost an order of
-magnitude more. `verify=True` asserts for every step that the built transition is one of
-`Model.enabled(state)` (the tests run it on every configuration they replay).
-
-Endings:
-  * a rank whose trace ends with no exit and no release crashed (kill -9): the model's
-    crash transition, after its recorded events (the configuration's fault budget is
-    raised to the number of crashed ranks: a kill is the environment's, not the
-    protocol's). A send or collective another rank completed with the crashed rank,
-    whose event the crashed rank never wrote (killed after the op, before the line), is
-    replayed as that rank's lost event, at most one per thread, and reported; the same
-    holds for a released rank (the watchdog's os._exit does not wait for the line);
-  * a rank whose `release` event names itself as the root cause (``via: own``: it failed
-    outside its table, e.g. a per-op deadline, a refused op, an uncaught error, and set
-    the abort flag itself; model/release.py) is replayed the same way: the model's crash
-    of that rank (it stops beating without a clean mark), then the watchdog;
-  * `release` events: the watchdog transition (heartbeat of a failed rank lost) and the
-    abort transition, which releases every live rank at once. A rank that died of an
-    uncaught error the runtime did not trace (no exit step, no release event, but its
-    one-line error exit in rank{R}.err; load.py) is released the same way: its error
-    exit set the abort flag;
-  * an exit that sets the abort flag is taken last for the same reason;
-  * a send that completed into the transport after its peer had ended (gloo sends are
-    eager; the rendezvous reading would block it until the abort flag) is applied to the
-    sender alone and reported as tolerated.
+Environment rule (one, documented in model/events.py as UNWRITTEN): a rank whose trace
+ended without an exit step (killed, failed, released, untraced error exit) may have
+completed, after its last written line, its part of a transition whose other
+participants wrote theirs (a rendezvous send or receive, a collective; buffered: a send
+whose receive the peer wrote). That transition is taken with the ended rank's part being
+whatever row the model enables for it there; the written parts must match exactly.
 """
 from __future__ import annotations
 
 import time
-
-LOST_COLLS = 3   # collectives an ended rank may have completed without writing them
 from typing import Optional
 
+from lockstep.model.events import UNWRITTEN
 from lockstep.model.ops import Coll, Exit, Local, Recv, Send
 from lockstep.model.properties import (check_progress_at_exit, check_state, check_terminal,
-                              check_transition)
-from lockstep.model.semantics import (ABORTED, CRASHED, DEAD_THREAD, ERROR, FINAL, GROUPS, LIVE,
-                             Model, State, Tr)
+                                       check_transition)
+from lockstep.model.semantics import (ABORTED, CRASHED, DEAD_THREAD, ERROR, FINAL, GROUPS,
+                                      LIVE, Model, State, Tr)
 from lockstep.model.tables import THREADS
 
+from .explain import guard_words, msg_diff
 from .load import Ev, Run, fmt_msg
 from .views import HEADER_KINDS, header_view, local_subject, msg_ok
 
@@ -78,11 +53,6 @@ OPCLASS = {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit", Local: "local
 WINDOW = 64
 _COMM = ("send", "recv", "coll")
 _GI = {g: k for k, g in enumerate(GROUPS)}
-
-
-_new = tuple.__new__        # _new(Tr, (kind, parts, msg, info)): a Tr without the
-#                             namedtuple's Python-level __new__
-_EMPTY = {}
 
 
 class Divergence:
@@ -172,50 +142,16 @@ class Replayer:
                 f"untraced error exit (no exit step or release event; its rank*.err has "
                 f"the reason): {', '.join(m.names[r] for r in errs)}; replayed as released "
                 f"by the abort flag (an uncaught error sets it on the way out)")
-        # (proc, thread) -> state -> label -> rows; state -> collective rows
-        self.idx = []
-        self.coll_rows = []       # (p)(t) state -> collective rows there
-        self.uniform = []         # (p)(t) state -> its collective rows share group,
-        #                           signature and `make` (the fast path of _coll)
-        for p in range(self.n):
-            per_t, per_c, per_u = [], [], []
-            for t, table in enumerate(m.tables[p]):
-                d, c, u = {}, {}, {}
-                for pc, rows in table.items():
-                    lab = {}
-                    for r in rows:
-                        lab.setdefault(r.label, []).append(r)
-                    d[pc] = lab
-                    cr = [r for r in rows if type(r.op) is Coll]
-                    if cr:
-                        c[pc] = cr
-                        sigs = {(r.op.group, r.op.op, r.op.root, r.op.kind) for r in cr}
-                        if len(sigs) == 1 and len({r.make for r in cr}) == 1:
-                            g, o, root, kind = sigs.pop()
-                            u[pc] = (o, root, kind)
-                per_t.append(d)
-                per_c.append(c)
-                per_u.append(u)
-            self.idx.append(per_t)
-            self.coll_rows.append(per_c)
-            self.uniform.append(per_u)
-        # non-members that have some collective row on the group somewhere: only
-        # they can trip the model's "not a member" rule
-        self.non_members = {g: tuple(
-            p for p in range(self.n) if p not in mem and any(
-                r.op.group == g for per_pc in self.coll_rows[p] for rs in per_pc.values()
-                for r in rs)) for g, mem in m.members.items()}
-        self.comms = (0, THREADS["rank0"].index("comms"))
         self.nthreads = [len(THREADS[role]) for role in m.roles]
+        self.comms = (0, THREADS["rank0"].index("comms"))
         self.sent = {}            # (src, dst) -> messages sent so far
         self.rcvd = {}            # (src, dst) -> messages received so far
-        self.lost_per_thread = {}
+        self.unwritten_sends = set()
         self.end_phase = False
-        self._guard_false = None
-        self.static = [[{} for _ in range(k)] for k in self.nthreads]
+        self._idx_s = self._idx_p = self._idx = None
         self._link()
 
-    # ------------------------------------------------------------------ matching
+    # ------------------------------------------------------------------ coordinates
     def _link(self):
         m, run = self.m, self.run
         p2p, colls = {}, {}
@@ -266,7 +202,6 @@ class Replayer:
         self.p2p = p2p
         self.heads = [0] * self.n
 
-    # ------------------------------------------------------------------ helpers
     @staticmethod
     def _ready(ev) -> bool:
         for d in ev.deps:
@@ -275,16 +210,19 @@ class Replayer:
         return True
 
     def _pending(self, r) -> int:
-        """Events of rank r not replayed yet (counted from its head: only called when
-        the replay is stuck or done, so the scan is short)."""
         evs, h = self.events[r], self.heads[r]
         while h < len(evs) and evs[h].done:
             h += 1
         self.heads[r] = h
         return sum(1 for e in evs[h:] if not e.done)
 
+    def _ended(self, q) -> bool:
+        """Rank q's trace has nothing more, it ended without an exit step, and the
+        model still has it live: the UNWRITTEN rule applies to it."""
+        return self.s.procs[q].status == LIVE and \
+            self.run.ranks[q].ended in UNWRITTEN and self._pending(q) == 0
+
     def _gone(self, q) -> str:
-        """Why rank q's trace has nothing more, when it ended without an exit."""
         rt = self.run.ranks[q]
         if self._pending(q) or rt.ended == "exit":
             return ""
@@ -295,112 +233,88 @@ class Replayer:
     def _who(self, p, t) -> str:
         return f"{self.m._who(p, t)} (rank {p})"
 
-    def _own(self, ev, s, accept_msg=None, need_accept=False):
-        """The row of `ev` at its thread's current model state, or (None, code, why).
-
-        The static part (label, dst, op, peer, group, own side of the comms pair) depends
-        only on the event's recorded fields and the model state, so it is cached per
-        (proc, thread); guards and `accept` are evaluated every time."""
-        p, t = ev.rank, ev.t
-        pr = s.procs[p]
-        if pr.status != LIVE:
-            return None, BAD, lambda: (f"{self.m.names[p]} is no longer live in the model "
-                                       f"({pr.status}: {pr.reason})")
-        pc = pr.pcs[t]
-        if ev.line:
-            prev = ev.prev
-            prev_dst = prev.dst if prev is not None else self.init_pcs[p][t]
-            if ev.src != prev_dst:
-                return None, BAD, lambda: (
-                    f"recorded src {ev.src!r} does not continue from "
-                    f"{'the previous event of the thread' if ev.prev else 'the initial state'}"
-                    f" ({prev_dst!r})")
-            key = (pc, ev.sk)
-            cache = self.static[p][t]
-            cands = cache.get(key)
-            if cands is None:
-                cands = cache[key] = self._static(p, t, pc, ev)
-            if type(cands) is str:
-                return None, BAD, cands
-        else:       # a synthesised lost event: any row of its kind
-            cands = [r for rows in self.idx[p][t].get(pc, _EMPTY).values() for r in rows
-                     if OPCLASS[type(r.op)] == ev.op and
-                     (type(r.op) is not Coll or r.op.group == ev.group)]
-        cfg, v = self.cfg, pr.v
-        guard_false = None
-        for row in cands:
-            if row.guard is not None and not row.guard(v, cfg):
-                guard_false = row
-                continue
-            if need_accept and row.accept is not None and not row.accept(v, cfg,
-                                                                         accept_msg):
-                guard_false = guard_false or row
-                continue
-            return row, FIRED, None
-        if guard_false is not None:
-            self._guard_false = guard_false
-            what = "does not accept the message" if need_accept and (
-                guard_false.guard is None or guard_false.guard(v, cfg)) else \
-                f"is not enabled (guard {getattr(guard_false.guard, '__name__', '?')} false)"
-            return None, BAD, lambda: (f"row {guard_false.label} at {pc!r} {what}"
-                                       + (f": {fmt_msg(accept_msg)}" if need_accept else ""))
-        return None, BAD, lambda: f"no row of kind {ev.op} at {pc!r}"
-
-    def _static(self, p, t, pc, ev):
-        """Rows at `pc` matching the event's recorded fields, or the reason (a str)."""
-        if pc == FINAL or pc == DEAD_THREAD:
-            return f"thread {ev.thread} has already finished ({pc})"
-        table = self.idx[p][t].get(pc, _EMPTY)
-        cands = table.get(ev.label)
-        if not cands:
-            return (f"no row labelled {ev.label!r} leaves {self.m.names[p]}.{ev.thread} "
-                    f"state {pc!r} (rows there: {', '.join(sorted(table)) or 'none'})")
-        exact = ev.src == pc
-        out = []
-        for row in cands:
-            if exact:
-                if row.dst != ev.dst:
-                    continue
-            elif not _lane_ok(ev, row, pc):
-                continue
-            op = row.op
-            cls = type(op)
-            if OPCLASS[cls] != ev.op:
-                return f"recorded op {ev.op!r}, but row {row.label} is {OPCLASS[cls]}"
-            if (cls is Send or cls is Recv) and op.peer != ev.peer:
-                return f"recorded peer {ev.peer!r}, but row {row.label} talks to {op.peer!r}"
-            if cls is Coll and op.group != ev.group:
-                return (f"recorded a collective on {ev.group}, but row {row.label} is "
-                        f"{op.op} on {op.group} (collective on the wrong group)")
-            out.append(row)
-        if out:
-            return out
-        if exact:
-            return (f"row {ev.label!r} at {pc!r} leads to "
-                    f"{sorted(r.dst for r in cands)}, not {ev.dst!r}")
-        return (f"recorded {ev.src!r} -> {ev.dst!r}, but the model's {ev.thread} thread "
-                f"is at {pc!r}")
+    def _index(self, s, procs):
+        if self._idx_s is not s or self._idx_p != procs:
+            self._idx = self.m.enabled_of(s, procs)
+            self._idx_s, self._idx_p = s, procs
+        return self._idx
 
     # ------------------------------------------------------------------ firing
     def try_fire(self, ev: Ev, explain: bool = False):
-        """Fire the transition of `ev` if it is ready. Returns FIRED/WAIT/BAD, or
-        (code, reason) with explain."""
-        code, why = self._try(ev, explain)
+        code, why = self._fire(ev)
         if explain:
             return code, (why() if callable(why) else why)
         return code
 
-    def _try(self, ev, explain):
-        code, why = self._dispatch(ev)
-        if code == WAIT and ev.line and self._ready(ev):
-            # waiting for another rank is only worth it if this event's own row is
-            # right: a wrong step is reported as such, not as a wait
-            row, bad, bad_why = self._own(ev, self.s)
-            if row is None and not self.s.abort:
-                return bad, bad_why
-        return code, why
+    def _group(self, ev, s):
+        """The recorded events that make one transition with `ev` and the ranks whose
+        part is unwritten (UNWRITTEN), or (code, why)."""
+        m = self.m
+        op = ev.op
+        if op == "local" or op == "exit":
+            return (ev,), ()
+        if op == "coll":
+            grp = ev.group
+            if ev.rank not in m.group_rank[grp]:
+                return (ev,), ()          # the model's index says: not a member
+            seq = s.seq[_GI[grp]]
+            if ev.gseq != seq:
+                return (WAIT if ev.gseq > seq else BAD), lambda: (
+                    f"{grp} seq {ev.gseq} recorded, but the group is at seq {seq}")
+            evs, unw = [], []
+            for mm in m.members[grp]:
+                e = ev.inst.get(mm)
+                if e is None:
+                    if self._ended(mm):
+                        unw.append(mm)
+                        continue
+                    return WAIT, lambda mm=mm: (
+                        f"{grp} seq {ev.gseq}: {m.names[mm]} has no event for this "
+                        f"collective (members recorded: "
+                        f"{', '.join(m.names[x] for x in sorted(ev.inst))})" + self._gone(mm))
+                if not e.done and not self._ready(e):
+                    return WAIT, lambda e=e: (f"{grp} seq {ev.gseq}: {m.names[e.rank]}'s "
+                                              f"event ({e.where()}) is not ready")
+                evs.append(e)
+            return tuple(evs), tuple(unw)
+        q = m.index[ev.peer]
+        f = ev.partner
+        key = (ev.rank, q) if op == "send" else (q, ev.rank)
+        nxt = (self.sent if op == "send" else self.rcvd).get(key, 0)
+        if ev.chan_i != nxt:
+            return BAD, lambda: (f"{op} is message #{ev.chan_i} on {m.names[key[0]]} -> "
+                                 f"{m.names[key[1]]}, but #{nxt} is the next one")
+        if self.cfg.p2p == "buffered":
+            if op == "send":
+                chan = s.chans[m.chan_index[(ev.rank, q)]]
+                if len(chan) >= self.cfg.eager and self._ended(q):
+                    self._unwritten_recv(ev, q, s)      # then the send, in this state
+                return (ev,), ()
+            if f is None:
+                if (q, ev.rank, ev.chan_i) in self.unwritten_sends or \
+                        (self._ended(q) and self._unwritten_send(ev, q, s)):
+                    return (ev,), ()
+                return WAIT, lambda: (f"no send with chan_i={ev.chan_i} was recorded "
+                                      f"by {ev.peer}" + self._gone(q))
+            if not f.done:
+                return WAIT, lambda: f"waits for the matching send ({f.where()})"
+            return (ev,), ()
+        if f is None:
+            if self._ended(q):
+                return (ev,), (q,)
+            return WAIT, lambda: (f"no {'receive' if op == 'send' else 'send'} with "
+                                  f"chan_i={ev.chan_i} was recorded by {ev.peer}"
+                                  + self._gone(q))
+        if not f.done and not self._ready(f):
+            return WAIT, lambda: (f"the matching event {f.where()} is not ready (earlier "
+                                  f"events of its thread are pending)")
+        fi = (self.rcvd if op == "send" else self.sent).get(key, 0)
+        if f.chan_i != fi:
+            return BAD, lambda: (f"{f.op} is message #{f.chan_i} on {m.names[key[0]]} -> "
+                                 f"{m.names[key[1]]}, but #{fi} is the next one")
+        return (ev, f), ()
 
-    def _dispatch(self, ev):
+    def _fire(self, ev):
         if ev.done:
             return FIRED, None
         s = self.s
@@ -411,295 +325,247 @@ class Replayer:
             return BAD, lambda: (f"a second event for the same "
                                  f"{'channel message' if ev.op != 'coll' else 'collective'}"
                                  f" ({_coord(ev)}; the first is at {ev.dup.where()})")
-        op = ev.op
-        if op == "local" or op == "exit":
-            return self._local(ev)
-        if op == "coll":
-            return self._coll(ev)
-        if self.cfg.p2p == "rendezvous":
-            if op == "send":
-                return self._rendezvous(ev, ev.partner)
-            f = ev.partner
-            if f is None:
-                return WAIT, lambda: (f"no send with chan_i={ev.chan_i} was recorded by "
-                                      f"{ev.peer}" + self._gone(self.m.index[ev.peer]))
-            if not f.done and not self._ready(f):
-                return WAIT, lambda: (f"waits for {ev.peer}'s matching send "
-                                      f"({f.where()}), not yet ready")
-            return self._rendezvous(f, ev)
-        return self._buffered(ev)
+        bad = self._chain(ev)
+        if bad is not None:
+            return BAD, bad
+        row = self._row_at(ev, s)
+        if row is not None:
+            bad = self._fields(ev, row)
+            if bad is not None:
+                return BAD, bad
+        g = self._group(ev, s)
+        if type(g[0]) is int:
+            return g
+        s = self.s                  # an UNWRITTEN completion may have been taken
+        evs, unw = g
+        for e in evs:
+            if e is not ev and self._chain(e) is not None:
+                return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
+                                         + self._chain(e)())
+        procs = tuple(sorted({e.rank for e in evs}.union(unw)))
+        cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+        if not cands:
+            return WAIT, lambda: self._why_not(ev, s)
+        byk = {(e.rank, e.t): e for e in evs}
+        nparts = len(evs) + len(unw)
+        viol = near = None
+        for tr in cands:
+            if tr.kind == "violation":
+                viol = viol or tr
+                continue
+            if len(tr.parts) != nparts:
+                continue
+            why = self._mismatch(tr, byk, unw, s)
+            if why is None:
+                code, why = self._schedule(tr, ev)
+                if code != FIRED:
+                    return code, why
+                return self._commit(tr, evs, s, unw)
+            near = near or why
+        if viol is not None and (near is None or ev.op == "coll"):
+            return BAD, lambda: f"{viol.info.prop}: {viol.info.detail}"
+        if near is not None:
+            return BAD, near
+        return WAIT, lambda: self._why_not(ev, s)
 
-    def _local(self, ev):
-        s = self.s
-        row, code, why = self._own(ev, s)
-        if row is None:
-            return code, why
-        p, t = ev.rank, ev.t
-        pr = s.procs[p]
-        cls = type(row.op)
-        if "join_comms" in row.tags and not all(
-                q == FINAL or q == DEAD_THREAD for u, q in enumerate(pr.pcs) if u != t):
-            return WAIT, lambda: (f"{row.label} joins the other thread, which is at "
-                                  f"{[q for u, q in enumerate(pr.pcs) if u != t]}")
-        if cls is Exit:
-            if self.nthreads[p] > 1 and self._other_thread_pending(ev):
+    def _chain(self, ev):
+        """The recorded src must continue the thread's previous recorded dst."""
+        prev = ev.prev
+        prev_dst = prev.dst if prev is not None else self.init_pcs[ev.rank][ev.t]
+        if ev.src == prev_dst:
+            return None
+        return lambda: (f"recorded src {ev.src!r} does not continue from "
+                        f"{'the previous event of the thread' if prev else 'the initial state'}"
+                        f" ({prev_dst!r})")
+
+    def _mismatch(self, tr, byk, unw, s):
+        """None when the model's transition `tr` is the recorded one, else why not."""
+        seen = set()
+        kind = None
+        for p, t, row in tr.parts:
+            if type(row.op) is Send:
+                kind = row.op.kind
+            e = byk.get((p, t))
+            if e is None:
+                if p in unw and p not in seen:
+                    seen.add(p)
+                    continue
+                return lambda: f"the model's transition involves {self.m._who(p, t)}"
+            if row.label != e.label:
+                return lambda e=e, row=row: (f"{self._who(e.rank, e.t)} recorded "
+                                             f"{e.label}, the model takes {row.label}")
+            pc = s.procs[p].pcs[t]
+            if e.src == pc:
+                if row.dst != e.dst:
+                    return lambda e=e, row=row, pc=pc: (
+                        f"row {row.label!r} at {pc!r} leads to {row.dst!r}, not {e.dst!r}")
+            elif not _lane_ok(e, row, pc):
+                return lambda e=e, pc=pc: (f"recorded {e.src!r} -> {e.dst!r}, but the "
+                                           f"model's {e.thread} thread is at {pc!r}")
+        msg = tr.msg
+        if tr.kind in ("p2p", "send", "recv"):
+            if kind is None:           # buffered receive: the head of the channel
+                p, t, row = tr.parts[0]
+                kind = s.chans[self.m.chan_index[(self.m.index[row.op.peer], p)]][0][0]
+            for p, t, row in tr.parts:
+                e = byk.get((p, t))
+                if e is None or not e.has_msg:
+                    continue
+                ok = e.msg == msg if type(row.op) is Send else msg_ok(e.msg, msg, kind)
+                if not ok:
+                    return lambda e=e, row=row: self._msg_why(e, msg, kind, row)
+        elif tr.kind == "coll":
+            op0 = tr.parts[0][2].op
+            hv = header_view(msg) if op0.kind in HEADER_KINDS else None
+            for p, t, row in tr.parts:
+                e = byk.get((p, t))
+                if e is None or not (e.has_msg or (op0.op != "all_reduce" and e.line)):
+                    continue
+                rec = e.msg if e.has_msg else None
+                if not (rec == msg or (hv is not None and rec == hv)):
+                    return lambda e=e: (
+                        f"{e.group} seq {e.gseq}: {self.m.names[e.rank]} recorded "
+                        f"{fmt_msg(e.msg) if e.has_msg else 'no message'}, the model's "
+                        f"value is {fmt_msg(msg)}" + msg_diff(rec, msg))
+        return None
+
+    def _msg_why(self, e, msg, kind, row):
+        m = self.m
+        shown = msg if type(row.op) is Send or kind not in HEADER_KINDS else header_view(msg)
+        verb = "sending" if type(row.op) is Send else "receiving"
+        return (f"{m.names[e.rank]} recorded {verb} {fmt_msg(e.msg)}, the model's "
+                f"message is {fmt_msg(msg)} ({row.label})" + msg_diff(e.msg, shown))
+
+    def _schedule(self, tr, ev):
+        """The driver's placement: an exit after the process's other thread's events;
+        an exit that sets the abort flag last."""
+        if tr.kind == "exit":
+            row = tr.parts[0][2]
+            p = ev.rank
+            if self.nthreads[p] > 1 and any(
+                    not e.done and e.t != ev.t for e in self.events[p][self.heads[p]:]):
                 return WAIT, lambda: "the process exits after its other thread's events"
             if row.op.how == "abort" and not self.end_phase:
                 return WAIT, lambda: "an exit that sets the abort flag is taken last"
-        tr = _new(Tr, ("exit" if cls is Exit else "local", ((p, t, row),), None, None))
-        return self._commit(tr, (ev,), s)
+        return FIRED, None
 
-    def _other_thread_pending(self, ev) -> bool:
-        for e in self.events[ev.rank][self.heads[ev.rank]:]:
-            if not e.done and e.t != ev.t:
+    def _unwritten_send(self, ev, q, s) -> bool:
+        """Buffered: the send of ended rank q that ev's receive took (UNWRITTEN)."""
+        key = (q, ev.rank, ev.chan_i)
+        if key in self.unwritten_sends:
+            return False
+        for trs in self._index(s, (q,)).values():
+            for tr in trs:
+                if tr.kind == "send" and tr.parts[0][0] == q and \
+                        self.m.index[tr.parts[0][2].op.peer] == ev.rank and \
+                        (not ev.has_msg or msg_ok(ev.msg, tr.msg, tr.parts[0][2].op.kind)):
+                    self.unwritten_sends.add(key)
+                    self._commit(tr, (), s, (q,))
+                    return True
+        return False
+
+    def _fields(self, ev, row):
+        """The recorded op, peer and group are the row's (they are redundant with the
+        row the label names; a trace that disagrees is wrong at this line)."""
+        op = row.op
+        cls = type(op)
+        if OPCLASS[cls] != ev.op:
+            return f"recorded op {ev.op!r}, but row {row.label} is {OPCLASS[cls]}"
+        if (cls is Send or cls is Recv) and op.peer != ev.peer:
+            return f"recorded peer {ev.peer!r}, but row {row.label} talks to {op.peer!r}"
+        if cls is Coll and op.group != ev.group:
+            return (f"recorded a collective on {ev.group}, but row {row.label} is "
+                    f"{op.op} on {op.group} (collective on the wrong group)")
+        return None
+
+    def _unwritten_recv(self, ev, q, s) -> bool:
+        """Buffered: ended rank q took the head of the full channel that ev's recorded
+        send needs room in (UNWRITTEN: the send proves the room was made)."""
+        for trs in self._index(s, (q,)).values():
+            for tr in trs:
+                if tr.kind == "recv" and tr.parts[0][0] == q and \
+                        self.m.index[tr.parts[0][2].op.peer] == ev.rank:
+                    self._commit(tr, (), s, (q,))
+                    return True
+        return False
+
+    def _own_posted(self, ev, s) -> bool:
+        """The model's process offers the event's row at its state (guards true)."""
+        pr = s.procs[ev.rank]
+        if pr.status != LIVE:
+            return False
+        row = self._row_at(ev, s)
+        if row is None or self._fields(ev, row) is not None:
+            return False
+        loc, sends, recvs, colls = self.m.posted(ev.rank, pr)
+        for tr in loc:
+            if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label:
+                return True
+        for p, t, row in list(sends) + list(recvs) + [e for _, e in colls]:
+            if t == ev.t and row.label == ev.label:
                 return True
         return False
 
-    def _rendezvous(self, e, f):
-        """e: the send event, f: the receive event (either may be None)."""
-        if f is None:
-            return WAIT, lambda: (f"no receive with chan_i={e.chan_i} was recorded by "
-                                  f"{e.peer}" + self._gone(self.m.index[e.peer]))
-        if e is None:
-            return WAIT, lambda: "no matching send"
-        for x in (e, f):
-            if not x.done:
-                for d in x.deps:
-                    if not d.done:
-                        return WAIT, lambda: (f"the matching event {x.where()} is not "
-                                              f"ready (earlier events of its thread are "
-                                              f"pending)")
-        s = self.s
-        row, code, why = self._own(e, s)
-        if row is None:
-            return code, lambda: (f"sender {self._who(e.rank, e.t)}: "
-                                  + (why() if callable(why) else why))
-        p, q = e.rank, f.rank
-        key = (p, q)
-        ci = self.sent.get(key, 0)
-        if e.line and e.chan_i != ci:
-            return BAD, lambda: (f"send is message #{e.chan_i} on {self.m.names[p]} -> "
-                                 f"{self.m.names[q]}, but #{ci} is the next one")
-        ri = self.rcvd.get(key, 0)
-        if f.line and f.chan_i != ri:
-            return BAD, lambda: (f"receive is message #{f.chan_i} on {self.m.names[p]} -> "
-                                 f"{self.m.names[q]}, but #{ri} is the next one")
-        cfg = self.cfg
-        msg = row.make(s.procs[p].v, cfg)
-        if e.has_msg and e.msg != msg:
-            return BAD, lambda: (f"{self.m.names[p]} recorded sending {fmt_msg(e.msg)}, "
-                                 f"the model's {row.label} sends {fmt_msg(msg)}")
-        rrow, code, why = self._own(f, s, msg, True)
-        if rrow is None:
-            return code, lambda: (f"receiver {self._who(q, f.t)}: "
-                                  + (why() if callable(why) else why))
-        if row.op.kind not in rrow.op.kinds:
-            return BAD, lambda: (f"framing: {row.op.kind} sent, but {rrow.label} expects "
-                                 f"{'|'.join(rrow.op.kinds)}")
-        if f.has_msg and f.msg != msg and not msg_ok(f.msg, msg, row.op.kind):
-            return BAD, lambda: (f"{self.m.names[q]} recorded receiving {fmt_msg(f.msg)}, "
-                                 f"the model's message is {fmt_msg(msg)}")
-        tr = _new(Tr, ("p2p", ((p, e.t, row), (q, f.t, rrow)), msg, None))
-        code, why = self._commit(tr, (e, f), s)
-        if code == FIRED:
-            self.sent[key] = ci + 1
-            self.rcvd[key] = ri + 1
-        return code, why
+    def _row_at(self, ev, s):
+        pr = s.procs[ev.rank]
+        if pr.status != LIVE:
+            return None
+        pc = pr.pcs[ev.t]
+        for row in self.m.tables[ev.rank][ev.t].get(pc, ()):
+            if row.label == ev.label:
+                return row
+        return None
 
-    def _buffered(self, ev):
-        s, m, cfg = self.s, self.m, self.cfg
-        if ev.op == "send":
-            row, code, why = self._own(ev, s)
-            if row is None:
-                return code, why
-            p = ev.rank
-            q = m.index[row.op.peer]
-            ci = self.sent.get((p, q), 0)
-            if ev.line and ev.chan_i != ci:
-                return BAD, lambda: (f"send is message #{ev.chan_i} on {m.names[p]} -> "
-                                     f"{m.names[q]}, but #{ci} is the next one")
+    def _why_not(self, ev, s) -> str:
+        """Why the model's index has nothing for this event here, in domain words."""
+        m, p, t = self.m, ev.rank, ev.t
+        pr = s.procs[p]
+        if pr.status != LIVE:
+            return f"{m.names[p]} is no longer live in the model ({pr.status}: {pr.reason})"
+        pc = pr.pcs[t]
+        if pc == FINAL or pc == DEAD_THREAD:
+            return f"thread {ev.thread} has already finished ({pc})"
+        rows = m.tables[p][t].get(pc, ())
+        row = self._row_at(ev, s)
+        if row is None:
+            return (f"no row labelled {ev.label!r} leaves {m.names[p]}.{ev.thread} state "
+                    f"{pc!r} (rows there: {', '.join(sorted({r.label for r in rows})) or 'none'})")
+        if row.guard is not None and not row.guard(pr.v, self.cfg):
+            return (f"row {row.label} at {pc!r} is not enabled (guard "
+                    f"{getattr(row.guard, '__name__', '?')} false): "
+                    + guard_words(m, p, row, pr.v, self.cfg))
+        if "join_comms" in row.tags:
+            return (f"{row.label} joins the other thread, which is at "
+                    f"{[q for u, q in enumerate(pr.pcs) if u != t]}")
+        if ev.op == "send" and self.cfg.p2p == "buffered":
+            q = m.index[ev.peer]
             chan = s.chans[m.chan_index[(p, q)]]
-            if len(chan) >= cfg.eager:
-                return WAIT, lambda: (f"the channel {m.names[p]} -> {m.names[q]} holds "
-                                      f"{len(chan)} message(s) (eager={cfg.eager})")
-            msg = row.make(s.procs[p].v, cfg)
-            if ev.has_msg and ev.msg != msg:
-                return BAD, lambda: (f"{m.names[p]} recorded sending {fmt_msg(ev.msg)}, "
-                                     f"the model's {row.label} sends {fmt_msg(msg)}")
-            tr = _new(Tr, ("send", ((p, ev.t, row),), msg, None))
-            code, why = self._commit(tr, (ev,), s)
-            if code == FIRED:
-                self.sent[(p, q)] = ci + 1
-            return code, why
-        f = ev.partner
-        if f is None:
-            return WAIT, lambda: (f"no send with chan_i={ev.chan_i} was recorded by "
-                                  f"{ev.peer}" + self._gone(m.index[ev.peer]))
-        if not f.done:
-            return WAIT, lambda: f"waits for the matching send ({f.where()})"
-        p, q = ev.rank, f.rank
-        ri = self.rcvd.get((q, p), 0)
-        if ev.line and ev.chan_i != ri:
-            return BAD, lambda: (f"receive is message #{ev.chan_i} on {m.names[q]} -> "
-                                 f"{m.names[p]}, but #{ri} is the next one")
-        chan = s.chans[m.chan_index[(q, p)]]
-        if not chan:
-            return BAD, lambda: "the channel is empty in the model"
-        kind, msg = chan[0]
-        row, code, why = self._own(ev, s, msg, True)
-        if row is None:
-            return code, why
-        if kind not in row.op.kinds:
-            return BAD, lambda: (f"framing: the channel holds {kind}, {row.label} expects "
-                                 f"{'|'.join(row.op.kinds)}")
-        if ev.has_msg and not msg_ok(ev.msg, msg, kind):
-            return BAD, lambda: (f"{m.names[p]} recorded receiving {fmt_msg(ev.msg)}, the "
-                                 f"model's message is {fmt_msg(msg)}")
-        tr = _new(Tr, ("recv", ((p, ev.t, row),), msg, None))
-        code, why = self._commit(tr, (ev,), s)
-        if code == FIRED:
-            self.rcvd[(q, p)] = ri + 1
-        return code, why
+            return (f"the channel {m.names[p]} -> {m.names[q]} holds {len(chan)} "
+                    f"message(s) (eager={self.cfg.eager})")
+        if ev.op in _COMM:
+            return (f"its row {row.label} is posted, but the model enables no {ev.op} "
+                    f"with the recorded partners ({_coord(ev)})")
+        return f"row {row.label} at {pc!r} is not enabled"
 
-    def _coll(self, ev):
-        s, m, cfg = self.s, self.m, self.cfg
-        grp = ev.group
-        members = m.members[grp]
-        if ev.rank not in m.group_rank[grp]:
-            return BAD, lambda: (f"{m.names[ev.rank]} is not a member of {grp} "
-                                 f"(collective mismatch)")
-        gi = _GI[grp]
-        if s.seq[gi] != ev.gseq:
-            seq = s.seq[gi]
-            return (WAIT if ev.gseq > seq else BAD), lambda: (
-                f"{grp} seq {ev.gseq} recorded, but the group is at seq {seq}")
-        inst = ev.inst
-        evs, rows = [], []
-        for mm in members:
-            e = inst.get(mm)
-            if e is None:
-                return WAIT, lambda: (f"{grp} seq {ev.gseq}: {m.names[mm]} has no event for "
-                                      f"this collective (members recorded: "
-                                      f"{', '.join(m.names[x] for x in sorted(inst))})"
-                                      + self._gone(mm))
-            for d in e.deps:
-                if not d.done:
-                    return WAIT, lambda: (f"{grp} seq {ev.gseq}: {m.names[mm]}'s "
-                                          f"event ({e.where()}) is not ready")
-            evs.append(e)
-        # every member's own row (broadcast receivers are checked against the value),
-        # and the model's collective rules: one signature across every posted entry of
-        # every member, and no non-member posted on the group. Fast path: a member is
-        # single-threaded at a state whose collective rows all share one signature and
-        # one `make` (then its posted entries are its row's signature).
-        uniform = self.uniform
-        procs = s.procs
-        sig0 = None
-        slow = False
-        for e in evs:
-            row, code, why = self._own(e, s)
-            if row is None:
-                return code, (why if e is ev else
-                              (lambda e=e, why=why: f"member {self._who(e.rank, e.t)}: "
-                               + (why() if callable(why) else why)))
-            rows.append(row)
-            pcs = procs[e.rank].pcs
-            sig = uniform[e.rank][e.t].get(pcs[e.t]) if len(pcs) == 1 else None
-            if sig is None:
-                slow = True
-            elif sig0 is None:
-                sig0 = sig
-            elif sig != sig0:
-                return BAD, lambda sig=sig, e=e: (
-                    f"collective mismatch on {grp} seq {ev.gseq}: {m.names[e.rank]} is in "
-                    f"{sig[0]}({sig[2]}), {m.names[members[0]]} in {sig0[0]}({sig0[2]})")
-        op0 = rows[0].op
-        sig0 = (op0.op, op0.root, op0.kind)
-        firsts = rows
-        if slow:
-            firsts = self._coll_firsts(s, grp, members, sig0, op0, ev)
-            if type(firsts) is tuple:
-                return firsts
-        for pq in self.non_members[grp]:
-            pr = s.procs[pq]
-            if pr.status != LIVE:
-                continue
-            for t, pc in enumerate(pr.pcs):
-                for r in self.coll_rows[pq][t].get(pc, ()):
-                    if r.op.group == grp and (r.guard is None or r.guard(pr.v, cfg)):
-                        return BAD, lambda: (f"{m.names[pq]} posts {r.op.op} on {grp} but "
-                                             f"is not a member (collective mismatch)")
-        if op0.op == "broadcast":
-            k = op0.root
-            value = rows[k].make(s.procs[members[k]].v, cfg)
-        else:
-            k = None
-            value = tuple([firsts[j].make(procs[mm].v, cfg) for j, mm in enumerate(members)])
-        hv = header_view(value) if op0.kind in HEADER_KINDS else None
-        parts = []
-        for j, (mm, e, row) in enumerate(zip(members, evs, rows)):
-            if j != k and row.accept is not None and not row.accept(s.procs[mm].v, cfg,
-                                                                     value):
-                row2, code, why = self._own(e, s, value, True)
-                if row2 is None:
-                    return code, (lambda e=e, why=why: f"member {self._who(e.rank, e.t)}: "
-                                  + (why() if callable(why) else why))
-                row = row2
-            if e.has_msg or (op0.op != "all_reduce" and e.line):
-                rec = e.msg if e.has_msg else None
-                ok = rec == value or (hv is not None and rec == hv)
-                if not ok:
-                    return BAD, lambda e=e: (
-                        f"{grp} seq {ev.gseq}: {m.names[e.rank]} recorded "
-                        f"{fmt_msg(e.msg) if e.has_msg else 'no message'}, the model's "
-                        f"value is {fmt_msg(value)}")
-            parts.append((mm, e.t, row))
-        return self._commit(_new(Tr, ("coll", tuple(parts), value, None)), tuple(evs), s)
-
-    def _coll_firsts(self, s, grp, members, sig0, op0, ev):
-        """Slow path of the signature rule: scan every posted collective row of every
-        member (as Model.enabled does); returns each member's first posted row, or a
-        (BAD, reason) tuple."""
-        m, cfg = self.m, self.cfg
-        firsts = []
-        for mm in members:
-            pr = s.procs[mm]
-            first = None
-            for t, pc in enumerate(pr.pcs):
-                for r in self.coll_rows[mm][t].get(pc, ()):
-                    if r.op.group != grp or (r.guard is not None and
-                                             not r.guard(pr.v, cfg)):
-                        continue
-                    if (r.op.op, r.op.root, r.op.kind) != sig0:
-                        return BAD, lambda r=r, mm=mm: (
-                            f"collective mismatch on {grp} seq {ev.gseq}: "
-                            f"{m.names[mm]} is in {r.op.op}({r.op.kind}), "
-                            f"{m.names[members[0]]} in {op0.op}({op0.kind})")
-                    if first is None:
-                        first = r
-            firsts.append(first)
-        return firsts
-
-    def _commit(self, tr, evs, s):
+    def _commit(self, tr, evs, s, unw=()):
         m = self.m
         if self.verify and tr not in m.enabled(s):
-            raise AssertionError("replayer built a transition the model does not enable: "
+            raise AssertionError("replayer took a transition the model does not enable: "
                                  + m.describe(s, tr))
         s2 = m.step(s, tr)
         res = self.res
         parts = tr.parts
         if parts[0][0] == 0 or (len(parts) > 1 and parts[1][0] == 0):
             v, v2 = s.procs[0].v, s2.procs[0].v
-            e = evs[0]
-            if e.has_msg and tr.kind == "local":
+            e = evs[0] if evs else None
+            if e is not None and e.has_msg and tr.kind == "local":
                 subj = local_subject(v, v2)
                 if e.msg != subj:
                     return BAD, lambda: (f"rank0 recorded {e.label} of {fmt_msg(e.msg)}, the "
-                                         f"model's {e.label} acts on {fmt_msg(subj)}")
+                                         f"model's {e.label} acts on {fmt_msg(subj)}"
+                                         + msg_diff(e.msg, subj))
             if v2 is None or v.decode_q is not v2.decode_q:
                 self._queue_moves(tr, v, v2)
-        # transition properties look only at row tags (model/properties.py): skip the
-        # calls for untagged steps
         tagged = False
         for part in parts:
             if part[2].tags:
@@ -713,6 +579,27 @@ class Replayer:
             res.violations.append((res.steps, viol, evs[0] if evs else None))
         for e in evs:
             e.done = True
+        if tr.kind == "p2p":
+            (p, _, row), (q, _, _) = parts
+            key = (p, q)
+            self.sent[key] = self.sent.get(key, 0) + 1
+            self.rcvd[key] = self.rcvd.get(key, 0) + 1
+        elif tr.kind == "send":
+            p, _, row = parts[0]
+            key = (p, m.index[row.op.peer])
+            self.sent[key] = self.sent.get(key, 0) + 1
+        elif tr.kind == "recv":
+            p, _, row = parts[0]
+            key = (m.index[row.op.peer], p)
+            self.rcvd[key] = self.rcvd.get(key, 0) + 1
+        for q in unw:
+            rows = [row for p, _, row in parts if p == q]
+            where = ", ".join(e.where() for e in evs) or "its peer's receive"
+            text = (f"{m.names[q]}: its {rows[0].label if rows else tr.kind} "
+                    f"({tr.kind}, completed with {where}) was never written (UNWRITTEN: "
+                    f"its trace ended {self.run.ranks[q].ended} after the op)")
+            res.lost.append((q, text))
+            res.notes.append(text)
         return FIRED, None
 
     def _queue_moves(self, tr, v, v2):
@@ -751,8 +638,8 @@ class Replayer:
 
     def _loop(self):
         events, heads, n = self.events, self.heads, self.n
-        attempt = self._dispatch      # the wait-or-wrong distinction only matters
-        while True:                   # when everything is stuck (_diverge_stuck)
+        attempt = self._fire
+        while True:
             progressed = False
             for r in range(n):
                 evs = events[r]
@@ -786,8 +673,6 @@ class Replayer:
             evs = self.events[r]
             h = self.heads[r]
             for ev in evs[h + 1:h + 1 + self.window]:
-                # only communication: a rank's local steps keep their file order (the
-                # order of its state changes); a message may be recorded out of it
                 if not ev.done and ev.op in _COMM and self._ready(ev) and \
                         self.try_fire(ev) == FIRED:
                     return True
@@ -798,34 +683,22 @@ class Replayer:
         s, m, run = self.s, self.m, self.run
         self.end_phase = True
         try:
-            # 1. crashed ranks, once their recorded events are replayed: first a lost
-            #    event another rank completed with them, then the crash itself
+            # 1. crashed ranks, once their recorded events are replayed
             for r in run.crashed:
                 if s.procs[r].status == LIVE and self._pending(r) == 0:
-                    if self._synthesise_lost(r):
-                        return True
                     self._step_env(Tr("crash", ((r, None, None),)))
                     return True
-            # 2. sends into the transport after the peer ended (gloo eager sends)
-            if self._absorb_orphans():
-                return True
-            # 3. an exit that sets the abort flag
+            # 2. an exit that sets the abort flag
             for r in range(self.n):
                 h = self.heads[r]
                 for ev in self.events[r][h:h + self.window]:
                     if not ev.done and ev.op == "exit" and self._ready(ev) and \
                             self.try_fire(ev) == FIRED:
                         return True
-            # 4. the watchdog and the abort flag
+            # 3. the watchdog and the abort flag
             live = [p for p, pr in enumerate(s.procs) if pr.status == LIVE]
             if not live:
                 return False
-            # a released rank can be os._exit'ed between its op completing at the peers
-            # and its trace line (the watchdog does not wait): same as a kill -9
-            for r in live:
-                if run.ranks[r].ended == "released" and self._pending(r) == 0 and \
-                        self._synthesise_lost(r):
-                    return True
             if any(self._pending(p) for p in live):
                 return False
             if not all(run.ranks[p].ended in ("released", "error_exit") for p in live):
@@ -854,154 +727,6 @@ class Replayer:
         if viol is not None:
             self.res.violations.append((self.res.steps, viol, None))
 
-    def _blocked_on(self, r):
-        """Ready events of other ranks waiting for a partner event rank r never wrote."""
-        out = []
-        for q in range(self.n):
-            if q == r:
-                continue
-            h = self.heads[q]
-            for ev in self.events[q][h:h + self.window]:
-                if ev.done or not self._ready(ev):
-                    continue
-                if ev.op in ("send", "recv") and ev.partner is None and \
-                        self.m.index.get(ev.peer) == r:
-                    out.append(ev)
-                elif ev.op == "coll" and r in self.m.group_rank[ev.group] and \
-                        r not in ev.inst:
-                    out.append(ev)
-        return out
-
-    def _synthesise_lost(self, r) -> bool:
-        m, s = self.m, self.s
-        blocked = self._blocked_on(r)
-        if self.cfg.p2p == "buffered":
-            # a message in the channel to r whose receive r never wrote
-            for q in range(self.n):
-                slot = self.p2p.get((q, r, self.rcvd.get((q, r), 0)))
-                if slot is not None and slot[1] is None and slot[0].done:
-                    blocked.append(slot[0])
-        for ev in blocked:
-            if ev.op == "coll":
-                if ev.gseq != s.seq[GROUPS.index(ev.group)]:
-                    continue
-                op = "coll"
-            else:
-                op = "recv" if ev.op == "send" else "send"
-                key = (ev.rank, r) if ev.op == "send" else (r, ev.rank)
-                if ev.chan_i != (self.rcvd if ev.op == "send" else self.sent).get(key, 0):
-                    continue
-            for t in range(self.nthreads[r]):
-                # p2p: at most one unwritten op per thread (the kill lands between the
-                # op and its line). Collectives: gloo's broadcast completes at a receiver
-                # without waiting for the other receivers, so a member that ended may
-                # be "behind" by a few collectives the others recorded.
-                # (rank0's comms thread drives a send and a receive at once: one each)
-                p2p_lost = 2 if THREADS[m.roles[r]][t] == "comms" else 1
-                if self.lost_per_thread.get((r, t), 0) >= (LOST_COLLS if op == "coll"
-                                                           else p2p_lost):
-                    continue
-                syn = Ev()
-                syn.rank, syn.t, syn.thread = r, t, THREADS[m.roles[r]][t]
-                syn.i = -1
-                syn.src = syn.dst = s.procs[r].pcs[t]
-                syn.label, syn.op = "(lost)", op
-                syn.peer = m.roles[ev.rank] if op != "coll" else None
-                if syn.peer == "worker":
-                    continue
-                syn.chan_i, syn.group, syn.gseq = ev.chan_i, ev.group, ev.gseq
-                syn.msg, syn.has_msg = None, False
-                syn.t_ns = syn.dur_ns = 0
-                syn.meas, syn.line, syn.pos = None, 0, -1
-                extra = []
-                if op == "coll":
-                    ev.inst[r] = syn
-                    syn.inst = ev.inst
-                    # another member that ended (released / killed) right after the
-                    # same collective may be missing its line too
-                    for q in m.members[ev.group]:
-                        if q not in ev.inst and q != r and self._ended(q) and \
-                                self.lost_per_thread.get((q, 0), 0) < LOST_COLLS:
-                            other = self._lost_ev(q, 0, ev)
-                            ev.inst[q] = other
-                            other.inst = ev.inst
-                            extra.append(q)
-                else:
-                    syn.partner, ev.partner = ev, syn
-                first = syn if ev.done or (ev.op == "recv" and
-                                           self.cfg.p2p == "buffered") else ev
-                code = self.try_fire(first)
-                if code == FIRED:
-                    self.lost_per_thread[(r, t)] = self.lost_per_thread.get((r, t), 0) + 1
-                    for q in extra:
-                        self.lost_per_thread[(q, 0)] = self.lost_per_thread.get((q, 0), 0) + 1
-                        self.res.notes.append(f"{m.names[q]}: the same collective "
-                                              f"({ev.where()}) was never written either")
-                    self.res.lost.append((r, f"{m.names[r]}.{syn.thread}: a {op} "
-                                             f"completed with {ev.where()} was never "
-                                             f"written (killed after the op)"))
-                    self.res.notes.append(self.res.lost[-1][1])
-                    return True
-                if op == "coll":
-                    for q in [r] + extra:
-                        del ev.inst[q]
-                else:
-                    ev.partner = None
-        return False
-
-    def _lost_ev(self, r, t, ev):
-        """A placeholder for a collective rank r completed but never wrote."""
-        m, s = self.m, self.s
-        syn = Ev()
-        syn.rank, syn.t, syn.thread = r, t, THREADS[m.roles[r]][t]
-        syn.i = -1
-        syn.src = syn.dst = s.procs[r].pcs[t]
-        syn.label, syn.op, syn.peer = "(lost)", "coll", None
-        syn.chan_i, syn.group, syn.gseq = ev.chan_i, ev.group, ev.gseq
-        syn.msg, syn.has_msg = None, False
-        syn.t_ns = syn.dur_ns = 0
-        syn.meas, syn.line, syn.pos = None, 0, -1
-        return syn
-
-    def _ended(self, q) -> bool:
-        pr = self.s.procs[q]
-        if pr.status != LIVE:
-            return True
-        rt = self.run.ranks[q]
-        return self._pending(q) == 0 and rt.ended in ("released", "crashed", "failed", "error_exit")
-
-    def _absorb_orphans(self) -> bool:
-        m, s = self.m, self.s
-        for r in range(self.n):
-            if s.procs[r].status != LIVE:
-                continue
-            h = self.heads[r]
-            for ev in self.events[r][h:h + self.window]:
-                if ev.done or ev.op != "send" or ev.partner is not None or \
-                        not self._ready(ev):
-                    continue
-                q = m.index.get(ev.peer)
-                if q is None or not self._ended(q):
-                    continue
-                row, code, _ = self._own(ev, s)
-                if row is None:
-                    continue
-                msg = row.make(s.procs[r].v, self.cfg)
-                if ev.has_msg and ev.msg != msg:
-                    continue
-                procs = list(s.procs)
-                procs[r], _ = m._apply(procs[r], ev.t, row, msg)
-                self.s = s._replace(procs=tuple(procs))
-                ev.done = True
-                self.sent[(r, q)] = self.sent.get((r, q), 0) + 1
-                text = (f"tolerated: {m.names[r]} {row.label} ({ev.where()}) completed into "
-                        f"the transport after {m.names[q]} had ended (an eager send; the "
-                        f"{self.cfg.p2p} reading would block it until the abort flag)")
-                self.res.absorbed.append(text)
-                self.res.notes.append(text)
-                return True
-        return False
-
     # ------------------------------------------------------------------ verdicts
     def _finish(self):
         s, m, run, res = self.s, self.m, self.run, self.res
@@ -1017,6 +742,10 @@ class Replayer:
                                  f"it {pr.status} (the release came after its exit)")
 
     def _diverge_stuck(self):
+        """Name the culprit: of the events first in their rank's file, one whose own row
+        the model does not offer (no such row, a guard false, a broken src chain) before
+        one that is wrong only in combination, before one that merely waits (a healthy
+        member of a collective the culprit never joins)."""
         m, s = self.m, self.s
         best = None
         for r in range(self.n):
@@ -1024,9 +753,9 @@ class Replayer:
             if h >= len(self.events[r]):
                 continue
             ev = self.events[r][h]
-            self._guard_false = None
             code, why = self.try_fire(ev, explain=True)
-            cand = (0 if code == BAD else 1, r, ev, why, self._guard_false)
+            own = self._chain(ev) is None and self._own_posted(ev, s)
+            cand = (0 if not own else 1 if code == BAD else 2, r, ev, why)
             if best is None or cand[:2] < best[:2]:
                 best = cand
         step = self.res.steps + 1
@@ -1046,7 +775,10 @@ class Replayer:
             self.res.divergence = Divergence(step, None, "end of the traces", None, reason,
                                              self._allowed(None), self._context())
             return
-        _, r, ev, why, gf = best
+        _, r, ev, why = best
+        row = self._row_at(ev, s)
+        gf = row if row is not None and row.guard is not None and \
+            not row.guard(s.procs[r].v, self.cfg) else None
         verdict = self._forced_verdict(ev, gf) if gf is not None else None
         pr = s.procs[r]
         state = (f"{m.names[r]} {pr.status} at {'/'.join(pr.pcs) or '-'}"

@@ -122,6 +122,13 @@ def conform(run_dir, verify: bool = False) -> Report:
     if res.divergence is not None:
         rep.divergence = res.divergence.text()
     rep.verdicts = _verdicts(run, res)
+    from .sources import check_sources, headline
+    probs = check_sources(run, res)
+    rep.verdicts.append(Verdict("sources_agree", "violated" if probs else "ok",
+                                "; ".join(probs) if probs else
+                                ".err exit lines, outputs.json and run.json agree with "
+                                "the traces"))
+    rep.headline = headline(run)
     rep.ended = _ended(run, res)
     rep.failure_mode = failure_mode(run, res)
     rep.ok = all(v.status != "violated" for v in rep.verdicts)
@@ -365,7 +372,8 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
 
 def format_report(r: Report) -> str:
     verdict = "CONFORMS" if r.ok else ("DIVERGES" if r.divergence else "VIOLATES")
-    lines = [f"conformance  {r.run_dir}",
+    lines = ([getattr(r, "headline", "")] if getattr(r, "headline", "") else []) + [
+             f"conformance  {r.run_dir}",
              f"config       {r.config or '-'}",
              f"verdict      {verdict}",
              f"events       {r.events:,} step events (per rank {r.per_rank}), "

@@ -104,3 +104,19 @@ def local_subject(v, v2):
         return sq[0]
     return None
 
+
+
+# The trace model's one environment rule for what a rank did but never wrote.
+UNWRITTEN = ("crashed", "failed", "released", "error_exit")
+UNWRITTEN_RULE = """\
+Unwritten completion. A rank writes its line after its op completed (runtime/interp.py,
+under the process lock). A rank whose trace ends without an exit step (`ended` in
+UNWRITTEN: killed by kill -9, possibly with its last line cut; failed or released,
+os._exit'ed right after the release line; an untraced error exit) may therefore have
+completed, after its last written line, its part of a transition whose other
+participants wrote theirs: a rendezvous send or receive, a collective (every member of
+a model collective takes part), or in buffered mode a send whose receive the peer wrote.
+Conformance replays such a transition with the ended rank's part being the row the
+model enables for it at that state; the written parts must match their lines exactly.
+Nothing else is unwritten: a rank that wrote its exit step wrote every line before it,
+and no local step, exit or communication no other rank recorded is ever assumed."""

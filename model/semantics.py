@@ -405,6 +405,53 @@ class Model:
                 (op.reason if op.how == "abort" else "")
         return Proc(pr.status, _set(pr.pcs, t, row.dst), v, pr.reason), ""
 
+    # ------------------------------------------------------------------ replay index
+    def enabled_of(self, s: State, procs) -> dict:
+        """The transitions of `enabled(s)` in which a process of `procs` takes part,
+        keyed by (process, thread, row label) of each of its participants in `procs`
+        (a row's (thread, src, label) is unique, so a key names one row at the state).
+
+        The same rules as `enabled` (it calls the same `_rendezvous`, `_buffered` and
+        `_collective` on the same posted rows), restricted to the transitions that can
+        involve `procs`: what a trace replayer needs to look a recorded step up instead
+        of re-deriving it. Violations are indexed under their participants like any
+        transition; crash, watchdog and abort are the environment's and are not here
+        (a driver takes them from `enabled`). With the abort flag set nothing else is
+        enabled, so the index is empty."""
+        if s.abort:
+            return {}
+        want = set(procs)
+        out, sends, recvs, colls = [], [], [], {}
+        posted = self.posted
+        for p, pr in enumerate(s.procs):
+            if pr.status != LIVE:
+                continue
+            hit = posted(p, pr)
+            if p in want:
+                out += hit[0]
+            sends += hit[1]
+            recvs += hit[2]
+            for grp, entry in hit[3]:
+                colls.setdefault(grp, []).append(entry)
+        if sends or recvs:
+            if self.cfg.p2p == "rendezvous":
+                mine = [e for e in sends
+                        if e[0] in want or self.index[e[2].op.peer] in want]
+                if mine:
+                    self._rendezvous(s, mine, recvs, out)
+            else:
+                self._buffered(s, [e for e in sends if e[0] in want],
+                               [e for e in recvs if e[0] in want], out)
+        for grp, entries in colls.items():
+            if want.intersection(self.members[grp]) or any(e[0] in want for e in entries):
+                self._collective(s, grp, entries, out)
+        idx = {}
+        for tr in out:
+            for p, t, row in tr.parts:
+                if p in want:
+                    idx.setdefault((p, t, row.label), []).append(tr)
+        return idx
+
     # ------------------------------------------------------------------ helpers
     def describe(self, s: State, tr: Tr) -> str:
         """One line per step for counterexamples: who, state, op, message ids."""

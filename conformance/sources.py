@@ -1,0 +1,95 @@
+"""The sources of a run agree: each check names the file and line it rejects.
+
+  * a rank's exit line in `rank{R}.err` (runtime/worker_main.py: `lockstep: rank=R ...
+    exit=ok|error|released ...`) agrees with its trace: `exit=ok` needs an exit step
+    as the trace's last event and no cut last line;
+  * a last line cut short is accepted only for a rank that was killed (its trace ends
+    with no exit step and no release event): every other ending flushes its lines;
+  * `outputs.json` (rank0's emitted outputs, `[chunk, epoch, digest]` in emission
+    order) agrees with the replayed decode events: the same chunks and epochs in the
+    same order, the same count (a prefix of them when rank0 did not exit cleanly);
+  * `run.json`'s configuration agrees with the traces: the backend and world each
+    rank's start event records;
+  * a missing rank file is the headline (`headline(run)`), not a later symptom.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+_EXIT = re.compile(r"^lockstep: rank=(\d+) .*?\bexit=(\w+)")
+
+
+def err_exit(path) -> str:
+    """The exit kind of the rank's last `lockstep: rank=` line in its .err, or ''."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in reversed(text.splitlines()):
+        mt = _EXIT.match(line)
+        if mt:
+            return mt.group(2)
+    return ""
+
+
+def headline(run) -> str:
+    missing = [rt.rank for rt in run.ranks if rt.missing]
+    if not missing:
+        return ""
+    return ("MISSING TRACE " + ", ".join(f"rank{r}.jsonl" for r in missing) +
+            ": the rank wrote no trace at all (it died before tracing started, or the "
+            "file was lost); everything below follows from that")
+
+
+def check_sources(run, res=None) -> list:
+    """Disagreements between the run's files, one string each (file and line)."""
+    out = []
+    for rt in run.ranks:
+        r = rt.rank
+        if rt.missing:
+            out.append(f"rank{r}.jsonl: missing")
+            continue
+        kind = err_exit(run.path / f"rank{r}.err")
+        last = rt.steps[-1] if rt.steps else None
+        where = f"rank{r}.jsonl line {last.line}" if last else f"rank{r}.jsonl (no steps)"
+        if kind == "ok":
+            if rt.truncated:
+                out.append(f"rank{r}.err says exit=ok, but rank{r}.jsonl ends with a line "
+                           f"cut short (after {where}): a clean exit flushes every line")
+            elif last is None or last.op != "exit":
+                out.append(f"rank{r}.err says exit=ok, but the trace's last step ({where}"
+                           f"{': ' + last.brief() if last else ''}) is not an exit step")
+        elif rt.truncated and rt.ended != "crashed":
+            out.append(f"rank{r}.jsonl: last line cut short (after {where}), but the rank "
+                       f"was not killed (it ended {rt.ended}): only kill -9 cuts a line")
+        backend = (run.meta.get("opts") or {}).get("backend")
+        if rt.start is not None and backend and rt.start.get("backend") not in (None, backend):
+            out.append(f"rank{r}.jsonl line {rt.start['_line']}: backend "
+                       f"{rt.start.get('backend')!r}, but run.json says {backend!r}")
+    out += _outputs(run, res)
+    return out
+
+
+def _outputs(run, res):
+    p = run.path / "outputs.json"
+    if res is None or res.divergence is not None or not p.exists():
+        return []
+    try:
+        outs = json.loads(p.read_text())
+    except ValueError as e:
+        return [f"outputs.json: not JSON ({e})"]
+    if not isinstance(outs, list):
+        return ["outputs.json: not a list"]
+    got = [(o[0], o[1]) for o in outs if isinstance(o, list) and len(o) >= 2]
+    if len(got) != len(outs):
+        return ["outputs.json: every entry is [chunk, epoch, digest]"]
+    want = [(c, e) for c, e, _ in res.emitted]
+    for j, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return [f"outputs.json entry {j}: chunk {a[0]} epoch {a[1]}, but decode #{j} "
+                    f"in the traces emits chunk {b[0]} epoch {b[1]}"]
+    clean = run.ranks[0].ended == "exit"
+    if len(got) > len(want) or (clean and len(got) != len(want)):
+        return [f"outputs.json has {len(got)} outputs, the traces decode {len(want)}"]
+    return []
