@@ -157,14 +157,14 @@ class Run:
 def fmt_msg(m) -> str:
     if m is None:
         return "-"
-    if isinstance(m, tuple) and len(m) == 6 and not isinstance(m[0], (tuple, bool)):
+    if isinstance(m, tuple) and len(m) == 7 and not isinstance(m[0], (tuple, bool)):
         from lockstep.model.contract import Action
         try:
             act = Action(m[0]).name
         except ValueError:
             act = str(m[0])
         s = f"{act} call_id={m[1]} chunk={m[2]} epoch={m[3]} calls={m[4]}"
-        return s + (" init_cache" if m[5] else "")
+        return s + (" init_cache" if m[5] else "") + ("" if m[6] else " INVALID")
     if isinstance(m, tuple):
         return "[" + ", ".join(fmt_msg(x) if isinstance(x, tuple) else repr(x)
                                for x in m) + "]"
@@ -422,7 +422,9 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
 
 
 def parse_msg(m, path, ln: int, field: str = "msg"):
-    """dict -> 6-tuple comparable with model.guards.Msg; list -> tuple of items."""
+    """dict -> 7-tuple comparable with model.messages.Msg; list -> tuple of items.
+    `init_cache` defaults to False and `valid` (the receiver's contract verdict) to True,
+    as model.events.msg_to_json writes them."""
     if type(m) is dict:
         n = len(m)
         if n == 6 or n == 5:
@@ -435,7 +437,7 @@ def parse_msg(m, path, ln: int, field: str = "msg"):
             else:
                 if type(a) is int and type(c) is int and type(k) is int and \
                         type(e) is int and type(n_calls) is int and type(ic) is bool:
-                    return (a, c, k, e, n_calls, ic)
+                    return (a, c, k, e, n_calls, ic, True)
         try:
             vals = tuple(m[f] for f in MSG_FIELDS)
         except KeyError as k:
@@ -443,14 +445,17 @@ def parse_msg(m, path, ln: int, field: str = "msg"):
         for f, v in zip(MSG_FIELDS, vals):
             if type(v) is not int:
                 raise TraceError(path, ln, f"{field}.{f}", f"{v!r} is not an integer")
-        ic = m.get("init_cache", False)
-        if type(ic) is not bool:
-            raise TraceError(path, ln, f"{field}.init_cache", f"{ic!r} is not a boolean")
-        extra = set(m) - set(MSG_FIELDS) - {"init_cache"}
+        flags = []
+        for f, default in (("init_cache", False), ("valid", True)):
+            b = m.get(f, default)
+            if type(b) is not bool:
+                raise TraceError(path, ln, f"{field}.{f}", f"{b!r} is not a boolean")
+            flags.append(b)
+        extra = set(m) - set(MSG_FIELDS) - {"init_cache", "valid"}
         if extra:
             raise TraceError(path, ln, f"{field}.{sorted(extra)[0]}", "unknown message "
                              "field")
-        return vals + (ic,)
+        return vals + tuple(flags)
     if type(m) is list:
         return tuple(parse_msg(x, path, ln, f"{field}[{k}]") if type(x) in (dict, list)
                      else _scalar(x, path, ln, f"{field}[{k}]") for k, x in enumerate(m))

@@ -164,7 +164,7 @@ def analyse(run_or_dir, warmup: Optional[int] = None) -> Overlap:
             hidden = min(max(0.0, s0 + s1 - period), lo)
             ratio = hidden / lo if lo > 0 else None
         prev_emit = me["tEmit_ns"]
-        msg = ev.msg if ev.has_msg and isinstance(ev.msg, tuple) and len(ev.msg) == 6 \
+        msg = ev.msg if ev.has_msg and isinstance(ev.msg, tuple) and len(ev.msg) == 7 \
             else None
         ov.chunks.append(ChunkTiming(
             k=k, chunk=msg[2] if msg else None, epoch=msg[3] if msg else None,
@@ -279,7 +279,7 @@ def chrome_trace(run: Run, path, max_events: int = 200_000) -> int:
                 args.update(peer=ev.peer, chan_i=ev.chan_i)
             elif ev.op == "coll":
                 args.update(group=ev.group, gseq=ev.gseq)
-            if ev.has_msg and isinstance(ev.msg, tuple) and len(ev.msg) == 6:
+            if ev.has_msg and isinstance(ev.msg, tuple) and len(ev.msg) == 7:
                 args.update(call_id=ev.msg[1], chunk=ev.msg[2], epoch=ev.msg[3])
             out.append({"name": ev.label, "cat": ev.op, "ph": "X", "pid": r, "tid": tid,
                         "ts": (ev.t_ns - ev.dur_ns - t0) / 1e3,

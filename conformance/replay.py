@@ -885,7 +885,7 @@ def _vars(v) -> str:
             x = d[k]
             if isinstance(x, tuple) and x and isinstance(x[0], tuple):
                 x = "[" + ", ".join(f"call {y[1]}/chunk {y[2]}/epoch {y[3]}" for y in x) + "]"
-            elif isinstance(x, tuple) and len(x) == 6:
+            elif isinstance(x, tuple) and len(x) == 7:
                 x = fmt_msg(x)
             parts.append(f"{k}={x}")
     return " ".join(parts)

@@ -101,7 +101,8 @@ def manifest_entries() -> list:
     ship += [(f"inject_{f}", Config(mesh=3, chunks=2, hard_cut=True, faults=1,
                                     inject=frozenset({f})))
              for f in ("rank0_preflight", "leader_reject", "wrong_group",
-                       "count_mismatch", "cond_flag")]
+                       "count_mismatch", "cond_flag", "rank0_bad_envelope",
+                       "leader_bad_result")]
     base = Config(mesh=2, chunks=2)
     muts = [(f"mutation_{n}", mutation_config(base, n)) for n in MUTATIONS]
     return ship + muts

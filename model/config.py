@@ -13,7 +13,9 @@ from .contract import expected_generator_calls
 # Faults the *runtime* can inject (its fault-injection switches). In the model,
 # rank0_preflight and leader_reject need no switch: a preflight or a validation can
 # fail at any envelope, so the shipped tables always allow those rows and the switch
-# only arms the runtime. The other three change a rank's local state (a wrong-group
+# only arms the runtime. The last two (a message the receiver's validator refuses) are
+# armed in the model too: the sender's fault row makes a message with valid=False, the
+# receiver's guard reads that verdict. The middle three change a rank's local state (a wrong-group
 # request, a planned count off by one, a per-rank flag), one-shot and nondeterministic
 # in when they fire, so the checker covers every point.
 INJECTABLE = (
@@ -22,6 +24,8 @@ INJECTABLE = (
     "wrong_group",       # a mesh rank's workload asks for a Phase-B collective on world_pg
     "count_mismatch",    # one mesh rank plans expected_generator_calls + 1
     "cond_flag",         # one mesh rank has a per-rank flag that adds a collective
+    "rank0_bad_envelope",  # rank0 sends one envelope the leader's validator refuses
+    "leader_bad_result",   # the leader sends one result rank0's contract check refuses
 )
 
 

@@ -211,6 +211,10 @@ def shipped_configs() -> list:
         ("inject_count_mismatch", Config(mesh=3, chunks=1,
                                          inject=frozenset({"count_mismatch"}))),
         ("inject_cond_flag", Config(mesh=3, chunks=1, inject=frozenset({"cond_flag"}))),
+        ("inject_rank0_bad_envelope", Config(mesh=2, chunks=2,
+                                             inject=frozenset({"rank0_bad_envelope"}))),
+        ("inject_leader_bad_result", Config(mesh=2, chunks=2,
+                                            inject=frozenset({"leader_bad_result"}))),
         ("pp1_full", PP1_FULL),
     ]
 

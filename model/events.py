@@ -50,7 +50,8 @@ def msg_to_json(m) -> Optional[object]:
         return None
     if isinstance(m, Msg):
         return {"action": int(m.action), "call_id": m.call_id, "chunk": m.chunk,
-                "epoch": m.epoch, "calls": m.calls, "init_cache": bool(m.init_cache)}
+                "epoch": m.epoch, "calls": m.calls, "init_cache": bool(m.init_cache),
+                **({} if m.valid else {"valid": False})}
     if isinstance(m, tuple):
         return [msg_to_json(x) for x in m]
     return m
@@ -61,7 +62,7 @@ def msg_from_json(d) -> object:
         return None
     if isinstance(d, dict):
         return Msg(d["action"], d["call_id"], d["chunk"], d["epoch"], d["calls"],
-                   d.get("init_cache", False))
+                   d.get("init_cache", False), d.get("valid", True))
     if isinstance(d, list):
         return tuple(msg_from_json(x) for x in d)
     return d

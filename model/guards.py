@@ -55,6 +55,7 @@ class MeshVars(NamedTuple):
     rejected: bool = False         # leader: the current envelope was rejected
     flag: bool = False             # per-rank flag (only the cond_flag fault sets it)
     plan_delta: int = 0            # +1 on one rank under the count_mismatch fault
+    bad_result: bool = False       # leader: its next result is one rank0's check refuses
     inject: frozenset = frozenset()
 
 
@@ -88,10 +89,30 @@ def new_envelope(v: Rank0Vars, cfg) -> Msg:
 
 def enqueue_envelope(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
     """Phase A done and preflight passed: the envelope is fully materialised."""
-    env = new_envelope(v, cfg)
+    return _enqueue(v, new_envelope(v, cfg))
+
+
+def _enqueue(v: Rank0Vars, env: Msg) -> Rank0Vars:
     return v._replace(send_q=v.send_q + (env,), next_call=v.next_call + 1,
                       next_chunk=v.next_chunk + 1, inflight=v.inflight + 1,
                       init_cache=False, built=v.built + 1)
+
+
+def can_build_bad(v: Rank0Vars, cfg) -> bool:
+    """The rank0_bad_envelope fault is armed (one-shot, at any chunk)."""
+    return "rank0_bad_envelope" in v.inject and can_build(v, cfg)
+
+
+def new_bad_envelope(v: Rank0Vars, cfg) -> Msg:
+    """An envelope rank0's preflight let through and the leader's validator refuses:
+    its ids are envelope k's, its verdict at the leader is `valid=False`."""
+    return message(INFER, v.next_call, v.next_chunk, v.epoch, cfg.calls, v.init_cache,
+                   valid=False)
+
+
+def enqueue_bad_envelope(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    return _enqueue(v._replace(inject=v.inject - {"rank0_bad_envelope"}),
+                    new_bad_envelope(v, cfg))
 
 
 def fail_preflight(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
@@ -133,16 +154,18 @@ def hard_cut_in_drain(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
 
 def head_current(v: Rank0Vars, cfg) -> bool:
     return bool(v.decode_q) and v.decode_q[0].epoch == v.epoch and \
-        v.decode_q[0].calls == cfg.calls
+        v.decode_q[0].valid and v.decode_q[0].calls == cfg.calls
 
 
 def head_stale(v: Rank0Vars, cfg) -> bool:
     return bool(v.decode_q) and v.decode_q[0].epoch != v.epoch
 
 
-def head_bad_count(v: Rank0Vars, cfg) -> bool:
+def head_rejected(v: Rank0Vars, cfg) -> bool:
+    """A current result rank0's contract check refused (the validator's verdict, `valid`)
+    or whose observed_generator_calls differs from the plan."""
     return bool(v.decode_q) and v.decode_q[0].epoch == v.epoch and \
-        v.decode_q[0].calls != cfg.calls
+        (not v.decode_q[0].valid or v.decode_q[0].calls != cfg.calls)
 
 
 def has_result(v: Rank0Vars, cfg) -> bool:
@@ -161,10 +184,16 @@ def drop_head(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
 
 
 def reject_head(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
-    """A result whose observed_generator_calls differs from the plan: never decoded;
-    rank0 tells the mesh to stop with an ERROR terminal."""
+    """A result rank0 refuses (contract verdict or call count): never decoded; rank0
+    tells the mesh to stop with an ERROR terminal."""
     return _queue_terminal(v._replace(decode_q=v.decode_q[1:],
-                                      failure="result call count mismatch"), ERROR)
+                                      failure="result rejected"), ERROR)
+
+
+def reject_head_in_drain(v: Rank0Vars, cfg, msg=None) -> Rank0Vars:
+    """A refused result while SHUTDOWN drains: never decoded; SHUTDOWN is already queued
+    (it releases the mesh), so rank0 drains what is in flight and fails."""
+    return v._replace(decode_q=v.decode_q[1:], failure="result rejected")
 
 
 def can_heartbeat(v: Rank0Vars, cfg) -> bool:
@@ -297,13 +326,14 @@ def ids_valid(v: MeshVars, cfg, msg: Msg) -> bool:
 
 
 def envelope_valid(v: MeshVars, cfg) -> bool:
-    """Leader validation before any mesh broadcast (the runtime runs the full contract
-    check from model.contract here; the model keeps the protocol-level part)."""
-    return v.env.calls == cfg.calls
+    """Leader validation before any mesh broadcast: the contract validator's verdict
+    on the envelope as the leader decoded it (`Msg.valid`, set by the runtime's codec
+    from model.contract.validate_envelope at leader_before_broadcast) and the plan."""
+    return v.env.valid and v.env.calls == cfg.calls
 
 
 def envelope_invalid(v: MeshVars, cfg) -> bool:
-    return v.env.calls != cfg.calls
+    return not (v.env.valid and v.env.calls == cfg.calls)
 
 
 def reject_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
@@ -345,9 +375,20 @@ def error_result(v: MeshVars, cfg) -> Msg:
 
 
 def result(v: MeshVars, cfg) -> Msg:
-    """PPResult summary: ids echo the envelope; calls = observed_generator_calls."""
+    """PPResult summary: ids echo the envelope; calls = observed_generator_calls;
+    under the leader_bad_result fault, a result rank0's check refuses."""
     e = v.env
-    return message(INFER, e.call_id, e.chunk, e.epoch, v.calls_done)
+    return message(INFER, e.call_id, e.chunk, e.epoch, v.calls_done,
+                   valid=not v.bad_result)
+
+
+def bad_result_armed(v: MeshVars, cfg) -> bool:
+    """The leader_bad_result fault is armed (one-shot, at any result)."""
+    return "leader_bad_result" in v.inject
+
+
+def spoil_result(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(bad_result=True, inject=v.inject - {"leader_bad_result"})
 
 
 # ---------------------------------------------------------------- every mesh rank

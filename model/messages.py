@@ -21,6 +21,13 @@ Decided here, once (the contract states it, docs/schema.md shows it):
 * Only INFER carries a call count and `init_cache`; a header-only message's count is 0.
 * A receiver of a *header* knows only the header's ids: `header_view` is what it
   records (no count: -1, chunk only for INFER); the payload completes the summary.
+* `valid` is the contract validator's verdict on the message as its receiver decoded it
+  (model.contract.validate_envelope / validate_result at the receiving place): never on
+  the wire, set by the receiver's codec from the validator, and in the model by the
+  sender's fault row that makes a message the validator refuses (`rank0_bad_envelope`,
+  `leader_bad_result`). The guards that decide acceptance (`envelope_valid`,
+  `head_rejected`) read it, so the validator's verdict *is* the row choice. A header
+  alone is never judged (`header_view` says valid).
 
 Rejected: repeating the previous envelope's chunk and epoch in header-only envelopes
 (the codec's old rule): it needs the previous envelope, which rank0's comms thread and
@@ -44,16 +51,17 @@ class Msg(NamedTuple):
     epoch: int          # cache_epoch
     calls: int          # envelope: expected_generator_calls; result: observed
     init_cache: bool = False
+    valid: bool = True  # the receiver's contract verdict (module docstring)
 
 
 def message(action, call_id: int, chunk: int, epoch: int, calls: int = 0,
-            init_cache: bool = False) -> Msg:
+            init_cache: bool = False, valid: bool = True) -> Msg:
     """The one constructor of a message identity (see the module docstring)."""
     if action != INFER:
         if action != ERROR:
             chunk = -1
-        return _NEW(Msg, (action, call_id, chunk, epoch, calls, False))
-    return _NEW(Msg, (action, call_id, chunk, epoch, calls, init_cache))
+        return _NEW(Msg, (action, call_id, chunk, epoch, calls, False, valid))
+    return _NEW(Msg, (action, call_id, chunk, epoch, calls, init_cache, valid))
 
 
 def wire_ids(kind: str, msg: Msg) -> dict:
@@ -81,22 +89,24 @@ def full_meta(kind: str, msg: Msg, fields: Mapping) -> dict:
     return {**fields, **wire_ids(kind, msg)}
 
 
-def summary(kind: str, meta: Mapping) -> Msg:
-    """The inverse of `wire_ids`: the identity of a decoded message's metadata."""
+def summary(kind: str, meta: Mapping, valid: bool = True) -> Msg:
+    """The inverse of `wire_ids`: the identity of a decoded message's metadata, with
+    the receiver's contract verdict `valid`."""
     action = Action(meta["action"])
     if action != INFER:
-        return message(action, meta["call_id"], meta["chunk_index"], meta["cache_epoch"])
+        return message(action, meta["call_id"], meta["chunk_index"], meta["cache_epoch"],
+                       valid=valid)
     if kind == "envelope":
         return message(action, meta["call_id"], meta["chunk_index"], meta["cache_epoch"],
-                       meta["expected_generator_calls"], meta["init_cache"])
+                       meta["expected_generator_calls"], meta["init_cache"], valid)
     return message(action, meta["call_id"], meta["chunk_index"], meta["cache_epoch"],
-                   meta["observed_generator_calls"])
+                   meta["observed_generator_calls"], valid=valid)
 
 
 def header_view(m) -> Msg:
     """What a receiver of a fixed header records: the header's ids only (no count: -1;
     the chunk only for INFER). Works on any (action, call_id, chunk, epoch, ...) tuple."""
-    return _NEW(Msg, (m[0], m[1], m[2] if m[0] == INFER else -1, m[3], -1, False))
+    return _NEW(Msg, (m[0], m[1], m[2] if m[0] == INFER else -1, m[3], -1, False, True))
 
 
 def from_header(action, call_id: int, chunk_index: int, cache_epoch: int) -> Msg:

@@ -87,8 +87,8 @@ PROPERTIES = ("deadlock", "stranding", "collective_mismatch", "framing_error",
               "output_order", "progress", "crash_hang", "export_capacity")
 KNOWN_TAGS = {"emit", "wire_ids", "phase_b_done", "end", "join_comms", "commit",
               "phase_a", "fault", "cut"}
-FAILURES = ("", "preflight failed", "result call count mismatch")
-MSG_FIELDS = ("action", "call_id", "chunk", "epoch", "calls", "initc")
+FAILURES = ("", "preflight failed", "result rejected")
+MSG_FIELDS = ("action", "call_id", "chunk", "epoch", "calls", "initc", "ok")
 
 
 def _viol(prop: str) -> str:
@@ -112,7 +112,7 @@ R0_LAYOUT = {
 MESH_LAYOUT = {
     "env": "optmsg", "planned": "byte", "calls_done": "byte", "seen_call": "short",
     "seen_chunk": "short", "rejected": "bit", "flag": "bit", "plan_delta": "byte",
-    "inject": "inject"}
+    "bad_result": "bit", "inject": "inject"}
 
 
 class Ctx(NamedTuple):
@@ -138,7 +138,8 @@ class Ctx(NamedTuple):
 def _push(c: Ctx, q: str, *fields) -> str:
     cap = c.caps[q]
     slot = f"{c.v}.{q}[{c.v}.{q}_n]"
-    return (f"if :: {c.v}.{q}_n < {cap} -> msg_set({slot}, {', '.join(map(str, fields))}); "
+    setter = "msg_set7" if len(fields) == len(MSG_FIELDS) else "msg_set"
+    return (f"if :: {c.v}.{q}_n < {cap} -> {setter}({slot}, {', '.join(map(str, fields))}); "
             f"{c.v}.{q}_n++ :: else -> {_viol('export_capacity')} fi")
 
 
@@ -214,13 +215,15 @@ GUARDS: dict = {
                                 f"!{c.v}.terminal_queued && {c.v}.next_chunk >= 1)"),
     "can_cut_in_drain": ("r0", lambda c: f"({c.v}.cuts < {c.cfg.hard_cut})"),
     "head_current": ("r0", lambda c: f"({c.v}.decode_q_n > 0 && {c.v}.decode_q[0].epoch == "
-                                     f"{c.v}.epoch && {c.v}.decode_q[0].calls == "
-                                     f"{c.cfg.calls})"),
+                                     f"{c.v}.epoch && {c.v}.decode_q[0].ok && "
+                                     f"{c.v}.decode_q[0].calls == {c.cfg.calls})"),
     "head_stale": ("r0", lambda c: f"({c.v}.decode_q_n > 0 && {c.v}.decode_q[0].epoch != "
                                    f"{c.v}.epoch)"),
-    "head_bad_count": ("r0", lambda c: f"({c.v}.decode_q_n > 0 && {c.v}.decode_q[0].epoch "
-                                       f"== {c.v}.epoch && {c.v}.decode_q[0].calls != "
-                                       f"{c.cfg.calls})"),
+    "head_rejected": ("r0", lambda c: f"({c.v}.decode_q_n > 0 && {c.v}.decode_q[0].epoch "
+                                      f"== {c.v}.epoch && (!{c.v}.decode_q[0].ok || "
+                                      f"{c.v}.decode_q[0].calls != {c.cfg.calls}))"),
+    "can_build_bad": ("r0", lambda c: f"({c.v}.inj_rank0_bad_envelope && {_can_build(c)})"),
+    "bad_result_armed": ("mesh", lambda c: f"({c.v}.inj_leader_bad_result)"),
     "has_result": ("r0", lambda c: f"({c.v}.decode_q_n > 0)"),
     "can_heartbeat": ("r0", lambda c: f"({c.v}.noops_left > 0 && !{c.v}.terminal_queued)"),
     "all_built": ("r0", lambda c: f"({c.v}.next_chunk >= {c.cfg.chunks} && "
@@ -233,8 +236,10 @@ GUARDS: dict = {
     "comms_finished": ("r0", lambda c: f"({c.v}.terminal_sent && {c.v}.awaiting == 0 && "
                                        f"!{c.v}.env_out_has && !{c.v}.res_in_has)"),
     "drained": ("r0", lambda c: f"({c.v}.inflight == 0 && {c.v}.decode_q_n == 0)"),
-    "envelope_valid": ("mesh", lambda c: f"({c.v}.env.calls == {c.cfg.calls})"),
-    "envelope_invalid": ("mesh", lambda c: f"({c.v}.env.calls != {c.cfg.calls})"),
+    "envelope_valid": ("mesh", lambda c: f"({c.v}.env.ok && {c.v}.env.calls == "
+                                         f"{c.cfg.calls})"),
+    "envelope_invalid": ("mesh", lambda c: f"!({c.v}.env.ok && {c.v}.env.calls == "
+                                           f"{c.cfg.calls})"),
     "env_not_infer": ("mesh", lambda c: f"({c.v}.env.action != INFER)"),
     "rejected_by_leader": ("mesh", lambda c: f"({c.v}.env.action == ERROR && "
                                              f"{c.v}.rejected)"),
@@ -284,9 +289,12 @@ MAKES: dict = {
                                                f"{c.v}.next_chunk, {c.v}.epoch, "
                                                f"{c.cfg.calls}, {c.v}.init_cache)"),
     "current_envelope": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env)"),
-    "result": ("mesh", "msg", lambda c, d: f"msg_set({d}, INFER, {c.v}.env.call_id, "
+    "result": ("mesh", "msg", lambda c, d: f"msg_set7({d}, INFER, {c.v}.env.call_id, "
                                            f"{c.v}.env.chunk, {c.v}.env.epoch, "
-                                           f"{c.v}.calls_done, 0)"),
+                                           f"{c.v}.calls_done, 0, !{c.v}.bad_result)"),
+    "new_bad_envelope": ("r0", "msg", lambda c, d: f"msg_set7({d}, INFER, {c.v}.next_call, "
+                                                   f"{c.v}.next_chunk, {c.v}.epoch, "
+                                                   f"{c.cfg.calls}, {c.v}.init_cache, 0)"),
     "error_result": ("mesh", "msg", lambda c, d: f"msg_set({d}, ERROR, {c.v}.env.call_id, "
                                                  f"{c.v}.env.chunk, {c.v}.env.epoch, "
                                                  f"{c.v}.calls_done, 0)"),
@@ -302,6 +310,14 @@ UPDATES: dict = {
               c.cfg.calls, f"{c.v}.init_cache"),
         f"{c.v}.next_call++", f"{c.v}.next_chunk++", f"{c.v}.inflight++",
         f"{c.v}.init_cache = 0", f"{c.v}.built++"])),
+    "enqueue_bad_envelope": ("r0", None, lambda c: "; ".join([
+        f"{c.v}.inj_rank0_bad_envelope = 0",
+        _push(c, "send_q", "INFER", f"{c.v}.next_call", f"{c.v}.next_chunk", f"{c.v}.epoch",
+              c.cfg.calls, f"{c.v}.init_cache", 0),
+        f"{c.v}.next_call++", f"{c.v}.next_chunk++", f"{c.v}.inflight++",
+        f"{c.v}.init_cache = 0", f"{c.v}.built++"])),
+    "spoil_result": ("mesh", None, lambda c: f"{c.v}.bad_result = 1; "
+                                             f"{c.v}.inj_leader_bad_result = 0"),
     "fail_preflight": ("r0", None, lambda c: "; ".join([
         f"{c.v}.inj_rank0_preflight = 0",
         f"{c.v}.failure = {FAILURES.index('preflight failed')}",
@@ -318,8 +334,10 @@ UPDATES: dict = {
     "drop_head": ("r0", None, lambda c: _pop(c, "decode_q")),
     "reject_head": ("r0", None, lambda c: "; ".join([
         _pop(c, "decode_q"),
-        f"{c.v}.failure = {FAILURES.index('result call count mismatch')}",
+        f"{c.v}.failure = {FAILURES.index('result rejected')}",
         _queue_terminal(c, "ERROR")])),
+    "reject_head_in_drain": ("r0", None, lambda c: "; ".join([
+        _pop(c, "decode_q"), f"{c.v}.failure = {FAILURES.index('result rejected')}"])),
     "queue_noop": ("r0", None, lambda c: "; ".join([
         _push(c, "send_q", "NOOP", f"{c.v}.next_call", -1, f"{c.v}.epoch", 0, 0),
         f"{c.v}.next_call++", f"{c.v}.noops_left--"])),
@@ -962,7 +980,7 @@ class _Export:
     # ---------------------------------------------------------------- assembly
     def typedefs(self):
         out = ["typedef Msg { byte action; byte call_id; short chunk; byte epoch; "
-               "byte calls; bit initc }",
+               "byte calls; bit initc; bit ok }",
                f"typedef Vec {{ short x[{self.n}] }}"]
         for name, layout in (("R0V", R0_LAYOUT), ("MV", MESH_LAYOUT)):
             fields = []
@@ -1057,10 +1075,12 @@ class _Export:
         n, nt, ng = self.n, len(self.threads), len(GROUPS)
         o += [
             "/* Msg helpers are macros: Promela inlines cannot take a structure */",
-            "#define msg_set(d, a, ci, ch, ep, k, ic) d.action = a; d.call_id = ci; "
-            "d.chunk = ch; d.epoch = ep; d.calls = k; d.initc = ic",
-            "#define msg_cp(d, s) msg_set(d, s.action, s.call_id, s.chunk, s.epoch, "
-            "s.calls, s.initc)",
+            "#define msg_set7(d, a, ci, ch, ep, k, ic, okv) d.action = a; d.call_id = ci; "
+            "d.chunk = ch; d.epoch = ep; d.calls = k; d.initc = ic; d.ok = okv",
+            "/* ok: the receiver's contract verdict (model.messages.Msg.valid) */",
+            "#define msg_set(d, a, ci, ch, ep, k, ic) msg_set7(d, a, ci, ch, ep, k, ic, 1)",
+            "#define msg_cp(d, s) msg_set7(d, s.action, s.call_id, s.chunk, s.epoch, "
+            "s.calls, s.initc, s.ok)",
             "#define msg_zero(d) msg_set(d, 0, 0, 0, 0, 0, 0)",
             "/* never set: `assert(V_x)` fails exactly when property x is violated */",
             "bit " + ", ".join(f"V_{x}" for x in PROPERTIES) + ";",
@@ -1078,7 +1098,7 @@ class _Export:
         cap = 0 if cfg.p2p == "rendezvous" else cfg.eager
         for (p, q) in ((0, 1), (1, 0)):
             o.append(f"chan ch_{p}_{q} = [{cap}] of {{ byte, byte, byte, short, byte, byte, "
-                     f"bit }};")
+                     f"bit, bit }};")
             o.append(f"Msg sm_{p}_{q}; Msg rm_{p}_{q}; byte rk_{p}_{q};")
         clr = "; ".join(f"gvec[g].x[{i}] = 0" for i in range(n))
         o.append("inline depart_book(p, g) {\n\tcdep[g]--;\n\tif :: cdep[g] == 0 -> "
@@ -1250,8 +1270,10 @@ def check_fingerprints() -> None:
 FINGERPRINTS: dict = {
     'guards._queue_terminal': 'be77975d1c',
     'guards.all_built': 'd56ebcf078',
+    'guards.bad_result_armed': 'cebff675b8',
     'guards.call_done': '9ad47b6216',
     'guards.can_build': '901595cb30',
+    'guards.can_build_bad': '27ad75bf13',
     'guards.can_build_ok': 'bada501799',
     'guards.can_build_preflight_fails': '7c28b34c66',
     'guards.can_cut': 'b1eef1b4bd',
@@ -1269,14 +1291,15 @@ FINGERPRINTS: dict = {
     'guards.direct_noop': 'bf4c7074b9',
     'guards.drained': '19cdffd6ae',
     'guards.drop_head': 'f8c745f6c4',
-    'guards.enqueue_envelope': '1f19480afe',
+    'guards.enqueue_bad_envelope': 'f275743197',
+    'guards.enqueue_envelope': '651ae41d80',
     'guards.env_is_ERROR': '1fcf34d0ba',
     'guards.env_is_INFER': '1fcf34d0ba',
     'guards.env_is_NOOP': '1fcf34d0ba',
     'guards.env_is_SHUTDOWN': '1fcf34d0ba',
     'guards.env_not_infer': '9bf117ef24',
-    'guards.envelope_invalid': '22fe95ef73',
-    'guards.envelope_valid': '0e98d00315',
+    'guards.envelope_invalid': '687432a812',
+    'guards.envelope_valid': 'ba0a0f8a04',
     'guards.error_from_rank0': '3374f2ecb2',
     'guards.error_result': '47c7a85bfe',
     'guards.expecting_result': '27f2e71c9e',
@@ -1289,8 +1312,8 @@ FINGERPRINTS: dict = {
     'guards.hard_cut_in_drain': '5ce2810c9d',
     'guards.hard_cut_resetting_chunks': 'ab7702640f',
     'guards.has_result': '4e762e92a3',
-    'guards.head_bad_count': '6ddf1d226e',
-    'guards.head_current': '3cbc09eed8',
+    'guards.head_current': '68ae61e8df',
+    'guards.head_rejected': 'd7b5d82e7e',
     'guards.head_stale': '63aff7b4b2',
     'guards.header_only_sent': 'd054a064bf',
     'guards.ids_valid': '2b55ee8674',
@@ -1306,6 +1329,7 @@ FINGERPRINTS: dict = {
     'guards.msg_is_INFER': '33b7b6c2af',
     'guards.msg_is_NOOP': '33b7b6c2af',
     'guards.msg_is_SHUTDOWN': '33b7b6c2af',
+    'guards.new_bad_envelope': '9338cfb6ea',
     'guards.new_envelope': 'a4943e5492',
     'guards.out_has_payload': '3fe6a64078',
     'guards.out_header_only': 'ab23605c53',
@@ -1319,10 +1343,12 @@ FINGERPRINTS: dict = {
     'guards.queue_noop': 'f7246a28ff',
     'guards.queue_shutdown': '243450022d',
     'guards.reject_envelope': '91ad1c21d5',
-    'guards.reject_head': '9689a4d8d4',
+    'guards.reject_head': '4fbce05e58',
+    'guards.reject_head_in_drain': '885f65d2fb',
     'guards.rejected_by_leader': 'd88d0bc40a',
-    'guards.result': '0319f8f61f',
+    'guards.result': '45923b357a',
     'guards.spend_noop': '882901b3d1',
+    'guards.spoil_result': '03f58c7d24',
     'guards.start_phase_b': '36bef2eec0',
     'guards.start_phase_b_inferred': 'bc1f1edeee',
     'guards.start_phase_b_own': '4dcb929c63',
@@ -1346,7 +1372,7 @@ FINGERPRINTS: dict = {
     'semantics.Model._rendezvous': '47e6ba3379',
     'semantics.Model._start_pcs': '107462b654',
     'semantics.Model.enabled': '6dcf60bf9a',
-    'semantics.Model.initial_state': '89f7962d58',
+    'semantics.Model.initial_state': '3aec8803a7',
     'semantics.Model.posted': 'e651e607c2',
     'semantics.Model.step': '54d4914db8',
     'semantics.Model.watchdog_enabled': 'd6706b61f2',

@@ -907,6 +907,7 @@ GUARDS: dict = {
     "last_call": lambda v, cfg: z3.And(v.calls_done + 1 == v.planned, z3.Not(_z(v.flag))),
     "last_call_then_cond": lambda v, cfg: z3.And(v.calls_done + 1 == v.planned, _z(v.flag)),
     "wrong_group_requested": lambda v, cfg: _z(_has(v.inject, "wrong_group")),
+    "bad_result_armed": lambda v, cfg: _z(_has(v.inject, "leader_bad_result")),
     "rejected_by_leader": lambda v, cfg: z3.And(v.env.action == int(C.Action.ERROR),
                                                 _z(v.rejected)),
     "error_from_rank0": lambda v, cfg: z3.And(v.env.action == int(C.Action.ERROR),
@@ -948,6 +949,7 @@ UPDATES: dict = {
     "start_phase_b_inferred": (None, {"planned": ("cfg", "plan_delta"),
                                       "calls_done": ("const",)}),
     "call_done": (None, {"calls_done": ("calls_done",)}),
+    "spoil_result": (None, {"bad_result": ("const",), "inject": ("inject",)}),
 }
 # Variables the semantics initialises per rank (from that rank's faults / flags). The
 # dataflow starts from these plus whatever `_per_rank_init` finds differing across mesh

@@ -135,9 +135,10 @@ class Model:
             inject = frozenset(cfg.inject)
             if role == "rank0":
                 v = Rank0Vars(noops_left=cfg.noops,
-                              inject=inject & {"rank0_preflight"})
+                              inject=inject & {"rank0_preflight", "rank0_bad_envelope"})
             else:
-                mine = inject & {"leader_reject"} if role == "leader" else frozenset()
+                mine = inject & {"leader_reject", "leader_bad_result"} \
+                    if role == "leader" else frozenset()
                 if p == self.target:
                     mine |= inject & {"wrong_group"}
                 v = MeshVars(inject=mine,
@@ -485,5 +486,5 @@ def _msg(m) -> str:
     from .contract import Action
     if isinstance(m, Msg):
         return (f"{Action(m.action).name} call_id={m.call_id} chunk={m.chunk} "
-                f"epoch={m.epoch} calls={m.calls}")
+                f"epoch={m.epoch} calls={m.calls}" + ("" if m.valid else " INVALID"))
     return repr(m)

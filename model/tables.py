@@ -71,6 +71,11 @@ def rank0_main_rows() -> list:
             guard=g.can_build_preflight_fails, make=g.new_envelope, update=g.fail_preflight,
             tags=frozenset({"fault"}), choice="fault", effect="rank0_preflight",
             why="preflight raised before any header: send an ERROR terminal instead"),
+        Row("main", "{s}", "build_bad_envelope", Local("phase_a+preflight"), "{s}",
+            guard=g.can_build_bad, make=g.new_bad_envelope, update=g.enqueue_bad_envelope,
+            tags=frozenset({"phase_a", "fault"}), choice="fault",
+            effect="rank0_bad_envelope",
+            why="an envelope preflight let through and the leader's validator refuses"),
         Row("main", "{s}", "hard_cut", Local("hard_cut"), "{s}", guard=g.can_cut,
             update=g.hard_cut, tags=frozenset({"cut"}), choice="env", effect="hard_cut",
             why="prompt change: bump cache_epoch, flush both queues"),
@@ -80,8 +85,9 @@ def rank0_main_rows() -> list:
         Row("main", "{s}", "drop_stale_result", Local("drop"), "{s}", guard=g.head_stale,
             update=g.drop_head, why="a result of an old cache_epoch is never decoded"),
         Row("main", "{s}", "reject_result", Local("reject"), "failing",
-            guard=g.head_bad_count, update=g.reject_head,
-            why="observed_generator_calls differs from the plan"),
+            guard=g.head_rejected, update=g.reject_head,
+            why="the result contract check refused it (its verdict) or "
+                "observed_generator_calls differs from the plan"),
         Row("main", "{s}", "queue_noop", Local("heartbeat"), "{s}", guard=g.can_heartbeat,
             update=g.queue_noop, choice="env", effect="heartbeat",
             why="NOOP heartbeat through the comms thread (the heartbeat_ms policy)"),
@@ -95,6 +101,10 @@ def rank0_main_rows() -> list:
     for r in loop:
         if r.label in ("decode_result", "drop_stale_result"):
             rows.append(r._replace(src="drain", dst="drain"))
+    rows.append(Row("main", "drain", "reject_result_in_drain", Local("reject"), "failing",
+                    guard=g.head_rejected, update=g.reject_head_in_drain,
+                    why="a refused result after SHUTDOWN was queued: SHUTDOWN releases the "
+                        "mesh; rank0 drains and fails"))
     rows.append(Row("main", "drain", "hard_cut_in_drain", Local("hard_cut"), "drain",
                     guard=g.can_cut_in_drain, update=g.hard_cut_in_drain,
                     tags=frozenset({"cut"}), choice="env", effect="hard_cut",
@@ -210,11 +220,13 @@ def leader_rows() -> list:
             "validate", update=g.store_envelope,
             why="the payload's metadata completes the envelope (plan bits)"),
         Row("main", "validate", "envelope_valid", Local("validate"), "bcast_hdr",
-            guard=g.envelope_valid, effect="validate",
-            why="every contract check passes before the first mesh broadcast"),
+            guard=g.envelope_valid,
+            why="the contract validator's verdict (taken when the payload was decoded, "
+                "before the first mesh broadcast) is valid"),
         Row("main", "validate", "envelope_invalid", Local("validate"), "bcast_hdr",
             guard=g.envelope_invalid, update=g.reject_envelope,
-            why="tell the mesh (ERROR broadcast) and rank0 (ERROR result)"),
+            why="the validator refused it: tell the mesh (ERROR broadcast) and rank0 "
+                "(ERROR result)"),
         Row("main", "validate", "validation_raises", Local("validate"), "bcast_hdr",
             update=g.reject_envelope, tags=frozenset({"fault"}), choice="fault",
             effect="leader_reject", why="break-it 2: the leader fails after receiving, before the broadcast"),
@@ -237,6 +249,10 @@ def leader_rows() -> list:
     rows += count_check_rows("main", "count_fail")
     rows += phase_b_rows("main", "send_res_hdr")
     rows += [
+        Row("main", "send_res_hdr", "spoil_result", Local("result_fault"), "send_res_hdr",
+            guard=g.bad_result_armed, update=g.spoil_result, tags=frozenset({"fault"}),
+            choice="fault", effect="leader_bad_result",
+            why="a result the leader's preflight let through and rank0's check refuses"),
         Row("main", "send_res_hdr", "send_result_header", Send("rank0", RES_HDR),
             "send_res_pay", make=g.result, tags=frozenset({"commit"}),
             why="result preflight (encode) already done: the payload follows"),

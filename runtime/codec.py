@@ -204,6 +204,29 @@ def encode_result_msg(msg: M.Msg, fields: Mapping, tensors: Mapping, **kw) -> Fr
     return encode_result(M.full_meta("result", msg, fields), tensors, **kw)
 
 
+def encode_unchecked(kind: str, meta: Mapping, tensors: Mapping) -> Frames:
+    """Serialise without the contract check: only the injected faults that send a
+    message the receiver's validator must refuse (rank0_bad_envelope, leader_bad_result)
+    use it, standing for a sender whose preflight missed a bad field."""
+    return _encode(_KINDS[kind], meta, tensors, DEFAULT_CAPS, "cpu")
+
+
+def decode_verdict(decode, kind: str, header: Header, meta: Mapping, *args, **kw):
+    """(Message or None, Msg, ContractError or None): run `decode` (decode_envelope /
+    decode_result); a contract refusal is not raised but returned as the verdict, with
+    the message's identity marked `valid=False` (model.messages: the guards read it).
+    A message whose identity cannot be read is not judged here: that error is raised."""
+    try:
+        m = decode(header, meta, *args, **kw)
+    except ContractError as e:
+        try:
+            msg = M.summary(kind, meta, valid=False)
+        except (KeyError, ValueError, TypeError):
+            raise e from None
+        return None, msg, e
+    return m, m.msg, None
+
+
 def header_msg(h: Header) -> M.Msg:
     """What a receiver of header `h` records (model.messages.header_view)."""
     return M.from_header(h.action, h.call_id, h.chunk_index, h.cache_epoch)

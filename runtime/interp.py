@@ -23,6 +23,7 @@ import torch
 
 from lockstep.model import contract as C
 from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
+from lockstep.model import messages as M
 from lockstep.model.messages import Msg
 from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                        WORLD, Coll, Exit, Local, Recv, Send, op_text)
@@ -187,6 +188,13 @@ class RankInterpreter:
         frames = codec.encode_envelope_msg(msg, fields, tensors,
                                            prev=self.prev_meta)   # preflight
         self.prev_meta = meta = {**fields, **codec.M.wire_ids("envelope", msg)}
+        if not msg.valid:
+            # The rank0_bad_envelope fault (model: build_bad_envelope): the latents in a
+            # dtype the contract refuses, framed past the preflight; the leader's
+            # validator must refuse it.
+            bad = {**tensors, "latents_in": tensors["latents_in"].to(torch.float32)}
+            frames = codec.encode_unchecked("envelope", meta, bad)
+            self._event(FAULT, what="rank0_bad_envelope", field="latents_in")
         self.env_frames[msg.call_id], self.env_meta[msg.call_id] = frames, meta
         self.times[msg.call_id] = {"tA0_ns": t_a0, "tA1_ns": time.monotonic_ns()}
 
@@ -217,13 +225,6 @@ class RankInterpreter:
                   q_in=self.v.inflight, q_out=len(self.v.decode_q))
         return tm
 
-    def _validate(self, row):
-        meta, tensors = self.cur
-        C.validate_envelope(meta, {k: C.TensorDesc(str(t.dtype).split(".")[-1],
-                                                   tuple(t.shape))
-                                   for k, t in tensors.items()},
-                            where="leader_before_broadcast")
-
     def _wrong_group(self, row):
         """The workload asks for world_pg; the guarded wrapper refuses before the
         backend is called because the table's row says mesh_pg."""
@@ -240,7 +241,8 @@ class RankInterpreter:
 
     # effect (a row attribute) -> the real work; rows without an effect do none
     EFFECTS = {"phase_a": _phase_a, "rank0_preflight": _preflight_fails,
-               "phase_c": _phase_c, "validate": _validate, "leader_reject": _fault_event,
+               "rank0_bad_envelope": _phase_a, "phase_c": _phase_c,
+               "leader_reject": _fault_event, "leader_bad_result": _fault_event,
                "wrong_group": _wrong_group}
 
     def guarded_all_reduce(self, t, group_name):
@@ -335,16 +337,23 @@ class RankInterpreter:
     def _payload_then_msg(self, src, kind):
         h = self._hdr
         meta, manifest, tensors = yield from wire.recv_payload(h, src)
+        # The contract validator's verdict is the message's `valid`: the model's guards
+        # (envelope_valid / envelope_invalid, head_current / head_rejected) choose the row.
         if kind == ENV_PAY:
-            m = codec.decode_envelope(h, meta, manifest, tensors, where="leader_before_broadcast")
-            self.cur = (m.meta, m.tensors)
-            return m.msg
-        env_meta = self.env_meta.get(h.call_id)
-        m = codec.decode_result(h, meta, manifest, tensors, envelope_meta=env_meta)
-        self.results[h.call_id] = (m.meta, m.tensors)
-        self.times.setdefault(h.call_id, {})["tRecv_ns"] = time.monotonic_ns()
-        self.env_meta.pop(h.call_id, None)
-        return m.msg
+            m, msg, err = codec.decode_verdict(codec.decode_envelope, "envelope", h, meta,
+                                               manifest, tensors,
+                                               where=C.LEADER_BEFORE_BROADCAST)
+            self.cur = (m.meta, m.tensors) if m is not None else (dict(meta), {})
+        else:
+            env_meta = self.env_meta.get(h.call_id)
+            m, msg, err = codec.decode_verdict(codec.decode_result, "result", h, meta,
+                                               manifest, tensors, envelope_meta=env_meta)
+            self.results[h.call_id] = (m.meta, m.tensors) if m is not None else (meta, {})
+            self.times.setdefault(h.call_id, {})["tRecv_ns"] = time.monotonic_ns()
+            self.env_meta.pop(h.call_id, None)
+        if err is not None:
+            self.detail = f"refused field {err.field!r}: {err.reason}"
+        return msg
 
     def _pick_accepting(self, rows, msg):
         ok = [r for r in rows if r.accept is None or r.accept(self.v, self.cfg, msg)]
@@ -518,6 +527,7 @@ class RankInterpreter:
         if msg.action != C.Action.INFER:
             return codec.encode_result_msg(msg, {}, {}, envelope_meta=None)
         meta, tensors = self.cur
+        spoil = not msg.valid     # the leader_bad_result fault (model: spoil_result)
         t_b = (self.t_b_end - self.t_b_start) * 1000.0
         idle = 0.0 if self.last_b_end is None else \
             max(0.0, (self.t_b_start - self.last_b_end) * 1000.0)
@@ -528,6 +538,10 @@ class RankInterpreter:
         fields = {"mesh_current_start_frame": meta["current_start_frame"],
                   "t_b_ms": round(t_b, 3), "t_mesh_idle_ms": round(idle, 3),
                   **self.work.result_meta(meta, out)}
+        if spoil:   # a start frame rank0's check refuses, framed without the preflight
+            fields["mesh_current_start_frame"] = meta["current_start_frame"] + 1
+            self._event(FAULT, what="leader_bad_result", field="mesh_current_start_frame")
+            return codec.encode_unchecked("result", M.full_meta("result", msg, fields), out)
         return codec.encode_result_msg(msg, fields, out, envelope_meta=meta)
 
     # ------------------------------------------------------------------ events
@@ -564,3 +578,4 @@ def _allows(row_op, op) -> bool:
     if isinstance(op, Recv):
         return row_op.peer == op.peer and bool(set(row_op.kinds) & set(op.kinds))
     return row_op == op
+

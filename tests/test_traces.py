@@ -22,9 +22,6 @@ def test_recorded_trace_conforms(run_dir):
 # Shipped rows no committed run exercises yet, each with the reason; this list may only
 # shrink (a row missing from the corpus and not listed here fails the test below).
 NOT_YET_EXERCISED = {
-    # the contract validator's verdict is not yet what these guards read (issue 17,
-    # item 2, remaining): a bad envelope / result still takes the abort path
-    ("leader", "main", "envelope_invalid"), ("rank0", "main", "reject_result"),
     # reachable only when a per-rank flag passes the parity handshake, which the shipped
     # handshake refuses (the model reaches it only in the no-parity mutation)
     ("leader", "main", "conditional_collective"),
