@@ -7,7 +7,7 @@ flight (D_in = 2)"); the guard's name is printed beside it by the caller.
 """
 from __future__ import annotations
 
-FIELDS = ("action", "call_id", "chunk", "epoch", "calls", "init_cache")
+FIELDS = ("action", "call_id", "chunk", "epoch", "calls", "init_cache", "valid")
 
 
 def _rank0(name, row, v, cfg) -> str:
@@ -89,7 +89,7 @@ def _order(k):
 
 
 def _fields(m):
-    if isinstance(m, tuple) and len(m) == 6 and not isinstance(m[0], (tuple, bool)):
+    if isinstance(m, tuple) and len(m) == 7 and not isinstance(m[0], (tuple, bool)):
         return dict(zip(FIELDS, m))
     if isinstance(m, tuple):
         out = {}

@@ -336,9 +336,11 @@ FAILURES = (
      "envelope; ERROR to the mesh and to rank0"),
     ("wrong_group", "wrong_group_caught", "PP-FM-WRONG-GROUP: a Phase-B collective "
      "requested on world_pg was refused; abort flag"),
-    (None, "envelope_invalid", "envelope invalid at the leader"),
+    (None, "envelope_invalid", "envelope refused at the leader by the contract check; "
+     "ERROR to the mesh and to rank0"),
     (None, "counts_differ", "FM-02: generator call counts differ across the mesh"),
-    (None, "reject_result", "FM-02: a result's observed call count differs from the plan"),
+    (None, "reject_result", "result rejected by rank0: the contract check failed or "
+     "observed_generator_calls differs from the plan (FM-02)"),
     (None, "parity_mismatch", "FM-03: startup parity mismatch (a flag adds a collective)"),
 )
 

@@ -106,7 +106,8 @@ def test_injected_faults_end_as_released_failures(tmp_path, fault):
     assert rep.ended.startswith("released failure"), rep.ended
     expect = {"rank0_preflight": "FM-04", "leader_reject": "LEADER-THROW",
               "wrong_group": "WRONG-GROUP", "count_mismatch": "FM-02",
-              "cond_flag": "FM-03"}[fault]
+              "cond_flag": "FM-03", "rank0_bad_envelope": "envelope refused",
+              "leader_bad_result": "result rejected"}[fault]
     assert expect in rep.failure_mode
 
 
