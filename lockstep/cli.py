@@ -344,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-in", type=int, default=2, help="envelopes in flight (count)")
     p.add_argument("--d-out", type=int, default=2, help="results awaiting decode (count)")
     p.add_argument("--hard-cut-at", type=int, default=None,
-                   help="one hard cut before this chunk index (same as --cut-at K)")
+                   help="one hard cut before this chunk index (same as --cut-at K; default: none)")
     p.add_argument("--cut-at", default="", help="hard cuts before these chunk indices, "
-                   "e.g. 3,7,7 (a repeat: back to back; CHUNKS: while SHUTDOWN drains)")
+                   "e.g. 3,7,7 (a repeat: back to back; CHUNKS: while SHUTDOWN drains; default: none)")
     p.add_argument("--cut-every", type=int, default=None,
                    help="a hard cut before every multiple of N chunks (default: none)")
     p.add_argument("--cut-random", type=float, default=None,
