@@ -39,6 +39,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lockstep.model.runopts import legacy_cut_at
+
 # max |run - reference| per kind of value, for mesh >= 2 (see the module docstring)
 TOLERANCE = {"anchor": 1e-2, "kv": 1e-3, "latents": 1e-2, "pixels": 1e-2}
 REFERENCE_VERSION = 1
@@ -115,7 +117,7 @@ def compare(run_dir, reference: dict, mesh: int | None = None) -> Verdict:
     exact = mesh == 1
     v = Verdict(ok=True, exact=exact)
     plan = {"regime": run["config"].get("regime"), "steps": run["config"].get("steps"),
-            "hard_cut_at": run.get("opts", {}).get("hard_cut_at"),
+            "hard_cut_at": legacy_cut_at(run.get("opts", {})),
             "spec": {**reference["spec"], **run.get("opts", {}).get("dit", {})}}
     for key, got in plan.items():
         if got != reference.get(key):

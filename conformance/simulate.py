@@ -210,7 +210,8 @@ class _Sim:
         self.last_b_end = None
         fault = ({"name": sorted(faultable)[0], "at_chunk": fault_at} if faultable
                  else None)
-        self.policy = P.Policy(fault, hard_cut_at, heartbeat_ms=0.0, chunks=cfg.chunks)
+        self.policy = P.Policy(fault, () if hard_cut_at is None else (hard_cut_at,),
+                               heartbeat_ms=0.0, chunks=cfg.chunks)
         self.send_after_decode = False
 
     # ------------------------------------------------------------------ policy

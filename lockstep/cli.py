@@ -177,8 +177,12 @@ def cmd_manifest(a) -> int:
 
 
 def _run_options(a):
-    from lockstep.model.runopts import RunOptions, StageCosts, parse_fault
-    return RunOptions(backend=a.backend, hard_cut_at=a.hard_cut_at,
+    from lockstep.model.runopts import (CutSchedule, RunOptions, StageCosts, parse_cut_at,
+                                        parse_fault)
+    at = parse_cut_at(a.cut_at) + (() if a.hard_cut_at is None else (a.hard_cut_at,))
+    cuts = CutSchedule(at=at, every=a.cut_every, random=a.cut_random, seed=a.cut_seed,
+                       control=a.cut_control, reason=a.cut_reason)
+    return RunOptions(backend=a.backend, cuts=cuts,
                       fault=parse_fault(a.fault), heartbeat_ms=a.heartbeat_ms,
                       op_deadline_s=a.op_deadline_s,
                       pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
@@ -195,13 +199,23 @@ def cmd_run(a) -> int:
         else frozenset()
     noops = a.noops if a.noops is not None else (4 if a.heartbeat_ms is not None else 0)
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
-                 chunks=a.chunks, hard_cut=a.hard_cut_at is not None, regime=a.regime,
+                 chunks=a.chunks, hard_cut=opts.cuts.bound(a.chunks), regime=a.regime,
                  steps=a.steps, noops=noops, inject=inject)
     out = Path(a.out).resolve()
     res = run_local(cfg, opts, out, deadline_s=a.deadline_s)
     print(res.summary())
     print(f"traces in {out}")
     return EXIT_OK if res.ok else EXIT_RUN_FAILED
+
+
+def cmd_cut(a) -> int:
+    from lockstep.runtime.control import CutRefused, request_cut_file
+    try:
+        got = request_cut_file(Path(a.run_dir), a.reason, wait_s=a.wait_s)
+    except CutRefused as e:
+        raise ValueError(str(e)) from None
+    print(f"lockstep cut: {got}")
+    return EXIT_OK if got == "taken" else EXIT_RUN_FAILED
 
 
 def cmd_breakit(a) -> int:
@@ -330,7 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-in", type=int, default=2, help="envelopes in flight (count)")
     p.add_argument("--d-out", type=int, default=2, help="results awaiting decode (count)")
     p.add_argument("--hard-cut-at", type=int, default=None,
-                   help="chunk index at which rank0 takes a hard cut (default: none)")
+                   help="one hard cut before this chunk index (same as --cut-at K; default: none)")
+    p.add_argument("--cut-at", default="", help="hard cuts before these chunk indices, "
+                   "e.g. 3,7,7 (a repeat: back to back; CHUNKS: while SHUTDOWN drains; default: none)")
+    p.add_argument("--cut-every", type=int, default=None,
+                   help="a hard cut before every multiple of N chunks (default: none)")
+    p.add_argument("--cut-random", type=float, default=None,
+                   help="before each chunk, cut while a coin of this probability comes up "
+                        "(default: none)")
+    p.add_argument("--cut-seed", type=int, default=0, help="seed of --cut-random")
+    p.add_argument("--cut-reason", default="schedule",
+                   choices=("schedule", "prompt_change", "reset"),
+                   help="reason recorded for the scheduled cuts")
+    p.add_argument("--cut-control", type=int, default=0,
+                   help="cuts `lockstep cut RUN_DIR` may add while the run goes, count")
     p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1",
                    help="recompute regime")
     p.add_argument("--steps", type=int, default=2, help="num_denoise_steps")
@@ -360,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard deadline for the whole run (the launcher kills the rest), s")
     p.add_argument("--out", default="runs/latest", help="run directory for the traces")
     p.set_defaults(fn=cmd_run)
+
+    p = _parser(sub, "cut", "ask a running `lockstep run` for a hard cut (its control "
+                "interface: RUN_DIR/control/)")
+    p.add_argument("run_dir", help="the run's directory (--out of lockstep run)")
+    p.add_argument("--reason", default="prompt_change", choices=("prompt_change", "reset"),
+                   help="why the stream is cut (recorded in rank0's trace)")
+    p.add_argument("--wait-s", type=float, default=5.0,
+                   help="wait this long for rank0 to take the request, s")
+    p.set_defaults(fn=cmd_cut)
 
     p = _parser(sub, "breakit", "every failure mode as a real multi-process job")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),

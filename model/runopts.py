@@ -56,10 +56,77 @@ class DriftSwitch:
     at_chunk: Optional[int] = None
 
 
+CUT_REASONS = ("prompt_change", "reset", "schedule")
+
+
+@dataclass(frozen=True)
+class CutSchedule:
+    """Where rank0 takes hard cuts, besides the ones asked for through its control
+    interface (runtime/control.py). Three forms, any combination:
+
+    * `at`: chunk indices, repeats allowed (`(3, 7, 7)`: one cut before chunk 3, two
+      back to back before chunk 7; `chunks` itself is a cut while SHUTDOWN drains);
+    * `every`: a cut before every multiple of N (N, 2N, ... up to `chunks`);
+    * `random`: before each chunk boundary 1..chunks, cuts while a coin of probability
+      `random` comes up (so back-to-back cuts happen), from `random.Random(seed)`.
+
+    A chunk index k means "once k chunks are built"; the policy (model/policy.py) turns
+    the list into the decision. `control` is how many cuts the control interface may
+    add (the model's Config.hard_cut must cover the schedule plus these)."""
+    at: tuple = ()
+    every: Optional[int] = None
+    random: Optional[float] = None
+    seed: int = 0
+    control: int = 0
+    reason: str = "schedule"
+
+    def __post_init__(self):
+        object.__setattr__(self, "at", tuple(sorted(int(k) for k in self.at)))
+        _check(all(k >= 0 for k in self.at), "cuts.at", "chunk indices >= 0", self.at)
+        _check(self.every is None or self.every >= 1, "cuts.every", ">= 1", self.every)
+        _check(self.random is None or 0.0 <= self.random < 1.0, "cuts.random",
+               "a probability in [0, 1)", self.random)
+        _check(self.control >= 0, "cuts.control", ">= 0", self.control)
+        _check(self.reason in CUT_REASONS, "cuts.reason", f"one of {CUT_REASONS}",
+               self.reason)
+
+    def chunks_at(self, chunks: int) -> tuple:
+        """Every scheduled cut as a sorted tuple of chunk indices, for a stream of
+        `chunks` chunks (indices beyond it are refused by `check_bound`)."""
+        out = list(self.at)
+        if self.every:
+            out += range(self.every, chunks + 1, self.every)
+        if self.random:
+            import random as _random
+            rng = _random.Random(self.seed)
+            for k in range(1, chunks + 1):
+                while rng.random() < self.random:
+                    out.append(k)
+        return tuple(sorted(out))
+
+    def bound(self, chunks: int) -> int:
+        """The cuts this run may take: the schedule's plus the control budget."""
+        return len(self.chunks_at(chunks)) + self.control
+
+    def check_bound(self, chunks: int, hard_cut: int) -> None:
+        late = [k for k in self.at if k > chunks]
+        if late:
+            raise ValueError(f"cuts.at: {late} beyond the stream's {chunks} chunks")
+        need = self.bound(chunks)
+        if need > hard_cut:
+            raise ValueError(f"the run may take {need} hard cuts (schedule "
+                             f"{need - self.control} + control {self.control}) but the "
+                             f"model's Config.hard_cut allows {hard_cut}: raise "
+                             f"Config.hard_cut (the checked bound) or cut less")
+
+    def __bool__(self) -> bool:
+        return bool(self.at or self.every or self.random or self.control)
+
+
 @dataclass(frozen=True)
 class RunOptions:
     backend: str = "gloo"               # gloo | nccl | cpu:gloo,cuda:nccl
-    hard_cut_at: Optional[int] = None   # chunk index at which rank0 takes a hard cut
+    cuts: CutSchedule = field(default_factory=CutSchedule)   # hard cuts rank0 takes
     fault: Optional[FaultSwitch] = None
     op_deadline_s: float = 30.0         # per-op deadline: no progress -> crash, not hang
     pg_timeout_s: float = 60.0          # backend timeout given to every process group
@@ -82,8 +149,6 @@ class RunOptions:
 
     def __post_init__(self):
         _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
-        _check(self.hard_cut_at is None or self.hard_cut_at >= 0, "hard_cut_at",
-               "a chunk index >= 0", self.hard_cut_at)
         for name in ("op_deadline_s", "pg_timeout_s", "lost_after_s", "store_timeout_s"):
             _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         _check(self.drain_s >= 0, "drain_s", ">= 0", self.drain_s)
@@ -114,7 +179,26 @@ class RunOptions:
     def from_dict(cls, d: Optional[dict]) -> "RunOptions":
         """Parse the JSON form; every error names the field (`opts.<name>`)."""
         d = dict(d or {})
-        kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew", "dit", "drift"))
+        legacy = d.pop("hard_cut_at", None)   # the one-cut form of committed run.json files
+        kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew", "dit", "drift",
+                                          "cuts"))
+        if d.get("cuts") is not None:
+            c = _typed(CutSchedule, _obj(d["cuts"], "opts.cuts"), "opts.cuts",
+                       skip=("at",))
+            at = d["cuts"].get("at", ())
+            if not isinstance(at, (list, tuple)) or not all(
+                    isinstance(k, int) and not isinstance(k, bool) for k in at):
+                raise ValueError(f"opts.cuts.at: must be a list of chunk indices, got {at!r}")
+            try:
+                kw["cuts"] = CutSchedule(at=tuple(at), **c)
+            except ValueError as e:
+                raise ValueError(f"opts.{e}") from None
+        if legacy is not None:
+            if not isinstance(legacy, int) or isinstance(legacy, bool) or legacy < 0:
+                raise ValueError(f"opts.hard_cut_at: must be a chunk index >= 0, got "
+                                 f"{legacy!r}")
+            base = kw.get("cuts", CutSchedule())
+            kw["cuts"] = replace(base, at=base.at + (legacy,))
         if "costs" in d:
             kw["costs"] = StageCosts(**_typed(StageCosts, _obj(d["costs"], "opts.costs"),
                                                "opts.costs"))
@@ -132,6 +216,27 @@ class RunOptions:
             return cls(**kw)
         except ValueError as e:
             raise ValueError(f"opts.{e}") from None
+
+
+def legacy_cut_at(opts: dict) -> Optional[int]:
+    """A run.json's single scheduled cut as the old `hard_cut_at` (None when the run
+    has none or more than one form): for readers comparing against one-cut streams."""
+    if opts.get("hard_cut_at") is not None:
+        return opts["hard_cut_at"]
+    c = opts.get("cuts") or {}
+    at = list(c.get("at") or ())
+    if len(at) == 1 and not c.get("every") and not c.get("random") and not c.get("control"):
+        return at[0]
+    return None
+
+
+def parse_cut_at(text: str) -> tuple:
+    """`3,7,7` (the CLI form of `cuts.at`)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--cut-at {text!r}: a comma-separated list of chunk indices"
+                         ) from None
 
 
 def parse_fault(text: str) -> Optional[FaultSwitch]:

@@ -403,7 +403,11 @@ class DiTWorkload(Workload):
         h = F.silu(F.conv2d(lat, self.w["dec1"], padding=1))
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         px = torch.tanh(F.conv2d(h, self.w["dec2"], padding=1))
-        self.decoded[result_meta["chunk_index"]] = px.detach().cpu()
+        chunk = result_meta["chunk_index"]
+        self.decoded[chunk] = px.detach().cpu()
+        # an R0a anchor needs chunk k-1 (k-2 under the wrong_anchor drift): keep no more
+        for old in [c for c in self.decoded if c < chunk - 1]:
+            del self.decoded[old]
         return {"output_digest_i64": result_meta.get("output_digest_i64"),
                 "latents_digest": tensor_digest_i64(lat_bf),
                 "pixels_digest": tensor_digest_i64(px.float()),

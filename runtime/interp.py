@@ -46,7 +46,7 @@ class WrongGroup(TableViolation):
 
 class RankInterpreter:
     def __init__(self, model: Model, p: int, groups, workload, tracer, *, abort_poll,
-                 opts, parity: dict):
+                 opts, parity: dict, control=None, outputs=None):
         self.m, self.p, self.cfg = model, p, model.cfg
         self.groups, self.work, self.trace = groups, workload, tracer
         self.abort_poll, self.opts, self.parity = abort_poll, opts, parity
@@ -63,8 +63,12 @@ class RankInterpreter:
         self.exit = None            # (how, reason) once the process leaves
         self.deadline = opts.op_deadline_s
         self.policy = P.Policy.from_opts(opts.to_dict(), chunks=self.cfg.chunks)
+        self.control = control          # rank0: runtime.control.CutControl (cuts from outside)
+        if control is not None:
+            control.on_request(self._wake)
         self.last_step = [time.monotonic()] * len(self.threads)
-        # real data beside the model's summaries, keyed by call_id
+        # real data beside the model's summaries, keyed by call_id; an entry lives while
+        # its message is in the model's queues or on the wire, never longer (`_release`)
         self.env_frames, self.env_meta, self.times = {}, {}, {}
         self.results = {}
         self.cur = None             # mesh: (meta, tensors) of the current envelope
@@ -72,7 +76,7 @@ class RankInterpreter:
         self.sent_ids = None          # rank0: ids of the last envelope header sent
         self.last_b_end = None
         self.t_b_start = 0.0
-        self.outputs = []
+        self.outputs = [] if outputs is None else outputs   # rank0: emitted outputs
         self._comms_jobs = [None, None, None, None]
         self._tl = threading.local()
         self.comm = GuardedComm(groups, p, check=self._table_check, abort_poll=abort_poll,
@@ -103,6 +107,7 @@ class RankInterpreter:
                 if Exit in kinds or Local in kinds:
                     row = self._choose_local(t, rows)
                     rows = None
+                    self._busy = t   # applied after the lock is re-taken: see _apply
             if rows is None:
                 self._do_local(t, row)
             elif thread == "comms":
@@ -118,6 +123,9 @@ class RankInterpreter:
         while True:
             if self.exit is not None:
                 return None
+            if self._busy not in (None, t):   # another thread's local step is not applied
+                self.cv.wait(0.02)
+                continue
             pc = self.pcs[t]
             if pc in (FINAL, DEAD_THREAD):
                 return None
@@ -125,15 +133,22 @@ class RankInterpreter:
             if not rows:
                 raise TableViolation(f"{self.name}: no row leaves state {pc!r}")
             idle_ms = (time.monotonic() - self.last_step[t]) * 1000.0
+            requested = self.control.requested if self.control is not None else 0
             ok = [r for r in rows if (r.guard is None or r.guard(self.v, self.cfg))
                   and self._joined(t, r)
-                  and P.fires(r, self.v, self.p, self.policy, idle_ms)]
+                  and P.fires(r, self.v, self.p, self.policy, idle_ms, requested)]
             if ok:
                 return ok
             reason = self.abort_poll()
             if reason:
                 raise wire.Released(reason)
             self.cv.wait(0.02)
+
+    def _wake(self) -> None:
+        """A cut was requested from outside: re-evaluate the rows now, not at the next
+        poll (the policy decides whether one fires)."""
+        with self.cv:
+            self.cv.notify_all()
 
     def _joined(self, t, row) -> bool:
         if "join_comms" not in row.tags:
@@ -146,6 +161,16 @@ class RankInterpreter:
     # ------------------------------------------------------------------ apply + trace
     def _apply(self, t, row, msg=None, t0=None, **ev):
         """Under the lock: the model's update, the new control state, the trace."""
+        # A local row is one model step: chosen on the state, applied to the same state.
+        # Its real work (Phase A, Phase C) runs outside the lock, so until it is applied
+        # no other thread of this process applies a row (the comms thread's operations
+        # stay in flight meanwhile). Without this, a result queued during Phase A filled
+        # the decode queue under an envelope whose guard had seen room: a step the model
+        # forbids (found by conformance on a 1,500-chunk soak).
+        while self._busy not in (None, t) and self.exit is None:
+            self.cv.wait(0.02)
+        if self._busy == t:
+            self._busy = None
         if self.exit is not None:
             # Another thread of this process already left (an Exit ends the process):
             # work finished outside the lock after that is dropped, never traced.
@@ -163,11 +188,29 @@ class RankInterpreter:
                 self.exit = (row.op.how, row.op.reason)
         else:
             self.pcs[t] = row.dst
+        if self.role == "rank0":
+            self._release(before, self.v)
         self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
                                     msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
         self.i[t] += 1
         self.last_step[t] = time.monotonic()
         self.cv.notify_all()
+
+    def _release(self, a, b) -> None:
+        """Drop the real data of every message that left rank0's queues for nowhere: an
+        envelope flushed from the send queue by a hard cut (never sent: no result will
+        come, so its metadata goes too), a result dropped as stale, rejected, or dropped
+        after a failure (a decoded one was released by Phase C already). Bookkeeping,
+        not a decision: which messages leave is the model's update."""
+        if not (a.send_q or a.decode_q):
+            return
+        live = {m.call_id for m in b.send_q} | {m.call_id for m in b.decode_q}
+        if b.env_out is not None:
+            live.add(b.env_out.call_id)
+        for m in a.send_q + a.decode_q:
+            if m.call_id not in live:
+                for d in (self.env_frames, self.env_meta, self.times, self.results):
+                    d.pop(m.call_id, None)
 
     # ------------------------------------------------------------------ local rows
     def _do_local(self, t, row):
@@ -236,6 +279,14 @@ class RankInterpreter:
             return
         raise TableViolation("wrong-group call was not refused")
 
+    def _cut(self, row):
+        """A hard cut (the policy decided it fires): record why. The oldest pending
+        request from the control interface is attributed first, else the schedule's."""
+        reason = self.control.take_reason() if self.control is not None else None
+        if reason is not None:
+            return {"cut_reason": reason, "cut_source": "control"}
+        return {"cut_reason": self.opts.cuts.reason, "cut_source": "schedule"}
+
     def _fault_event(self, row):
         self._event(FAULT, what=row.effect, where=row.src)
 
@@ -243,7 +294,7 @@ class RankInterpreter:
     EFFECTS = {"phase_a": _phase_a, "rank0_preflight": _preflight_fails,
                "rank0_bad_envelope": _phase_a, "phase_c": _phase_c,
                "leader_reject": _fault_event, "leader_bad_result": _fault_event,
-               "wrong_group": _wrong_group}
+               "wrong_group": _wrong_group, "hard_cut": _cut}
 
     def guarded_all_reduce(self, t, group_name):
         """The workload's collectives go through runtime.groups.GuardedComm, whose check
@@ -481,6 +532,7 @@ class RankInterpreter:
 
     detail = ""
     last_group = "-"
+    _busy = None         # the thread whose chosen local row is not yet applied
 
     def _parity_vector(self, key: int):
         """One digest per parity key (sorted), so a mismatch names the key."""

@@ -25,7 +25,8 @@ from .groups import init_world, make_groups
 from .interp import RankInterpreter
 from .launch import dist_env
 from .sidechannel import SideChannel, Watchdog
-from .trace import TraceWriter
+from .control import ControlWatcher, CutControl
+from .trace import OutputLog, TraceWriter
 from .worker_main import EXIT_RELEASED, cause_line, claim_exit, one_line, set_role
 from .workload import make_workload
 
@@ -35,6 +36,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     # OpenMP pools turn a tiny matmul into milliseconds of spinning.
     cfg = config_from_dict(args["config"])
     opts = RunOptions.from_dict(args.get("opts"))
+    opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # every rank alike, before any group
     torch.set_num_threads(opts.torch_threads)
     model = Model(cfg)
     if world_size != model.n:
@@ -78,12 +80,18 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     od = opts.to_dict()
     parity = {"config": args["config"], "world": world_size,
               **{k: od[k] for k in ("backend", "pg_timeout_s", "op_deadline_s",
-                                    "lost_after_s", "fault", "hard_cut_at")}}
+                                    "lost_after_s", "fault", "cuts")}}
     skew = opts.parity_skew              # test switch: one rank believes something else
     if skew and skew.get("rank") == rank:
         parity[skew["key"]] = skew["value"]
+    control = watcher = outputs = None
+    if rank == 0:   # the control interface: cuts from another thread or process
+        control = CutControl(opts.cuts.control)
+        watcher = ControlWatcher(run_dir, control)
+        watcher.start()
+        outputs = OutputLog(run_dir / "outputs.json")
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
-                             opts=opts, parity=parity)
+                             opts=opts, parity=parity, control=control, outputs=outputs)
     interp_box.append(interp)
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.backend,
@@ -110,7 +118,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     how, reason = interp.exit or ("raise", "no exit recorded")
     _dump_flight_recorder(run_dir, rank, opts)
     if rank == 0:
-        (run_dir / "outputs.json").write_text(json.dumps(interp.outputs))
+        watcher.stop()
+        outputs.close()
     if errors:
         e = errors[0]
         from .groups import CommAborted

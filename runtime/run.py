@@ -19,11 +19,16 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     `opts` is validated here, before any rank starts (a dict is parsed strictly)."""
     if not isinstance(opts, RunOptions):
         opts = RunOptions.from_dict(opts)
+    opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # refused before any rank starts
     opts = opts.to_dict()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob("rank*"):
         old.unlink()
+    control = run_dir / "control"     # runtime/control.py: requests of an earlier run
+    if control.is_dir():
+        for old in control.iterdir():
+            old.unlink()
     meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",

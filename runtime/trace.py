@@ -34,3 +34,31 @@ class TraceWriter:
             except (OSError, ValueError):
                 pass
             self._f.close()
+
+
+class OutputLog:
+    """rank0's emitted outputs, streamed to outputs.json as they are emitted (a JSON
+    list of [chunk, epoch, output], valid once closed), so a long stream keeps none of
+    them in memory. Stands in for the list the interpreter appends to. Written as
+    outputs.json.partial and renamed on close: a rank0 killed mid-run leaves no
+    outputs.json, as before."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._part = self.path.with_name(self.path.name + ".partial")
+        self._f = open(self._part, "w", encoding="utf-8")
+        self._f.write("[")
+        self.n = 0
+
+    def append(self, item) -> None:
+        self._f.write(("," if self.n else "") + json.dumps(item, separators=(",", ":")))
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.write("]")
+            self._f.close()
+            os.replace(self._part, self.path)

@@ -89,6 +89,8 @@ def test_run_options_reject_bad_values_naming_the_field(opts, field):
 
 
 def test_run_options_round_trip_through_json():
-    o = RunOptions(hard_cut_at=3, fault=parse_fault("leader_reject@2"), lost_after_s=0.25)
+    from lockstep.model.runopts import CutSchedule
+    o = RunOptions(cuts=CutSchedule(at=(3, 3), every=5, control=2),
+                   fault=parse_fault("leader_reject@2"), lost_after_s=0.25)
     back = RunOptions.from_dict(json.loads(json.dumps(o.to_dict())))
     assert back == o and back.fault == FaultSwitch("leader_reject", 2)

@@ -17,7 +17,8 @@ def _row(label):
 def test_choices_and_faults_are_marked_on_the_rows():
     rows = [r for rs in shipped_rows().values() for r in rs]
     faults = {r.effect for r in rows if r.choice == "fault"}
-    assert faults == {"rank0_preflight", "leader_reject", "wrong_group"}
+    assert faults == {"rank0_preflight", "leader_reject", "wrong_group", "rank0_bad_envelope",
+                      "leader_bad_result"}
     assert {r.effect for r in rows if r.choice == "env"} == {"hard_cut", "heartbeat"}
     assert all(r.choice in ("", "env", "fault") for r in rows)
     # every row tagged "fault" is a fault choice and vice versa
@@ -29,7 +30,7 @@ def test_policy_fires_faults_cuts_and_heartbeats_only_where_the_run_says():
     v = g.Rank0Vars(next_chunk=3)
     off = P.Policy()
     assert not any(P.fires(r, v, 0, off, idle_ms=1e9) for r in (pre, cut, hb))
-    on = P.Policy({"name": "rank0_preflight", "at_chunk": 3}, hard_cut_at=3,
+    on = P.Policy({"name": "rank0_preflight", "at_chunk": 3}, cuts=(3,),
                   heartbeat_ms=10)
     assert P.fires(pre, v, 0, on) and P.fires(cut, v, 0, on)
     assert not P.fires(pre, v._replace(next_chunk=2), 0, on)

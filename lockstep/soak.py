@@ -1,0 +1,151 @@
+"""Soak: a long stream with a hard cut every K chunks, measured from the launcher side.
+
+    python -m lockstep.soak --chunks 20000 --cut-every 100 [--mesh 2] [--out runs/soak]
+
+Prints, per rank, the resident memory (VmRSS from /proc/PID/status, sampled by the
+launcher: the ranks do not measure themselves, so the trace format is unchanged) as a
+least-squares slope in MB per 1,000 chunks after warm-up and as the growth from the
+first to the last sample after warm-up; the trace bytes per chunk (all ranks); and the
+time `lockstep conform` takes on the run. The chunk a sample belongs to is read from the
+tail of rank0's trace. Lives in lockstep/ because it calls conformance (runtime/ must
+not import it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lockstep.conformance.report import conform
+from lockstep.model.config import Config
+from lockstep.model.runopts import CutSchedule, RunOptions, StageCosts
+from lockstep.runtime.run import run_local
+
+
+def rss_kb(pid: int):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def last_chunk(trace: Path) -> int:
+    """The highest chunk index in the last 8 KB of a trace (-1 if none yet)."""
+    try:
+        with open(trace, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return -1
+    best = -1
+    for part in tail.split('"chunk":')[1:]:
+        num = part.split(",", 1)[0].split("}", 1)[0]
+        if num.lstrip("-").isdigit():
+            best = max(best, int(num))
+    return best
+
+
+def slope(points) -> float:
+    """Least-squares slope of (x, y) points (0 with fewer than two)."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int = 0,
+         period_s: float = 0.5, stage_b_ms: float = 0.0, conformance: bool = True) -> dict:
+    warmup = warmup or max(200, chunks // 10)
+    cuts = CutSchedule(every=cut_every) if cut_every else CutSchedule()
+    cfg = Config(mesh=mesh, d_in=2, d_out=2, chunks=chunks, hard_cut=cuts.bound(chunks),
+                 steps=2)
+    opts = RunOptions(cuts=cuts, costs=StageCosts(phase_b_ms=stage_b_ms))
+    samples = {r: [] for r in range(mesh + 1)}    # rank -> [(chunk, rss_kb)]
+    done = threading.Event()
+
+    def sampler(run):
+        while not done.is_set():
+            k = last_chunk(run.run_dir / "rank0.jsonl")
+            for r, p in enumerate(run._procs):   # noqa: SLF001 - the launcher's own children
+                kb = rss_kb(p.pid)
+                if kb is not None and k >= 0:
+                    samples[r].append((k, kb))
+            done.wait(period_s)
+    t0 = time.monotonic()
+    res = run_local(cfg, opts, out, deadline_s=60.0 + chunks * 0.1, on_start=sampler)
+    wall = time.monotonic() - t0
+    done.set()
+    trace_bytes = sum(p.stat().st_size for p in Path(out).glob("rank*.jsonl"))
+    per_rank = {}
+    for r, pts in samples.items():
+        after = [(k, kb) for k, kb in pts if k >= warmup]
+        per_rank[r] = {
+            "samples": len(after),
+            "rss_mb_start": round(after[0][1] / 1024, 2) if after else None,
+            "rss_mb_end": round(after[-1][1] / 1024, 2) if after else None,
+            "growth_mb": round((after[-1][1] - after[0][1]) / 1024, 3) if after else None,
+            "slope_mb_per_1000": round(slope(after) * 1000 / 1024, 4),
+        }
+    report = {"chunks": chunks, "cut_every": cut_every, "mesh": mesh, "warmup": warmup,
+              "ok": res.ok, "wall_s": round(wall, 1),
+              "chunks_per_s": round(chunks / wall, 1),
+              "trace_bytes": trace_bytes, "trace_bytes_per_chunk": round(trace_bytes / chunks),
+              "ranks": per_rank}
+    if conformance:
+        t1 = time.perf_counter()
+        rep = conform(out)
+        report["conform_s"] = round(time.perf_counter() - t1, 1)
+        report["conforms"] = rep.ok
+        report["conform_divergence"] = rep.divergence
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lockstep.soak", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", type=int, default=20000, help="INFER chunks")
+    ap.add_argument("--cut-every", type=int, default=100, help="a hard cut every K chunks")
+    ap.add_argument("--mesh", type=int, default=2, help="mesh ranks incl. the leader")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="chunks before the memory fit starts (default: 10%%, >= 200)")
+    ap.add_argument("--stage-b-ms", type=float, default=0.0,
+                    help="synthetic Phase B cost per generator call, ms")
+    ap.add_argument("--no-conform", action="store_true", help="skip the conformance run")
+    ap.add_argument("--out", default="runs/soak", help="run directory")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    a = ap.parse_args(argv)
+    rep = soak(Path(a.out).resolve(), chunks=a.chunks, cut_every=a.cut_every, mesh=a.mesh,
+               warmup=a.warmup, stage_b_ms=a.stage_b_ms, conformance=not a.no_conform)
+    if a.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(f"soak: {rep['chunks']} chunks, a cut every {rep['cut_every']}, mesh "
+              f"{rep['mesh']}: {'ok' if rep['ok'] else 'FAILED'} in {rep['wall_s']} s "
+              f"({rep['chunks_per_s']} chunks/s); warm-up {rep['warmup']} chunks")
+        for r, d in rep["ranks"].items():
+            print(f"  rank {r}: RSS {d['rss_mb_start']} -> {d['rss_mb_end']} MB after "
+                  f"warm-up (growth {d['growth_mb']} MB), slope "
+                  f"{d['slope_mb_per_1000']} MB / 1000 chunks ({d['samples']} samples)")
+        print(f"  traces: {rep['trace_bytes']} bytes, {rep['trace_bytes_per_chunk']} "
+              f"bytes per chunk")
+        if "conform_s" in rep:
+            print(f"  conformance: {'conforms' if rep['conforms'] else 'DIVERGES'} in "
+                  f"{rep['conform_s']} s"
+                  + ("" if rep["conforms"] else f": {rep['conform_divergence']}"))
+    ok = rep["ok"] and rep.get("conforms", True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
