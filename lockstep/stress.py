@@ -6,7 +6,9 @@ Default tests: the multi-process files (tests/test_runtime_infra.py, test_runtim
 test_breakit.py, test_torchrun.py). ``--load K`` starts K CPU-bound burner processes
 beside them for the whole stress run (the 2-core CI box's reality), killed at the end.
 Each run is one ``pytest -q -rf`` subprocess with a hard timeout (crash > hang here too);
-a run's failures are the ``FAILED`` lines pytest prints. A flaky test is a defect to fix
+a run's failures are the ``FAILED``/``ERROR`` lines pytest prints (``-rfE``: a fixture
+that fails is an ERROR, which ``-rf`` alone does not list), and a failing run's whole
+output is kept in ``stress-run<N>.log``. A flaky test is a defect to fix
 at its cause: nothing here retries.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     try:
         for run in range(1, a.runs + 1):
             t = time.monotonic()
-            p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rf", "-p",
+            p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rfE", "-p",
                                   "no:cacheprovider", *tests], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
@@ -64,6 +66,11 @@ def main(argv=None) -> int:
                   f"{time.monotonic() - t:6.1f} s  {last}", flush=True)
             for ln in bad:
                 print(f"    {ln}", flush=True)
+            if bad:   # the whole output of a failing run is the evidence: keep it
+                log = os.path.abspath(f"stress-run{run}.log")
+                with open(log, "w") as f:
+                    f.write(out)
+                print(f"    (full output: {log})", flush=True)
             failures += [(run, ln) for ln in bad]
             passed_in_a_row = 0 if bad else passed_in_a_row + 1
     finally:

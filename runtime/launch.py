@@ -334,6 +334,11 @@ class LocalRun:
             pass
         rc = p.wait()
         self._record_cause(rank, rc)
+        try:   # the rank reads nothing more: a peer lingering after a terminal message
+            with self._store_lock:   # may go (sidechannel.linger_then_release)
+                self._store.set(f"lockstep/{self.run_id}/exit/{rank}", "1")
+        except Exception:  # noqa: BLE001
+            pass
         with self._exited:
             rr = self.result.ranks[rank]
             rr.returncode, rr.exit_time = rc, t
@@ -345,7 +350,7 @@ class LocalRun:
         if rc == 0 or rc == EXIT_RELEASED or rank in self._own_kills:
             return
         from lockstep.model import release as R
-        from lockstep.runtime.sidechannel import peer_role
+        from lockstep.runtime.sidechannel import peer_role, set_first_cause
         p = f"lockstep/{self.run_id}/"
         try:
             with self._store_lock:
@@ -359,10 +364,15 @@ class LocalRun:
                                 f"killed by {name} (pid {self._procs[rank].pid}); "
                                 f"reaped by the launcher",
                                 **_last_ids(self.run_dir / f"rank{rank}.jsonl"))
-                else:
-                    c = R.cause("error", rank, role, f"exited with code {rc} without "
-                                f"recording a cause; reaped by the launcher")
-                self._store.compare_set(p + "abort", "", R.encode(c))
+                    set_first_cause(self._store, p + "cause", p + "abort", c)
+                    return
+                # An error exit settled its own cause (recorded, and released when its
+                # peers had read its terminal message): only a rank that died before its
+                # side channel left none, and then the launcher's record releases them.
+                c = R.cause("error", rank, role, f"exited with code {rc} without "
+                            f"recording a cause; reaped by the launcher")
+                if R.decode(self._store.compare_set(p + "cause", "", R.encode(c))) == c:
+                    set_first_cause(self._store, p + "cause", p + "abort", c)
         except Exception:  # noqa: BLE001 - recording is best effort, reaping is not
             pass
 
@@ -415,11 +425,12 @@ class LocalRun:
             self._own_kills.update(late)
             try:
                 from lockstep.model import release as R
+                from lockstep.runtime.sidechannel import set_first_cause
+                p = f"lockstep/{self.run_id}/"
                 with self._store_lock:
-                    self._store.compare_set(
-                        f"lockstep/{self.run_id}/abort", "", R.encode(R.cause(
-                            "deadline", -1, "launcher", f"hard deadline {deadline_s:g}s: "
-                            f"ranks {late} still alive, killed")))
+                    set_first_cause(self._store, p + "cause", p + "abort", R.cause(
+                        "deadline", -1, "launcher", f"hard deadline {deadline_s:g}s: "
+                        f"ranks {late} still alive, killed"))
             except Exception:  # noqa: BLE001
                 pass
             self.kill_all()

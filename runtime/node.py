@@ -126,6 +126,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         from .wire import Released
         if isinstance(e, (Released, CommAborted)):
             if claim_exit():    # else the watchdog is writing the line and exiting
+                _mark_exit(side)
                 on_release(wd.cause or side.abort_cause() or
                            side.cause("error", str(e)), wd.via or "abort_flag")
                 tracer.close()
@@ -153,6 +154,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         time.sleep(2.0)
         os._exit(EXIT_RELEASED)
     wd._stop_ev.set()
+    _mark_exit(side)            # this rank reads nothing more
     own = f"{interp.ctx()} {reason}{detail}"
     echo = _exit_label(model, rank, how, reason) in R.ECHO_EXIT_LABELS
     kind = "table_refused" if how == "abort" else "error"
@@ -164,7 +166,10 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     else:
         mine = side.cause(kind, f"{reason}{detail}", **R.ids_from_ctx(interp.ctx()))
     from .sidechannel import abort_active
-    cause, via = abort_active(mine, echo=echo)
+    # The cause is RECORDED now (an echo names it at once) but the flag is set only after
+    # the linger below: the flag would release a peer that has not read our terminal
+    # message yet (its watchdog fires before its receive), and exiting would reset it.
+    cause, via = abort_active(mine, echo=echo, release=False)
     if odd and via == "abort_flag" and cause and cause["rank"] == mine["rank"]:
         via = "own"           # the same first-hand detection, written by a peer first
     if echo and via == "echo":
@@ -172,6 +177,14 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     print(cause_line("error", via, cause, own=own, ctx=f"rank={rank} role={role}"),
           file=sys.stderr, flush=True)
     tracer.close()
+    # A gloo send completes before the peer has read it, and exiting closes our pairs:
+    # keep the process until every peer is in its own exit path (or gone), bounded; then
+    # set the flag, which releases only peers blocked elsewhere (none, when the tables'
+    # terminal messages reach everyone, which the explorer checks).
+    try:
+        side.linger_then_release(max(1.0, 2 * lost_after_s))
+    except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell anyone
+        pass
     return 1
 
 
@@ -187,6 +200,7 @@ def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
     if not claim_exit():
         time.sleep(2.0)
         os._exit(EXIT_RELEASED)
+    _mark_exit(side)
     ctx = interp.ctx()
     own = f"{ctx}: {type(e).__name__}: {e}"
     try:
@@ -208,6 +222,13 @@ def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
     print(cause_line("released" if released else "error", via, cause, own=own, ctx=ctx),
           file=sys.stderr, flush=True)
     os._exit(EXIT_RELEASED if released else EXIT_ERROR)
+
+
+def _mark_exit(side) -> None:
+    try:
+        side.mark_exit()
+    except Exception:  # noqa: BLE001 - a courtesy to lingering peers, never a reason to hang
+        pass
 
 
 def _exit_label(model: Model, rank: int, how: str, reason: str) -> str | None:

@@ -16,6 +16,15 @@ Layout (all keys under ``lockstep/<run_id>/``):
   ``clean/<r>`` set when rank r exits on purpose: a silent heartbeat is then not a fault
   ``role/<r>``  rank r's role, so a cause written by someone else (launcher, a peer's
                 watchdog) names it
+  ``cause``     the ROOT CAUSE, first-cause-wins like ``abort`` but releasing nobody:
+                every setter writes ``cause`` first and then copies what won into
+                ``abort`` (``set_abort_with``), so both always agree. A rank that exits
+                after sending a terminal message records only ``cause`` (``record_cause``):
+                echoes can name it at once, while the flag must not release a peer that
+                has not read the message yet (``linger_then_release``)
+  ``exit/<r>``  set when rank r enters its exit path (it will read nothing more) and by
+                the launcher when it reaps r: a rank that sent a terminal message keeps
+                its process, and so its gloo pairs, alive until every peer has one
 Every rank creates the keys idempotently (``compare_set(abort, "", "")``, ``add(hb, 0)``),
 so no rank has to come first and no "ready" handshake is needed.
 
@@ -68,7 +77,7 @@ _ACTIVE: "SideChannel | None" = None  # the process's side channel, for worker_m
 
 
 def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
-                 limit_s: float = 0.3) -> tuple[dict | None, str]:
+                 limit_s: float = 0.3, release: bool = True) -> tuple[dict | None, str]:
     """For a process exiting on an error: stop this process's watchdogs (the caller writes
     the one exit line) and settle the root cause. Returns ``(cause in force, via)``.
 
@@ -77,7 +86,10 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
     disappearance): wait up to ``grace_s`` (default ``echo_grace_s``) for the flag, then
     ``via=echo``; if still clear, claim it with ``mine`` marked as an echo. Every store call
     is bounded by ``limit_s`` (a thread of its own: a dead store would retry for the whole
-    store timeout). ``(None, "own")`` without a side channel."""
+    store timeout). ``release=False`` (a table exit after a terminal message) records the
+    cause without setting the flag: the caller lingers (``linger_then_release``) and the
+    flag is set after the peers have read the message. ``(None, "own")`` without a side
+    channel."""
     sc = _ACTIVE
     if sc is None:
         return None, "own"
@@ -88,16 +100,17 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
 
     def settle():
         store = sc._store()
+        put = sc.set_abort_with if release else (lambda st, c: sc.record_cause(c, st))
         if echo:
             c = sc.wait_cause(grace, store)
             if c is not None:
                 box.append((c, "echo"))
                 return
             m = dict(mine, detail="echo: " + mine["detail"])
-            c = sc.set_abort_with(store, m)
+            c = put(store, m)
             box.append((c, "echo" if c != m else "own"))
             return
-        c = sc.set_abort_with(store, mine)
+        c = put(store, mine)
         box.append((c, "own" if c == mine else "abort_flag"))
 
     t = threading.Thread(target=settle, daemon=True)
@@ -126,6 +139,8 @@ class SideChannel:
         self._local = threading.local()
         p = f"lockstep/{run_id}/"
         self.k_abort = p + "abort"
+        self.k_cause = p + "cause"
+        self.k_exit = [f"{p}exit/{r}" for r in range(world_size)]
         self.k_hb = [f"{p}hb/{r}" for r in range(world_size)]
         self.k_clean = [f"{p}clean/{r}" for r in range(world_size)]
         self.k_role = [f"{p}role/{r}" for r in range(world_size)]
@@ -171,11 +186,54 @@ class SideChannel:
         return self.set_abort_with(self._store(), cause)
 
     def set_abort_with(self, store, cause: dict) -> dict:
-        """``set_abort`` through an explicit client (the watchdog uses its own)."""
-        return R.decode(store.compare_set(self.k_abort, "", R.encode(cause)))
+        """``set_abort`` through an explicit client (the watchdog uses its own): the root
+        cause (first in ``cause``) is copied into the flag, so the flag names it."""
+        return set_first_cause(store, self.k_cause, self.k_abort, cause)
+
+    def record_cause(self, cause: dict, store=None) -> dict:
+        """First-cause-wins on ``cause`` only: names the root cause without releasing
+        anyone (the flag stays clear). Returns the cause in force."""
+        return R.decode((store or self._store()).compare_set(self.k_cause, "",
+                                                             R.encode(cause)))
+
+    def mark_exit(self, store=None) -> None:
+        """This rank is in its exit path: it will read nothing more."""
+        (store or self._store()).set(self.k_exit[self.rank], "1")
+
+    def linger_then_release(self, limit_s: float, store=None) -> list[int]:
+        """After a terminal message: keep this process (and its gloo pairs) alive until
+        every peer has an exit or clean mark, the flag is set by someone else, or
+        ``limit_s``; beat meanwhile (the watchdog is stopped, and a silent beat would make
+        a peer name this rank as the cause); then copy the root cause into the flag (it
+        releases only peers still blocked elsewhere). Returns the peers that had no mark.
+        Why: a gloo send completes before the peer has read it, and a process that exits
+        closes its pairs, so the peer's receive of the message fails with a reset."""
+        store = store or self._store()
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        end, beat = time.monotonic() + limit_s, 0.0
+        while True:
+            vals = store.multi_get([self.k_abort] + [self.k_exit[r] for r in peers])
+            missing = [r for r, v in zip(peers, vals[1:])
+                       if not v and not store.check([self.k_clean[r]])]
+            now = time.monotonic()
+            if not missing or vals[0] or now >= end:
+                break
+            if now - beat >= 0.05:
+                store.add(self.k_hb[self.rank], 1)
+                beat = now
+            time.sleep(0.005)
+        first = _text(store.get(self.k_cause))
+        if first:
+            store.compare_set(self.k_abort, "", first)
+        return missing
 
     def abort_cause(self, store=None) -> dict | None:
         return R.decode((store or self._store()).get(self.k_abort))
+
+    def root_cause(self, store=None) -> dict | None:
+        """The root cause, released (flag) or only recorded (``cause``)."""
+        vals = (store or self._store()).multi_get([self.k_abort, self.k_cause])
+        return R.decode(vals[0] or vals[1])
 
     def wait_cause(self, grace_s: float, store=None) -> dict | None:
         """Poll the flag for up to ``grace_s``; the cause, or None if it stayed clear. Beats
@@ -184,7 +242,7 @@ class SideChannel:
         store = store or self._store()
         end, beat = time.monotonic() + grace_s, 0.0
         while True:
-            c = self.abort_cause(store)
+            c = self.root_cause(store)
             now = time.monotonic()
             if c is not None or now >= end:
                 return c
@@ -206,18 +264,32 @@ class SideChannel:
         that exits cleanly waits for it: its connections (and under the env:// fallback its
         store) must outlive the peers' last reads."""
         ranks = [r for r in range(self.world_size) if r != self.rank] if ranks is None else ranks
+        # (an exit mark counts too: that peer reads nothing more)
         s, end = self._store(), time.monotonic() + timeout
         while True:
-            missing = [r for r in ranks if not s.check([self.k_clean[r]])]
+            missing = [r for r in ranks if not s.check([self.k_clean[r]])
+                       and not s.check([self.k_exit[r]])]
             if not missing or self.abort_cause() or time.monotonic() >= end:
                 return missing
             time.sleep(0.01)
+
+
+def _text(raw) -> str:
+    return raw.decode() if isinstance(raw, (bytes, bytearray)) else (raw or "")
+
+
+def set_first_cause(store, k_cause: str, k_abort: str, cause: dict) -> dict:
+    """First-cause-wins on ``cause``, then the winner into the flag ``abort`` (which
+    releases every watchdog). Returns the root cause in force."""
+    first = _text(store.compare_set(k_cause, "", R.encode(cause)))
+    return R.decode(store.compare_set(k_abort, "", first))
 
 
 def init_keys(store, run_id: str, world_size: int) -> None:
     """Create the flag and heartbeat keys if missing (idempotent: any order of callers)."""
     p = f"lockstep/{run_id}/"
     store.compare_set(p + "abort", "", "")
+    store.compare_set(p + "cause", "", "")
     for r in range(world_size):
         store.add(f"{p}hb/{r}", 0)
 
@@ -343,6 +415,10 @@ class Watchdog(threading.Thread):
             return
         self.cause, self.via = cause, via
         self._reason = R.text(cause)
+        try:
+            self.side.mark_exit(self._client)
+        except Exception:  # noqa: BLE001 - a mark is a courtesy to peers; exiting is not
+            pass
         if self.exit_code is not None:
             killer = threading.Timer(self.release_grace_s, os._exit, args=(self.exit_code,))
             killer.daemon = True

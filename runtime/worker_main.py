@@ -187,6 +187,11 @@ def error_exit(e: BaseException, reason: str) -> None:
         from lockstep.model import release as R
         from lockstep.runtime import sidechannel
         kind, echo = classify(e)
+        if sidechannel._ACTIVE is not None:
+            try:
+                sidechannel._ACTIVE.mark_exit()
+            except Exception:  # noqa: BLE001
+                pass
         mine = R.cause(kind, _RANK if _RANK is not None else -1, _ROLE, reason,
                        **R.ids_from_ctx(reason))
         cause, via = sidechannel.abort_active(mine, echo=echo)
