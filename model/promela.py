@@ -1371,7 +1371,7 @@ FINGERPRINTS: dict = {
     'semantics.Model._compile': '18b412d84a',
     'semantics.Model._rendezvous': '47e6ba3379',
     'semantics.Model._start_pcs': '107462b654',
-    'semantics.Model.enabled': '6dcf60bf9a',
+    'semantics.Model.enabled': '1c61f2121c',
     'semantics.Model.initial_state': '3aec8803a7',
     'semantics.Model.posted': 'e651e607c2',
     'semantics.Model.step': '54d4914db8',

@@ -168,18 +168,8 @@ class Model:
             if any(pr.status == LIVE for pr in s.procs):
                 return [Tr("abort", (), None, s.abort)]
             return []
-        out, sends, recvs, colls = [], [], [], {}
         procs = s.procs
-        posted = self.posted
-        for p, pr in enumerate(procs):
-            if pr.status != LIVE:
-                continue
-            hit = posted(p, pr)
-            out += hit[0]
-            sends += hit[1]
-            recvs += hit[2]
-            for grp, entry in hit[3]:
-                colls.setdefault(grp, []).append(entry)
+        out, sends, recvs, colls = self._gather(procs, None)
         if sends or recvs:
             if cfg.p2p == "rendezvous":
                 self._rendezvous(s, sends, recvs, out)
@@ -407,6 +397,23 @@ class Model:
         return Proc(pr.status, _set(pr.pcs, t, row.dst), v, pr.reason), ""
 
     # ------------------------------------------------------------------ replay index
+    def _gather(self, procs, local_of):
+        """What every live process offers: local/exit transitions (of the processes in
+        `local_of` only, all when None), sends, receives and collective entries by group."""
+        out, sends, recvs, colls = [], [], [], {}
+        posted = self.posted
+        for p, pr in enumerate(procs):
+            if pr.status != LIVE:
+                continue
+            hit = posted(p, pr)
+            if local_of is None or p in local_of:
+                out += hit[0]
+            sends += hit[1]
+            recvs += hit[2]
+            for grp, entry in hit[3]:
+                colls.setdefault(grp, []).append(entry)
+        return out, sends, recvs, colls
+
     def enabled_of(self, s: State, procs) -> dict:
         """The transitions of `enabled(s)` in which a process of `procs` takes part,
         keyed by (process, thread, row label) of each of its participants in `procs`
@@ -422,18 +429,7 @@ class Model:
         if s.abort:
             return {}
         want = set(procs)
-        out, sends, recvs, colls = [], [], [], {}
-        posted = self.posted
-        for p, pr in enumerate(s.procs):
-            if pr.status != LIVE:
-                continue
-            hit = posted(p, pr)
-            if p in want:
-                out += hit[0]
-            sends += hit[1]
-            recvs += hit[2]
-            for grp, entry in hit[3]:
-                colls.setdefault(grp, []).append(entry)
+        out, sends, recvs, colls = self._gather(s.procs, want)
         if sends or recvs:
             if self.cfg.p2p == "rendezvous":
                 mine = [e for e in sends
