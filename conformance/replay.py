@@ -344,6 +344,9 @@ class Replayer:
                                          + self._chain(e)())
         procs = tuple(sorted({e.rank for e in evs}.union(unw)))
         cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+        while not cands and unw and self._unwritten_route(unw, s):
+            s = self.s              # an ended rank took a routing step (UNWRITTEN)
+            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
         if not cands:
             return WAIT, lambda: self._why_not(ev, s)
         byk = {(e.rank, e.t): e for e in evs}
@@ -367,6 +370,22 @@ class Replayer:
         if near is not None:
             return BAD, near
         return WAIT, lambda: self._why_not(ev, s)
+
+    def _unwritten_route(self, unw, s) -> bool:
+        """UNWRITTEN: an ended rank's unwritten routing step toward the part its peers
+        recorded: its only enabled row, local, with no effect, choice or tag."""
+        for q in unw:
+            trs = [tr for trs in self.m.enabled_of(s, (q,)).values() for tr in trs]
+            if len(trs) != 1 or trs[0].kind != "local":
+                continue
+            (p, t, row), = trs[0].parts
+            if row.effect or row.choice or row.tags:
+                continue
+            self._step_env(trs[0])
+            self.res.notes.append(f"{self.m.names[q]}: its {row.label} was never written "
+                                  f"(UNWRITTEN: a routing step after its last line)")
+            return True
+        return False
 
     def _chain(self, ev):
         """The recorded src must continue the thread's previous recorded dst."""

@@ -119,5 +119,9 @@ participants wrote theirs: a rendezvous send or receive, a collective (every mem
 a model collective takes part), or in buffered mode a send whose receive the peer wrote.
 Conformance replays such a transition with the ended rank's part being the row the
 model enables for it at that state; the written parts must match their lines exactly.
+On the way to that part the ended rank may also have taken routing steps it never wrote:
+a local row with no effect, no choice and no tag that is the only row it has enabled
+(e.g. the leader's `expect_payload` between an envelope's header and its payload).
 Nothing else is unwritten: a rank that wrote its exit step wrote every line before it,
-and no local step, exit or communication no other rank recorded is ever assumed."""
+and no other local step, no exit and no communication no other rank recorded is ever
+assumed."""
