@@ -29,7 +29,6 @@ class Mutation:
     edit: Callable                # edit(rows: dict, cfg) -> rows
     config: dict = field(default_factory=dict)   # what the mutation needs to show
     targets_one_rank: bool = False
-    no_watchdog: bool = False
 
 
 def _replace(rows, pred, fn, what):
@@ -248,7 +247,7 @@ MUTATIONS = {m.name: m for m in [
              rank0_in_mesh_collective),
     Mutation("no_watchdog", "orphan (kill -9)", "crash_hang",
              "no heartbeat watchdog: a crashed rank leaves its peers blocked",
-             no_watchdog, {"faults": 1, "watchdog": False}, no_watchdog=True),
+             no_watchdog, {"faults": 1, "watchdog": False}),
     Mutation("chunk_index_reset_on_cut", "contract drift", "id_monotonic",
              "a hard cut restarts chunk_index at 0", chunk_index_reset_on_cut,
              {"hard_cut": True, "chunks": 2}),

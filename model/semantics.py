@@ -230,9 +230,8 @@ class Model:
         return self._watchdog
 
     def _watchdog_enabled(self) -> bool:
-        from .mutations import MUTATIONS
-        mut = MUTATIONS.get(self.cfg.mutation)
-        return self.cfg.watchdog and not (mut and mut.no_watchdog)
+        # The no_watchdog mutation switches it off through its config (watchdog=False).
+        return self.cfg.watchdog
 
     def _rendezvous(self, s, sends, recvs, out):
         cfg = self.cfg
