@@ -219,7 +219,7 @@ def cmd_cut(a) -> int:
 
 
 def cmd_breakit(a) -> int:
-    from lockstep.runtime.breakit import breakit, cases, format_table
+    from lockstep.breakit import breakit, cases, format_table
     if a.backend != "gloo":
         print("lockstep breakit: only --backend gloo runs on this machine; the NCCL "
               "variant needs a multi-GPU host (see docs/breakit.md)", file=sys.stderr)

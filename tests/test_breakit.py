@@ -2,7 +2,7 @@
 match its exit signature and every rank must be gone within 1 s of the fault."""
 import pytest
 
-from lockstep.runtime.breakit import cases, run_case
+from lockstep.breakit import cases, run_case
 
 CASES = {c.name: c for c in cases()}
 

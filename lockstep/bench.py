@@ -8,7 +8,7 @@ times only count on a GPU machine).
   overlap              depth 1 against depth 2 with balanced synthetic stages: period
                        against max(stage0, stage1) and their sum, and OverlapScore.
 
-`python -m lockstep.runtime.bench [--chunks N] [--mesh M]` prints both tables.
+`python -m lockstep.bench [--chunks N] [--mesh M]` prints both tables.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from lockstep.model.config import Config
 
-from .launch import dist_env, spawn_local
-from .run import run_local
+from lockstep.runtime.launch import dist_env, spawn_local
+from lockstep.runtime.run import run_local
 
 LATENT = (4, 64)   # the demo workload's latent: frames x hidden, bf16
 
@@ -72,7 +72,7 @@ def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         raw_out = tmp / "raw.json"
-        res = spawn_local(mesh + 1, "lockstep.runtime.bench:raw_rank",
+        res = spawn_local(mesh + 1, "lockstep.bench:raw_rank",
                           {"chunks": chunks, "steps": steps, "out": str(raw_out)},
                           deadline_s=300, run_dir=tmp / "raw")
         if not res.ok:
@@ -106,7 +106,7 @@ def overlap(chunks: int, mesh: int, stage_ms: float) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lockstep.runtime.bench")
+    ap = argparse.ArgumentParser(prog="python -m lockstep.bench")
     ap.add_argument("--chunks", type=int, default=200)
     ap.add_argument("--mesh", type=int, default=3)
     ap.add_argument("--stage-ms", type=float, default=50.0)

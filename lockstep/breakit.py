@@ -18,8 +18,8 @@ from pathlib import Path
 
 from lockstep.model.config import Config
 
-from .launch import kill_rank, spawn_local
-from .run import run_local
+from lockstep.runtime.launch import kill_rank, spawn_local
+from lockstep.runtime.run import run_local
 
 
 @dataclass
@@ -190,7 +190,7 @@ def _conforms(run_dir):
 
 
 def run_baseline(case: Case, out: Path, timeout_s: float = 5.0, deadline_s: float = 30.0):
-    from .baseline import fault_time
+    from lockstep.runtime.baseline import fault_time
     run_dir = out / f"{case.name}.baseline"
     args = {"fault": case.baseline, "at": 2, "chunks": 20, "timeout_s": timeout_s}
     res = spawn_local(case.cfg.world, "lockstep.runtime.baseline:stock_rank", args,
