@@ -17,7 +17,7 @@ Who writes which kind:
   error           a rank's own failure: an error exit from a table row, or an uncaught
                   exception that is not an echo (below)
   table_refused   a rank's table refused an op (TableViolation / WrongGroup / a refused
-                  GuardedComm check, or an ``abort`` exit row)
+                  transport check, or an ``abort`` exit row)
   deadline        a per-op deadline fired in this rank (a live peer that never answered)
   killed          the embedded launcher reaped a rank killed by a signal (kill -9, OOM)
   heartbeat_lost  a watchdog saw a peer's heartbeat stall with no clean-exit mark; names

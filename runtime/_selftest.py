@@ -31,7 +31,8 @@ def _device(rank, args):
 
 def _boot(rank, world, args, check=None):
     import torch  # noqa: F401
-    from lockstep.runtime.groups import GuardedComm, init_world, make_groups
+    from lockstep.runtime.groups import init_world, make_groups
+    from lockstep.runtime.transport import Transport
     from lockstep.runtime.sidechannel import SideChannel, Watchdog
 
     set_role(_role(rank))
@@ -48,8 +49,8 @@ def _boot(rank, world, args, check=None):
                device=dev if dev.type == "cuda" else None)
     groups = make_groups(world, backend, timeout,
                          mesh_backend="nccl" if backend.startswith("cpu:") else None)
-    comm = GuardedComm(groups, rank, check=check, abort_poll=wd.poll,
-                       op_deadline_s=args.get("op_deadline_s", 10.0))
+    comm = Transport(groups, rank, check=check, abort_poll=wd.poll,
+                     op_deadline_s=args.get("op_deadline_s", 10.0))
     return env, sc, wd, groups, comm
 
 
@@ -129,7 +130,7 @@ def check_reject(rank, world, args):
     class TableRefused(RuntimeError):
         pass
 
-    def check(op, group, peer):
+    def check(op, group, peer, row):
         if rank == 1 and group == WORLD and op == "all_reduce":
             raise TableRefused(f"state=PHASE_B allows all_reduce on {MESH} only, "
                                f"asked for {op} on {group}")
@@ -186,6 +187,40 @@ def op_deadline(rank, world, args):
         comm.recv(torch.zeros(1), 0, WORLD, deadline_s=args.get("deadline_s", 0.5))
     else:
         time.sleep(30)
+
+
+def two_in_flight(rank, world, args):
+    """rank0 keeps a receive posted while it sends (the comms thread's pattern); the
+    leader answers only `delay_s` after it has received. rank0's send must complete
+    first, without waiting behind the posted receive, and the completer's threads must be
+    reused round after round (never a thread per op)."""
+    import torch
+    from lockstep.runtime.groups import WORLD
+
+    env, sc, wd, groups, comm = _boot(rank, world, args)
+    delay, rounds = args.get("delay_s", 0.3), args.get("rounds", 3)
+    out = {"rank": rank, "first": [], "send_s": []}
+    t = torch.arange(1 << 16, dtype=torch.int64)
+    for _ in range(rounds):
+        if rank == 0:
+            back = torch.zeros_like(t)
+            ops = [comm.irecv(back, 1, WORLD), None]
+            t0 = time.monotonic()
+            ops[1] = comm.isend(t, 1, WORLD)
+            i, _ = comm.wait_any(ops)
+            out["first"].append(["recv", "send"][i])
+            out["send_s"].append(round(time.monotonic() - t0, 3))
+            ops[i] = None
+            comm.wait_any(ops)
+            out["echoed"] = bool(torch.equal(back, t))
+        elif rank == 1:
+            got = torch.zeros_like(t)
+            comm.recv(got, 0, WORLD)
+            time.sleep(delay)
+            comm.send(got, 0, WORLD)
+    out["completer_threads"] = comm.completer.threads
+    _finish(rank, sc, wd)
+    _result(**out)
 
 
 def bench(rank, world, args):

@@ -31,8 +31,7 @@ from lockstep.model import policy as P
 from lockstep.model.semantics import DEAD_THREAD, Model
 from lockstep.model.tables import FINAL, THREADS
 
-from . import codec, wire
-from .groups import GuardedComm
+from . import codec, transport as T
 from .workload import envelope_fields
 
 
@@ -79,7 +78,7 @@ class RankInterpreter:
         self.outputs = [] if outputs is None else outputs   # rank0: emitted outputs
         self._comms_jobs = [None, None, None, None]
         self._tl = threading.local()
-        self.comm = GuardedComm(groups, p, check=self._table_check, abort_poll=abort_poll,
+        self.comm = T.Transport(groups, p, check=self._table_check, abort_poll=abort_poll,
                                 op_deadline_s=self.deadline)
 
     # ------------------------------------------------------------------ context
@@ -141,7 +140,7 @@ class RankInterpreter:
                 return ok
             reason = self.abort_poll()
             if reason:
-                raise wire.Released(reason)
+                raise T.Released(self.p, f"wait for a row of {pc!r}", "-", None, reason)
             self.cv.wait(0.02)
 
     def _wake(self) -> None:
@@ -297,16 +296,24 @@ class RankInterpreter:
                "wrong_group": _wrong_group, "hard_cut": _cut}
 
     def guarded_all_reduce(self, t, group_name):
-        """The workload's collectives go through runtime.groups.GuardedComm, whose check
-        is the table: a collective on a group the current state's rows do not name is
-        refused before the backend is called (this is how a wrong-group collective
-        becomes a crash instead of a hang)."""
+        """The workload's collectives go through runtime.transport, whose check is the
+        table: a collective on a group the current state's rows do not name is refused
+        before the backend is called (this is how a wrong-group collective becomes a
+        crash instead of a hang)."""
         self.comm.all_reduce(t, group_name)
         return t
 
-    def _table_check(self, op: str, group: str, peer) -> None:
-        """GuardedComm's check for the workload's collectives (Phase B): the calling
-        thread and the collective kind it is inside are set by `_coll`."""
+    def _table_check(self, op: str, group: str, peer, row) -> None:
+        """The transport's check, before every backend call. A control-plane op performs
+        a row the monitor checked when the row was taken (`row`, its table op): the
+        backend op must be that row's. The workload's collectives (Phase B) name no row:
+        they are checked against the rows here, as the calling thread and the collective
+        kind it is inside (set by `_coll`)."""
+        if row is not None:
+            if _backend_op(row, self.m.index) != (op, group, peer):
+                raise TableViolation(f"{self.name}: {op} group={group} peer={peer} is not "
+                                     f"the backend op of its row {op_text(row)}")
+            return
         t, kind = getattr(self._tl, "where", (0, GEN))
         self._monitor(t, Coll(op, group, None, kind))
 
@@ -328,12 +335,8 @@ class RankInterpreter:
     def _peer(self, row) -> int:
         return self.m.index[row.op.peer]
 
-    def _pollkw(self, what):
-        if what.startswith(("send", "recv", "comms")):
-            self.last_group = "world_pg(p2p)"
-        # the label is only formatted if the op fails: it is off the per-chunk path
-        return {"abort_poll": self.abort_poll, "deadline_s": self.deadline,
-                "what": lambda: f"{self.ctx()} {what}"}
+    def _p2p(self) -> None:
+        self.last_group = "world_pg(p2p)"
 
     def _send_job(self, row, msg):
         dst = self._peer(row)
@@ -342,15 +345,15 @@ class RankInterpreter:
                 else self._terminal_frames(msg)
             if msg.action != C.Action.INFER:
                 self.env_frames[msg.call_id] = frames
-            parts = [frames.header]
+            part = frames.header
         elif row.op.kind == ENV_PAY:
-            parts = [codec.pack_payload(self.env_frames[msg.call_id])]
+            part = codec.pack_payload(self.env_frames[msg.call_id])
         elif row.op.kind == RES_HDR:
             self.result_frames = self._result_frames(msg)   # result preflight
-            parts = [self.result_frames.header]
+            part = self.result_frames.header
         else:
-            parts = [codec.pack_payload(self.result_frames)]
-        return wire.send_parts(parts, dst)
+            part = codec.pack_payload(self.result_frames)
+        return T.send_frame(self.comm, part, dst, WORLD, row=row.op)
 
     def _after_send(self, row, msg):
         if row.op.kind == ENV_HDR:
@@ -363,7 +366,8 @@ class RankInterpreter:
         with self.cv:
             msg = row.make(self.v, self.cfg)
         self._monitor(t, row.op)
-        wire.run_one(self._send_job(row, msg), **self._pollkw(op_text(row.op)))
+        self._p2p()
+        self.comm.wait(self._send_job(row, msg))
         self._after_send(row, msg)
         with self.cv:
             self._apply(t, row, msg, t0, peer=row.op.peer, chan_i=self._next_chan("send"))
@@ -377,17 +381,18 @@ class RankInterpreter:
         src = self._peer(rows[0])
         kind = rows[0].op.kinds[0]
         if kind in (ENV_HDR, RES_HDR):
-            return self._hdr_then_msg(src, "envelope" if kind == ENV_HDR else "result")
-        return self._payload_then_msg(src, kind)
+            return T.recv_header(self.comm, src, WORLD,
+                                 "envelope" if kind == ENV_HDR else "result",
+                                 row=rows[0].op, then=self._header_msg)
+        h = self._hdr
+        return T.recv_payload(self.comm, h, src, WORLD, row=rows[0].op,
+                              then=lambda parts: self._payload_msg(kind, h, *parts))
 
-    def _hdr_then_msg(self, src, expect):
-        h = yield from wire.recv_header(src, expect)
+    def _header_msg(self, h):
         self._hdr = h
         return codec.header_msg(h)
 
-    def _payload_then_msg(self, src, kind):
-        h = self._hdr
-        meta, manifest, tensors = yield from wire.recv_payload(h, src)
+    def _payload_msg(self, kind, h, meta, manifest, tensors):
         # The contract validator's verdict is the message's `valid`: the model's guards
         # (envelope_valid / envelope_invalid, head_current / head_rejected) choose the row.
         if kind == ENV_PAY:
@@ -416,7 +421,8 @@ class RankInterpreter:
     def _recv(self, t, rows):
         t0 = time.monotonic_ns()
         self._monitor(t, rows[0].op)
-        msg = wire.run_one(self._recv_job(rows), **self._pollkw(op_text(rows[0].op)))
+        self._p2p()
+        msg = self.comm.wait(self._recv_job(rows))
         with self.cv:
             row = self._pick_accepting(rows, msg)
             self._apply(t, row, msg, t0, peer=row.op.peer, chan_i=self._next_chan("recv"))
@@ -435,7 +441,8 @@ class RankInterpreter:
             if recvs and js[1] is None:
                 self._monitor(t, recvs[0].op)
                 js[1], js[3] = self._recv_job(recvs), recvs
-        i, value = wire.poll([js[0], js[1]], **self._pollkw("comms"))
+        self._p2p()
+        i, value = self.comm.wait_any([js[0], js[1]])
         # The other side may have moved while this op was in flight (the control state
         # is a pair), so the row is looked up again in the current state (same op and
         # functions, `_side`).
@@ -465,9 +472,6 @@ class RankInterpreter:
         return self._pick_accepting(now, msg) if isinstance(now[0].op, Recv) else now[0]
 
     # ------------------------------------------------------------------ collectives
-    def _pg(self, name):
-        return self.groups.world_pg if name == WORLD else self.groups.mesh_pg
-
     def _members(self, name):
         return self.m.members[name]
 
@@ -480,18 +484,16 @@ class RankInterpreter:
             raise TableViolation(f"{self.name} is not a member of {op.group}")
         t0 = time.monotonic_ns()
         self.last_group = op.group
-        pg = self._pg(op.group)
         self._tl.where = (t, op.kind)     # the workload's collectives are checked as this
-        if op.kind not in (GEN, COND):    # those go through GuardedComm -> _table_check
+        if op.kind not in (GEN, COND):    # those are checked per call (_table_check)
             self._monitor(t, op)
-        kw = self._pollkw(f"{op_text(op)} seq {self.gseq[op.group]}")
         meas = None
         if op.kind == PARITY:
             with self.cv:
                 key = int(rows[0].make(self.v, self.cfg))
             names, digests = self._parity_vector(key)
-            got = wire.run_one(wire.all_gather_ints([key] + digests, pg,
-                                                    len(self._members(op.group))), **kw)
+            got = self.comm.wait(T.all_gather_ints(self.comm, [key] + digests, op.group,
+                                                   row=op))
             value = tuple(bool(row[0]) for row in got)
             decide = tuple(got)
             meas = {"parity_keys": names, "digests": [list(row[1:]) for row in got]}
@@ -501,15 +503,14 @@ class RankInterpreter:
             with self.cv:
                 planned = int(rows[0].make(self.v, self.cfg))
             self.t_b_start = time.monotonic()
-            got = wire.run_one(wire.all_gather_ints([planned], pg,
-                                                    len(self._members(op.group))), **kw)
+            got = self.comm.wait(T.all_gather_ints(self.comm, [planned], op.group, row=op))
             value = decide = tuple(x[0] for x in got)
             if len(set(value)) > 1:   # name the odd rank: the exit line's root cause
                 common = max(set(value), key=value.count)
                 odd = [m for m, x in zip(self._members(op.group), value) if x != common]
                 self.detail = f"calls {list(value)}: differs on ranks {odd}"
         elif op.kind in (ENV_HDR, ENV_PAY):
-            value = decide = self._bcast(rows, op, pg, kw)
+            value = decide = self._bcast(rows, op)
         elif op.kind == GEN:
             with self.cv:
                 idx = self.v.calls_done
@@ -542,9 +543,8 @@ class RankInterpreter:
                                   .digest()[:7], "little") for k in names]
         return names, digests
 
-    def _bcast(self, rows, op, pg, kw):
-        root_global = self._members(op.group)[op.root]
-        is_root = root_global == self.p
+    def _bcast(self, rows, op):
+        is_root = self._members(op.group)[op.root] == self.p
         if op.kind == ENV_HDR:
             frames = None
             if is_root:
@@ -552,13 +552,12 @@ class RankInterpreter:
                     env = rows[0].make(self.v, self.cfg)
                 frames = self._mesh_frames(env)
                 self._bframes = frames
-            h = wire.run_one(wire.bcast_header(frames, root_global, pg, "envelope"), **kw)
-            self._hdr = h
-            return codec.header_msg(h)
+            return self.comm.wait(T.bcast_header(self.comm, frames, op.group, op.root,
+                                                 "envelope", row=op, then=self._header_msg))
         frames = self._bframes if is_root else None
         h = self._hdr
-        meta, manifest, tensors = wire.run_one(
-            wire.bcast_payload(frames, h, root_global, pg), **kw)
+        meta, manifest, tensors = self.comm.wait(
+            T.bcast_payload(self.comm, frames, h, op.group, op.root, row=op))
         m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
         self.cur = (m.meta, m.tensors)
         return m.msg
@@ -619,6 +618,16 @@ def _side(row) -> tuple:
     """What identifies a comms-thread row across the pair states it appears in: its op
     and its functions (the pair state is src/dst only)."""
     return (row.op, row.guard, row.accept, row.update, row.make)
+
+
+def _backend_op(row_op, index) -> tuple:
+    """(op, group, peer or root as a group rank) of the one backend op a control-plane
+    row performs, as the transport names it."""
+    if isinstance(row_op, Send):
+        return ("send", WORLD, index[row_op.peer])
+    if isinstance(row_op, Recv):
+        return ("recv", WORLD, index[row_op.peer])
+    return (row_op.op, row_op.group, row_op.root)
 
 
 def _allows(row_op, op) -> bool:

@@ -122,9 +122,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         outputs.close()
     if errors:
         e = errors[0]
-        from .groups import CommAborted
-        from .wire import Released
-        if isinstance(e, (Released, CommAborted)):
+        from .transport import Released
+        if isinstance(e, Released):
             if claim_exit():    # else the watchdog is writing the line and exiting
                 _mark_exit(side)
                 on_release(wd.cause or side.abort_cause() or

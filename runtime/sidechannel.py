@@ -317,7 +317,7 @@ class Watchdog(threading.Thread):
     launcher itself died, which PR_SET_PDEATHSIG turns into a kill of every rank).
 
     ``poll()`` returns the release reason text once decided (cheap, local): pass it as
-    ``GuardedComm(abort_poll=...)``; ``cause`` holds the structured cause. ``exit_code=None``
+    ``Transport(abort_poll=...)``; ``cause`` holds the structured cause. ``exit_code=None``
     disables the ``os._exit`` (tests, or an NCCL runtime that prefers an in-process abort);
     ``on_release`` still runs. A ``release_grace_s`` timer forces the exit if
     ``on_release`` itself blocks. Only the first of the process's exit paths writes a line

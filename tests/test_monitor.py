@@ -39,6 +39,24 @@ def test_workload_collectives_on_the_wrong_group_are_refused_before_the_backend(
     with pytest.raises(WrongGroup, match=r"all_reduce\(world_pg, gen\) refused in state "
                        r"'gen'; its rows allow \['all_reduce\(mesh_pg, gen\)'"):
         w.guarded_all_reduce(torch.zeros(1), WORLD)
-    w._table_check("all_reduce", MESH, None)                     # the row's group: fine
+    w._table_check("all_reduce", MESH, None, None)               # the row's group: fine
     with pytest.raises(WrongGroup):                               # right group, wrong kind
         w._monitor(0, Coll("all_gather", MESH, None, COUNTS))
+
+
+def test_a_control_plane_backend_op_must_be_the_op_of_its_row():
+    """A row the monitor allowed performs exactly one backend op, and the transport's
+    check confirms it is that row's (op, group, peer or root as a group rank)."""
+    r0 = _interp(0)
+    send = Send("leader", ENV_HDR)
+    r0._table_check("send", WORLD, 1, send)
+    with pytest.raises(TableViolation, match=r"send group=world_pg peer=2 is not the "
+                       r"backend op of its row send\(leader, env_hdr\)"):
+        r0._table_check("send", WORLD, 2, send)                   # another peer
+    with pytest.raises(TableViolation):
+        r0._table_check("recv", WORLD, 1, send)                   # another op
+    lead = _interp(1)
+    bcast = Coll("broadcast", MESH, 0, ENV_HDR)
+    lead._table_check("broadcast", MESH, 0, bcast)
+    with pytest.raises(TableViolation):                           # root as a global rank
+        lead._table_check("broadcast", MESH, 1, bcast)

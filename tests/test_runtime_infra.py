@@ -1,4 +1,4 @@
-"""Runtime infrastructure: launcher, side channel + watchdog, groups + GuardedComm.
+"""Runtime infrastructure: launcher, side channel + watchdog, groups + the transport.
 
 Every multi-process test runs under ``spawn_local``/``start_local`` with a hard deadline
 well under 60 s, on 127.0.0.1 only, and kills its children; no test waits on a torch
@@ -130,6 +130,18 @@ def test_non_member_collective_raises(basic_run):
     assert msg.startswith("GroupMembershipError:") and "mesh_pg" in msg
 
 
+def test_a_send_completes_while_a_receive_stays_posted(tmp_path):
+    """The comms thread's pattern: whichever op finishes first is taken (no head-of-line
+    blocking behind the posted receive), and the completer reuses its threads."""
+    res = spawn_local(2, "lockstep.runtime._selftest:two_in_flight",
+                      {"delay_s": 0.3, "rounds": 3}, deadline_s=DEADLINE_S, run_dir=tmp_path)
+    assert res.ok, res.summary()
+    r = _results(res)[0]
+    assert r["first"] == ["send"] * 3, r
+    assert all(s < 0.25 for s in r["send_s"]), r     # not held until the answer at 0.3 s
+    assert r["echoed"] and r["completer_threads"] == 2, r
+
+
 # --------------------------------------------------------------------------- crash > hang
 
 def test_check_rejection_raises_before_backend_and_releases_peers(tmp_path):
@@ -186,7 +198,7 @@ def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
     assert not res.deadline_hit, res.summary()
     line = _one_reason_line(res, 1)
     assert res.ranks[1].returncode == EXIT_ERROR
-    assert "OpDeadline: recv group=world_pg peer=0 made no progress" in line, line
+    assert "OpDeadline: rank 1: recv group=world_pg peer=0 made no progress" in line, line
     assert " exit=error via=own root=1/leader/deadline " in line, line
     assert res.ranks[0].returncode == EXIT_RELEASED
     line0 = _one_reason_line(res, 0)

@@ -1,0 +1,440 @@
+"""The one transport of a rank: every op, control plane and workload, checked, bounded,
+completed without a thread per op, failing with one error type per cause.
+
+Groups are named as in the model (``"world_pg"``, ``"mesh_pg"``, ``"pp_pg"``, see
+runtime/groups.py) and every peer / root is a rank IN THE NAMED GROUP (for world_pg that
+is the global rank), passed to torch as ``group_dst`` / ``group_src``, never mixed with
+global ranks. Error messages name both when they differ.
+
+Each op, before the backend is called:
+1. *The table's check* (``check(op, group, peer, row)``, supplied by the interpreter):
+   raises if the current rows do not allow it, so a wrong-group collective never reaches
+   gloo/NCCL and cannot hang. ``row`` is the table op a control-plane row performs (its
+   row was checked by the interpreter's monitor; the check confirms the backend op is that
+   row's op), None for the workload's collectives (checked against the rows here).
+2. *Membership*: stock torch only warns and returns None for a non-member; here
+   ``GroupMembershipError``.
+3. *The abort flag*: no op starts after a release.
+
+Completion (an op is issued async and returned as an ``Op``; ``wait`` / ``wait_any``
+complete it). What may release a blocked call decides how (FACTS.md):
+- *One op in flight in the calling thread, CPU tensors (gloo)*: ``work.wait(timeout)``
+  directly in that thread: the cheapest possible completion (no hand-off). A gloo p2p work
+  never reports ``is_completed()`` until ``wait()`` is called (measured, torch 2.13), and
+  nothing called from another thread releases a blocked gloo call; what releases it is a
+  peer's exit (the pair closes: ``CommFailed`` within ~20 ms), the deadline (gloo closes the
+  pair: ``OpDeadline``), or the watchdog's ``os._exit`` on the abort flag.
+- *Several ops in flight in one thread* (rank0's comms thread keeps a receive posted while
+  it sends): each gloo work goes to a persistent completer thread of this rank that calls
+  ``wait()`` and posts the op to the submitting thread's completion queue; the caller waits
+  on that queue (woken at once by the completion, or every ``slice_s`` to check the abort
+  flag and the deadline) and takes whichever op finishes first. The completer grows a
+  thread only while every thread it has is blocked in a wait, so it never queues a work
+  behind another (head-of-line blocking: one serial waiter blocked on the receive would
+  hide the send's completion and deadlock a rendezvous send), and its threads are reused
+  op after op: at most as many as ops ever in flight at once (two on rank0).
+- *CUDA tensors (NCCL)*: ``work.wait()`` only orders the stream, so completion is polled
+  with ``is_completed()`` (a 50 us spin, then a sleep doubling from 20 us to 1 ms), checking
+  the abort flag and the deadline: on NCCL an in-process abort does release, so
+  ``Released`` is raised here; a CPU sync per op is the price of a bounded wait.
+
+Errors, all ``CommError`` (one line each): ``Released`` (the abort flag), ``OpDeadline``
+(no completion within the deadline), ``CommFailed`` (the backend raised, e.g. gloo
+"Connection closed by peer"); a call on a group the rank is not in raises
+``groups.GroupMembershipError`` (an addressing error, like a bad group rank). After a ``Released`` or an
+``OpDeadline`` the op is abandoned (its completer thread may stay blocked: the process is
+about to exit) and every later op refuses: gloo pairs are not reusable after an abandoned
+or timed-out op.
+
+Rejected: a daemon thread parked per op (what runtime/wire.py did: a thread start per
+frame, plus a 0.2 ms polling loop while two were in flight); one serial completer per rank
+(head-of-line blocking, above); ``get_future()`` callbacks (not implemented for gloo
+send/recv works); polling ``is_completed()`` on gloo p2p (never true before ``wait()``).
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import codec
+from .groups import GroupMembershipError, Groups
+from .worker_main import one_line
+
+
+# --------------------------------------------------------------------------- errors
+
+class Peer(int):
+    """A group rank that also knows its global rank, so messages name both."""
+
+    def __new__(cls, group_rank: int, global_rank: int):
+        obj = super().__new__(cls, group_rank)
+        obj.global_rank = global_rank
+        return obj
+
+
+def _fmt(peer) -> str:
+    if isinstance(peer, Peer) and int(peer) != peer.global_rank:
+        return f"{int(peer)}(global {peer.global_rank})"
+    return "-" if peer is None else str(int(peer))
+
+
+class CommError(RuntimeError):
+    """Base of the transport's failures; ``str(e)`` is one line naming rank, op, group
+    and peer."""
+
+    def __init__(self, rank: int, op: str, group: str, peer, what: str):
+        self.rank, self.op, self.group, self.peer = rank, op, group, peer
+        super().__init__(one_line(f"rank {rank}: {op} group={group} peer={_fmt(peer)} {what}",
+                                  300))
+
+
+class Released(CommError):
+    """The abort flag released this rank while (or before) the op was in flight."""
+
+    def __init__(self, rank, op, group, peer, reason: str):
+        self.reason = reason
+        super().__init__(rank, op, group, peer, f"released: {reason}")
+
+
+class OpDeadline(CommError):
+    def __init__(self, rank, op, group, peer, waited_s: float, deadline_s: float):
+        self.waited_s, self.deadline_s = waited_s, deadline_s
+        super().__init__(rank, op, group, peer, f"made no progress for {waited_s:.3f}s "
+                                                f"(deadline {deadline_s:g}s)")
+
+
+def _backend_msg(err: BaseException) -> str:
+    """gloo messages carry a source path and advice; keep the fact."""
+    m = re.sub(r"\[/[^\]]*\]\s*", "", str(err))
+    return m.split(". This is typically")[0]
+
+
+class CommFailed(CommError):
+    """The backend itself raised (e.g. gloo "Connection closed by peer")."""
+
+    def __init__(self, rank, op, group, peer, err: BaseException):
+        super().__init__(rank, op, group, peer,
+                         f"backend error: {type(err).__name__}: {_backend_msg(err)}")
+
+
+# --------------------------------------------------------------------------- ops in flight
+
+class Op:
+    """A backend work in flight (or, with ``work=None``, an op with nothing to move).
+    ``then()`` turns the completed buffers into the op's value, in the waiting thread."""
+
+    __slots__ = ("work", "op", "group", "peer", "cuda", "then", "submitted", "done",
+                 "error")
+
+    def __init__(self, work, op: str, group: str, peer, cuda: bool, then=None):
+        self.work, self.op, self.group, self.peer, self.cuda = work, op, group, peer, cuda
+        self.then = then
+        self.submitted = False          # handed to the completer
+        self.done = work is None        # the work has completed (error or not)
+        self.error: BaseException | None = None
+
+    def value(self):
+        return self.then() if self.then is not None else None
+
+
+class _Completer:
+    """Persistent waiter threads of one rank: each takes an op, calls ``work.wait()``
+    (GIL released) and posts the op to the queue of the thread that submitted it. A
+    thread is started only when none is idle, so no work waits behind another."""
+
+    def __init__(self, rank: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.threads = 0
+        self._rank = rank
+
+    def submit(self, op: Op, reply: queue.SimpleQueue) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1         # reserved for this job
+            else:
+                self.threads += 1
+                threading.Thread(target=self._run, daemon=True,
+                                 name=f"lockstep-completer-{self._rank}-{self.threads}"
+                                 ).start()
+        op.submitted = True
+        self._jobs.put((op, reply))
+
+    def _run(self) -> None:
+        while True:
+            op, reply = self._jobs.get()
+            try:
+                op.work.wait()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the waiting thread
+                op.error = e
+            op.done = True
+            with self._lock:    # idle before the caller hears: its next op reuses us
+                self._idle += 1
+            reply.put(op)
+
+
+CheckFn = Callable[[str, str, object, object], None]
+AbortPollFn = Callable[[], "str | None"]
+
+_ALL_GATHER_INTO = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Transport:
+    """Every op of one rank. ``check(op, group, peer, row)`` refuses an op (called first);
+    ``abort_poll()`` returns a release reason (or None); ``op_deadline_s`` bounds every
+    wait unless a call passes ``deadline_s``. ``seq[group]`` counts ops issued per group.
+    """
+
+    def __init__(self, groups: Groups, rank: int, check: CheckFn | None = None,
+                 abort_poll: AbortPollFn | None = None, op_deadline_s: float = 10.0, *,
+                 slice_s: float = 0.05, poll_min_s: float = 20e-6, poll_max_s: float = 1e-3,
+                 spin_s: float = 50e-6):
+        self.groups, self.rank = groups, rank
+        self.check = check or (lambda op, group, peer, row: None)
+        self.abort_poll = abort_poll or (lambda: None)
+        self.op_deadline_s = op_deadline_s
+        self.slice_s, self.spin_s = slice_s, spin_s
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        self.seq: dict[str, int] = {}
+        self.completer = _Completer(rank)
+        self._replies = threading.local()
+        self._abandoned: str | None = None
+
+    # -- issuing -------------------------------------------------------------------------
+    def _enter(self, op: str, group: str, peer, row):
+        if self._abandoned:
+            raise CommError(self.rank, op, group, peer, f"refused: an earlier op was "
+                            f"abandoned ({self._abandoned}); exit the process")
+        self.check(op, group, peer, row)                  # the table says no -> raise
+        reason = self.abort_poll()
+        if reason:                                        # never start an op after abort
+            raise Released(self.rank, op, group, peer, reason)
+        if not self.groups.is_member(group, self.rank):   # stock torch: warn + None
+            raise GroupMembershipError(
+                f"{op} on {group}: rank {self.rank} is not a member "
+                f"{list(self.groups.members.get(group, ()))}")
+        if peer is not None:                              # group-rank range check
+            peer = Peer(peer, self.groups.global_rank(group, peer))
+        self.seq[group] = self.seq.get(group, 0) + 1
+        return self.groups.pg(group), peer
+
+    def _issue(self, op, group, peer, tensor, start, then):
+        try:
+            work = start()
+        except Exception as e:  # noqa: BLE001
+            raise CommFailed(self.rank, op, group, peer, e) from e
+        if work is None:
+            raise GroupMembershipError(f"{op} on {group}: backend returned no work "
+                                       f"(rank {self.rank} not in the group?)")
+        return Op(work, op, group, peer, tensor.device.type == "cuda", then)
+
+    def isend(self, tensor: torch.Tensor, dst: int, group: str, *, row=None, then=None) -> Op:
+        pg, p = self._enter("send", group, dst, row)
+        return self._issue("send", group, p, tensor,
+                           lambda: dist.isend(tensor, group=pg, group_dst=int(p)), then)
+
+    def irecv(self, tensor: torch.Tensor, src: int, group: str, *, row=None, then=None) -> Op:
+        pg, p = self._enter("recv", group, src, row)
+        return self._issue("recv", group, p, tensor,
+                           lambda: dist.irecv(tensor, group=pg, group_src=int(p)), then)
+
+    def ibroadcast(self, tensor: torch.Tensor, group: str, root: int, *, row=None,
+                   then=None) -> Op:
+        pg, p = self._enter("broadcast", group, root, row)
+        return self._issue("broadcast", group, p, tensor, lambda: dist.broadcast(
+            tensor, group=pg, group_src=int(p), async_op=True), then)
+
+    def iall_reduce(self, tensor: torch.Tensor, group: str, op=dist.ReduceOp.SUM, *,
+                    row=None) -> Op:
+        pg, _ = self._enter("all_reduce", group, None, row)
+        return self._issue("all_reduce", group, None, tensor, lambda: dist.all_reduce(
+            tensor, op=op, group=pg, async_op=True), None)
+
+    def iall_gather(self, out, tensor: torch.Tensor, group: str, *, row=None,
+                    then=None) -> Op:
+        """``out``: a list of group-size tensors, or one output tensor of group-size x
+        ``tensor`` (all_gather_into_tensor)."""
+        pg, _ = self._enter("all_gather", group, None, row)
+        if isinstance(out, torch.Tensor):
+            start = lambda: _ALL_GATHER_INTO(out, tensor, group=pg, async_op=True)  # noqa: E731
+        else:
+            start = lambda: dist.all_gather(out, tensor, group=pg, async_op=True)  # noqa: E731
+        return self._issue("all_gather", group, None, tensor, start, then)
+
+    def nothing(self, op: str, group: str, peer, then=None) -> Op:
+        """An op with no bytes to move (an empty payload): already complete."""
+        return Op(None, op, group, peer, False, then)
+
+    # -- completing ----------------------------------------------------------------------
+    def wait(self, op: Op, deadline_s: float | None = None):
+        """Complete one op; return its value."""
+        return self.wait_any([op], deadline_s)[1]
+
+    def wait_any(self, ops: list, deadline_s: float | None = None):
+        """Complete whichever of ``ops`` (None entries are skipped) finishes first;
+        return (index, value). The others stay in flight for a later call."""
+        live = [o for o in ops if o is not None]
+        limit = self.op_deadline_s if deadline_s is None else deadline_s
+        t0 = time.monotonic()
+        done = next((o for o in live if o.done), None)
+        try:
+            if done is None:
+                if len(live) == 1 and not live[0].submitted and not live[0].cuda:
+                    done = self._wait_direct(live[0], limit, t0)
+                elif any(o.cuda for o in live):
+                    done = self._wait_poll(live, limit, t0)
+                else:
+                    done = self._wait_completer(live, limit, t0)
+            if done.error is not None:
+                raise CommFailed(self.rank, done.op, done.group, done.peer,
+                                 done.error) from done.error
+        except (Released, OpDeadline) as e:
+            self._abandoned = f"{type(e).__name__}: {e}"
+            raise
+        return ops.index(done), done.value()
+
+    def _wait_direct(self, op: Op, limit: float, t0: float) -> Op:
+        try:
+            op.work.wait(timedelta(seconds=limit))
+        except Exception as e:  # noqa: BLE001
+            waited = time.monotonic() - t0
+            if waited >= 0.9 * limit:
+                raise OpDeadline(self.rank, op.op, op.group, op.peer, waited, limit) from e
+            op.error = e
+        op.done = True
+        return op
+
+    def _give_up(self, op: Op, limit: float, t0: float) -> None:
+        reason = self.abort_poll()
+        if reason:
+            raise Released(self.rank, op.op, op.group, op.peer, reason)
+        waited = time.monotonic() - t0
+        if waited > limit:
+            raise OpDeadline(self.rank, op.op, op.group, op.peer, waited, limit)
+
+    def _reply_queue(self) -> queue.SimpleQueue:
+        """The calling thread's completion queue (the completer posts finished ops)."""
+        reply = getattr(self._replies, "q", None)
+        if reply is None:
+            reply = self._replies.q = queue.SimpleQueue()
+        return reply
+
+    def _wait_completer(self, live: list, limit: float, t0: float) -> Op:
+        reply = self._reply_queue()
+        for o in live:
+            if not o.submitted:
+                self.completer.submit(o, reply)
+        while True:
+            try:
+                o = reply.get(timeout=self.slice_s)
+            except queue.Empty:
+                self._give_up(live[0], limit, t0)
+                continue
+            if o in live:
+                return o
+            # (an op of this thread not in this call stays marked done for a later call)
+
+    def _wait_poll(self, live: list, limit: float, t0: float) -> Op:
+        reply = self._reply_queue()
+        for o in live:      # a CPU op beside CUDA ones: the completer waits on it
+            if not o.cuda and not o.submitted and not o.done:
+                self.completer.submit(o, reply)
+        nap, spin_until = self.poll_min_s, t0 + self.spin_s
+        while True:
+            for o in live:
+                if o.cuda and not o.done and o.work.is_completed():
+                    try:
+                        o.work.wait()   # surfaces a backend error; orders the stream
+                    except Exception as e:  # noqa: BLE001
+                        o.error = e
+                    o.done = True
+                if o.done:
+                    return o
+            if time.monotonic() < spin_until:   # short ops finish inside the spin
+                continue
+            self._give_up(live[0], limit, t0)
+            time.sleep(nap)
+            nap = min(nap * 2, self.poll_max_s)
+
+    # -- blocking conveniences (one op, waited at once) ------------------------------------
+    def send(self, tensor, dst: int, group: str, *, deadline_s=None, row=None) -> None:
+        self.wait(self.isend(tensor, dst, group, row=row), deadline_s)
+
+    def recv(self, tensor, src: int, group: str, *, deadline_s=None, row=None) -> None:
+        self.wait(self.irecv(tensor, src, group, row=row), deadline_s)
+
+    def broadcast(self, tensor, group: str, root: int, *, deadline_s=None, row=None) -> None:
+        self.wait(self.ibroadcast(tensor, group, root, row=row), deadline_s)
+
+    def all_reduce(self, tensor, group: str, op=dist.ReduceOp.SUM, *, deadline_s=None,
+                   row=None) -> None:
+        self.wait(self.iall_reduce(tensor, group, op, row=row), deadline_s)
+
+    def all_gather(self, out, tensor, group: str, *, deadline_s=None, row=None) -> None:
+        self.wait(self.iall_gather(out, tensor, group, row=row), deadline_s)
+
+
+# --------------------------------------------------------------------------- framed ops
+# One frame per op: a codec header, or one packed payload (meta, manifest, tensors) sized
+# by the header and capped before allocation. ``then(decoded)`` makes the op's value.
+
+def _then(decode, then):
+    return decode if then is None else (lambda: then(decode()))
+
+
+def send_frame(tp: Transport, part: torch.Tensor, dst: int, group: str, *, row=None) -> Op:
+    if not part.numel():
+        return tp.nothing("send", group, dst)
+    return tp.isend(part, dst, group, row=row)
+
+
+def recv_header(tp: Transport, src: int, group: str, expect: str, *, row=None, then=None,
+                caps=codec.DEFAULT_CAPS) -> Op:
+    t = torch.zeros(codec.HEADER_WORDS, dtype=torch.int64)
+    return tp.irecv(t, src, group, row=row, then=_then(
+        lambda: codec.decode_header(t, caps=caps, expect=expect), then))
+
+
+def recv_payload(tp: Transport, h, src: int, group: str, *, row=None, then=None,
+                 caps=codec.DEFAULT_CAPS) -> Op:
+    buf = codec.alloc_packed(h)
+    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), then)
+    if not buf.numel():
+        return tp.nothing("recv", group, src, decode)
+    return tp.irecv(buf, src, group, row=row, then=decode)
+
+
+def bcast_header(tp: Transport, frames, group: str, root: int, expect: str, *, row=None,
+                 then=None, caps=codec.DEFAULT_CAPS) -> Op:
+    """``frames`` on the root, None elsewhere; decodes to the Header everywhere."""
+    t = frames.header if frames is not None else torch.zeros(codec.HEADER_WORDS,
+                                                             dtype=torch.int64)
+    return tp.ibroadcast(t, group, root, row=row, then=_then(
+        lambda: codec.decode_header(t, caps=caps, expect=expect), then))
+
+
+def bcast_payload(tp: Transport, frames, h, group: str, root: int, *, row=None, then=None,
+                  caps=codec.DEFAULT_CAPS) -> Op:
+    """The root sends the packed payload; the others allocate it from the header and read
+    shapes from the manifest (never inferring them on their own: FM-08)."""
+    buf = codec.pack_payload(frames) if frames is not None else codec.alloc_packed(h)
+    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), then)
+    if not buf.numel():
+        return tp.nothing("broadcast", group, root, decode)
+    return tp.ibroadcast(buf, group, root, row=row, then=decode)
+
+
+def all_gather_ints(tp: Transport, values, group: str, *, row=None) -> Op:
+    """All-gather a small int64 vector per member; decodes to a list of tuples."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    out = [torch.zeros_like(mine) for _ in range(len(tp.groups.members[group]))]
+    return tp.iall_gather(out, mine, group, row=row,
+                          then=lambda: [tuple(int(x) for x in t.tolist()) for t in out])
