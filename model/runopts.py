@@ -20,6 +20,10 @@ from .config import INJECTABLE
 
 BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
 WORKLOADS = ("mlp", "dit")   # runtime/workload.py's demo MLP, runtime/dit.py's causal DiT
+# What the runtime traces: every event ("full", what conformance needs), or only rank0's
+# emitting steps that carry the overlap measurements ("emits": the bench's tracing-off
+# figure; rows and messages are the same, only the lines are not written).
+TRACES = ("full", "emits")
 # State-drift switches of the DiT workload (runtime/dit.py): the control plane stays
 # clean while one rank's state goes wrong; only the equivalence check can see them.
 DRIFTS = ("skip_kv_reset", "stale_start_frame", "wrong_anchor")
@@ -146,6 +150,7 @@ class RunOptions:
     device: str = "cpu"                 # where the workload's tensors live
     drift: Optional[DriftSwitch] = None
     parity_skew: Optional[dict] = None  # test switch: {"rank", "key", "value"}
+    trace: str = "full"                 # full | emits (TRACES)
 
     def __post_init__(self):
         _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
@@ -161,6 +166,7 @@ class RunOptions:
                 val = getattr(self.costs, f.name)
                 _check(val >= 0, f"costs.{f.name}", ">= 0", val)
         _check(self.workload in WORKLOADS, "workload", f"one of {WORKLOADS}", self.workload)
+        _check(self.trace in TRACES, "trace", f"one of {TRACES}", self.trace)
         if self.drift is not None:
             _check(self.drift.name in DRIFTS, "drift.name", f"one of {DRIFTS}",
                    self.drift.name)

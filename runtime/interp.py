@@ -189,9 +189,10 @@ class RankInterpreter:
             self.pcs[t] = row.dst
         if self.role == "rank0":
             self._release(before, self.v)
-        self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
-                                    msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
-        self.i[t] += 1
+        if self.trace.keeps(row):   # i numbers the thread's written step events
+            self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
+                                        msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
+            self.i[t] += 1
         self.last_step[t] = time.monotonic()
         self.cv.notify_all()
 

@@ -49,7 +49,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         (run_dir / "run.json").write_text(json.dumps(
             {"config": args["config"], "opts": opts.to_dict(), "launcher": "torchrun"}, indent=1,
             sort_keys=True))
-    tracer = TraceWriter(run_dir, rank)
+    tracer = TraceWriter(run_dir, rank, emits_only=opts.trace == "emits")
     lost_after_s = opts.lost_after_s
     side = SideChannel.from_env(env, timeout=opts.store_timeout_s,
                                 echo_grace_s=lost_after_s + 0.1)

@@ -130,3 +130,23 @@ def test_heartbeats_are_a_user_policy_and_conform(tmp_path):
     # off unless asked for
     res = run_local(cfg, {}, tmp_path, deadline_s=DEADLINE_S)
     assert res.ok and "queue_noop" not in [e["label"] for e in _steps(tmp_path, 0)]
+
+
+def test_trace_emits_writes_only_the_emitting_steps_and_changes_no_row(tmp_path):
+    """RunOptions.trace="emits" (the bench's tracing-off run): the same run (outputs),
+    only rank0's emitting steps written, numbered from 0 without gaps, so the period
+    analysis still reads it."""
+    from lockstep.conformance.overlap import analyse
+    cfg = Config(mesh=2, chunks=6)
+    full, emits = tmp_path / "full", tmp_path / "emits"
+    for d, trace in ((full, "full"), (emits, "emits")):
+        res = run_local(cfg, {"trace": trace}, d, deadline_s=DEADLINE_S)
+        assert res.ok, res.summary()
+    assert (json.loads((full / "outputs.json").read_text())
+            == json.loads((emits / "outputs.json").read_text()))
+    r0 = _steps(emits, 0)
+    assert [e["label"] for e in r0] == ["decode_result"] * cfg.chunks
+    assert [e["i"] for e in r0] == list(range(cfg.chunks))
+    assert not _steps(emits, 1) and not _steps(emits, 2)
+    assert len(_steps(full, 1)) > cfg.chunks
+    assert len(analyse(emits).chunks) == cfg.chunks

@@ -117,3 +117,24 @@ def test_cuda_ops_are_polled_and_can_be_released():
     threading.Timer(0.05, reason.append, args=("released",)).start()
     with pytest.raises(T.Released):
         tp.wait(_op(Work(cuda_done=None), cuda=True))
+
+
+def test_trace_lines_are_compact_sorted_json_one_write_each(tmp_path):
+    import json
+
+    from lockstep.runtime.trace import TraceWriter, encode_line
+    ev = {"t_ns": 5, "ev": "step", "msg": {"b": 1, "a": [1, 2]}, "big": 1 << 70}
+    assert encode_line(ev) == (json.dumps(ev, separators=(",", ":"), sort_keys=True)
+                               + "\n").encode()
+    w = TraceWriter(tmp_path, 3)
+    w.write(ev)
+    w.close()
+    w.write(ev)                                   # after close: dropped, never raises
+    assert (tmp_path / "rank3.jsonl").read_bytes() == encode_line(ev)
+
+
+def test_the_trace_switch_is_validated():
+    from lockstep.model.runopts import RunOptions
+    assert RunOptions.from_dict({"trace": "emits"}).trace == "emits"
+    with pytest.raises(ValueError, match="opts.trace"):
+        RunOptions.from_dict({"trace": "off"})
