@@ -1,14 +1,24 @@
-"""Benchmarks of the runtime, measured side by side in one run (ratios on CPU; absolute
-times only count on a GPU machine).
+"""Benchmarks of the runtime that say where the time goes, measured side by side in one
+run (ratios on CPU; absolute times only count on a GPU machine).
 
-  control-plane cost   a chunk round trip through lockstep (framing, validation, guards,
-                       tracing, the comms thread) against the raw torch.distributed floor
-                       of the same bytes: header + latent to the leader, the envelope
-                       broadcast in the mesh, `steps` all_reduces, header + latent back.
-  overlap              depth 1 against depth 2 with balanced synthetic stages: period
-                       against max(stage0, stage1) and their sum, and OverlapScore.
+  round trip        a chunk round trip through lockstep at depth 1 (framing, validation,
+                    guards, tracing, the comms thread) against the raw torch.distributed
+                    floor of the same bytes: header + latent to the leader, the envelope
+                    broadcast in the mesh, `steps` all_reduces, header + latent back.
+  overlap           depth 1 against depth 2 with balanced synthetic stages: period
+                    against max(stage0, stage1) and their sum, and OverlapScore.
+  control-plane     the default stage costs (no synthetic cost: Phase B is the demo
+  bound             workload's real TP collectives), depth 2: period against stage1.
+  tracing           the balanced depth-2 run and the control-plane-bound run again with
+                    RunOptions.trace="emits" (only rank0's emitting steps written: the
+                    rows are the same): the cost of tracing as a fraction of the period.
+  mesh idle         the control-plane-bound run's per-chunk breakdown of the leader's
+                    gap between Phase B k-1 and k, by the steps of which rank it waits on
+                    (conformance/idle.py).
 
-`python -m lockstep.bench [--chunks N] [--mesh M]` prints both tables.
+`python -m lockstep.bench [--chunks N] [--mesh M]` prints every table. Only the period
+analysis of rank0's trace runs on the traces (no conformance replay), so large --chunks
+stay cheap; it needs torch and the lockstep package, nothing else.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ from lockstep.runtime.launch import dist_env, spawn_local
 from lockstep.runtime.run import run_local
 
 LATENT = (4, 64)   # the demo workload's latent: frames x hidden, bf16
+TARGETS = {"round_trip": 1.5, "depth2": 1.03, "bound": 1.3, "tracing": 0.01}
 
 
 def raw_rank(rank: int, world_size: int, args: dict) -> int:
@@ -68,64 +79,96 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
     return 0
 
 
-def control_plane(chunks: int, mesh: int, steps: int = 2) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        raw_out = tmp / "raw.json"
-        res = spawn_local(mesh + 1, "lockstep.bench:raw_rank",
-                          {"chunks": chunks, "steps": steps, "out": str(raw_out)},
-                          deadline_s=300, run_dir=tmp / "raw")
-        if not res.ok:
-            raise RuntimeError("raw floor run failed:\n" + res.summary())
-        raw = json.loads(raw_out.read_text())[5:]
-        cfg = Config(mesh=mesh, d_in=1, d_out=1, chunks=chunks, steps=steps)
-        res = run_local(cfg, {}, tmp / "lockstep", deadline_s=300)
-        if not res.ok:
-            raise RuntimeError("lockstep run failed:\n" + res.summary())
-        from lockstep.conformance.overlap import analyse   # the same period the overlap report uses
-        o = analyse(tmp / "lockstep").period_ms / 1e3
-    r = statistics.median(raw)
-    return {"raw_ms": r * 1e3, "lockstep_ms": o * 1e3, "ratio": o / r, "chunks": chunks,
-            "mesh": mesh, "steps": steps}
-
-
-def overlap(chunks: int, mesh: int, stage_ms: float) -> list:
-    """Balanced stages: stage0 = A + C = stage_ms, stage1 = B = stage_ms."""
+def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False):
+    """One lockstep run; (Overlap, IdleBreakdown or None) from its traces."""
+    from lockstep.conformance.idle import idle_breakdown
+    from lockstep.conformance.load import load_run
     from lockstep.conformance.overlap import analyse
-    rows = []
-    for depth in (1, 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = Config(mesh=mesh, d_in=depth, d_out=depth, chunks=chunks, steps=1)
-            opts = {"costs": {"phase_a_ms": stage_ms / 2, "phase_c_ms": stage_ms / 2,
-                              "phase_b_ms": stage_ms}}
-            res = run_local(cfg, opts, Path(tmp), deadline_s=300)
-            if not res.ok:
-                raise RuntimeError(res.summary())
-            rows.append((depth, analyse(Path(tmp))))
-    return rows
+    res = run_local(cfg, opts, run_dir, deadline_s=600)
+    if not res.ok:
+        raise RuntimeError(f"lockstep run failed ({run_dir}):\n" + res.summary())
+    run = load_run(run_dir)
+    return analyse(run), (idle_breakdown(run) if analyse_idle else None)
+
+
+def round_trip(tmp: Path, chunks: int, mesh: int, steps: int = 2) -> dict:
+    raw_out = tmp / "raw.json"
+    res = spawn_local(mesh + 1, "lockstep.bench:raw_rank",
+                      {"chunks": chunks, "steps": steps, "out": str(raw_out)},
+                      deadline_s=300, run_dir=tmp / "raw")
+    if not res.ok:
+        raise RuntimeError("raw floor run failed:\n" + res.summary())
+    raw = statistics.median(json.loads(raw_out.read_text())[5:]) * 1e3
+    cfg = Config(mesh=mesh, d_in=1, d_out=1, chunks=chunks, steps=steps)
+    ov, _ = _run(cfg, {}, tmp / "round_trip")
+    return {"raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
+            "steps": steps}
+
+
+def balanced(stage_ms: float) -> dict:
+    """stage0 = A + C = stage_ms on rank0, stage1 = B = stage_ms on the mesh."""
+    return {"costs": {"phase_a_ms": stage_ms / 2, "phase_c_ms": stage_ms / 2,
+                      "phase_b_ms": stage_ms}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.bench")
-    ap.add_argument("--chunks", type=int, default=200)
+    ap.add_argument("--chunks", type=int, default=200,
+                    help="chunks of the round-trip and control-plane-bound runs")
     ap.add_argument("--mesh", type=int, default=3)
     ap.add_argument("--stage-ms", type=float, default=50.0)
-    ap.add_argument("--skip-overlap", action="store_true")
+    ap.add_argument("--balanced-chunks", type=int, default=40)
+    ap.add_argument("--skip-overlap", action="store_true",
+                    help="the round trip only")
     a = ap.parse_args(argv)
-    cp = control_plane(a.chunks, a.mesh)
-    print(f"control-plane cost per chunk (gloo, CPU, mesh={a.mesh}, steps={cp['steps']}, "
-          f"median of {a.chunks - 6} chunks, measured in this run):")
-    print(f"  raw torch.distributed floor  {cp['raw_ms']:8.3f} ms")
-    print(f"  lockstep round trip          {cp['lockstep_ms']:8.3f} ms")
-    print(f"  ratio                        {cp['ratio']:8.2f} x   (GPU target <= 1.2 x)")
-    if a.skip_overlap:
-        return 0
-    print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.chunks} chunks:")
-    print(f"  {'depth':>5} {'period':>9} {'max(s0,s1)':>11} {'s0+s1':>9} {'OverlapScore':>13}"
-          f"  verdict")
-    for depth, ov in overlap(min(a.chunks, 40), a.mesh, a.stage_ms):
-        print(f"  {depth:>5} {ov.period_ms:8.2f}ms {ov.max_stage_ms:10.2f}ms "
-              f"{ov.sum_stage_ms:8.2f}ms {ov.overlap_score:13.2f}  {ov.verdict}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rt = round_trip(tmp, a.chunks, a.mesh)
+        print(f"round trip per chunk (gloo, CPU, mesh={a.mesh}, steps={rt['steps']}, depth 1, "
+              f"median of {a.chunks - 6} chunks, measured in this run):")
+        print(f"  raw torch.distributed floor  {rt['raw_ms']:8.3f} ms")
+        print(f"  lockstep round trip          {rt['lockstep_ms']:8.3f} ms")
+        print(f"  ratio                        {rt['ratio']:8.2f} x   "
+              f"(target <= {TARGETS['round_trip']} x on a quiet 16-core machine)")
+        if a.skip_overlap:
+            return 0
+        print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.balanced_chunks} "
+              f"chunks:")
+        print(f"  {'depth':>5} {'period':>9} {'max(s0,s1)':>11} {'s0+s1':>9} {'/max':>6} "
+              f"{'OverlapScore':>13}  verdict")
+        runs = {}
+        for depth in (1, 2):
+            cfg = Config(mesh=a.mesh, d_in=depth, d_out=depth, chunks=a.balanced_chunks,
+                         steps=1)
+            ov, _ = _run(cfg, balanced(a.stage_ms), tmp / f"balanced{depth}")
+            runs[depth] = ov
+            print(f"  {depth:>5} {ov.period_ms:8.2f}ms {ov.max_stage_ms:10.2f}ms "
+                  f"{ov.sum_stage_ms:8.2f}ms {ov.period_ms / ov.max_stage_ms:6.3f} "
+                  f"{ov.overlap_score:13.2f}  {ov.verdict}")
+        print(f"  (target: depth 2 period <= {TARGETS['depth2']} x max(stage0, stage1))")
+        cfg = Config(mesh=a.mesh, chunks=a.chunks)
+        bound, idle = _run(cfg, {}, tmp / "bound", analyse_idle=True)
+        print(f"\ncontrol-plane bound (default stage costs, depth {cfg.d_in}, steps "
+              f"{cfg.steps}, {a.chunks} chunks):")
+        print(f"  period {bound.period_ms:.3f} ms, stage1 (Phase B) {bound.stage1_ms:.3f} ms, "
+              f"rank0 work {bound.work0_ms:.3f} ms: period / stage1 "
+              f"{bound.period_ms / bound.stage1_ms:.2f} x   (target <= {TARGETS['bound']} x)")
+        print(f"  {bound.verdict}, OverlapScore {bound.overlap_score:.2f}, mesh idle "
+              f"{bound.mesh_idle_ms:.3f} ms per chunk (the leader's own measure)")
+        print("\ntracing on vs off (trace=\"emits\": only rank0's emitting steps written):")
+        print(f"  {'run':<22} {'on':>9} {'off':>9} {'cost':>9} {'of period':>10}")
+        for name, cfg_, opts, on in (
+                ("balanced depth 2", Config(mesh=a.mesh, d_in=2, d_out=2,
+                                            chunks=a.balanced_chunks, steps=1),
+                 balanced(a.stage_ms), runs[2]),
+                ("control-plane bound", cfg, {}, bound)):
+            off, _ = _run(cfg_, {**opts, "trace": "emits"}, tmp / f"notrace_{name[:3]}")
+            cost = on.period_ms - off.period_ms
+            print(f"  {name:<22} {on.period_ms:8.3f}ms {off.period_ms:8.3f}ms "
+                  f"{cost:8.3f}ms {cost / on.period_ms:9.1%}")
+        print(f"  (target: tracing <= {TARGETS['tracing']:.0%} of the balanced period)")
+        print("\nwhere the mesh waits (control-plane-bound run; one host, so one clock):")
+        print("\n".join(idle.lines()))
     return 0
 
 

@@ -279,8 +279,9 @@ class Transport:
         return self.wait_any([op], deadline_s)[1]
 
     def wait_any(self, ops: list, deadline_s: float | None = None):
-        """Complete whichever of ``ops`` (None entries are skipped) finishes first;
-        return (index, value). The others stay in flight for a later call."""
+        """Complete whichever of ``ops`` (None entries are skipped) finishes first (of
+        several found done together, the first in ``ops``); return (index, value). The
+        others stay in flight for a later call."""
         live = [o for o in ops if o is not None]
         limit = self.op_deadline_s if deadline_s is None else deadline_s
         t0 = time.monotonic()
@@ -334,13 +335,19 @@ class Transport:
                 self.completer.submit(o, reply)
         while True:
             try:
-                o = reply.get(timeout=self.slice_s)
+                reply.get(timeout=self.slice_s)
             except queue.Empty:
                 self._give_up(live[0], limit, t0)
                 continue
-            if o in live:
-                return o
-            # (an op of this thread not in this call stays marked done for a later call)
+            # Of the ops done by the time this thread runs again, the first in the
+            # caller's order (an op of this thread not in this call stays marked done for
+            # a later call). gloo p2p is a rendezvous: rank0's envelope send completes
+            # when the leader posts its receive, right after rank0 posted the receive of
+            # the result payload; taking the send first lets its successor row start
+            # before the result's rows hand the process to Phase A/C.
+            done = next((o for o in live if o.done), None)
+            if done is not None:
+                return done
 
     def _wait_poll(self, live: list, limit: float, t0: float) -> Op:
         reply = self._reply_queue()
