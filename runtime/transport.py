@@ -3,8 +3,8 @@ completed without a thread per op, failing with one error type per cause.
 
 Groups are named as in the model (``"world_pg"``, ``"mesh_pg"``, ``"pp_pg"``, see
 runtime/groups.py) and every peer / root is a rank IN THE NAMED GROUP (for world_pg that
-is the global rank), passed to torch as ``group_dst`` / ``group_src``, never mixed with
-global ranks. Error messages name both when they differ.
+is the global rank), handed to the ProcessGroup itself (which takes group ranks), never
+mixed with global ranks. Error messages name both when they differ.
 
 Each op, before the backend is called:
 1. *The table's check* (``check(op, group, peer, row)``, supplied by the interpreter):
@@ -41,14 +41,16 @@ complete it). What may release a blocked call decides how (FACTS.md):
 Errors, all ``CommError`` (one line each): ``Released`` (the abort flag), ``OpDeadline``
 (no completion within the deadline), ``CommFailed`` (the backend raised, e.g. gloo
 "Connection closed by peer"); a call on a group the rank is not in raises
-``groups.GroupMembershipError`` (an addressing error, like a bad group rank). After a ``Released`` or an
-``OpDeadline`` the op is abandoned (its completer thread may stay blocked: the process is
-about to exit) and every later op refuses: gloo pairs are not reusable after an abandoned
-or timed-out op.
+``groups.GroupMembershipError`` (an addressing error, like a bad group rank). After a
+``Released`` or an ``OpDeadline`` the op is abandoned (its completer thread may stay
+blocked: the process is about to exit) and every later op refuses: gloo pairs are not
+reusable after an abandoned or timed-out op.
 
 Rejected: a daemon thread parked per op (what runtime/wire.py did: a thread start per
-frame, plus a 0.2 ms polling loop while two were in flight); one serial completer per rank
-(head-of-line blocking, above); ``get_future()`` callbacks (not implemented for gloo
+frame, plus a 0.2 ms polling loop while two were in flight; it also counted a send still
+in flight when its poll returned the other job complete at the next poll, which made
+sends buffered under p2p="rendezvous": docs/runtime-bench.md); one serial completer per
+rank (head-of-line blocking, above); ``get_future()`` callbacks (not implemented for gloo
 send/recv works); polling ``is_completed()`` on gloo p2p (never true before ``wait()``).
 """
 from __future__ import annotations
