@@ -24,19 +24,22 @@ recorded messages are the model's (`views.msg_ok`). The trace's coordinates (cha
 must be the model's next ones. Crashes, the watchdog and the abort flag are placed last,
 when nothing else can move; an exit that sets the abort flag too.
 
-Environment rule (one, documented in model/events.py as UNWRITTEN): a rank whose trace
+Environment rules (two, documented in model/events.py). UNWRITTEN: a rank whose trace
 ended without an exit step (killed, failed, released, untraced error exit) may have
 completed, after its last written line, its part of a transition whose other
 participants wrote theirs (a rendezvous send or receive, a collective; buffered: a send
 whose receive the peer wrote). That transition is taken with the ended rank's part being
 whatever row the model enables for it there; the written parts must match exactly.
+EAGER_SEND_RULE: under rendezvous p2p, a recorded send whose receiver is crashed in the
+model (killed, its trace replayed) and received nothing completed in the transport: it
+is the model's `send` transition of the sender's posted row (`events.eager_sends`).
 """
 from __future__ import annotations
 
 import time
 from typing import Optional
 
-from lockstep.model.events import UNWRITTEN
+from lockstep.model.events import UNWRITTEN, eager_sends
 from lockstep.model.ops import Coll, Exit, Local, Recv, Send
 from lockstep.model.properties import (check_progress_at_exit, check_state, check_terminal,
                                        check_transition)
@@ -49,6 +52,7 @@ from .load import Ev, Run, fmt_msg
 from .views import HEADER_KINDS, header_view, local_subject, msg_ok
 
 FIRED, WAIT, BAD = 0, 1, 2
+EAGER = "eager"            # _group: a send to a crashed receiver (EAGER_SEND_RULE)
 OPCLASS = {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit", Local: "local"}
 WINDOW = 64
 _COMM = ("send", "recv", "coll")
@@ -302,6 +306,8 @@ class Replayer:
         if f is None:
             if self._ended(q):
                 return (ev,), (q,)
+            if op == "send" and s.procs[q].status == CRASHED:
+                return (ev,), EAGER             # model/events.py EAGER_SEND_RULE
             return WAIT, lambda: (f"no {'receive' if op == 'send' else 'send'} with "
                                   f"chan_i={ev.chan_i} was recorded by {ev.peer}"
                                   + self._gone(q))
@@ -342,8 +348,13 @@ class Replayer:
             if e is not ev and self._chain(e) is not None:
                 return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
                                          + self._chain(e)())
-        procs = tuple(sorted({e.rank for e in evs}.union(unw)))
-        cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+        if unw is EAGER:
+            unw = ()
+            cands = [tr for tr in eager_sends(self.m, s, ev.rank)
+                     if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label]
+        else:
+            procs = tuple(sorted({e.rank for e in evs}.union(unw)))
+            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
         while not cands and unw and self._unwritten_route(unw, s):
             s = self.s              # an ended rank took a routing step (UNWRITTEN)
             cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
@@ -607,6 +618,11 @@ class Replayer:
             p, _, row = parts[0]
             key = (p, m.index[row.op.peer])
             self.sent[key] = self.sent.get(key, 0) + 1
+            if self.cfg.p2p == "rendezvous":
+                res.notes.append(f"{m.names[p]}: its {row.label} ({evs[0].where()}) "
+                                 f"completed in the transport; its receiver "
+                                 f"{m.names[key[1]]} was killed before receiving it "
+                                 f"(EAGER_SEND_RULE)")
         elif tr.kind == "recv":
             p, _, row = parts[0]
             key = (m.index[row.op.peer], p)

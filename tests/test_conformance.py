@@ -514,3 +514,30 @@ def test_a_killed_leader_may_have_taken_an_unwritten_routing_step():
     rep = conform(d)
     assert rep.ok, format_report(rep)
     assert "leader: its expect_payload was never written" in format_report(rep)
+
+
+EAGER = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+    "kill_leader_after_eager_send"
+
+
+def test_a_send_to_a_killed_receiver_may_have_completed_in_the_transport():
+    """chaos trial 39 (seed 11): gloo completed rank0's envelope-header send while the
+    leader was still sending its result; then the leader was killed. Nobody received the
+    frame; the ending is model/events.py EAGER_SEND_RULE."""
+    rep = conform(EAGER)
+    assert rep.ok, format_report(rep)
+    assert "rank0: its send_envelope_header (rank0.jsonl line 10) completed in the " \
+        "transport" in format_report(rep)
+
+
+def test_a_send_to_a_live_receiver_that_never_receives_it_is_rejected(tmp_path):
+    """The same traces, but the leader was released (alive in the model until the abort
+    flag) instead of killed: the unreceived send is the first divergence."""
+    d = tmp_path / "run"
+    shutil.copytree(EAGER, d)
+    release = dict(events(d, 2)[-1], rank=1, role="leader")
+    put(d, 1, events(d, 1) + [release], renumber=False)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.line == 10
+    assert div.event.label == "send_envelope_header"
+    assert "enables no send" in div.reason
