@@ -5,16 +5,21 @@ model's own `enabled`, indexed by (process, thread, row label)) returned for the
 recorded events. It has no matching rules of its own.
 
 Happens-before, with no clock compared across ranks (the trace's coordinates):
-  * program order per (rank, thread) (`i`);
+  * a rank's file order, across all of its threads: the runtime writes a rank's events
+    under one lock in the order it applied their updates (runtime/interp.py), so an
+    event is never replayed ahead of an earlier line of its rank, with one exception;
   * each send to the receive with the same directed channel and `chan_i`;
   * each collective event to the other members' events with the same group and `gseq`.
-rank0's comms thread is the one refinement: its control state is a pair (send side,
-receive side) and the runtime keeps a send and a receive in flight together, completing
-whichever finishes first. Its send-side events are ordered among themselves, its
-receive-side events among themselves, and its other rows (comms_done, the error exit)
-after both. A comms event fired out of its recorded pair order is compared on its own
-side of the pair (`_lane_ok`: the trace's reading of the pair state, not a rule of the
-model).
+The exception is a thread whose control state is a pair (send side / receive side, e.g.
+rank0's comms thread): the runtime keeps a send and a receive in flight together and
+completes whichever finishes first, and under rendezvous p2p the one recorded second
+may be the model's first. So a send or receive of one side is ordered after everything
+written before the other side's first completion since this side last moved, not after
+that completion nor what was written after it (it was in flight meanwhile); every other
+event is ordered after every earlier line of its rank. A comms event fired out of its
+recorded pair order is compared on its own side of the pair (`_lane_ok`: the trace's
+reading of the pair state, not a rule of the model). The rule reads state names only
+("a/b"), never a rank or role.
 
 A step: the events that make one transition (the event, its channel partner, or every
 member's event of the collective) must be ready; the model's index at the current state
@@ -147,7 +152,6 @@ class Replayer:
                 f"the reason): {', '.join(m.names[r] for r in errs)}; replayed as released "
                 f"by the abort flag (an uncaught error sets it on the way out)")
         self.nthreads = [len(THREADS[role]) for role in m.roles]
-        self.comms = (0, THREADS["rank0"].index("comms"))
         self.sent = {}            # (src, dst) -> messages sent so far
         self.rcvd = {}            # (src, dst) -> messages received so far
         self.unwritten_sends = set()
@@ -160,24 +164,25 @@ class Replayer:
         m, run = self.m, self.run
         p2p, colls = {}, {}
         self.events = [rt.steps for rt in run.ranks]
-        comms_t = self.comms[1]
         for rt in run.ranks:
             r = rt.rank
-            last = [None, None]           # rank0 comms: latest event on each side
+            latest = {}       # (thread, lane) -> the rank's latest event there
+            cut = {}          # (thread, lane) -> what that side's next op is ordered after
             for ev in rt.steps:
                 ev.done = False               # a Run may be replayed more than once
                 ev.partner = ev.dup = None
-                if r == 0 and ev.t == comms_t:
-                    lane = _lane(ev.src, ev.dst)
-                    ev.lane = lane
-                    if lane is None:
-                        ev.deps = tuple({id(x): x for x in last if x is not None}.values())
-                        last = [ev, ev]
-                    else:
-                        ev.deps = (last[lane],) if last[lane] is not None else ()
-                        last[lane] = ev
-                elif ev.prev is not None:
-                    ev.deps = (ev.prev,)
+                lane = ev.lane = _lane(ev.src, ev.dst)
+                t = ev.t
+                comm = lane is not None and (ev.op == "send" or ev.op == "recv")
+                c = cut.get((t, lane)) if comm else None
+                ev.deps = c if c is not None else tuple(latest.values())
+                if comm and cut.get((t, 1 - lane)) is None:
+                    # the other side's op, in flight since it last moved, may complete
+                    # before this one: it is ordered after what was written up to here
+                    cut[(t, 1 - lane)] = tuple(latest.values())
+                for side in ((lane,) if lane is not None else (0, 1)):
+                    cut[(t, side)] = None
+                latest[(t, lane)] = ev
                 op = ev.op
                 if op == "send" or op == "recv":
                     q = m.index.get(ev.peer)
