@@ -61,7 +61,7 @@ class Ev:
     in the rank's file order; `line` its line number. The replayer adds links."""
     __slots__ = ("rank", "t", "thread", "i", "src", "label", "dst", "op", "peer", "chan_i",
                  "group", "gseq", "msg", "has_msg", "t_ns", "dur_ns", "meas", "line",
-                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk")
+                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk", "sends")
 
     def __init__(self):
         self.done = False

@@ -7,19 +7,18 @@ recorded events. It has no matching rules of its own.
 Happens-before, with no clock compared across ranks (the trace's coordinates):
   * a rank's file order, across all of its threads: the runtime writes a rank's events
     under one lock in the order it applied their updates (runtime/interp.py), so an
-    event is never replayed ahead of an earlier line of its rank, with one exception;
+    event is replayed after every earlier line of its rank, with one exception;
   * each send to the receive with the same directed channel and `chan_i`;
   * each collective event to the other members' events with the same group and `gseq`.
-The exception is a thread whose control state is a pair (send side / receive side, e.g.
-rank0's comms thread): the runtime keeps a send and a receive in flight together and
-completes whichever finishes first, and under rendezvous p2p the one recorded second
-may be the model's first. So a send or receive of one side is ordered after everything
-written before the other side's first completion since this side last moved, not after
-that completion nor what was written after it (it was in flight meanwhile); every other
-event is ordered after every earlier line of its rank. A comms event fired out of its
-recorded pair order is compared on its own side of the pair (`_lane_ok`: the trace's
-reading of the pair state, not a rule of the model). The rule reads state names only
-("a/b"), never a rank or role.
+The exception (`_may_lag`): an earlier line on another thread, or on the other side of a
+pair-state thread (control states "a/b", e.g. rank0's comms thread, which keeps a send
+and a receive in flight together), may still be unreplayed while a send on its own side
+up to it is. The transport completes a send before its receiver posts the receive (gloo,
+model/events.py EAGER_SEND_RULE), so under rendezvous p2p the model's send, and what its
+side did after it, can come after later lines of the rank. A comms event fired out of
+its recorded pair order is compared on its own side of the pair (`_lane_ok`: the
+trace's reading of the pair state, not a rule of the model). The rule reads thread
+indices, state names and op classes only, never a rank or role.
 
 A step: the events that make one transition (the event, its channel partner, or every
 member's event of the collective) must be ready; the model's index at the current state
@@ -41,6 +40,7 @@ is the model's `send` transition of the sender's posted row (`events.eager_sends
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Optional
 
@@ -133,6 +133,7 @@ class Replayer:
             cfg = cfg.with_(faults=len(crashed))
         self.cfg = cfg
         self.m = m = Model(cfg)
+        m.posted = _current_posted(m)
         self.n = m.n
         self.s = m.initial_state()
         self.init_pcs = [pr.pcs for pr in self.s.procs]
@@ -167,22 +168,20 @@ class Replayer:
         for rt in run.ranks:
             r = rt.rank
             latest = {}       # (thread, lane) -> the rank's latest event there
-            cut = {}          # (thread, lane) -> what that side's next op is ordered after
+            sends = {}        # (thread, lane) -> the latest send there
             for ev in rt.steps:
                 ev.done = False               # a Run may be replayed more than once
                 ev.partner = ev.dup = None
-                lane = ev.lane = _lane(ev.src, ev.dst)
-                t = ev.t
-                comm = lane is not None and (ev.op == "send" or ev.op == "recv")
-                c = cut.get((t, lane)) if comm else None
-                ev.deps = c if c is not None else tuple(latest.values())
-                if comm and cut.get((t, 1 - lane)) is None:
-                    # the other side's op, in flight since it last moved, may complete
-                    # before this one: it is ordered after what was written up to here
-                    cut[(t, 1 - lane)] = tuple(latest.values())
-                for side in ((lane,) if lane is not None else (0, 1)):
-                    cut[(t, side)] = None
-                latest[(t, lane)] = ev
+                t, lane = ev.t, _lane(ev.src, ev.dst)
+                ev.lane = lane
+                ev.deps = tuple(latest.values())          # every earlier line of the rank
+                key = (t, lane)
+                latest[key] = ev
+                if ev.op == "send":
+                    sends[key] = ev
+                # the sends its own side (a whole thread: both sides) completed before it
+                ev.sends = tuple(x for k, x in sends.items() if k[0] == t and
+                                 (lane is None or k[1] is None or k[1] == lane))
                 op = ev.op
                 if op == "send" or op == "recv":
                     q = m.index.get(ev.peer)
@@ -214,7 +213,7 @@ class Replayer:
     @staticmethod
     def _ready(ev) -> bool:
         for d in ev.deps:
-            if not d.done:
+            if not d.done and not _may_lag(d, ev):
                 return False
         return True
 
@@ -665,9 +664,13 @@ class Replayer:
         t0 = time.perf_counter()
         res = self.res
         res.events = sum(len(x) for x in self.events)
+        gc_was = gc.isenabled()
+        gc.disable()      # states are acyclic tuples: generational passes only cost time
         try:
             self._loop()
         finally:
+            if gc_was:
+                gc.enable()
             res.seconds = time.perf_counter() - t0
         res.state = self.s
         res.replayed = res.events - sum(self._pending(r) for r in range(self.n))
@@ -713,7 +716,7 @@ class Replayer:
             evs = self.events[r]
             h = self.heads[r]
             for ev in evs[h + 1:h + 1 + self.window]:
-                if not ev.done and ev.op in _COMM and self._ready(ev) and \
+                if not ev.done and ev.op != "exit" and self._ready(ev) and \
                         self.try_fire(ev) == FIRED:
                     return True
         return False
@@ -883,6 +886,39 @@ def replay(run: Run, verify: bool = False) -> ReplayResult:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _current_posted(m: Model):
+    """Model.posted for a replay, replaced on the replayer's own instance as the
+    explorer replaces it on its own (model/explore.py): the same pure function of (p, pr),
+    kept for each process's current state only, found by identity. A replay visits each
+    process state once, so the model's cache of every state seen (keyed by hashing whole
+    states) would only grow."""
+    compute = m._posted
+    last = [None] * m.n
+
+    def posted(p, pr):
+        hit = last[p]
+        if hit is not None and hit[0] is pr:
+            return hit[1]
+        out = compute(p, pr)
+        last[p] = (pr, out)
+        return out
+    return posted
+
+
+def _may_lag(d, ev) -> bool:
+    """Earlier line `d` of ev's rank may still be unreplayed when ev is replayed: d is on
+    another thread or the other side of ev's pair-state thread, and a send on d's own side
+    up to d is not replayed yet. The transport may complete a send before its receiver
+    posts the receive (gloo: model/events.py EAGER_SEND_RULE), so under rendezvous the
+    model's send, and what its side did after it, may come after later lines."""
+    if d.t == ev.t and (d.lane is None or ev.lane is None or d.lane == ev.lane):
+        return False
+    for x in d.sends:
+        if not x.done:
+            return True
+    return False
+
 
 def _lane(src: str, dst: str):
     """rank0 comms: 0 = send side, 1 = receive side, None = both (a barrier)."""
