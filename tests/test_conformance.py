@@ -641,3 +641,25 @@ def test_call_ids_that_go_back_are_rejected(tmp_path):
     _, div = diverges(d)
     assert div.rank == 0 and div.event.line == first + 1
     assert div.event.label == "build_envelope" and "call_id=2" in div.reason
+
+
+def test_an_eager_send_may_come_after_later_lines_of_its_rank(tmp_path):
+    """A real shutdown_in_flight run: rank0 wrote its SHUTDOWN header send (line 81)
+    before receiving the leader's last result (lines 82-83), which the leader sent before
+    posting the receive. The send lags behind later lines of the other side; a decode
+    moved ahead of the queueing of its result (no send lags there) is still rejected, at
+    the decode."""
+    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+        "shutdown_eager_send_lags"
+    check(src)
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    evs = events(d, 0)
+    last_send = max(k for k, e in enumerate(evs) if e.get("op") == "send")
+    queue = find(evs, "queue_result", -1)
+    decode = find(evs, "decode_result", -1)
+    assert last_send < queue < decode
+    put(d, 0, moved(evs, decode, queue), renumber=True)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.line == queue + 1
+    assert div.event.label == "decode_result" and "guard" in div.reason
