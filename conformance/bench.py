@@ -3,7 +3,9 @@
 Generates (or reuses, with --dir) a run of about --events step events with the
 simulator (mesh 3, depth 2, one hard cut, steps 2, gloo-like completion order on rank0's
 comms thread), then loads it and replays it through the model, timing each phase on one
-core. Target (TARGETS.md): >= 200,000 events/s, a 1,000,000-event trace in < 5 s.
+core in CPU seconds (`time.process_time`: the figure to quote on a shared machine, where
+wall time is inflated by the other jobs) beside wall seconds. Target (TARGETS.md, raised
+2026-12-01): a 1,000,000-event trace loaded and replayed in under 3 CPU seconds.
 """
 from __future__ import annotations
 
@@ -48,20 +50,22 @@ def main(argv=None) -> int:
             cfg, res, gen_s = generate(a.events, out, a.mesh)
             print(f"generated {res.events:,} step events ({cfg.describe()}) in "
                   f"{gen_s:.1f} s -> {out}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run = load_run(out)
-        t_load = time.perf_counter() - t0
+        t_load, c_load = time.perf_counter() - t0, time.process_time() - c0
         rep = Replayer(run, verify=a.verify)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         res = rep.replay()
-        t_replay = time.perf_counter() - t1
+        t_replay, c_replay = time.perf_counter() - t1, time.process_time() - c1
         n = run.n_events
+        c_all = c_load + c_replay
         print(f"events      {n:,} ({res.steps:,} model transitions)")
-        print(f"load        {t_load:7.3f} s  {n / t_load:12,.0f} events/s  (json + checks)")
-        print(f"replay      {t_replay:7.3f} s  {n / t_replay:12,.0f} events/s  "
-              f"(target >= 200,000/s)")
-        print(f"total       {t_load + t_replay:7.3f} s  {n / (t_load + t_replay):12,.0f} "
-              f"events/s  (target: 1,000,000 events < 5 s)")
+        print(f"load        {c_load:7.3f} CPU s  {n / c_load:10,.0f} events/CPU s  "
+              f"(wall {t_load:.3f} s; json + checks)")
+        print(f"replay      {c_replay:7.3f} CPU s  {n / c_replay:10,.0f} events/CPU s  "
+              f"(wall {t_replay:.3f} s)")
+        print(f"total       {c_all:7.3f} CPU s  {n / c_all:10,.0f} events/CPU s  "
+              f"(wall {t_load + t_replay:.3f} s; target: 1,000,000 events < 3 CPU s)")
         print(f"verdict     {'conforms' if res.ok else 'DIVERGES'}")
         if res.divergence:
             print(res.divergence.text())

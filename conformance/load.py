@@ -13,8 +13,8 @@ Everything semantic (does the model allow this step, does a send have its receiv
 the replayer's job; the loader only guarantees well-formed, per-thread contiguous
 events. Events are kept in file order per rank: the runtime writes a rank's events
 under the process lock in the order it applied their updates, so file order is the
-order of the rank's local-state changes (the replayer prefers it, and is only bound by
-per-thread order).
+order of the rank's local-state changes, and the replayer is bound by it
+(conformance/replay.py says how, and its one exception for a pair-state thread).
 
 Speed: one `json.loads` per line and a flat type check; the slow diagnosis that names
 the bad field runs only on a line that failed the fast check.
@@ -61,7 +61,7 @@ class Ev:
     in the rank's file order; `line` its line number. The replayer adds links."""
     __slots__ = ("rank", "t", "thread", "i", "src", "label", "dst", "op", "peer", "chan_i",
                  "group", "gseq", "msg", "has_msg", "t_ns", "dur_ns", "meas", "line",
-                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk")
+                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk", "sends")
 
     def __init__(self):
         self.done = False

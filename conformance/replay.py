@@ -5,16 +5,20 @@ model's own `enabled`, indexed by (process, thread, row label)) returned for the
 recorded events. It has no matching rules of its own.
 
 Happens-before, with no clock compared across ranks (the trace's coordinates):
-  * program order per (rank, thread) (`i`);
+  * a rank's file order, across all of its threads: the runtime writes a rank's events
+    under one lock in the order it applied their updates (runtime/interp.py), so an
+    event is replayed after every earlier line of its rank, with one exception;
   * each send to the receive with the same directed channel and `chan_i`;
   * each collective event to the other members' events with the same group and `gseq`.
-rank0's comms thread is the one refinement: its control state is a pair (send side,
-receive side) and the runtime keeps a send and a receive in flight together, completing
-whichever finishes first. Its send-side events are ordered among themselves, its
-receive-side events among themselves, and its other rows (comms_done, the error exit)
-after both. A comms event fired out of its recorded pair order is compared on its own
-side of the pair (`_lane_ok`: the trace's reading of the pair state, not a rule of the
-model).
+The exception (`_may_lag`): an earlier line on another thread, or on the other side of a
+pair-state thread (control states "a/b", e.g. rank0's comms thread, which keeps a send
+and a receive in flight together), may still be unreplayed while a send on its own side
+up to it is. The transport completes a send before its receiver posts the receive (gloo,
+model/events.py EAGER_SEND_RULE), so under rendezvous p2p the model's send, and what its
+side did after it, can come after later lines of the rank. A comms event fired out of
+its recorded pair order is compared on its own side of the pair (`_lane_ok`: the
+trace's reading of the pair state, not a rule of the model). The rule reads thread
+indices, state names and op classes only, never a rank or role.
 
 A step: the events that make one transition (the event, its channel partner, or every
 member's event of the collective) must be ready; the model's index at the current state
@@ -24,19 +28,23 @@ recorded messages are the model's (`views.msg_ok`). The trace's coordinates (cha
 must be the model's next ones. Crashes, the watchdog and the abort flag are placed last,
 when nothing else can move; an exit that sets the abort flag too.
 
-Environment rule (one, documented in model/events.py as UNWRITTEN): a rank whose trace
+Environment rules (two, documented in model/events.py). UNWRITTEN: a rank whose trace
 ended without an exit step (killed, failed, released, untraced error exit) may have
 completed, after its last written line, its part of a transition whose other
 participants wrote theirs (a rendezvous send or receive, a collective; buffered: a send
 whose receive the peer wrote). That transition is taken with the ended rank's part being
 whatever row the model enables for it there; the written parts must match exactly.
+EAGER_SEND_RULE: under rendezvous p2p, a recorded send whose receiver is crashed in the
+model (killed, its trace replayed) and received nothing completed in the transport: it
+is the model's `send` transition of the sender's posted row (`events.eager_sends`).
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Optional
 
-from lockstep.model.events import UNWRITTEN
+from lockstep.model.events import UNWRITTEN, eager_sends
 from lockstep.model.ops import Coll, Exit, Local, Recv, Send
 from lockstep.model.properties import (check_progress_at_exit, check_state, check_terminal,
                                        check_transition)
@@ -49,6 +57,7 @@ from .load import Ev, Run, fmt_msg
 from .views import HEADER_KINDS, header_view, local_subject, msg_ok
 
 FIRED, WAIT, BAD = 0, 1, 2
+EAGER = "eager"            # _group: a send to a crashed receiver (EAGER_SEND_RULE)
 OPCLASS = {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit", Local: "local"}
 WINDOW = 64
 _COMM = ("send", "recv", "coll")
@@ -124,6 +133,7 @@ class Replayer:
             cfg = cfg.with_(faults=len(crashed))
         self.cfg = cfg
         self.m = m = Model(cfg)
+        m.posted = _current_posted(m)
         self.n = m.n
         self.s = m.initial_state()
         self.init_pcs = [pr.pcs for pr in self.s.procs]
@@ -143,7 +153,6 @@ class Replayer:
                 f"the reason): {', '.join(m.names[r] for r in errs)}; replayed as released "
                 f"by the abort flag (an uncaught error sets it on the way out)")
         self.nthreads = [len(THREADS[role]) for role in m.roles]
-        self.comms = (0, THREADS["rank0"].index("comms"))
         self.sent = {}            # (src, dst) -> messages sent so far
         self.rcvd = {}            # (src, dst) -> messages received so far
         self.unwritten_sends = set()
@@ -156,24 +165,23 @@ class Replayer:
         m, run = self.m, self.run
         p2p, colls = {}, {}
         self.events = [rt.steps for rt in run.ranks]
-        comms_t = self.comms[1]
         for rt in run.ranks:
             r = rt.rank
-            last = [None, None]           # rank0 comms: latest event on each side
+            latest = {}       # (thread, lane) -> the rank's latest event there
+            sends = {}        # (thread, lane) -> the latest send there
             for ev in rt.steps:
                 ev.done = False               # a Run may be replayed more than once
                 ev.partner = ev.dup = None
-                if r == 0 and ev.t == comms_t:
-                    lane = _lane(ev.src, ev.dst)
-                    ev.lane = lane
-                    if lane is None:
-                        ev.deps = tuple({id(x): x for x in last if x is not None}.values())
-                        last = [ev, ev]
-                    else:
-                        ev.deps = (last[lane],) if last[lane] is not None else ()
-                        last[lane] = ev
-                elif ev.prev is not None:
-                    ev.deps = (ev.prev,)
+                t, lane = ev.t, _lane(ev.src, ev.dst)
+                ev.lane = lane
+                ev.deps = tuple(latest.values())          # every earlier line of the rank
+                key = (t, lane)
+                latest[key] = ev
+                if ev.op == "send":
+                    sends[key] = ev
+                # the sends its own side (a whole thread: both sides) completed before it
+                ev.sends = tuple(x for k, x in sends.items() if k[0] == t and
+                                 (lane is None or k[1] is None or k[1] == lane))
                 op = ev.op
                 if op == "send" or op == "recv":
                     q = m.index.get(ev.peer)
@@ -205,7 +213,7 @@ class Replayer:
     @staticmethod
     def _ready(ev) -> bool:
         for d in ev.deps:
-            if not d.done:
+            if not d.done and not _may_lag(d, ev):
                 return False
         return True
 
@@ -302,6 +310,8 @@ class Replayer:
         if f is None:
             if self._ended(q):
                 return (ev,), (q,)
+            if op == "send" and s.procs[q].status == CRASHED:
+                return (ev,), EAGER             # model/events.py EAGER_SEND_RULE
             return WAIT, lambda: (f"no {'receive' if op == 'send' else 'send'} with "
                                   f"chan_i={ev.chan_i} was recorded by {ev.peer}"
                                   + self._gone(q))
@@ -342,8 +352,13 @@ class Replayer:
             if e is not ev and self._chain(e) is not None:
                 return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
                                          + self._chain(e)())
-        procs = tuple(sorted({e.rank for e in evs}.union(unw)))
-        cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+        if unw is EAGER:
+            unw = ()
+            cands = [tr for tr in eager_sends(self.m, s, ev.rank)
+                     if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label]
+        else:
+            procs = tuple(sorted({e.rank for e in evs}.union(unw)))
+            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
         while not cands and unw and self._unwritten_route(unw, s):
             s = self.s              # an ended rank took a routing step (UNWRITTEN)
             cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
@@ -607,6 +622,11 @@ class Replayer:
             p, _, row = parts[0]
             key = (p, m.index[row.op.peer])
             self.sent[key] = self.sent.get(key, 0) + 1
+            if self.cfg.p2p == "rendezvous":
+                res.notes.append(f"{m.names[p]}: its {row.label} ({evs[0].where()}) "
+                                 f"completed in the transport; its receiver "
+                                 f"{m.names[key[1]]} was killed before receiving it "
+                                 f"(EAGER_SEND_RULE)")
         elif tr.kind == "recv":
             p, _, row = parts[0]
             key = (m.index[row.op.peer], p)
@@ -644,9 +664,13 @@ class Replayer:
         t0 = time.perf_counter()
         res = self.res
         res.events = sum(len(x) for x in self.events)
+        gc_was = gc.isenabled()
+        gc.disable()      # states are acyclic tuples: generational passes only cost time
         try:
             self._loop()
         finally:
+            if gc_was:
+                gc.enable()
             res.seconds = time.perf_counter() - t0
         res.state = self.s
         res.replayed = res.events - sum(self._pending(r) for r in range(self.n))
@@ -692,7 +716,7 @@ class Replayer:
             evs = self.events[r]
             h = self.heads[r]
             for ev in evs[h + 1:h + 1 + self.window]:
-                if not ev.done and ev.op in _COMM and self._ready(ev) and \
+                if not ev.done and ev.op != "exit" and self._ready(ev) and \
                         self.try_fire(ev) == FIRED:
                     return True
         return False
@@ -862,6 +886,39 @@ def replay(run: Run, verify: bool = False) -> ReplayResult:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def _current_posted(m: Model):
+    """Model.posted for a replay, replaced on the replayer's own instance as the
+    explorer replaces it on its own (model/explore.py): the same pure function of (p, pr),
+    kept for each process's current state only, found by identity. A replay visits each
+    process state once, so the model's cache of every state seen (keyed by hashing whole
+    states) would only grow."""
+    compute = m._posted
+    last = [None] * m.n
+
+    def posted(p, pr):
+        hit = last[p]
+        if hit is not None and hit[0] is pr:
+            return hit[1]
+        out = compute(p, pr)
+        last[p] = (pr, out)
+        return out
+    return posted
+
+
+def _may_lag(d, ev) -> bool:
+    """Earlier line `d` of ev's rank may still be unreplayed when ev is replayed: d is on
+    another thread or the other side of ev's pair-state thread, and a send on d's own side
+    up to d is not replayed yet. The transport may complete a send before its receiver
+    posts the receive (gloo: model/events.py EAGER_SEND_RULE), so under rendezvous the
+    model's send, and what its side did after it, may come after later lines."""
+    if d.t == ev.t and (d.lane is None or ev.lane is None or d.lane == ev.lane):
+        return False
+    for x in d.sends:
+        if not x.done:
+            return True
+    return False
+
 
 def _lane(src: str, dst: str):
     """rank0 comms: 0 = send side, 1 = receive side, None = both (a barrier)."""

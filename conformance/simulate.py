@@ -28,7 +28,8 @@ compare them across ranks), monotonic per rank.
 receive in flight together complete in either order, so rank0 may record sending
 envelope k+1 before receiving the rest of result k, while the leader recorded sending
 result k before receiving envelope k+1 (a cycle for a strict rendezvous reading; the
-replayer orders the two sides of the comms thread independently).
+replayer lets a send, and its side's later lines, come after the other side's later
+lines: conformance/replay.py `_may_lag`).
 """
 from __future__ import annotations
 

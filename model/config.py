@@ -7,6 +7,7 @@ never does (counters grow without bound, so the replayer can run thousands of ch
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from .contract import expected_generator_calls
 
@@ -64,9 +65,10 @@ class Config:
             raise ValueError(f"unknown injected faults {sorted(bad)}; known: {INJECTABLE}")
         object.__setattr__(self, "inject", frozenset(self.inject))
 
-    @property
+    @cached_property
     def calls(self) -> int:
-        """expected_generator_calls for every chunk: rank0 decides, the mesh obeys."""
+        """expected_generator_calls for every chunk: rank0 decides, the mesh obeys.
+        Computed once per Config (frozen): guards read it at every step."""
         return expected_generator_calls(self.regime, self.steps)
 
     @property

@@ -125,3 +125,36 @@ a local row with no effect, no choice and no tag that is the only row it has ena
 Nothing else is unwritten: a rank that wrote its exit step wrote every line before it,
 and no other local step, no exit and no communication no other rank recorded is ever
 assumed."""
+
+
+# The trace model's environment rule for a send the transport completed on its own.
+EAGER_SEND_RULE = """\
+Eager send to a killed receiver. Under rendezvous p2p the model fires a send only with
+its receiver's posted receive. The transport may complete a send before that: gloo
+returns from a small frame's send once the bytes are handed to the connection, so the
+sender writes its send line while the receiver is still busy elsewhere (chaos trial 39:
+rank0's envelope header while the leader was sending its result). If the receiver is
+then killed (its trace ends without an exit step and the replay has crashed it: `ended`
+crashed or failed), the frame is never received. Conformance replays such a send, once
+its receiver is crashed in the model and no receive of it was recorded, as the model's
+buffered `send` transition of the sender's posted row (`eager_sends`): the sender's
+guard, message and update are the model's, the frame stays in the channel to the dead
+rank. Nothing else completes eagerly: a send to a receiver that is live in the model
+(it wrote later lines, an exit, or a release) must pair with a receive."""
+
+
+def eager_sends(model, s, p) -> list:
+    """EAGER_SEND_RULE: the sends live process p has posted (guards true, the model's
+    `posted`) to a peer that is crashed in `s`, as `send` transitions carrying the
+    message the row makes. Model.step applies them like a buffered send (the sender's
+    update, the frame appended to the channel). Pure."""
+    from .semantics import CRASHED, LIVE, Tr
+    pr = s.procs[p]
+    if pr.status != LIVE:
+        return []
+    out = []
+    for part in model.posted(p, pr)[1]:
+        row = part[2]
+        if s.procs[model.index[row.op.peer]].status == CRASHED:
+            out.append(Tr("send", (part,), row.make(pr.v, model.cfg)))
+    return out

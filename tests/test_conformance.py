@@ -514,3 +514,152 @@ def test_a_killed_leader_may_have_taken_an_unwritten_routing_step():
     rep = conform(d)
     assert rep.ok, format_report(rep)
     assert "leader: its expect_payload was never written" in format_report(rep)
+
+
+EAGER = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+    "kill_leader_after_eager_send"
+
+
+def test_a_send_to_a_killed_receiver_may_have_completed_in_the_transport():
+    """chaos trial 39 (seed 11): gloo completed rank0's envelope-header send while the
+    leader was still sending its result; then the leader was killed. Nobody received the
+    frame; the ending is model/events.py EAGER_SEND_RULE."""
+    rep = conform(EAGER)
+    assert rep.ok, format_report(rep)
+    assert "rank0: its send_envelope_header (rank0.jsonl line 10) completed in the " \
+        "transport" in format_report(rep)
+
+
+def test_a_send_to_a_live_receiver_that_never_receives_it_is_rejected(tmp_path):
+    """The same traces, but the leader was released (alive in the model until the abort
+    flag) instead of killed: the unreceived send is the first divergence."""
+    d = tmp_path / "run"
+    shutil.copytree(EAGER, d)
+    release = dict(events(d, 2)[-1], rank=1, role="leader")
+    put(d, 1, events(d, 1) + [release], renumber=False)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.line == 10
+    assert div.event.label == "send_envelope_header"
+    assert "enables no send" in div.reason
+
+
+# ---------------------------------------------------------------- file order, bounds
+
+def moved(evs, a, b) -> list:
+    """The events with the one at index a moved to index b (a corrupted file order)."""
+    out = list(evs)
+    out.insert(b, out.pop(a))
+    return out
+
+
+def test_file_order_is_a_total_order_across_threads(tmp_path):
+    """rank0 writes both threads' events under one lock: taking the first envelope
+    (comms) before it is built (main) is rejected at the take, though each thread's own
+    order is intact; moving a take past a decode it does not depend on is accepted."""
+    d = gen(tmp_path, Config(mesh=2, chunks=4), seed=1)
+    evs = events(d, 0)
+    build, take = find(evs, "build_envelope"), find(evs, "take_envelope")
+    assert take == build + 1
+    put(d, 0, moved(evs, take, build), renumber=False)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.label == "take_envelope"
+    assert div.event.line == build + 1 and "guard" in div.reason
+    legal = gen(tmp_path, Config(mesh=2, chunks=4), "legal", seed=1)
+    take, decode = find(evs, "take_envelope", 2), find(evs, "decode_result")
+    assert decode == take + 1
+    put(legal, 0, moved(evs, take, decode), renumber=False)
+    check(legal)
+
+
+def test_envelopes_in_flight_above_d_in_are_rejected(tmp_path):
+    """A third envelope built while two are in flight (D_in = 2): rejected at the build,
+    with the model's queue_bound verdict; built once a result came back: accepted."""
+    cfg = Config(mesh=2, chunks=4)
+    d = gen(tmp_path, cfg, seed=1)
+    evs = events(d, 0)
+    third, back = find(evs, "build_envelope", 2), find(evs, "recv_result_payload")
+    assert back < third
+    put(d, 0, moved(evs, third, back), renumber=True)
+    rep, div = diverges(d)
+    assert div.rank == 0 and div.event.label == "build_envelope"
+    assert div.event.line == back + 1
+    assert "D_in = 2" in div.reason and div.verdict.startswith("queue_bound")
+    legal = gen(tmp_path, cfg, "legal", seed=1)
+    put(legal, 0, moved(evs, third, back + 1), renumber=True)
+    check(legal)
+
+
+def test_results_waiting_above_d_out_are_rejected(tmp_path):
+    """With D_out = 1, a result queued while the previous one is still waiting to be
+    decoded: rejected at the queueing, with queue_bound; decoded just before: accepted."""
+    cfg = Config(mesh=2, chunks=4, d_out=1)
+    d = gen(tmp_path, cfg, seed=1)
+    evs = events(d, 0)
+    decode, queue = find(evs, "decode_result", 2), find(evs, "queue_result", 3)
+    assert decode < queue
+    put(d, 0, moved(evs, decode, queue), renumber=True)
+    rep, div = diverges(d)
+    assert div.rank == 0 and div.event.label == "queue_result"
+    assert div.event.line == queue and div.verdict.startswith("queue_bound")
+    assert rep.verdict("queue_bound").status == "violated"
+    legal = gen(tmp_path, cfg, "legal", seed=1)
+    put(legal, 0, moved(evs, decode, queue - 1), renumber=True)
+    check(legal)
+
+
+def test_an_extra_generator_call_breaks_the_call_count(tmp_path):
+    """A worker that runs one generator call more than the envelope plans: rejected at
+    that worker's line; the same trace as recorded conforms."""
+    cfg = Config(mesh=3, chunks=4, steps=2)
+    d = gen(tmp_path, cfg, seed=2)
+    check(d)
+    evs = events(d, 2)
+    k = find(evs, "generator_call", 1)
+    evs.insert(k, dict(evs[k]))
+    put(d, 2, evs)
+    rep, div = diverges(d)
+    assert div.rank == 2 and div.event.line == k + 2
+    assert div.event.label == "generator_call"
+
+
+def test_call_ids_that_go_back_are_rejected(tmp_path):
+    """The third envelope recorded with the second one's call_id by every rank (the
+    ranks agree with each other, not with the model): rejected at rank0's build."""
+    cfg = Config(mesh=2, chunks=4)
+    d = gen(tmp_path, cfg, seed=1)
+    check(d)
+    first = None
+    for r in range(cfg.world):
+        evs = events(d, r)
+        for k, e in enumerate(evs):
+            m = e.get("msg")
+            if isinstance(m, dict) and m.get("call_id") == 2:
+                m["call_id"] = 1
+                if r == 0 and first is None:
+                    first = k
+        put(d, r, evs, renumber=False)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.line == first + 1
+    assert div.event.label == "build_envelope" and "call_id=2" in div.reason
+
+
+def test_an_eager_send_may_come_after_later_lines_of_its_rank(tmp_path):
+    """A real shutdown_in_flight run: rank0 wrote its SHUTDOWN header send (line 81)
+    before receiving the leader's last result (lines 82-83), which the leader sent before
+    posting the receive. The send lags behind later lines of the other side; a decode
+    moved ahead of the queueing of its result (no send lags there) is still rejected, at
+    the decode."""
+    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+        "shutdown_eager_send_lags"
+    check(src)
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    evs = events(d, 0)
+    last_send = max(k for k, e in enumerate(evs) if e.get("op") == "send")
+    queue = find(evs, "queue_result", -1)
+    decode = find(evs, "decode_result", -1)
+    assert last_send < queue < decode
+    put(d, 0, moved(evs, decode, queue), renumber=True)
+    _, div = diverges(d)
+    assert div.rank == 0 and div.event.line == queue + 1
+    assert div.event.label == "decode_result" and "guard" in div.reason
