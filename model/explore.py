@@ -54,6 +54,7 @@ for every mutation at mesh 2..5, and state counts affine in the mesh size).
 """
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -239,14 +240,29 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
         from .parallel import explore_parallel
         return explore_parallel(model, symmetry=symmetry, workers=workers,
                                 progress=progress)
-    res = _search(model, symmetry, progress, max_states, por, por)
+    res = _without_gc(_search, model, symmetry, progress, max_states, por, por)
     if por and res.violation is not None:
         first = res
-        res = _search(Model(model.cfg), symmetry, progress, max_states, False, False)
+        res = _without_gc(_search, Model(model.cfg), symmetry, progress, max_states,
+                          False, False)
         res.seconds += first.seconds
         res.peak_mb = max(res.peak_mb, first.peak_mb)
         res.por, res.researched = True, True
     return res
+
+
+def _without_gc(fn, *args):
+    """Run fn with the cyclic garbage collector paused. The search allocates millions
+    of tuples and keeps most of them (interned states, memo entries, frontier), none
+    in a reference cycle: every collection pass re-walks them for nothing (about a
+    tenth of the search's time). Collected as usual afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        if was:
+            gc.enable()
 
 
 def _search(model: Model, symmetry: bool, progress: bool, max_states: int,

@@ -439,10 +439,16 @@ class Model:
             hit = posted(p, pr)
             if local_of is None or p in local_of:
                 out += hit[0]
-            sends += hit[1]
-            recvs += hit[2]
+            if hit[1]:
+                sends += hit[1]
+            if hit[2]:
+                recvs += hit[2]
             for grp, entry in hit[3]:
-                colls.setdefault(grp, []).append(entry)
+                entries = colls.get(grp)
+                if entries is None:
+                    colls[grp] = [entry]
+                else:
+                    entries.append(entry)
         return out, sends, recvs, colls
 
     def enabled_of(self, s: State, procs) -> dict:
