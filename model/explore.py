@@ -150,22 +150,22 @@ class Interner:
         posted, apply = model.posted, model._apply
         n, ids, memo_posted, memo_apply = self.n, self.ids, {}, {}
 
+        # Keyed by id() of interned states alone: they are never freed, so no other
+        # live object can have their id (a state that is not interned is not stored).
         def fast_posted(p, pr):
-            i = ids.get(id(pr))
-            if i is None:
-                return posted(p, pr)
-            hit = memo_posted.get(i * n + p)
+            hit = memo_posted.get(id(pr) * n + p)
             if hit is None:
-                hit = memo_posted[i * n + p] = posted(p, pr)
+                hit = posted(p, pr)
+                if id(pr) in ids:
+                    memo_posted[id(pr) * n + p] = hit
             return hit
 
         def fast_apply(pr, t, row, msg):
-            i = ids.get(id(pr))
-            if i is None:
-                return apply(pr, t, row, msg)
-            key = (i, t, id(row), msg)
+            key = (id(pr), t, id(row), msg)
             hit = memo_apply.get(key)
             if hit is None:
+                if id(pr) not in ids:
+                    return apply(pr, t, row, msg)
                 new, abort = apply(pr, t, row, msg)
                 hit = memo_apply[key] = (self.procs[self.intern(new)], abort)
             return hit

@@ -323,16 +323,21 @@ class Model:
     def _collective(self, s, grp, entries, out):
         cfg = self.cfg
         members = self.members[grp]
+        ranks = self.group_rank[grp]
         for p, t, row in entries:
-            if p not in self.group_rank[grp]:
+            if p not in ranks:
                 out.append(self._violation(
                     "collective_mismatch", f"{self._who(p, t)} calls {op_text(row.op)} "
                     f"but is not a member of {grp} (stock torch warns and returns None)",
                     ((p, t, row),)))
                 return
         by_member = {}
-        for p, t, row in entries:
-            by_member.setdefault(p, []).append((p, t, row))
+        for e in entries:
+            mine = by_member.get(e[0])
+            if mine is None:
+                by_member[e[0]] = [e]
+            else:
+                mine.append(e)
         if len(by_member) < len(members):
             return
         sig = {(e[2].op.op, e[2].op.root, e[2].op.kind) for es in by_member.values()
