@@ -301,10 +301,17 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     new_state = tuple.__new__   # State(...) without the NamedTuple's Python __new__
     skip_next = {}
 
-    def successor(s, base, r, tr):
-        """(s2, its canonical pids, its key) for s2 = step(s, tr)."""
+    n = keys.n
+    shift = [field * (n - 1 - p) for p in range(n)]   # where process p's id sits
+    rest_shift = field * n
+
+    def successor(s, k, base, r, tr):
+        """(s2, its canonical pids, rest id, key) for s2 = step(s, tr); k, base, r: s's
+        key, pids and rest id. Where no symmetric place changed, the key is k with
+        the changed fields replaced; else it is packed again."""
         s2 = step(s, tr)
         procs2 = s2.procs
+        c = k
         if procs2 is s.procs:
             ps = base
         elif tr.parts:
@@ -314,19 +321,29 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                 p = part[0]
                 pr = procs2[p]
                 i = ids_get(id(pr))
-                ps[p] = intern(pr) if i is None else i
+                if i is None:
+                    i = intern(pr)
                 if lo <= p < hi:
                     moved = True
+                elif not moved:
+                    c += (i - ps[p]) << shift[p]
+                ps[p] = i
             if moved:
                 ps[lo:hi] = sorted(ps[lo:hi])
+                c = None
         else:
             ps = pids_of(s2)
+            c = None
         if s2.chans is not s.chans or s2.seq is not s.seq or \
                 s2.abort is not s.abort or s2.faults_left != s.faults_left:
-            r = rest_of(s2)
-        c = r
-        for i in ps:
-            c = (c << field) | i
+            r2 = rest_of(s2)
+            if c is not None:
+                c += (r2 - r) << rest_shift
+            r = r2
+        if c is None:
+            c = r
+            for i in ps:
+                c = (c << field) | i
         return s2, ps, r, c
 
     while frontier and found is None:
@@ -360,24 +377,25 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                 else:
                     amp = ample(s, trs, base)
                     if amp is not trs:
-                        if twins and s.faults_left:
+                        if twins and s.faults_left and \
+                                len(set(base[lo:hi])) < hi - lo:
                             amp = one_crash_per_twin(amp, base, lo, hi)
                         succ = []
                         for tr in amp:
-                            s2, ps, r2, c = successor(s, base, r, tr)
+                            s2, ps, r2, c = successor(s, k, base, r, tr)
                             if c in parent and c not in fresh:
                                 succ = None     # cycle proviso: expand s fully
                                 break
                             succ.append((tr, s2, ps, r2, c))
             if succ is None:
                 succ = []
-                if twins and s.faults_left:
+                if twins and s.faults_left and len(set(base[lo:hi])) < hi - lo:
                     trs = one_crash_per_twin(trs, base, lo, hi)
                 for tr in trs:
                     if tr.kind == "violation":
                         succ.append((tr, None, None, None, None))
                         break
-                    succ.append((tr, *successor(s, base, r, tr)))
+                    succ.append((tr, *successor(s, k, base, r, tr)))
             for tr, s2, ps, r2, c in succ:
                 transitions += 1
                 if s2 is None:
