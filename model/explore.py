@@ -37,8 +37,8 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
   compact keys   process states repeat across millions of global states: each distinct
              one is interned to an int, and a global state is stored as one int that
              packs its process ids and its interned channels/sequence numbers/abort
-             flag/fault budget. Frontiers hold keys too and states are rebuilt from them
-             when expanded. The model's per-process work (rows posted, a row's successor
+             flag/fault budget. Frontiers hold (key, rest id, pids), and states are
+             rebuilt from those when expanded. The model's per-process work (rows posted, a row's successor
              process state) is memoised on interned states, and the state invariants
              (rank0 only) are judged once per distinct rank0 state. Rejected: keeping
              `State` objects as keys (each lookup rehashes every nested tuple: the
