@@ -27,12 +27,18 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
              crashing p right after p's own local step reaches exactly the state that
              crashing p before the step reached (from the parent, where the crash was
              expanded: it is in every ample set p's step is in). The search skips it.
-             Not for a symmetric worker, whose place moves under the canonical sort.
+             For a symmetric worker, whose place moves under the canonical sort, it
+             skips the crash of every place holding p's new state (any of them gives
+             the same canonical state).
+  one crash per twin (with `por` and symmetry)   crashing either of two symmetric
+             workers in the same local state reaches the same canonical state; of the
+             transitions chosen for a state, only one such crash is expanded. Fewer
+             transitions, the same states.
   compact keys   process states repeat across millions of global states: each distinct
              one is interned to an int, and a global state is stored as one int that
              packs its process ids and its interned channels/sequence numbers/abort
-             flag/fault budget. Frontiers hold keys too and states are rebuilt from them
-             when expanded. The model's per-process work (rows posted, a row's successor
+             flag/fault budget. Frontiers hold (key, rest id, pids), and states are
+             rebuilt from those when expanded. The model's per-process work (rows posted, a row's successor
              process state) is memoised on interned states, and the state invariants
              (rank0 only) are judged once per distinct rank0 state. Rejected: keeping
              `State` objects as keys (each lookup rehashes every nested tuple: the
@@ -48,6 +54,7 @@ for every mutation at mesh 2..5, and state counts affine in the mesh size).
 """
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -143,22 +150,22 @@ class Interner:
         posted, apply = model.posted, model._apply
         n, ids, memo_posted, memo_apply = self.n, self.ids, {}, {}
 
+        # Keyed by id() of interned states alone: they are never freed, so no other
+        # live object can have their id (a state that is not interned is not stored).
         def fast_posted(p, pr):
-            i = ids.get(id(pr))
-            if i is None:
-                return posted(p, pr)
-            hit = memo_posted.get(i * n + p)
+            hit = memo_posted.get(id(pr) * n + p)
             if hit is None:
-                hit = memo_posted[i * n + p] = posted(p, pr)
+                hit = posted(p, pr)
+                if id(pr) in ids:
+                    memo_posted[id(pr) * n + p] = hit
             return hit
 
         def fast_apply(pr, t, row, msg):
-            i = ids.get(id(pr))
-            if i is None:
-                return apply(pr, t, row, msg)
-            key = (i, t, id(row), msg)
+            key = (id(pr), t, id(row), msg)
             hit = memo_apply.get(key)
             if hit is None:
+                if id(pr) not in ids:
+                    return apply(pr, t, row, msg)
                 new, abort = apply(pr, t, row, msg)
                 hit = memo_apply[key] = (self.procs[self.intern(new)], abort)
             return hit
@@ -185,29 +192,19 @@ class Interner:
             out[lo:hi] = sorted(out[lo:hi])
         return out
 
-    def pids_after(self, base: list, s2: State, tr: Tr) -> list:
-        """pids of s2 = step(s, tr), from `base`, the pids of s in s's own order:
-        only the participants of tr change (the abort release changes everyone)."""
-        if not tr.parts:
-            return self.pids(s2)
-        ids, out = self.ids, list(base)
-        procs = s2.procs
-        for part in tr.parts:
-            p = part[0]
-            pr = procs[p]
-            i = ids.get(id(pr))
-            out[p] = self.intern(pr) if i is None else i
-        if self.sym:
-            lo, hi = self.sym
-            out[lo:hi] = sorted(out[lo:hi])
-        return out
-
-    def key(self, s: State, pids: list) -> int:
+    def rest_id(self, s: State) -> int:
+        """The interned id of s's channels, sequence numbers, abort flag and budget."""
         rest = (s.chans, s.seq, s.abort, s.faults_left)
         k = self.rest_ids.get(rest)
         if k is None:
             k = self.rest_ids[rest] = len(self.rests)
             self.rests.append(rest)
+        return k
+
+    def key(self, s: State, pids: list) -> int:
+        return self.pack(self.rest_id(s), pids)
+
+    def pack(self, k: int, pids: list) -> int:
         f = self.FIELD
         for i in pids:
             k = (k << f) | i
@@ -243,14 +240,29 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
         from .parallel import explore_parallel
         return explore_parallel(model, symmetry=symmetry, workers=workers,
                                 progress=progress)
-    res = _search(model, symmetry, progress, max_states, por, por)
+    res = _without_gc(_search, model, symmetry, progress, max_states, por, por)
     if por and res.violation is not None:
         first = res
-        res = _search(Model(model.cfg), symmetry, progress, max_states, False, False)
+        res = _without_gc(_search, Model(model.cfg), symmetry, progress, max_states,
+                          False, False)
         res.seconds += first.seconds
         res.peak_mb = max(res.peak_mb, first.peak_mb)
         res.por, res.researched = True, True
     return res
+
+
+def _without_gc(fn, *args):
+    """Run fn with the cyclic garbage collector paused. The search allocates millions
+    of tuples and keeps most of them (interned states, memo entries, frontier), none
+    in a reference cycle: every collection pass re-walks them for nothing (about a
+    tenth of the search's time). Collected as usual afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return fn(*args)
+    finally:
+        if was:
+            gc.enable()
 
 
 def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
@@ -259,32 +271,89 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     storing the state in between (it has one transition and no choice), and do not
     crash a process again right after its own local step (the crash overwrites the
     process, so it reaches the state the crash before that step reached; a symmetric
-    worker is exempt, its place moves when the state is made canonical)."""
+    worker is exempt, its place moves when the state is made canonical).
+
+    The frontier holds (key, rest id, pids) of each state, so expanding one rebuilds
+    its `State` from interned parts without decoding the key. A successor's pids are
+    its parent's with the participants' entries replaced, and its rest id is the
+    parent's when step() kept the parent's channels, sequence numbers, flag and budget
+    (identity checks on what step returned: nothing here knows which kinds change what)."""
     t0 = time.perf_counter()
     keys = Interner(model, symmetry)
     ample = Ample(model) if por else None
     tagged = {id(r) for table in model.tables for rows_by_pc in table
               for rows in rows_by_pc.values() for r in rows if r.tags}
     s0 = model.initial_state()
-    init = keys.key(s0, keys.pids(s0))
+    pids0 = keys.pids(s0)
+    r_init = keys.rest_id(s0)
+    init = keys.pack(r_init, pids0)
     parent = {init: None}
-    frontier = [init]
+    frontier = [(init, r_init, pids0)]
     transitions = terminals = depth = 0
     last_report = t0
     found = None
-    enabled, step, state_of = model.enabled, model.step, keys.state
-    pids_of, key_of, r0_bad = keys.pids, keys.key, keys.rank0_violation
-    after, r0_seen = keys.pids_after, keys.checked
+    enabled, step = model.enabled, model.step
+    pids_of, rest_of, r0_bad = keys.pids, keys.rest_id, keys.rank0_violation
+    r0_seen, ids_get, intern = keys.checked, keys.ids.get, keys.intern
+    pool, rests, field = keys.procs, keys.rests, keys.FIELD
     lo, hi = keys.sym or (0, 0)
+    twins = keys.sym is not None and compress
+    new_state = tuple.__new__   # State(...) without the NamedTuple's Python __new__
     skip_next = {}
+
+    n = keys.n
+    shift = [field * (n - 1 - p) for p in range(n)]   # where process p's id sits
+    rest_shift = field * n
+
+    def successor(s, k, base, r, tr):
+        """(s2, its canonical pids, rest id, key) for s2 = step(s, tr); k, base, r: s's
+        key, pids and rest id. Where no symmetric place changed, the key is k with
+        the changed fields replaced; else it is packed again."""
+        s2 = step(s, tr)
+        procs2 = s2.procs
+        c = k
+        if procs2 is s.procs:
+            ps = base
+        elif tr.parts:
+            ps = base.copy()
+            moved = False
+            for part in tr.parts:
+                p = part[0]
+                pr = procs2[p]
+                i = ids_get(id(pr))
+                if i is None:
+                    i = intern(pr)
+                if lo <= p < hi:
+                    moved = True
+                elif not moved:
+                    c += (i - ps[p]) << shift[p]
+                ps[p] = i
+            if moved:
+                ps[lo:hi] = sorted(ps[lo:hi])
+                c = None
+        else:
+            ps = pids_of(s2)
+            c = None
+        if s2.chans is not s.chans or s2.seq is not s.seq or \
+                s2.abort is not s.abort or s2.faults_left != s.faults_left:
+            r2 = rest_of(s2)
+            if c is not None:
+                c += (r2 - r) << rest_shift
+            r = r2
+        if c is None:
+            c = r
+            for i in ps:
+                c = (c << field) | i
+        return s2, ps, r, c
+
     while frontier and found is None:
         nxt = []
         fresh = set() if por else None
         skip, skip_next = skip_next, {}
-        for k in frontier:
-            s, base = state_of(k)
+        for k, r, base in frontier:
+            s = new_state(State, (tuple([pool[i] for i in base]), *rests[r]))
             trs = enabled(s)
-            if not trs or all(tr.kind == "crash" for tr in trs):
+            if not trs or trs[0].kind == "crash" and all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
                 # terminal state too, or a crash budget would hide every fault-free hang
                 # (found by the SPIN cross-check); the crashes are still explored.
@@ -301,28 +370,33 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     trs = [tr for tr in trs if tr.kind != "crash" or
                            not gone >> tr.parts[0][0] & 1]
             succ = None
-            if ample is not None and not any(tr.kind == "violation" for tr in trs):
-                amp = ample(s, trs, base)
-                if amp is not trs:
-                    succ = []
-                    for tr in amp:
-                        s2 = step(s, tr)
-                        ps = after(base, s2, tr)
-                        c = key_of(s2, ps)
-                        if c in parent and c not in fresh:
-                            succ = None     # cycle proviso: expand s fully
-                            break
-                        succ.append((tr, s2, ps, c))
-            if succ is None:
-                succ = []
+            if ample is not None:
                 for tr in trs:
                     if tr.kind == "violation":
-                        succ.append((tr, None, None, None))
                         break
-                    s2 = step(s, tr)
-                    ps = after(base, s2, tr)
-                    succ.append((tr, s2, ps, key_of(s2, ps)))
-            for tr, s2, ps, c in succ:
+                else:
+                    amp = ample(s, trs, base)
+                    if amp is not trs:
+                        if twins and s.faults_left and \
+                                len(set(base[lo:hi])) < hi - lo:
+                            amp = one_crash_per_twin(amp, base, lo, hi)
+                        succ = []
+                        for tr in amp:
+                            s2, ps, r2, c = successor(s, k, base, r, tr)
+                            if c in parent and c not in fresh:
+                                succ = None     # cycle proviso: expand s fully
+                                break
+                            succ.append((tr, s2, ps, r2, c))
+            if succ is None:
+                succ = []
+                if twins and s.faults_left and len(set(base[lo:hi])) < hi - lo:
+                    trs = one_crash_per_twin(trs, base, lo, hi)
+                for tr in trs:
+                    if tr.kind == "violation":
+                        succ.append((tr, None, None, None, None))
+                        break
+                    succ.append((tr, *successor(s, k, base, r, tr)))
+            for tr, s2, ps, r2, c in succ:
                 transitions += 1
                 if s2 is None:
                     found = (k, tr, tr.info)
@@ -357,18 +431,25 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     if v:
                         found = (k, tr, v)
                         break
-                    c = key_of(s2, ps)
+                    r2 = rest_of(s2)
+                    c = keys.pack(r2, ps)
                 if c not in parent:
                     parent[c] = k
-                    nxt.append(c)
+                    nxt.append((c, r2, ps))
                     if fresh is not None:
                         fresh.add(c)
                     if compress and tr.kind == "local" and s.faults_left:
+                        # A crash overwrites the whole process: after a local step
+                        # of p, crash(p) reaches the state crash(p) reached from s.
                         p = tr.parts[0][0]
                         if not lo <= p < hi:
-                            # A crash overwrites the whole process: after a local step
-                            # of p, crash(p) reaches the state crash(p) reached from s.
                             skip_next[c] = 1 << p
+                        else:
+                            # A symmetric worker: p's place in c is any place holding
+                            # its new state (crashing a twin of it is the same state).
+                            x = ids_get(id(s2.procs[p]))
+                            skip_next[c] = sum(1 << j for j in range(lo, hi)
+                                               if ps[j] == x)
             if found:
                 break
             if progress:
@@ -396,9 +477,25 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
         while parent[chain[-1]] is not None:
             chain.append(parent[chain[-1]])
         chain.reverse()
-        res.steps = counterexample(model, lambda s: key_of(s, pids_of(s)), chain,
-                                   state_of(k)[0], tr, v)
+        res.steps = counterexample(model, lambda s: keys.key(s, pids_of(s)), chain,
+                                   keys.state(k)[0], tr, v)
     return res
+
+
+def one_crash_per_twin(trs: list, base: list, lo: int, hi: int) -> list:
+    """Crashing either of two symmetric workers (places lo..hi-1) in the same state
+    reaches the same canonical state: keep one crash per distinct worker state. `base`
+    holds the interned ids of the state's processes."""
+    out, crashed = [], set()
+    for tr in trs:
+        if tr.kind == "crash":
+            p = tr.parts[0][0]
+            if lo <= p < hi:
+                if base[p] in crashed:
+                    continue
+                crashed.add(base[p])
+        out.append(tr)
+    return out
 
 
 def counterexample(model: Model, key, chain: list, last: State, tr: Optional[Tr],

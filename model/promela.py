@@ -1367,14 +1367,14 @@ FINGERPRINTS: dict = {
     'properties.check_transition': '0391912828',
     'semantics.Model._apply': '604653a47b',
     'semantics.Model._buffered': '85e9058544',
-    'semantics.Model._collective': 'e732251a76',
+    'semantics.Model._collective': 'cb49c9d910',
     'semantics.Model._compile': '18b412d84a',
-    'semantics.Model._rendezvous': '47e6ba3379',
+    'semantics.Model._rendezvous': '4c1784bc96',
     'semantics.Model._start_pcs': '107462b654',
-    'semantics.Model.enabled': '1c61f2121c',
+    'semantics.Model.enabled': '4581e9f948',
     'semantics.Model.initial_state': '3aec8803a7',
     'semantics.Model.posted': 'e651e607c2',
-    'semantics.Model.step': '54d4914db8',
+    'semantics.Model.step': '4ddfb1cb28',
     'semantics.Model.watchdog_enabled': 'd6706b61f2',
 }
 

@@ -101,14 +101,42 @@ class Ample:
                       for grp, members in model.members.items()}
         self._partners = {}
         self._groups = {}
+        self._closed = {}   # the processes' partners (a tuple) -> their closed groups
 
     def partners(self, p, pr, pid):
-        """Cached per interned process state `pid` (model.explore.Interner)."""
+        """Cached per interned process state `pid` (model.explore.Interner): None for a
+        process that is not live, else (peers mask, masks of its collectives' groups)."""
         key = pid * self.n + p
-        hit = self._partners.get(key)
-        if hit is None:
-            hit = self._partners[key] = partners(self.model, p, pr)
+        hit = self._partners.get(key, self)
+        if hit is self:
+            if pr.status != LIVE:
+                hit = None
+            else:
+                peers, groups = partners(self.model, p, pr)
+                hit = (peers, tuple(self.masks.get(grp, 0) for grp in groups))
+            self._partners[key] = hit
         return hit
+
+    @staticmethod
+    def _near(mine: tuple) -> tuple:
+        """Each live process's partner mask (None if not live), from its partners."""
+        live = 0
+        for p, hit in enumerate(mine):
+            if hit is not None:
+                live |= 1 << p
+        near = []
+        for p, hit in enumerate(mine):
+            if hit is None:
+                near.append(None)
+                continue
+            peers, gmasks = hit
+            for gm in gmasks:
+                # A collective completes only when every member enters it: with a
+                # member gone it never will, so it ties p to nobody.
+                if gm & live == gm:
+                    peers |= gm
+            near.append(peers & ~(1 << p))
+        return tuple(near)
 
     def groups(self, near: tuple) -> list:
         """The closed groups (bit masks) containing each live process, smallest first;
@@ -139,36 +167,33 @@ class Ample:
         are the interned ids of s's process states (model.explore.Interner)."""
         if s.abort or len(trs) < 2:
             return trs
-        procs = s.procs
-        live = 0
-        for p, pr in enumerate(procs):
-            if pr.status == LIVE:
-                live |= 1 << p
-        near = []
-        for p, pr in enumerate(procs):
-            if not live >> p & 1:
-                near.append(None)
-                continue
-            peers, colls = self.partners(p, pr, pids[p])
-            for grp in colls:
-                # A collective completes only when every member enters it: with a
-                # member gone it never will, so it ties p to nobody.
-                gm = self.masks.get(grp, 0)
-                if gm & live == gm:
-                    peers |= gm
-            near.append(peers & ~(1 << p))
-        groups = self.groups(tuple(near))
+        procs, partners, cache, n = s.procs, self.partners, self._partners, self.n
+        mine = []
+        for p, i in enumerate(pids):
+            hit = cache.get(i * n + p, cache)
+            mine.append(partners(p, procs[p], i) if hit is cache else hit)
+        mine = tuple(mine)
+        groups = self._closed.get(mine)
+        if groups is None:
+            groups = self._closed[mine] = self.groups(self._near(mine))
         if not groups:
             return trs
         owner = []
         for tr in trs:
-            m = 0
-            for part in tr.parts:
-                m |= 1 << part[0]
-            owner.append(m)
-        best = trs
+            parts = tr.parts
+            if len(parts) == 1:
+                owner.append(1 << parts[0][0])
+            else:
+                m = 0
+                for part in parts:
+                    m |= 1 << part[0]
+                owner.append(m)
+        best, size = trs, len(trs)
         for g in groups:
             amp = [tr for tr, m in zip(trs, owner) if m and m & g == m]
-            if len(amp) < len(best) and any(tr.kind != "crash" for tr in amp):
-                best = amp
+            if len(amp) < size:
+                for tr in amp:
+                    if tr.kind != "crash":
+                        best, size = amp, len(amp)
+                        break
         return best

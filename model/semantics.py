@@ -52,6 +52,7 @@ LIVE, OK, ERROR, CRASHED, ABORTED = "live", "ok", "error", "crashed", "aborted"
 FINAL_STATUSES = (OK, ERROR, CRASHED, ABORTED)
 DEAD_THREAD = "dead"
 GROUPS = (WORLD, MESH)
+_MOVES = frozenset(("local", "exit", "p2p", "send", "recv", "coll"))
 
 
 class Proc(NamedTuple):
@@ -67,6 +68,9 @@ class State(NamedTuple):
     seq: tuple          # collective sequence number per group, in GROUPS order
     abort: str          # "" or the reason written to the abort flag
     faults_left: int
+
+
+KILLED = Proc(CRASHED, (), None, "killed (crash fault)")   # every crashed process
 
 
 class Tr(NamedTuple):
@@ -107,6 +111,12 @@ class Model:
         self.sym = (first, last) if last - first >= 2 else None
         self._rows_cache = {}
         self._watchdog = self._watchdog_enabled()
+        # Transitions and process states that recur in millions of states are built
+        # once: the crash of each process, the watchdog per (gone process, status),
+        # the abort release and the released process per abort reason.
+        self._crash = tuple(Tr("crash", ((p, None, None),)) for p in range(self.n))
+        self._watchdog_trs = {}
+        self._release = {}
 
     def _targets_one_rank(self) -> bool:
         from .mutations import MUTATIONS
@@ -163,34 +173,54 @@ class Model:
     # ------------------------------------------------------------------ enabled
     def enabled(self, s: State) -> list:
         """Every transition enabled in `s`, violations included. Deterministic order."""
-        cfg = self.cfg
-        if s.abort:
-            if any(pr.status == LIVE for pr in s.procs):
-                return [Tr("abort", (), None, s.abort)]
-            return []
         procs = s.procs
+        if s.abort:
+            for pr in procs:
+                if pr.status == LIVE:
+                    return [self._released(s.abort)[0]]
+            return []
         out, sends, recvs, colls = self._gather(procs, None)
         if sends or recvs:
-            if cfg.p2p == "rendezvous":
+            if self.cfg.p2p == "rendezvous":
                 self._rendezvous(s, sends, recvs, out)
             else:
                 self._buffered(s, sends, recvs, out)
         for grp, entries in colls.items():
             self._collective(s, grp, entries, out)
         if s.faults_left > 0:
-            out += [Tr("crash", ((p, None, None),)) for p, pr in enumerate(procs)
-                    if pr.status == LIVE]
-        if self.watchdog_enabled():
-            gone = [p for p, pr in enumerate(procs) if pr.status in (CRASHED, ERROR)]
-            if gone and any(pr.status == LIVE for pr in procs):
-                p = gone[0]
-                # Name the role, not the index, of an interchangeable worker: the abort
-                # reason is part of the state and must not break the symmetry.
-                who = self.roles[p] if self.sym and self.sym[0] <= p < self.sym[1] \
-                    else self.names[p]
-                out.append(Tr("watchdog", (), None,
-                              f"heartbeat of {who} lost ({procs[p].status})"))
+            crash = self._crash
+            out += [crash[p] for p, pr in enumerate(procs) if pr.status == LIVE]
+        if self._watchdog:
+            gone = live = None
+            for p, pr in enumerate(procs):
+                st = pr.status
+                if st == LIVE:
+                    live = True
+                elif gone is None and (st == CRASHED or st == ERROR):
+                    gone = p
+            if gone is not None and live:
+                out.append(self._watchdog_tr(gone, procs[gone].status))
         return out
+
+    def _watchdog_tr(self, p, status):
+        hit = self._watchdog_trs.get((p, status))
+        if hit is None:
+            # Name the role, not the index, of an interchangeable worker: the abort
+            # reason is part of the state and must not break the symmetry.
+            who = self.roles[p] if self.sym and self.sym[0] <= p < self.sym[1] \
+                else self.names[p]
+            hit = self._watchdog_trs[(p, status)] = Tr(
+                "watchdog", (), None, f"heartbeat of {who} lost ({status})")
+        return hit
+
+    def _released(self, abort):
+        """(the abort release transition, the state of a process it releases)."""
+        hit = self._release.get(abort)
+        if hit is None:
+            hit = self._release[abort] = (
+                Tr("abort", (), None, abort),
+                Proc(ABORTED, (), None, f"released by abort flag: {abort}"))
+        return hit
 
     def posted(self, p, pr):
         """(local, sends, recvs, colls) that live process p offers in local state pr;
@@ -263,7 +293,7 @@ class Model:
                     ((p, t, row), kind_ok[0])))
                 continue
             for part in taken:
-                out.append(Tr("p2p", ((p, t, row), part), msg))
+                out.append(_new(Tr, ("p2p", ((p, t, row), part), msg, None)))
 
     def _buffered(self, s, sends, recvs, out):
         cfg = self.cfg
@@ -293,16 +323,21 @@ class Model:
     def _collective(self, s, grp, entries, out):
         cfg = self.cfg
         members = self.members[grp]
+        ranks = self.group_rank[grp]
         for p, t, row in entries:
-            if p not in self.group_rank[grp]:
+            if p not in ranks:
                 out.append(self._violation(
                     "collective_mismatch", f"{self._who(p, t)} calls {op_text(row.op)} "
                     f"but is not a member of {grp} (stock torch warns and returns None)",
                     ((p, t, row),)))
                 return
         by_member = {}
-        for p, t, row in entries:
-            by_member.setdefault(p, []).append((p, t, row))
+        for e in entries:
+            mine = by_member.get(e[0])
+            if mine is None:
+                by_member[e[0]] = [e]
+            else:
+                mine.append(e)
         if len(by_member) < len(members):
             return
         sig = {(e[2].op.op, e[2].op.root, e[2].op.kind) for es in by_member.values()
@@ -338,7 +373,7 @@ class Model:
                 choices.append(taken)
             else:
                 for parts in product(*choices):
-                    out.append(Tr("coll", parts, value))
+                    out.append(_new(Tr, ("coll", parts, value, None)))
 
     def _violation(self, prop, detail, parts):
         return Tr("violation", tuple(parts), None, Violation(prop, detail))
@@ -350,14 +385,15 @@ class Model:
     # ------------------------------------------------------------------ step
     def step(self, s: State, tr: Tr) -> State:
         """The successor of `s` under enabled transition `tr` (pure)."""
-        cfg = self.cfg
         kind = tr.kind
-        procs = list(s.procs)
         chans, seq, abort, faults = s.chans, s.seq, s.abort, s.faults_left
-        if kind in ("local", "exit", "p2p", "send", "recv", "coll"):
+        if kind in _MOVES:
+            procs = list(s.procs)
+            apply, msg = self._apply, tr.msg
             for p, t, row in tr.parts:
-                procs[p], new_abort = self._apply(procs[p], t, row, tr.msg)
-                abort = abort or new_abort
+                procs[p], new_abort = apply(procs[p], t, row, msg)
+                if new_abort and not abort:
+                    abort = new_abort
             if kind == "send":
                 p, t, row = tr.parts[0]
                 ci = self.chan_index[(p, self.index[row.op.peer])]
@@ -369,18 +405,19 @@ class Model:
             elif kind == "coll":
                 gi = GROUPS.index(tr.parts[0][2].op.group)
                 seq = _set(seq, gi, seq[gi] + 1)
+            procs = tuple(procs)
         elif kind == "crash":
             p = tr.parts[0][0]
-            procs[p] = Proc(CRASHED, (), None, "killed (crash fault)")
+            procs = _set(s.procs, p, KILLED)
             faults -= 1
         elif kind == "watchdog":
-            abort = tr.info
+            procs, abort = s.procs, tr.info
         elif kind == "abort":
-            procs = [Proc(ABORTED, (), None, f"released by abort flag: {abort}")
-                     if pr.status == LIVE else pr for pr in procs]
+            gone = self._released(abort)[1]
+            procs = tuple(gone if pr.status == LIVE else pr for pr in s.procs)
         else:
             raise ValueError(f"cannot step a {kind} transition")
-        return State(tuple(procs), chans, seq, abort, faults)
+        return _new(State, (procs, chans, seq, abort, faults))
 
     def _apply(self, pr: Proc, t, row, msg):
         v = pr.v
@@ -407,10 +444,16 @@ class Model:
             hit = posted(p, pr)
             if local_of is None or p in local_of:
                 out += hit[0]
-            sends += hit[1]
-            recvs += hit[2]
+            if hit[1]:
+                sends += hit[1]
+            if hit[2]:
+                recvs += hit[2]
             for grp, entry in hit[3]:
-                colls.setdefault(grp, []).append(entry)
+                entries = colls.get(grp)
+                if entries is None:
+                    colls[grp] = [entry]
+                else:
+                    entries.append(entry)
         return out, sends, recvs, colls
 
     def enabled_of(self, s: State, procs) -> dict:
@@ -470,6 +513,11 @@ class Model:
         if tr.msg is not None:
             line += f"  {_msg(tr.msg)}"
         return line
+
+
+# A NamedTuple's generated __new__ is a Python-level call; the hot paths build
+# states and transitions with tuple.__new__ (the same object, a third of the cost).
+_new = tuple.__new__
 
 
 def _set(tup, i, val):

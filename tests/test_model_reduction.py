@@ -5,9 +5,11 @@ multiprocess search agrees with the serial one, and verdicts carry across mesh s
 with state counts that grow as predicted (docs/model-check.md, "Every mesh size")."""
 import pytest
 
+import lockstep.model.explore as explore_mod
 import lockstep.model.reduction as reduction
 from lockstep.model.check import manifest_entries
 from lockstep.model.config import Config
+from lockstep.model.crosscheck import compare, spin_available
 from lockstep.model.explore import _search, explore
 from lockstep.model.mutations import MUTATIONS, mutation_config
 from lockstep.model.semantics import Model
@@ -104,3 +106,31 @@ def test_mutation_verdicts_are_the_same_for_every_mesh_size(name):
     verdicts = {explore(Model(mutation_config(Config(mesh=m, chunks=2), name))).verdict
                 for m in range(2, 6)}
     assert verdicts == {MUTATIONS[name].expected}
+
+
+def test_one_crash_per_twin_removes_transitions_not_states(monkeypatch):
+    """Crashing either of two workers in the same state reaches one canonical state:
+    the rule drops the duplicate crash, never a state. The same comparison catches a
+    rule that drops a crash with no twin."""
+    cfg = Config(mesh=4, chunks=2, faults=2)
+    with_rule = _raw(cfg, True)
+    monkeypatch.setattr(explore_mod, "one_crash_per_twin", lambda trs, base, lo, hi: trs)
+    without = _raw(cfg, True)
+    assert with_rule.states == without.states
+    assert with_rule.transitions < without.transitions
+    monkeypatch.setattr(explore_mod, "one_crash_per_twin", lambda trs, base, lo, hi: [
+        t for t in trs if t.kind != "crash" or not lo <= t.parts[0][0] < hi])
+    assert _raw(cfg, True).states < without.states
+
+
+@pytest.mark.skipif(not spin_available(), reason="needs spin and a C compiler")
+def test_the_spin_crosscheck_compares_unreduced_counts():
+    """SPIN runs with -DNOREDUCE, so the lockstep count beside it must be the plain
+    interleaving count (no symmetry, no partial-order reduction), not the default
+    search's; the default search is reported beside it."""
+    cfg = Config(mesh=2, chunks=2, hard_cut=True, faults=1)
+    row = compare("cut_fault", cfg, coverage=False, cc_opt="-O0")
+    unreduced = explore(Model(cfg), symmetry=False, por=False)
+    assert (row.lock.states, row.lock.por, row.lock.symmetry) == \
+        (unreduced.states, False, False)
+    assert row.lock_sym.states < row.lock.states and row.lock_sym.por
