@@ -64,7 +64,8 @@ def _labels(model, pred) -> set:
 
 def idle_breakdown(run, warmup: int = 3) -> IdleBreakdown:
     from lockstep.model.semantics import Model
-    model = Model(run.cfg)
+    from lockstep.model.tables import shipped_tables
+    model = Model(run.cfg, shipped_tables())
     ends = _labels(model, lambda r: "phase_b_done" in r.tags)
     starts = _labels(model, lambda r: isinstance(r.op, Coll) and r.op.kind == COUNTS)
     out = IdleBreakdown()

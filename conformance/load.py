@@ -28,10 +28,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Optional
 
-from lockstep.model.check import config_from_dict
-from lockstep.model.config import Config
+from lockstep.model.config import Config, config_from_dict
 from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
-from lockstep.model.tables import THREADS
+from lockstep.model.tables import THREADS, shipped_tables
 
 try:                      # a fast parser when installed (pyproject: orjson); same JSON
     from orjson import loads as _fast_loads
@@ -179,7 +178,7 @@ def load_config(run_dir: Path) -> tuple:
         meta = json.loads(p.read_text())
     except FileNotFoundError:
         raise TraceError(p, 0, "run.json", "missing: the run directory needs the model "
-                         "configuration (model.check.config_to_dict)") from None
+                         "configuration (model.config.config_to_dict)") from None
     except ValueError as e:
         raise TraceError(p, 0, "run.json", f"not JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -205,7 +204,7 @@ def load_run(run_dir, cfg: Optional[Config] = None) -> Run:
     if cfg is None:
         cfg, meta = load_config(run_dir)
     from lockstep.model.semantics import Model
-    model = Model(cfg)
+    model = Model(cfg, shipped_tables())
     world = model.n
     files = {}
     for p in run_dir.iterdir():

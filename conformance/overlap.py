@@ -132,7 +132,8 @@ def emit_events(run: Run) -> list:
     """rank0's emitting step events that carry the overlap measurements."""
     from .report import _rows_with
     from lockstep.model.semantics import Model
-    emit = _rows_with(Model(run.cfg), lambda r: "emit" in r.tags)
+    from lockstep.model.tables import shipped_tables
+    emit = _rows_with(Model(run.cfg, shipped_tables()), lambda r: "emit" in r.tags)
     return [ev for ev in run.ranks[0].steps
             if ev.label in emit and ev.meas and all(
                 type(ev.meas.get(f)) in (int, float) for f in MEAS_FIELDS[:4]) and all(

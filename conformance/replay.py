@@ -50,7 +50,7 @@ from lockstep.model.properties import (check_progress_at_exit, check_state, chec
                                        check_transition)
 from lockstep.model.semantics import (ABORTED, CRASHED, DEAD_THREAD, ERROR, FINAL, GROUPS,
                                       LIVE, Model, State, Tr)
-from lockstep.model.tables import THREADS
+from lockstep.model.tables import THREADS, shipped_tables
 
 from .explain import guard_words, msg_diff
 from .load import Ev, Run, fmt_msg
@@ -132,7 +132,7 @@ class Replayer:
         if len(crashed) > cfg.faults:
             cfg = cfg.with_(faults=len(crashed))
         self.cfg = cfg
-        self.m = m = Model(cfg)
+        self.m = m = Model(cfg, shipped_tables())
         m.posted = _current_posted(m)
         self.n = m.n
         self.s = m.initial_state()

@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lockstep.model.check import config_to_dict
-from lockstep.model.config import Config
+from lockstep.model.config import Config, config_to_dict
 from lockstep.model.events import msg_to_json
 from lockstep.model import policy as P
 from lockstep.model.ops import GEN, Coll, Exit, Local, Recv, Send
 from lockstep.model.semantics import LIVE, Model
-from lockstep.model.tables import THREADS, shipped_rows
+from lockstep.model.tables import THREADS, shipped_rows, shipped_tables
 
 from .views import local_subject, recorded_msg
 
@@ -136,7 +135,7 @@ def simulate(cfg: Config, out_dir, *, seed: int = 0, policy: str = "des",
     for old in out.glob("rank*.jsonl"):
         old.unlink()
     gen_cfg = cfg.with_(faults=max(cfg.faults, 1)) if crash else cfg
-    m = Model(gen_cfg)
+    m = Model(gen_cfg, shipped_tables())
     if cfg.hard_cut and hard_cut_at is None:
         hard_cut_at = rng.randrange(1, max(2, cfg.chunks))
     faultable = cfg.inject & FAULT_EFFECTS

@@ -78,6 +78,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     opt("--steps", "num_denoise_steps (generator calls per chunk follow from the regime)",
         type=int)
     opt("--noops", "NOOP heartbeats rank0 may send (count)", type=int)
+    opt("--cond-flag-all", "a feature flag on every rank that adds one mesh collective "
+        "after Phase B (the parity handshake passes; --inject cond_flag makes one rank "
+        "differ)", action="store_const", const=True, dest="cond_flag_all", shown="off")
     p.add_argument("--inject", action="append", default=None,
                    help="runtime fault switch to model, repeatable; one of "
                         "rank0_preflight, leader_reject, wrong_group, count_mismatch, "
@@ -98,6 +101,7 @@ def _config(a):
           "noops": a.noops, "d_in": a.depth if a.depth is not None else a.d_in,
           "d_out": a.depth if a.depth is not None else a.d_out,
           "watchdog": False if a.no_watchdog else None,
+          "cond_flag_all": a.cond_flag_all,
           "inject": frozenset(a.inject) if a.inject else None}
     explicit = {k: v for k, v in kw.items() if v is not None}
     return Config(**explicit), set(explicit)
@@ -200,7 +204,8 @@ def cmd_run(a) -> int:
     noops = a.noops if a.noops is not None else (4 if a.heartbeat_ms is not None else 0)
     cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
                  chunks=a.chunks, hard_cut=opts.cuts.bound(a.chunks), regime=a.regime,
-                 steps=a.steps, noops=noops, inject=inject)
+                 steps=a.steps, noops=noops, inject=inject,
+                 cond_flag_all=a.cond_flag_all)
     out = Path(a.out).resolve()
     res = run_local(cfg, opts, out, deadline_s=a.deadline_s)
     print(res.summary())
@@ -361,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regime", choices=("R1", "R0a", "R0"), default="R1",
                    help="recompute regime")
     p.add_argument("--steps", type=int, default=2, help="num_denoise_steps")
+    p.add_argument("--cond-flag-all", action="store_true",
+                   help="a feature flag on every rank that adds one mesh collective after "
+                        "Phase B (it is in the parity digest; the cond_flag fault makes one "
+                        "rank differ)")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "cpu:gloo,cuda:nccl"),
                    help="torch.distributed backend")
     p.add_argument("--stage-a-ms", type=float, default=0.0,

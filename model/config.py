@@ -6,7 +6,7 @@ never does (counters grow without bound, so the replayer can run thousands of ch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 from .contract import expected_generator_calls
@@ -29,6 +29,10 @@ INJECTABLE = (
     "leader_bad_result",   # the leader sends one result rank0's contract check refuses
 )
 
+# The faults that change one mesh rank's local state (the last mesh rank, kept out of
+# the symmetry reduction, which only permutes identical workers).
+ONE_RANK_FAULTS = frozenset({"wrong_group", "count_mismatch", "cond_flag"})
+
 
 @dataclass(frozen=True)
 class Config:
@@ -46,6 +50,9 @@ class Config:
     noops: int = 0                # NOOP heartbeats rank0 may send
     inject: frozenset = field(default_factory=frozenset)  # subset of INJECTABLE
     watchdog: bool = True         # heartbeat watchdog: a crashed rank sets the abort flag
+    cond_flag_all: bool = False    # a feature flag set on every rank that adds one mesh
+                                   # collective after Phase B (FM-03's legitimate case:
+                                   # the flags agree, so the parity handshake passes)
     mutation: str = ""            # name from model.mutations, "" = shipped protocol
 
     def __post_init__(self):
@@ -72,6 +79,10 @@ class Config:
         return expected_generator_calls(self.regime, self.steps)
 
     @property
+    def targets_one_rank(self) -> bool:
+        return bool(self.inject & ONE_RANK_FAULTS)
+
+    @property
     def world(self) -> int:
         return self.mesh + 1
 
@@ -89,6 +100,20 @@ class Config:
             parts.append("inject=" + ",".join(sorted(self.inject)))
         if not self.watchdog:
             parts.append("watchdog=off")
+        if self.cond_flag_all:
+            parts.append("cond_flag_all=on")
         if self.mutation:
             parts.append(f"mutation={self.mutation}")
         return " ".join(parts)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    d = asdict(cfg)
+    d["inject"] = sorted(cfg.inject)
+    return d
+
+
+def config_from_dict(d: dict) -> Config:
+    d = dict(d)
+    d["inject"] = frozenset(d.get("inject", ()))
+    return Config(**d)

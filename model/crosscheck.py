@@ -40,10 +40,9 @@ from typing import Optional
 
 from .config import Config
 from .explore import explore
-from .mutations import MUTATIONS, mutation_config
+from .mutations import MUTATIONS, model_for, mutation_config
 from .explore import Canon
 from .promela import export_with_rows
-from .semantics import Model
 from .tables import THREADS
 
 HANG_CLASSES = ("deadlock", "stranding", "collective_mismatch", "crash_hang")
@@ -233,7 +232,7 @@ def rows_fired(cfg: Config) -> set:
     """Every table row some reachable transition executes, keyed like
     model.promela.export_with_rows: (process, thread, src, label). No symmetry: which
     worker fires a row matters here."""
-    m = Model(cfg)
+    m = model_for(cfg)
     canon = Canon(m, symmetry=False)
     init = canon(m.initial_state())
     seen, todo, fired = {init}, [init], set()
@@ -255,8 +254,8 @@ def rows_fired(cfg: Config) -> set:
 def compare(name: str, cfg: Config, expected: str = "clean", coverage: bool = True,
             **spin_kw) -> Row:
     row = Row(name, cfg, expected)
-    row.lock = explore(Model(cfg), symmetry=False, por=False)
-    row.lock_sym = explore(Model(cfg))
+    row.lock = explore(model_for(cfg), symmetry=False, por=False)
+    row.lock_sym = explore(model_for(cfg))
     row.spin = run_spin(cfg, **spin_kw)
     if coverage and row.lock.verdict == "clean" and row.spin.verdict == "clean":
         # a second, untimed build for row coverage: no statement merging, no d_step, and
@@ -315,16 +314,16 @@ def scale_table(meshes=(1, 2, 3, 4), chunks=(1, 2, 3, 4), spin_full: bool = True
     for mesh in meshes:
         for ch in chunks:
             cfg = Config(mesh=mesh, d_in=2, d_out=2, chunks=ch, hard_cut=True, faults=1)
-            full = explore(Model(cfg), symmetry=False, por=False)
-            red = explore(Model(cfg), symmetry=True, por=False)
+            full = explore(model_for(cfg), symmetry=False, por=False)
+            red = explore(model_for(cfg), symmetry=True, por=False)
             out.append(f"{mesh:>4} {ch:>6} {full.verdict:10} {full.states:>9,} "
                        f"{full.seconds:>7.2f} {red.states:>11,} {red.seconds:>7.2f} "
                        f"{full.states / red.states:>6.2f}")
     if spin_full:
         out.append("")
         out.append(f"full PP1: {PP1_FULL.describe()}")
-        full = explore(Model(PP1_FULL), symmetry=False, por=False)
-        red = explore(Model(PP1_FULL))
+        full = explore(model_for(PP1_FULL), symmetry=False, por=False)
+        red = explore(model_for(PP1_FULL))
         out.append(f"  {'checker':34} {'verdict':8} {'states':>10}  {'time to verdict':>15}")
         out.append(f"  {'lockstep, symmetry and POR on':34} {red.verdict:8} "
                    f"{red.states:>10,}  "

@@ -45,9 +45,9 @@ from . import properties as P
 from . import prove as PR
 from .check import check, manifest_entries
 from .config import INJECTABLE, Config
-from .mutations import MUTATIONS, mutation_config
+from .mutations import MUTATIONS, model_for, mutation_config
 from .ops import ENV_PAY, RES_PAY, WORLD, Coll, Exit, Local, Recv, Send, op_text
-from .semantics import ABORTED, CRASHED, OK, Model
+from .semantics import ABORTED, CRASHED, OK
 from .tables import shipped_rows
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -241,7 +241,7 @@ def _root_text(model, op) -> str:
 
 
 def render_groups(f: Facts) -> str:
-    model = Model(Config(mesh=3))
+    model = model_for(Config(mesh=3))
     body = ["Source: `model/tables.py` (the shipped tables) and `model/prove.py`. N is the "
             "mesh size (N = 1: PP0, the leader alone; N >= 2: PP1). Roots are **group** "
             "ranks, as in `broadcast(group_src=...)`.", "", "## Groups", ""]
@@ -415,7 +415,7 @@ def committed_failures(tables) -> list:
 def _explore_terminals(cfg) -> tuple:
     """(model, states explored, [(terminal state, path)]) with no reduction, so process
     names stay concrete; path = [(state, transition)] from the initial state."""
-    m = Model(cfg)
+    m = model_for(cfg)
     init = m.initial_state()
     parent, frontier, terms = {init: None}, [init], []
     while frontier:

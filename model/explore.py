@@ -243,8 +243,8 @@ def explore(model: Model, symmetry: bool = True, progress: bool = False,
     res = _without_gc(_search, model, symmetry, progress, max_states, por, por)
     if por and res.violation is not None:
         first = res
-        res = _without_gc(_search, Model(model.cfg), symmetry, progress, max_states,
-                          False, False)
+        res = _without_gc(_search, Model(model.cfg, model.source), symmetry, progress,
+                          max_states, False, False)
         res.seconds += first.seconds
         res.peak_mb = max(res.peak_mb, first.peak_mb)
         res.por, res.researched = True, True

@@ -40,6 +40,8 @@ class Rank0Vars(NamedTuple):
     emitted: int = 0               # outputs emitted in the current epoch
     last_emitted: int = -1         # chunk_index of the last emitted output
     noops_left: int = 0
+    flag: bool = False             # the cond_flag_all feature flag: rank0 issues no mesh
+                                   # collective, but its setting is part of the parity key
     inject: frozenset = frozenset()
     failure: str = ""              # why rank0 is failing (drives the ERROR terminal)
 
@@ -53,10 +55,29 @@ class MeshVars(NamedTuple):
     seen_call: int = -1            # leader: last call_id received
     seen_chunk: int = -1           # leader: last INFER chunk_index received
     rejected: bool = False         # leader: the current envelope was rejected
-    flag: bool = False             # per-rank flag (only the cond_flag fault sets it)
+    flag: bool = False             # adds the conditional collective: the cond_flag_all
+                                   # feature on every rank; cond_flag flips it on one
     plan_delta: int = 0            # +1 on one rank under the count_mismatch fault
     bad_result: bool = False       # leader: its next result is one rank0's check refuses
     inject: frozenset = frozenset()
+
+
+def rank0_initial(cfg) -> Rank0Vars:
+    """rank0's variables at start: the heartbeat budget and the faults rank0 injects."""
+    return Rank0Vars(noops_left=cfg.noops, flag=cfg.cond_flag_all,
+                     inject=cfg.inject & {"rank0_preflight", "rank0_bad_envelope"})
+
+
+def mesh_initial(cfg, leader: bool, targeted: bool) -> MeshVars:
+    """A mesh rank's variables at start. `targeted`: the one mesh rank that the
+    one-rank faults (config.ONE_RANK_FAULTS) change; cond_flag makes its flag differ
+    from the feature setting every other rank has."""
+    mine = cfg.inject & {"leader_reject", "leader_bad_result"} if leader else frozenset()
+    if targeted:
+        mine |= cfg.inject & {"wrong_group"}
+    odd = targeted and "cond_flag" in cfg.inject
+    return MeshVars(inject=mine, flag=cfg.cond_flag_all != odd,
+                    plan_delta=1 if targeted and "count_mismatch" in cfg.inject else 0)
 
 
 # ---------------------------------------------------------------- rank0, main thread
@@ -298,8 +319,9 @@ def drained(v: Rank0Vars, cfg) -> bool:
 
 def parity_key(v: MeshVars | Rank0Vars, cfg):
     """What every rank contributes to the parity all_gather: every flag that can add a
-    collective. The runtime contributes the digest of its full parity dict."""
-    return bool(getattr(v, "flag", False))
+    collective (rank0's is its feature setting). The runtime contributes the digest of
+    its full parity dict besides."""
+    return v.flag
 
 
 def parity_agrees(v, cfg, gathered) -> bool:

@@ -17,7 +17,8 @@ from typing import Callable
 
 from . import guards as g
 from .ops import GEN, MESH, WORLD, Coll, Exit, Local, Row, Send, ENV_HDR
-from .tables import rank0_comms_rows, shipped_rows
+from .semantics import Model
+from .tables import Tables, rank0_comms_rows, shipped_rows
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,17 @@ def build_tables(cfg) -> dict:
         raise ValueError(f"unknown mutation {cfg.mutation!r}; known: "
                          f"{', '.join(MUTATIONS)}") from None
     return mut.edit(rows, cfg)
+
+
+def mutated_tables(cfg) -> Tables:
+    """What a Model for `cfg` runs: the shipped tables, or cfg.mutation's edit, named."""
+    mut = MUTATIONS.get(cfg.mutation)
+    return Tables(build_tables(cfg), cfg.mutation, bool(mut and mut.targets_one_rank))
+
+
+def model_for(cfg):
+    """The Model of `cfg`, mutated or not: the tooling's one way to build one."""
+    return Model(cfg, mutated_tables(cfg))
 
 
 def mutation_config(base, name: str):

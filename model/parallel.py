@@ -135,7 +135,7 @@ def explore_parallel(model: Model, symmetry: bool = True, workers: int = 2,
                 pr.kill()
     if found:
         # The level tells the depth; the serial search prints a shortest path to it.
-        res = explore(Model(model.cfg), symmetry=symmetry, por=False)
+        res = explore(Model(model.cfg, model.source), symmetry=symmetry, por=False)
         res.workers = workers
         return res
     return Result(model.cfg.describe(), "clean", None, states=sum(sizes),

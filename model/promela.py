@@ -1,6 +1,6 @@
 """Export the transition tables to Promela, so that SPIN can check the checker.
 
-`export_promela(cfg)` walks the rows of `Model(cfg).tables` (the shipped tables, or a
+`export_promela(cfg)` walks the rows of `model_for(cfg).tables` (the shipped tables, or a
 mutation's: a mutation is just other tables) and writes one Promela model for the
 configuration. Nothing about the protocol is written by hand here: every row becomes an
 alternative of its thread's `do` loop, and its guard / make / accept / update is translated
@@ -72,7 +72,8 @@ from .contract import Action
 from .guards import MeshVars, Rank0Vars
 from .ops import Coll, Exit, Local, Recv, Send, op_text
 from .semantics import DEAD_THREAD, GROUPS, Model
-from .tables import FINAL, THREADS
+from .mutations import mutated_tables
+from .tables import FINAL, THREADS, Tables
 
 
 class PromelaExportError(Exception):
@@ -107,7 +108,7 @@ R0_LAYOUT = {
     "init_cache": "bit", "inflight": "short", "send_q": "queue", "decode_q": "queue",
     "env_out": "optmsg", "res_in": "optmsg", "awaiting": "short",
     "terminal_queued": "bit", "terminal_sent": "bit", "built": "byte", "emitted": "byte",
-    "last_emitted": "short", "noops_left": "byte", "inject": "inject",
+    "last_emitted": "short", "noops_left": "byte", "flag": "bit", "inject": "inject",
     "failure": "failure"}
 MESH_LAYOUT = {
     "env": "optmsg", "planned": "byte", "calls_done": "byte", "seen_call": "short",
@@ -298,7 +299,7 @@ MAKES: dict = {
     "error_result": ("mesh", "msg", lambda c, d: f"msg_set({d}, ERROR, {c.v}.env.call_id, "
                                                  f"{c.v}.env.chunk, {c.v}.env.epoch, "
                                                  f"{c.v}.calls_done, 0)"),
-    "parity_key": ("any", "int", lambda c: f"{c.v}.flag" if c.kind == "mesh" else "0"),
+    "parity_key": ("any", "int", lambda c: f"{c.v}.flag"),
     "plan_calls": ("mesh", "int", lambda c: f"({c.v}.env.calls + {c.v}.plan_delta)"),
     "contribution": ("any", "int", lambda c: "0"),
 }
@@ -425,7 +426,8 @@ class _Export:
         check_fingerprints()
         self.cfg = cfg
         self.collectives = collectives
-        self.m = m = Model(cfg, tables)
+        self.m = m = Model(cfg, mutated_tables(cfg) if tables is None
+                                else Tables(tables, cfg.mutation))
         self.n = m.n
         self.init = m.initial_state()
         self.threads = []          # (p, t) flattened; index = thread id
@@ -1168,7 +1170,7 @@ def export_promela(cfg: Config, collectives: str = "split",
     arrival moves every member on at once (fewer states, closer to the semantics).
     fault_budget="exact": up to cfg.faults crashes, as model.semantics; "upto": the run
     first picks a budget 0..cfg.faults (see docs/crosscheck.md, "a shared blind spot").
-    tables: role -> rows instead of the configuration's (as `Model(cfg, tables)`)."""
+    tables: role -> rows instead of the configuration's (named as cfg.mutation)."""
     return _Export(cfg, collectives, fault_budget, tables).build()
 
 
@@ -1336,7 +1338,7 @@ FINGERPRINTS: dict = {
     'guards.outgoing': '11783aa430',
     'guards.parity_agrees': '41d7705979',
     'guards.parity_differs': '0f6c682c9d',
-    'guards.parity_key': '66facc1d5b',
+    'guards.parity_key': 'c54c6dd184',
     'guards.payload_sent': '7a35d4fa9b',
     'guards.plan_calls': '11a76641e3',
     'guards.put_result': 'e37c4056b3',
@@ -1372,7 +1374,7 @@ FINGERPRINTS: dict = {
     'semantics.Model._rendezvous': '4c1784bc96',
     'semantics.Model._start_pcs': '107462b654',
     'semantics.Model.enabled': '4581e9f948',
-    'semantics.Model.initial_state': '3aec8803a7',
+    'semantics.Model.initial_state': 'b94b04dfc1',
     'semantics.Model.posted': 'e651e607c2',
     'semantics.Model.step': '4ddfb1cb28',
     'semantics.Model.watchdog_enabled': 'd6706b61f2',

@@ -83,6 +83,7 @@ from . import guards as g
 from .config import INJECTABLE, Config
 from .ops import COND, GEN, MESH, WORLD, Coll, Exit, Recv, Send, op_text
 from .semantics import FINAL, DEAD_THREAD, Model
+from .mutations import model_for
 
 TIMEOUT_MS = 20000
 
@@ -928,7 +929,7 @@ for _a in C.Action:
 MAKES: dict = {
     "current_envelope": (lambda v, cfg: v.env, ("env",), "env"),
     "plan_calls": (lambda v, cfg: v.env.calls + v.plan_delta, ("env", "plan_delta"), None),
-    "parity_key": (lambda v, cfg: getattr(v, "flag", False), ("flag",), "flag"),
+    "parity_key": (lambda v, cfg: v.flag, ("flag",), "flag"),
     "contribution": (lambda v, cfg: 0, (), None),
 }
 # accepts that hold only when every member contributed the same value: after such a row
@@ -1094,7 +1095,7 @@ class _Variant:
 def _variants(cfg: Config) -> tuple:
     """(model, [variants]) for cfg: rank0, leader, worker and the worker a fault or
     mutation singles out (when its rows differ)."""
-    model = Model(cfg.with_(mesh=max(cfg.mesh, 3)))
+    model = model_for(cfg.with_(mesh=max(cfg.mesh, 3)))
     init = model.initial_state()
     out, seen = [], {}
     for p, role in enumerate(model.roles):
@@ -1127,7 +1128,7 @@ def _per_rank_init(cfg: Config) -> set:
     """MeshVars fields whose initial value differs across mesh ranks in some config."""
     out = set()
     for inject in [frozenset()] + [frozenset({f}) for f in INJECTABLE]:
-        st = Model(cfg.with_(mesh=3, inject=inject, mutation="")).initial_state()
+        st = model_for(cfg.with_(mesh=3, inject=inject, mutation="")).initial_state()
         vs = [pr.v for pr in st.procs[1:]]
         for f in g.MeshVars._fields:
             if len({repr(getattr(v, f)) for v in vs}) > 1:

@@ -50,7 +50,8 @@ import graphviz
 from .config import Config
 from .ops import Coll, Exit, Recv, Send, op_text
 from .semantics import DEAD_THREAD, FINAL, GROUPS, LIVE, Model
-from .tables import INITIAL, THREADS, shipped_rows
+from .mutations import model_for
+from .tables import INITIAL, THREADS, Tables, shipped_rows
 
 FONT = "Helvetica"
 MONO = "Courier"
@@ -215,7 +216,7 @@ def _initial_pc(role, thread, rows) -> str:
         return start
     tables = shipped_rows()
     tables[role] = rows + [r for r in tables[role] if r.thread != thread]
-    model = Model(Config(mesh=2), tables=tables)
+    model = Model(Config(mesh=2), Tables(tables))
     p = model.roles.index(role)
     return model._start_pcs(p, INITIAL[role])[THREADS[role].index(thread)]
 
@@ -1050,7 +1051,7 @@ def mutation_msc(name: str, base: Optional[Config] = None):
     from .explore import explore
     from .mutations import MUTATIONS, mutation_config
     cfg = mutation_config(base or Config(), name)
-    model = Model(cfg)
+    model = model_for(cfg)
     res = explore(model)
     if res.violation is None:
         return None, res

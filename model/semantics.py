@@ -44,9 +44,9 @@ from itertools import product
 from typing import NamedTuple, Optional
 
 from .config import Config
-from .guards import MeshVars, Rank0Vars
+from .guards import mesh_initial, rank0_initial
 from .ops import MESH, WORLD, Coll, Exit, Recv, Send, op_text
-from .tables import FINAL, INITIAL, THREADS
+from .tables import FINAL, INITIAL, THREADS, Tables
 
 LIVE, OK, ERROR, CRASHED, ABORTED = "live", "ok", "error", "crashed", "aborted"
 FINAL_STATUSES = (OK, ERROR, CRASHED, ABORTED)
@@ -89,10 +89,20 @@ class Violation(NamedTuple):
 class Model:
     """The tables bound to a configuration: which process runs which rows."""
 
-    def __init__(self, cfg: Config, tables: Optional[dict] = None):
-        from .mutations import build_tables  # tables after the configured mutation
+    def __init__(self, cfg: Config, tables: Tables):
+        """`tables`: the rows to run, from the caller (`tables.shipped_tables()`, or a
+        mutation's edit from the tooling); their mutation name must be the config's."""
+        if not isinstance(tables, Tables):
+            raise TypeError(f"Model(cfg, tables): tables must be a model.tables.Tables, "
+                            f"not {type(tables).__name__}")
+        if tables.mutation != cfg.mutation:
+            raise ValueError(
+                f"the config names mutation {cfg.mutation or '(none)'!r} but the tables "
+                f"are {tables.mutation or 'the shipped ones'!r}: build the tables for the "
+                f"config (model.mutations.mutated_tables(cfg))")
         self.cfg = cfg
-        per_role = tables if tables is not None else build_tables(cfg)
+        self.source = tables
+        per_role = tables.rows
         self.n = cfg.mesh + 1
         self.roles = ("rank0", "leader") + ("worker",) * (cfg.mesh - 1)
         self.names = ("rank0", "leader") + tuple(f"worker{i}" for i in range(1, cfg.mesh))
@@ -106,7 +116,7 @@ class Model:
         self.target = self.n - 1
         self.tables = tuple(self._compile(per_role, p) for p in range(self.n))
         first, last = 2, self.n
-        if self._targets_one_rank() and self.target >= 2:
+        if (cfg.targets_one_rank or tables.targets_one_rank) and self.target >= 2:
             last = self.n - 1
         self.sym = (first, last) if last - first >= 2 else None
         self._rows_cache = {}
@@ -117,12 +127,6 @@ class Model:
         self._crash = tuple(Tr("crash", ((p, None, None),)) for p in range(self.n))
         self._watchdog_trs = {}
         self._release = {}
-
-    def _targets_one_rank(self) -> bool:
-        from .mutations import MUTATIONS
-        mut = MUTATIONS.get(self.cfg.mutation)
-        return bool(self.cfg.inject & {"wrong_group", "count_mismatch", "cond_flag"}) or \
-            bool(mut and mut.targets_one_rank)
 
     def _compile(self, per_role, p):
         role = self.roles[p]
@@ -142,19 +146,8 @@ class Model:
         cfg = self.cfg
         procs = []
         for p, role in enumerate(self.roles):
-            inject = frozenset(cfg.inject)
-            if role == "rank0":
-                v = Rank0Vars(noops_left=cfg.noops,
-                              inject=inject & {"rank0_preflight", "rank0_bad_envelope"})
-            else:
-                mine = inject & {"leader_reject", "leader_bad_result"} \
-                    if role == "leader" else frozenset()
-                if p == self.target:
-                    mine |= inject & {"wrong_group"}
-                v = MeshVars(inject=mine,
-                             flag=p == self.target and "cond_flag" in inject,
-                             plan_delta=1 if p == self.target and
-                             "count_mismatch" in inject else 0)
+            v = rank0_initial(cfg) if role == "rank0" else \
+                mesh_initial(cfg, leader=role == "leader", targeted=p == self.target)
             pcs = self._start_pcs(p, INITIAL[role])
             if not any(pc in self.tables[p][t] for t, pc in enumerate(pcs)):
                 raise ValueError(f"{self.names[p]}: no rows from its initial state {pcs}")

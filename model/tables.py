@@ -28,6 +28,8 @@ reach: crashes and ranks blocked inside a collective).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from . import guards as g
 from .ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RES_PAY,
                   WORLD, Coll, Exit, Local, Recv, Row, Send)
@@ -301,3 +303,19 @@ def shipped_rows() -> dict:
     """role -> list of rows of the shipped protocol."""
     return {"rank0": rank0_main_rows() + rank0_comms_rows(),
             "leader": leader_rows(), "worker": worker_rows()}
+
+
+class Tables(NamedTuple):
+    """The rows a `Model` runs, handed to it by its caller (the spec never edits them).
+
+    rows: role -> rows; "worker*" / "leader*" are the rows of the one targeted rank when
+    an edit changes one rank only. `mutation` names the edit ("" = the shipped tables):
+    a Model refuses tables whose name differs from its config's, so a mutated config
+    cannot silently run the shipped rows (or the reverse)."""
+    rows: dict
+    mutation: str = ""
+    targets_one_rank: bool = False   # the edit aims at one rank: keep it out of symmetry
+
+
+def shipped_tables() -> Tables:
+    return Tables(shipped_rows())

@@ -123,8 +123,10 @@ class ControlWatcher(threading.Thread):
                 self.control.request_cut(reason)
                 os.replace(path, self.dir / f"{name}.taken")
             except (CutRefused, ValueError, OSError) as e:
-                try:
-                    (self.dir / f"{name}.refused").write_text(str(e))
+                try:   # atomic, as the request: a requester never reads half an answer
+                    tmp = self.dir / f".{name}.refused.tmp"
+                    tmp.write_text(str(e))
+                    os.replace(tmp, self.dir / f"{name}.refused")
                     path.unlink()
                 except OSError:
                     pass

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from lockstep.model import release as R
-from lockstep.model.check import config_from_dict
+from lockstep.model.config import config_from_dict
 from lockstep.model.runopts import RunOptions
 from lockstep.model.semantics import Model
+from lockstep.model.tables import shipped_tables
 
 from .groups import init_world, make_groups
 from .interp import RankInterpreter
@@ -38,7 +39,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     opts = RunOptions.from_dict(args.get("opts"))
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # every rank alike, before any group
     torch.set_num_threads(opts.torch_threads)
-    model = Model(cfg)
+    model = Model(cfg, shipped_tables())
     if world_size != model.n:
         raise ValueError(f"world size {world_size} != 1 + mesh {cfg.mesh}")
     role = model.roles[rank]

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from lockstep.model.check import config_to_dict
+from lockstep.model.config import config_to_dict
 from lockstep.model.runopts import RunOptions
 
 from .launch import spawn_local

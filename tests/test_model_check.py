@@ -11,16 +11,15 @@ import pytest
 from lockstep.model.check import diff_manifest
 from lockstep.model.config import Config
 from lockstep.model.explore import Canon, explore
-from lockstep.model.mutations import MUTATIONS, mutation_config
+from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 from lockstep.model.properties import VERDICTS, check_state, check_terminal, check_transition
-from lockstep.model.semantics import Model
 
 BASE = Config(mesh=2, chunks=2)
 
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_every_mutation_is_caught_with_its_predicted_verdict(name):
-    r = explore(Model(mutation_config(BASE, name)))
+    r = explore(model_for(mutation_config(BASE, name)))
     assert r.verdict == MUTATIONS[name].expected, "\n".join(r.steps)
     assert r.steps[-1].startswith(f"{len(r.steps):3d}. => {r.verdict}")
 
@@ -40,7 +39,7 @@ GRID = list(itertools.product([1, 2, 3], [1, 2], [False, True], [0, 1],
 def test_shipped_protocol_is_clean(mesh, chunks, cut, faults, p2p, regime):
     cfg = Config(mesh=mesh, chunks=chunks, hard_cut=cut, faults=faults, p2p=p2p,
                  regime=regime, noops=1 if chunks == 1 else 0)
-    r = explore(Model(cfg))
+    r = explore(model_for(cfg))
     assert r.verdict == "clean", "\n".join(r.steps)
 
 
@@ -49,7 +48,7 @@ def test_shipped_protocol_is_clean(mesh, chunks, cut, faults, p2p, regime):
 @pytest.mark.parametrize("mesh", [1, 3])
 def test_injected_runtime_faults_are_released_without_a_hang(fault, mesh):
     cfg = Config(mesh=mesh, chunks=2, hard_cut=True, faults=1, inject=frozenset({fault}))
-    assert explore(Model(cfg)).verdict == "clean"
+    assert explore(model_for(cfg)).verdict == "clean"
 
 
 def _all_violations_within(m, depth):
@@ -75,7 +74,7 @@ def _all_violations_within(m, depth):
 @pytest.mark.parametrize("name", ["no_epoch_filter", "leader_throw_no_terminal",
                                   "blocking_send_then_recv", "no_watchdog"])
 def test_counterexamples_are_shortest(name):
-    m = Model(mutation_config(BASE, name))
+    m = model_for(mutation_config(BASE, name))
     r = explore(m)
     n = len(r.steps) - 1     # transitions before the verdict line
     terminal = r.violation.prop in ("stranding", "deadlock", "crash_hang",
@@ -93,7 +92,7 @@ SYM = [Config(mesh=3, chunks=2, faults=1), Config(mesh=4, chunks=2, hard_cut=Tru
 
 @pytest.mark.parametrize("cfg", SYM, ids=lambda c: c.describe())
 def test_symmetry_reduction_agrees_with_the_full_search(cfg):
-    red, full = explore(Model(cfg)), explore(Model(cfg), symmetry=False)
+    red, full = explore(model_for(cfg)), explore(model_for(cfg), symmetry=False)
     assert red.verdict == full.verdict
     assert len(red.steps) == len(full.steps)
     assert red.states <= full.states
@@ -101,14 +100,14 @@ def test_symmetry_reduction_agrees_with_the_full_search(cfg):
 
 def test_symmetry_reduction_shrinks_the_state_space():
     cfg = Config(mesh=4, chunks=2, faults=1)
-    assert explore(Model(cfg), symmetry=False).states > 1.5 * explore(Model(cfg)).states
+    assert explore(model_for(cfg), symmetry=False).states > 1.5 * explore(model_for(cfg)).states
 
 
 @pytest.mark.parametrize("cfg", [Config(mesh=2, chunks=2, hard_cut=True, faults=1),
                                  Config(mesh=3, chunks=2, noops=1, p2p="buffered")],
                          ids=lambda c: c.describe())
 def test_state_graph_is_acyclic_so_every_run_terminates(cfg):
-    m = Model(cfg)
+    m = model_for(cfg)
     canon = Canon(m, symmetry=False)
     g, todo = nx.DiGraph(), [canon(m.initial_state())]
     seen = set(todo)
@@ -158,5 +157,5 @@ def test_cli_full_pp1_configuration_is_clean_and_reports_figures():
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_a_crash_budget_does_not_hide_fault_free_hangs(name):
     """With faults=1 a crash is always enabled; stuck states must still be judged."""
-    r = explore(Model(mutation_config(BASE.with_(faults=1), name)))
+    r = explore(model_for(mutation_config(BASE.with_(faults=1), name)))
     assert r.verdict == MUTATIONS[name].expected, "\n".join(r.steps)

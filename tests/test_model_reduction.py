@@ -11,8 +11,7 @@ from lockstep.model.check import manifest_entries
 from lockstep.model.config import Config
 from lockstep.model.crosscheck import compare, spin_available
 from lockstep.model.explore import _search, explore
-from lockstep.model.mutations import MUTATIONS, mutation_config
-from lockstep.model.semantics import Model
+from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 
 ENTRIES = manifest_entries() + [
     (f"{n}_faults1", mutation_config(Config(mesh=2, chunks=2, faults=1), n))
@@ -21,7 +20,7 @@ ENTRIES = manifest_entries() + [
 
 def _raw(cfg, por, symmetry=True):
     """One search, with no re-search: what the reduction alone concludes."""
-    return _search(Model(cfg), symmetry, False, 0, por, por)
+    return _search(model_for(cfg), symmetry, False, 0, por, por)
 
 
 @pytest.mark.parametrize("cfg", [c for _, c in ENTRIES], ids=[n for n, _ in ENTRIES])
@@ -32,7 +31,7 @@ def test_reduced_and_unreduced_searches_agree(cfg):
     if full.verdict == "clean":
         assert red.states <= full.states
     else:   # what is printed: the unreduced verdict and a shortest counterexample
-        printed = explore(Model(cfg))
+        printed = explore(model_for(cfg))
         assert printed.verdict == full.verdict and printed.steps == full.steps
 
 
@@ -72,8 +71,8 @@ def test_an_unsound_reduction_is_caught_by_the_agreement_check(monkeypatch):
                                  Config(mesh=2, chunks=2, p2p="buffered", noops=1)],
                          ids=lambda c: c.describe())
 def test_multiprocess_search_matches_the_serial_search(cfg):
-    par = explore(Model(cfg), workers=2)
-    ser = explore(Model(cfg), por=False)
+    par = explore(model_for(cfg), workers=2)
+    ser = explore(model_for(cfg), por=False)
     assert par.workers == 2
     assert (par.verdict, par.states, par.transitions, par.depth) == \
         (ser.verdict, ser.states, ser.transitions, ser.depth)
@@ -81,7 +80,7 @@ def test_multiprocess_search_matches_the_serial_search(cfg):
 
 def test_multiprocess_search_finds_a_mutation_with_a_shortest_counterexample():
     cfg = mutation_config(Config(mesh=2, chunks=2), "no_epoch_filter")
-    par, ser = explore(Model(cfg), workers=2), explore(Model(cfg), por=False)
+    par, ser = explore(model_for(cfg), workers=2), explore(model_for(cfg), por=False)
     assert par.verdict == ser.verdict == MUTATIONS["no_epoch_filter"].expected
     assert par.steps == ser.steps
 
@@ -103,7 +102,7 @@ def test_state_counts_grow_affinely_in_the_mesh_size(base):
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_mutation_verdicts_are_the_same_for_every_mesh_size(name):
-    verdicts = {explore(Model(mutation_config(Config(mesh=m, chunks=2), name))).verdict
+    verdicts = {explore(model_for(mutation_config(Config(mesh=m, chunks=2), name))).verdict
                 for m in range(2, 6)}
     assert verdicts == {MUTATIONS[name].expected}
 
@@ -130,7 +129,7 @@ def test_the_spin_crosscheck_compares_unreduced_counts():
     search's; the default search is reported beside it."""
     cfg = Config(mesh=2, chunks=2, hard_cut=True, faults=1)
     row = compare("cut_fault", cfg, coverage=False, cc_opt="-O0")
-    unreduced = explore(Model(cfg), symmetry=False, por=False)
+    unreduced = explore(model_for(cfg), symmetry=False, por=False)
     assert (row.lock.states, row.lock.por, row.lock.symmetry) == \
         (unreduced.states, False, False)
     assert row.lock_sym.states < row.lock.states and row.lock_sym.por

@@ -4,13 +4,13 @@ import pytest
 
 from lockstep.model.config import Config
 from lockstep.model.explore import explore
-from lockstep.model.mutations import mutation_config
+from lockstep.model.mutations import model_for, mutation_config
 from lockstep.model.ops import MESH, WORLD
-from lockstep.model.semantics import ABORTED, CRASHED, LIVE, Model
+from lockstep.model.semantics import ABORTED, CRASHED, LIVE
 
 
 def run(cfg, **kw):
-    return explore(Model(cfg), **kw)
+    return explore(model_for(cfg), **kw)
 
 
 def walk(m, s, pick):
@@ -38,7 +38,7 @@ def test_buffered_p2p_one_eager_message_does_not_save_blocking_send():
 
 
 def test_collective_fires_only_when_every_member_has_entered():
-    m = Model(Config(mesh=3, chunks=1))
+    m = model_for(Config(mesh=3, chunks=1))
     s = m.initial_state()
     colls = [tr for tr in m.enabled(s) if tr.kind == "coll"]
     assert len(colls) == 1 and len(colls[0].parts) == 4   # world_pg: rank0 + 3 mesh
@@ -67,7 +67,7 @@ def test_different_ops_at_one_sequence_number_is_a_mismatch():
 
 
 def test_crash_is_released_by_watchdog_and_abort_flag():
-    m = Model(Config(mesh=2, chunks=1, faults=1))
+    m = model_for(Config(mesh=2, chunks=1, faults=1))
     s = m.initial_state()
     s, _ = walk(m, s, lambda tr: tr.kind == "coll")               # handshake
     s, _ = walk(m, s, lambda tr: tr.kind == "crash" and tr.parts[0][0] == 2)
@@ -99,7 +99,7 @@ def test_framing_error_when_two_threads_use_the_transport():
 
 
 def test_step_is_pure():
-    m = Model(Config(mesh=2, chunks=2))
+    m = model_for(Config(mesh=2, chunks=2))
     s = m.initial_state()
     trs = m.enabled(s)
     assert m.step(s, trs[0]) == m.step(s, trs[0])
@@ -108,7 +108,7 @@ def test_step_is_pure():
 
 def test_counters_are_not_bounded_by_the_semantics():
     """Replaying 40 chunks through a configuration that allows them just works."""
-    m = Model(Config(mesh=2, chunks=40, d_in=2, d_out=2))
+    m = model_for(Config(mesh=2, chunks=40, d_in=2, d_out=2))
     s, steps = m.initial_state(), 0
     while True:
         trs = [t for t in m.enabled(s) if t.kind not in ("crash",)]
@@ -126,7 +126,7 @@ def test_output_order_violation_is_caught_on_the_emit_transition():
     from lockstep.model.guards import INFER, Msg
     from lockstep.model.properties import check_transition
     from lockstep.model.semantics import Proc, Tr
-    m = Model(Config(mesh=2, chunks=2))
+    m = model_for(Config(mesh=2, chunks=2))
     s = m.initial_state()
     r0 = s.procs[0]
     v = r0.v._replace(decode_q=(Msg(INFER, 0, 0, 0, m.cfg.calls),), last_emitted=1,
@@ -161,7 +161,7 @@ def _labels(tr):
 
 def test_several_hard_cuts_back_to_back_and_during_drain_are_explored_and_clean():
     cfg = Config(mesh=1, chunks=2, hard_cut=2)
-    m = Model(cfg)
+    m = model_for(cfg)
     _, fired = _reachable(m)
     cuts = [(s, tr) for s, tr in fired if _labels(tr) & {"hard_cut", "hard_cut_in_drain"}]
     assert any("hard_cut_in_drain" in _labels(tr) for _, tr in cuts)
@@ -177,3 +177,39 @@ def test_the_epoch_filter_is_still_needed_with_two_cuts():
     bad = mutation_config(Config(mesh=2, chunks=3, hard_cut=2), "no_epoch_filter")
     assert bad.hard_cut == 2
     assert run(bad).verdict == "stale_epoch_decode"
+
+
+def test_model_refuses_tables_that_are_not_its_configs():
+    """The caller hands the tables over: a mutated config with the shipped rows (or the
+    reverse) is a clear error, never a silent check of the wrong protocol."""
+    from lockstep.model.semantics import Model
+    from lockstep.model.tables import shipped_tables
+    mutated = mutation_config(Config(mesh=2, chunks=2), "no_epoch_filter")
+    with pytest.raises(ValueError, match="names mutation 'no_epoch_filter' but the "
+                                         "tables are 'the shipped ones'"):
+        Model(mutated, shipped_tables())
+    with pytest.raises(ValueError, match="'no_epoch_filter'"):
+        Model(Config(mesh=2, chunks=2), model_for(mutated).source)
+    with pytest.raises(TypeError, match="must be a model.tables.Tables"):
+        Model(Config(), shipped_tables().rows)
+
+
+def test_the_conditional_collective_runs_when_every_rank_has_the_flag():
+    """cond_flag_all sets the flag on every rank (rank0's parity key included): the
+    handshake passes and every mesh rank runs the conditional collective. The cond_flag
+    fault flips one rank's flag: the handshake refuses before any chunk."""
+    cfg = Config(mesh=3, chunks=1, cond_flag_all=True)
+    _, fired = _reachable(model_for(cfg))
+    labels = set().union(*(_labels(tr) for _, tr in fired))
+    assert {"parity_ok", "conditional_collective"} <= labels
+    assert "parity_mismatch" not in labels
+    cond = [tr for _, tr in fired if "conditional_collective" in _labels(tr)]
+    assert all(len(tr.parts) == cfg.mesh for tr in cond)    # every mesh rank, together
+    assert run(cfg).verdict == "clean"
+    odd = cfg.with_(inject=frozenset({"cond_flag"}))
+    _, fired = _reachable(model_for(odd))
+    labels = set().union(*(_labels(tr) for _, tr in fired))
+    assert "parity_mismatch" in labels and "conditional_collective" not in labels
+    plain = set().union(*(_labels(tr) for _, tr in _reachable(
+        model_for(cfg.with_(cond_flag_all=False)))[1]))
+    assert "conditional_collective" not in plain

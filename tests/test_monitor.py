@@ -8,11 +8,12 @@ from lockstep.model.ops import (COUNTS, ENV_HDR, GEN, MESH, PARITY, RES_HDR, WOR
                                 Recv, Send)
 from lockstep.model.runopts import RunOptions
 from lockstep.model.semantics import Model
+from lockstep.model.tables import shipped_tables
 from lockstep.runtime.interp import RankInterpreter, TableViolation, WrongGroup
 
 
 def _interp(p, mesh=2):
-    return RankInterpreter(Model(Config(mesh=mesh)), p, None, None, None,
+    return RankInterpreter(Model(Config(mesh=mesh), shipped_tables()), p, None, None, None,
                            abort_poll=lambda: None, opts=RunOptions(), parity={})
 
 

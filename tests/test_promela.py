@@ -14,11 +14,10 @@ from lockstep.model.config import Config
 from lockstep.model.crosscheck import compare, run_spin, spin_available
 from lockstep.model.explore import explore
 from lockstep.model.guards import MeshVars
-from lockstep.model.mutations import MUTATIONS, build_tables, mutation_config
+from lockstep.model.mutations import MUTATIONS, build_tables, model_for, mutation_config
 from lockstep.model.ops import Local, Row
 from lockstep.model.promela import (PromelaExportError, export_promela, export_with_rows,
                            proctype_names)
-from lockstep.model.semantics import Model
 from lockstep.model.tables import THREADS
 
 BASE = Config(mesh=2, chunks=2)
@@ -34,7 +33,7 @@ def _all_configs():
 @pytest.mark.parametrize("cfg", _all_configs(), ids=lambda c: c.mutation or c.describe())
 def test_export_has_a_proctype_per_thread_and_every_row(cfg):
     text = export_promela(cfg)
-    m = Model(cfg)
+    m = model_for(cfg)
     names = proctype_names(cfg)
     for p, role in enumerate(m.roles):
         for thread in THREADS[role]:
@@ -52,7 +51,7 @@ def test_export_has_a_proctype_per_thread_and_every_row(cfg):
 
 def test_row_markers_cover_every_row_that_can_fire():
     text, rows = export_with_rows(BASE)
-    m = Model(BASE)
+    m = model_for(BASE)
     expected = {(m.names[p], THREADS[m.roles[p]][t], r.src, r.label)
                 for p, table in enumerate(m.tables) for t, at in enumerate(table)
                 for rs in at.values() for r in rs}
@@ -138,7 +137,7 @@ def test_the_crosscheck_can_fail(monkeypatch):
     """A wrong translation is caught: drop the decode-queue bound on the Promela side
     only, and SPIN finds a queue_bound violation the tables do not have."""
     cfg = Config(mesh=1, chunks=2, d_in=2, d_out=1)
-    assert explore(Model(cfg)).verdict == "clean"
+    assert explore(model_for(cfg)).verdict == "clean"
     monkeypatch.setitem(promela.GUARDS, "decode_room", ("r0", lambda c: "1"))
     assert run_spin(cfg, cc_opt="-O0").verdict == "queue_bound"
 
@@ -150,6 +149,6 @@ def test_a_smaller_fault_budget_exposes_hangs_a_crash_would_release():
     cfg = mutation_config(BASE.with_(faults=1), "blocking_send_then_recv")
     # lockstep judges a state whose only moves are crashes as stuck, which is what
     # SPIN's "upto" budget does; SPIN's "exact" budget hides the hang.
-    assert explore(Model(cfg)).verdict == "deadlock"
+    assert explore(model_for(cfg)).verdict == "deadlock"
     assert run_spin(cfg, cc_opt="-O0", fault_budget="upto").verdict == "deadlock"
     assert run_spin(cfg, cc_opt="-O0", fault_budget="exact").verdict == "clean"

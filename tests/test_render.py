@@ -9,8 +9,7 @@ import pytest
 from lockstep.model import render
 from lockstep.model.config import Config
 from lockstep.model.explore import explore
-from lockstep.model.mutations import MUTATIONS, build_tables, mutation_config
-from lockstep.model.semantics import Model
+from lockstep.model.mutations import MUTATIONS, build_tables, model_for, mutation_config
 from lockstep.model.tables import shipped_rows
 
 needs_dot = pytest.mark.skipif(not render.have_dot(), reason="graphviz `dot` not installed")
@@ -71,7 +70,7 @@ def test_mutated_diagram_shows_the_mutated_rows(name):
 @pytest.mark.parametrize("name", MSC_CASES)
 def test_msc_of_a_counterexample_has_every_lifeline_and_the_violation(name):
     cfg = mutation_config(Config(), name)
-    model = Model(cfg)
+    model = model_for(cfg)
     res = explore(model)
     assert res.violation is not None
     trace, _, unmatched = render.counterexample_trace(model, res)
@@ -87,7 +86,7 @@ def test_msc_of_a_counterexample_has_every_lifeline_and_the_violation(name):
 
 
 def test_msc_refuses_a_clean_result():
-    model = Model(Config(mesh=1, chunks=1))
+    model = model_for(Config(mesh=1, chunks=1))
     res = explore(model)
     assert res.verdict == "clean"
     with pytest.raises(ValueError):
@@ -146,7 +145,7 @@ def test_committed_diagrams_match_the_tables(role, thread, name):
 
 def test_every_mutation_has_a_chartable_counterexample():
     for name in MUTATIONS:
-        model = Model(mutation_config(Config(), name))
+        model = model_for(mutation_config(Config(), name))
         res = explore(model)
         trace, final, unmatched = render.counterexample_trace(model, res)
         assert unmatched is None, name
