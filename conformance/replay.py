@@ -8,9 +8,11 @@ Happens-before, with no clock compared across ranks (the trace's coordinates):
   * program order per (rank, thread) (`i`);
   * each send to the receive with the same directed channel and `chan_i`;
   * each collective event to the other members' events with the same group and `gseq`.
-rank0's comms thread is the one refinement: its control state is a pair (send side,
-receive side) and the runtime keeps a send and a receive in flight together, completing
-whichever finishes first. Its send-side events are ordered among themselves, its
+The comms threads (rank0's and the leader's) are the one refinement: a comms thread's
+control state is a pair (send side, receive side) and the runtime keeps a send and a
+receive in flight together, completing whichever finishes first (the order in which it
+notices two completions is not causal: the leader may notice envelope k+1 arrive before
+its send of result k completes, after rank0 received that result). Its send-side events are ordered among themselves, its
 receive-side events among themselves, and its other rows (comms_done, the error exit)
 after both. A comms event fired out of its recorded pair order is compared on its own
 side of the pair (`_lane_ok`: the trace's reading of the pair state, not a rule of the
@@ -143,7 +145,8 @@ class Replayer:
                 f"the reason): {', '.join(m.names[r] for r in errs)}; replayed as released "
                 f"by the abort flag (an uncaught error sets it on the way out)")
         self.nthreads = [len(THREADS[role]) for role in m.roles]
-        self.comms = (0, THREADS["rank0"].index("comms"))
+        self.comms = {(p, THREADS[role].index("comms")) for p, role in enumerate(m.roles)
+                      if "comms" in THREADS[role]}
         self.sent = {}            # (src, dst) -> messages sent so far
         self.rcvd = {}            # (src, dst) -> messages received so far
         self.unwritten_sends = set()
@@ -156,14 +159,13 @@ class Replayer:
         m, run = self.m, self.run
         p2p, colls = {}, {}
         self.events = [rt.steps for rt in run.ranks]
-        comms_t = self.comms[1]
         for rt in run.ranks:
             r = rt.rank
-            last = [None, None]           # rank0 comms: latest event on each side
+            last = [None, None]           # comms thread: latest event on each side
             for ev in rt.steps:
                 ev.done = False               # a Run may be replayed more than once
                 ev.partner = ev.dup = None
-                if r == 0 and ev.t == comms_t:
+                if (r, ev.t) in self.comms:
                     lane = _lane(ev.src, ev.dst)
                     ev.lane = lane
                     if lane is None:
@@ -864,7 +866,7 @@ def replay(run: Run, verify: bool = False) -> ReplayResult:
 # ---------------------------------------------------------------------- helpers
 
 def _lane(src: str, dst: str):
-    """rank0 comms: 0 = send side, 1 = receive side, None = both (a barrier)."""
+    """A comms thread: 0 = send side, 1 = receive side, None = both (a barrier)."""
     if "/" not in src or "/" not in dst:
         return None
     a, b = src.split("/", 1)

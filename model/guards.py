@@ -63,7 +63,7 @@ class MeshVars(NamedTuple):
     outbox: tuple = ()             # leader: main -> comms, results to send (leader_out)
     env_in: Optional[Msg] = None   # leader comms: envelope being received
     res_out: Optional[Msg] = None  # leader comms: result being sent
-    stop_recv: bool = False        # leader: a terminal was received or decided: no more
+    terminal_in: bool = False      # leader comms: SHUTDOWN or ERROR received: no more
     terminal_sent: bool = False    # leader comms: its ERROR result went out: nothing more
     results_done: bool = False     # leader main: its terminal is relayed or queued, it
                                    # queues no more results
@@ -327,9 +327,11 @@ def parity_differs(v, cfg, gathered) -> bool:
 # ---------------------------------------------------------------- leader, comms thread
 
 def receiving(v: MeshVars, cfg) -> bool:
-    """The comms thread keeps a receive posted until a terminal envelope arrived or the
-    leader decided its own terminal (an ERROR result is queued)."""
-    return not v.stop_recv
+    """The comms thread keeps a receive posted until a terminal envelope arrived. Only
+    its own receive changes this: a receive once posted cannot be withdrawn (the runtime
+    has it in flight), so the leader's own terminal does not stop it; the thread's end
+    abandons it (`leader_comms_finished`)."""
+    return not v.terminal_in
 
 
 def got_envelope_header(v: MeshVars, cfg, msg: Msg) -> MeshVars:
@@ -338,7 +340,7 @@ def got_envelope_header(v: MeshVars, cfg, msg: Msg) -> MeshVars:
     seen_chunk = msg.chunk if msg.action == INFER else v.seen_chunk
     return v._replace(env_in=msg, seen_call=max(v.seen_call, msg.call_id),
                       seen_chunk=max(seen_chunk, v.seen_chunk),
-                      stop_recv=v.stop_recv or msg.action in (SHUTDOWN, ERROR))
+                      terminal_in=v.terminal_in or msg.action in (SHUTDOWN, ERROR))
 
 
 def store_envelope_in(v: MeshVars, cfg, msg: Msg) -> MeshVars:
@@ -370,11 +372,8 @@ def out_is_result(v: MeshVars, cfg) -> bool:
     return v.res_out.action == INFER
 
 
-def out_is_error_between_frames(v: MeshVars, cfg) -> bool:
-    """The ERROR result goes out only between envelope frames: a frame rank0 committed
-    to (a header promises a payload) is received first, so the comms thread ends on its
-    own rows and the leader leaves by its exit row, not by the abort flag."""
-    return v.res_out.action == ERROR and v.env_in is None
+def out_is_error(v: MeshVars, cfg) -> bool:
+    return v.res_out.action == ERROR
 
 
 def result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
@@ -386,9 +385,10 @@ def error_result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
 
 
 def leader_comms_finished(v: MeshVars, cfg) -> bool:
-    """main queues no more results and every result owed is sent (main has relayed or
-    decided a terminal, so nothing more is received either)."""
-    return v.results_done and not v.outbox and v.res_out is None and v.env_in is None
+    """main queues no more results and every result owed is sent. After a SHUTDOWN or
+    rank0's ERROR nothing is being received; after the leader's own ERROR a receive
+    may be in flight: rank0 leaves on the ERROR, so it is abandoned."""
+    return v.results_done and not v.outbox and v.res_out is None
 
 
 def finish_results(v: MeshVars, cfg, msg=None) -> MeshVars:
@@ -420,11 +420,10 @@ def queue_result(v: MeshVars, cfg, msg=None) -> MeshVars:
 
 
 def queue_error_result(v: MeshVars, cfg, msg=None) -> MeshVars:
-    """The leader's terminal: the ERROR result goes behind the results still owed; the
-    comms thread receives nothing more and envelopes received ahead are dropped (the
-    mesh never sees them)."""
-    return v._replace(outbox=v.outbox + (error_result(v, cfg),), stop_recv=True,
-                      inbox=(), results_done=True)
+    """The leader's terminal: the ERROR result goes behind the results still owed;
+    envelopes received ahead are dropped (the mesh never sees them)."""
+    return v._replace(outbox=v.outbox + (error_result(v, cfg),), inbox=(),
+                      results_done=True)
 
 
 def ids_valid(v: MeshVars, cfg, msg: Msg) -> bool:

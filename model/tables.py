@@ -20,10 +20,12 @@ Roles and threads
                 receive side R in {idle, pay, put} keeps the receive of envelope k+1
                 posted and completes it while Phase B k runs. Between the two threads
                 two bounded queues: the inbox (leader_in envelopes) and the outbox
-                (leader_out results). After a SHUTDOWN or ERROR envelope, or once main
-                queued its own ERROR result, it receives nothing more; it ends once
-                main has relayed or queued its terminal and every result owed is sent
-                (main's exit rows join it), and it sends nothing after its ERROR result.
+                (leader_out results). After a SHUTDOWN or ERROR envelope it receives
+                nothing more; it ends once main has relayed or queued its terminal and
+                every result owed is sent (main's exit rows join it), abandoning a
+                receive still in flight after the leader's own ERROR (rank0 leaves on
+                it; a posted receive is never withdrawn, so a guard that main changes
+                must not close it), and it sends nothing after its ERROR result.
   worker        mesh group ranks 1..N-1.
 
 D_in is the number of envelopes in flight end to end: built by rank0, result not yet
@@ -286,15 +288,17 @@ def leader_main_rows() -> list:
             choice="fault", effect="leader_bad_result",
             why="a result the leader's preflight let through and rank0's check refuses"),
         Row("main", "queue_res", "queue_result", Local("result_preflight"), "wait_env",
-            guard=g.outbox_room, update=g.queue_result, tags=enq,
+            guard=g.outbox_room, make=g.result, update=g.queue_result, tags=enq,
             effect="result_preflight",
             why="result preflight (encode) before it is queued; the comms thread sends "
                 "it while Phase B k+1 runs"),
         Row("main", "notify_rank0", "queue_error_result", Local("result_preflight"),
-            "exit_err", guard=g.outbox_room, update=g.queue_error_result, tags=enq,
+            "exit_err", guard=g.outbox_room, make=g.error_result, update=g.queue_error_result,
+            tags=enq,
             effect="result_preflight", why="release rank0, which waits for this result"),
         Row("main", "count_fail", "queue_error_result", Local("result_preflight"),
-            "exit_count", guard=g.outbox_room, update=g.queue_error_result, tags=enq,
+            "exit_count", guard=g.outbox_room, make=g.error_result,
+            update=g.queue_error_result, tags=enq,
             effect="result_preflight"),
         _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN relayed", tags=joined),
         _exit("main", "exit_err", "exit_rejected", "error", "envelope rejected",
@@ -322,7 +326,7 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
                     tags=frozenset({"commit", "outgoing"}),
                     why="result preflight (encode) already done: the payload follows"),
                 Row("comms", "", "send_error_result", Send("rank0", RES_HDR), "idle",
-                    guard=g.out_is_error_between_frames, make=g.outgoing_result,
+                    guard=g.out_is_error, make=g.outgoing_result,
                     update=g.error_result_sent, tags=frozenset({"outgoing"}),
                     why="the leader's terminal: release rank0, which waits for it")],
         "pay": [Row("comms", "", "send_result_payload", Send("rank0", RES_PAY), "idle",
@@ -348,10 +352,11 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
                     why="bounded inbox: blocks while leader_in envelopes wait")],
     }
     rows += pair_rows("comms", send, recv, blocking_send)
-    rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
-                    guard=g.leader_comms_finished,
-                    why="nothing more to receive and every result owed sent: the thread "
-                        "ends, then main exits"))
+    rows += [Row("comms", f"idle/{r}", "comms_done", Local("stop"), FINAL,
+                 guard=g.leader_comms_finished,
+                 why="main's terminal relayed or queued and every result owed sent: the "
+                     "thread ends (abandoning a receive in flight), then main exits")
+             for r in recv]
     return rows
 
 

@@ -32,10 +32,10 @@ class _Pending:
     in wait() and flags completion; abandoning it on abort is safe because the process
     then leaves with os._exit."""
 
-    __slots__ = ("work", "done", "error")
+    __slots__ = ("work", "done", "error", "wake")
 
-    def __init__(self, work):
-        self.work, self.error = work, None
+    def __init__(self, work, wake=None):
+        self.work, self.error, self.wake = work, None, wake
         self.done = threading.Event()
         threading.Thread(target=self._wait, daemon=True).start()
 
@@ -45,15 +45,29 @@ class _Pending:
         except BaseException as e:  # noqa: BLE001 - re-raised in the polling thread
             self.error = e
         self.done.set()
+        if self.wake is not None:
+            self.wake.set()
 
 
-def poll(jobs, *, abort_poll, deadline_s: float, what):
+def poll(jobs, *, abort_poll, deadline_s: float, what, pending=None, wake=None,
+         interrupt=None):
     """Advance generator jobs until one finishes; return (index, value). Each job
     yields torch Works and returns its value via StopIteration. `what` labels a
-    deadline error: a string, or a callable formatted only then."""
+    deadline error: a string, or a callable formatted only then. `pending`: the caller's
+    list of each job's work in flight, kept across calls when a job outlives the call
+    (a receive posted while a send completes): resuming it before its work completed
+    would read an unfilled buffer. `wake` (an Event) and `interrupt`: the caller's
+    thread may get new work while a job is in flight (a result queued while a receive
+    is posted); whenever `wake` is set (by a work's completion or by the caller's other
+    threads) `interrupt()` is asked, and if it holds, poll returns (None, None) with the
+    jobs still in flight."""
     t0 = time.monotonic()
-    current = [None] * len(jobs)
+    current = [None] * len(jobs) if pending is None else pending
     while True:
+        if wake is not None:
+            wake.clear()
+            if interrupt():
+                return None, None
         for i, job in enumerate(jobs):
             if job is None:
                 continue
@@ -64,7 +78,7 @@ def poll(jobs, *, abort_poll, deadline_s: float, what):
                 if w.error is not None:
                     raise w.error
             try:
-                current[i] = _Pending(next(job))
+                current[i] = _Pending(next(job), wake)
             except StopIteration as stop:
                 return i, stop.value
             t0 = time.monotonic()
@@ -75,7 +89,9 @@ def poll(jobs, *, abort_poll, deadline_s: float, what):
             label = what() if callable(what) else what
             raise OpDeadline(f"{label}: no progress for {deadline_s:.1f} s")
         waiting = [w for w in current if w is not None]
-        if len(waiting) == 1:
+        if wake is not None:
+            wake.wait(0.05)
+        elif len(waiting) == 1:
             waiting[0].done.wait(0.05)
         else:
             time.sleep(0.0002)
