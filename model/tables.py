@@ -11,11 +11,13 @@ Roles and threads
                 receive side R in {idle, pay, put}. Keeping a receive posted while it
                 sends (both sides live in one state) is what prevents the send/send
                 deadlock under rendezvous p2p (PROTOCOL.md, Overlap).
-  leader.main   global rank 1 = mesh group rank 0; touches only mesh_pg: takes
-                envelope k from the inbox, validates it, broadcasts it, runs the count
+  leader.main   global rank 1 = mesh group rank 0; after the startup handshake (a
+                world_pg all_gather every rank makes on its main thread, before rank0
+                can send anything) it touches only mesh_pg: takes envelope k from the
+                inbox, validates it, broadcasts it, runs the count
                 check and Phase B, and queues result k (or its ERROR) in the outbox.
-  leader.comms  the only leader thread on world_pg (the startup handshake and every
-                message to and from rank0), over an "S/R" pair like rank0's: the send
+  leader.comms  the only leader thread that talks to rank0 (every point-to-point
+                message on world_pg), over an "S/R" pair like rank0's: the send
                 side S in {idle, hdr, pay} sends result k while Phase B k+1 runs, the
                 receive side R in {idle, pay, put} keeps the receive of envelope k+1
                 posted and completes it while Phase B k runs. Between the two threads
@@ -61,9 +63,9 @@ from .ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RE
 
 ROLES = ("rank0", "leader", "worker")
 THREADS = {"rank0": ("main", "comms"), "leader": ("main", "comms"), "worker": ("main",)}
-INITIAL = {"rank0": ("handshake", "idle/idle"), "leader": ("wait_env", "handshake"),
+INITIAL = {"rank0": ("handshake", "idle/idle"), "leader": ("handshake", "idle/idle"),
            "worker": ("handshake",)}
-AFTER_HANDSHAKE = {"rank0": "run", "leader": "idle/idle", "worker": "wait_hdr"}
+AFTER_HANDSHAKE = {"rank0": "run", "leader": "wait_env", "worker": "wait_hdr"}
 FINAL = "done"   # a thread that finished without ending its process
 
 
@@ -243,10 +245,13 @@ def count_check_rows(thread: str, fail_to: str) -> list:
 
 
 def leader_main_rows() -> list:
-    """The leader's main thread: only mesh_pg. It takes envelope k from the inbox,
-    validates it, broadcasts it, runs Phase B and queues result k in the outbox."""
+    """The leader's main thread: after the startup handshake only mesh_pg. It takes
+    envelope k from the inbox, validates it, broadcasts it, runs Phase B and queues
+    result k in the outbox."""
     enq = frozenset({"enqueue"})
-    rows = [
+    rows = _handshake("main", AFTER_HANDSHAKE["leader"])
+    rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
+    rows += [
         Row("main", "wait_env", "take_envelope", Local("dequeue"), "validate",
             guard=g.inbox_has_infer, update=g.take_envelope_in),
         Row("main", "wait_env", "take_header_only", Local("dequeue"), "bcast_hdr",
@@ -312,12 +317,9 @@ def leader_main_rows() -> list:
 
 
 def leader_comms_rows(blocking_send: bool = False) -> list:
-    """The leader's comms thread: the only leader thread on world_pg (the startup
-    handshake and every message to and from rank0). Its receive side keeps the receive
-    of envelope k+1 posted while Phase B k runs; its send side sends result k while
-    Phase B k+1 runs."""
-    rows = _handshake("comms", AFTER_HANDSHAKE["leader"])
-    rows.append(_exit("comms", "exit", "exit_parity", "error", "parity mismatch"))
+    """The leader's comms thread: the only leader thread that talks to rank0. Its
+    receive side keeps the receive of envelope k+1 posted while Phase B k runs; its
+    send side sends result k while Phase B k+1 runs."""
     send = {
         "idle": [Row("comms", "", "take_result", Local("dequeue"), "hdr",
                      guard=g.can_take_result, update=g.take_result)],
@@ -351,7 +353,7 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
                     tags=frozenset({"enqueue"}),
                     why="bounded inbox: blocks while leader_in envelopes wait")],
     }
-    rows += pair_rows("comms", send, recv, blocking_send)
+    rows = pair_rows("comms", send, recv, blocking_send)
     rows += [Row("comms", f"idle/{r}", "comms_done", Local("stop"), FINAL,
                  guard=g.leader_comms_finished,
                  why="main's terminal relayed or queued and every result owed sent: the "
