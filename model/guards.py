@@ -349,7 +349,17 @@ def store_envelope_in(v: MeshVars, cfg, msg: Msg) -> MeshVars:
 
 
 def inbox_room(v: MeshVars, cfg) -> bool:
-    return len(v.inbox) < cfg.leader_in
+    """Room in the inbox, and main still takes envelopes (it has no terminal yet)."""
+    return len(v.inbox) < cfg.leader_in and not v.results_done
+
+
+def results_over(v: MeshVars, cfg) -> bool:
+    """main has relayed or queued its terminal: nothing received now is broadcast."""
+    return v.results_done
+
+
+def drop_envelope_in(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(env_in=None)
 
 
 def queue_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
@@ -372,8 +382,11 @@ def out_is_result(v: MeshVars, cfg) -> bool:
     return v.res_out.action == INFER
 
 
-def out_is_error(v: MeshVars, cfg) -> bool:
-    return v.res_out.action == ERROR
+def out_is_error_between_frames(v: MeshVars, cfg) -> bool:
+    """The ERROR result goes out only between envelope frames: a frame rank0 committed
+    to (a header promises a payload) is received first, so rank0's payload send is
+    matched and the comms thread never ends with a frame half received."""
+    return v.res_out.action == ERROR and v.env_in is None
 
 
 def result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
@@ -385,10 +398,11 @@ def error_result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
 
 
 def leader_comms_finished(v: MeshVars, cfg) -> bool:
-    """main queues no more results and every result owed is sent. After a SHUTDOWN or
-    rank0's ERROR nothing is being received; after the leader's own ERROR a receive
-    may be in flight: rank0 leaves on the ERROR, so it is abandoned."""
-    return v.results_done and not v.outbox and v.res_out is None
+    """main queues no more results, every result owed is sent and no frame is half
+    received. After a SHUTDOWN or rank0's ERROR nothing more is received; after the
+    leader's own ERROR a header receive may still be posted: rank0 leaves on the ERROR
+    and sends nothing more, so it is abandoned."""
+    return v.results_done and not v.outbox and v.res_out is None and v.env_in is None
 
 
 def finish_results(v: MeshVars, cfg, msg=None) -> MeshVars:

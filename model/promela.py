@@ -279,12 +279,16 @@ GUARDS: dict = {
                                               f"{c.v}.flag)"),
     "wrong_group_requested": ("mesh", lambda c: f"({c.v}.inj_wrong_group)"),
     "receiving": ("mesh", lambda c: f"(!{c.v}.terminal_in)"),
-    "inbox_room": ("mesh", lambda c: f"({c.v}.inbox_n < {c.cfg.leader_in})"),
+    "inbox_room": ("mesh", lambda c: f"({c.v}.inbox_n < {c.cfg.leader_in} && "
+                                     f"!{c.v}.results_done)"),
+    "results_over": ("mesh", lambda c: f"({c.v}.results_done)"),
     "can_take_result": ("mesh", lambda c: f"({c.v}.outbox_n > 0 && !{c.v}.terminal_sent)"),
     "out_is_result": ("mesh", lambda c: f"({c.v}.res_out.action == INFER)"),
-    "out_is_error": ("mesh", lambda c: f"({c.v}.res_out.action == ERROR)"),
+    "out_is_error_between_frames": ("mesh", lambda c: f"({c.v}.res_out.action == ERROR "
+                                                      f"&& !{c.v}.env_in_has)"),
     "leader_comms_finished": ("mesh", lambda c: f"({c.v}.results_done && "
-                                                f"{c.v}.outbox_n == 0 && !{c.v}.res_out_has)"),
+                                                f"{c.v}.outbox_n == 0 && !{c.v}.res_out_has "
+                                                f"&& !{c.v}.env_in_has)"),
     "inbox_has_infer": ("mesh", lambda c: f"({c.v}.inbox_n > 0 && "
                                           f"{c.v}.inbox[0].action == INFER)"),
     "inbox_has_header_only": ("mesh", lambda c: f"({c.v}.inbox_n > 0 && "
@@ -424,6 +428,8 @@ UPDATES: dict = {
     "take_result": ("mesh", None, lambda c: "; ".join([
         f"msg_cp({c.v}.res_out, {c.v}.outbox[0])", f"{c.v}.res_out_has = 1",
         _pop(c, "outbox")])),
+    "drop_envelope_in": ("mesh", None, lambda c: f"msg_zero({c.v}.env_in); "
+                                                 f"{c.v}.env_in_has = 0"),
     "result_sent": ("mesh", None, lambda c: f"msg_zero({c.v}.res_out); "
                                             f"{c.v}.res_out_has = 0"),
     "error_result_sent": ("mesh", None, lambda c: f"msg_zero({c.v}.res_out); "
@@ -1368,6 +1374,7 @@ FINGERPRINTS: dict = {
     'guards.decode_room': 'd63637157f',
     'guards.direct_noop': 'bf4c7074b9',
     'guards.drained': '19cdffd6ae',
+    'guards.drop_envelope_in': 'aabc5f425e',
     'guards.drop_head': 'f8c745f6c4',
     'guards.enqueue_bad_envelope': 'f275743197',
     'guards.enqueue_envelope': '651ae41d80',
@@ -1400,7 +1407,7 @@ FINGERPRINTS: dict = {
     'guards.ids_valid': '2b55ee8674',
     'guards.inbox_has_header_only': '7855a83f55',
     'guards.inbox_has_infer': 'd9264dc59e',
-    'guards.inbox_room': '5c3ef2ca84',
+    'guards.inbox_room': '10186bf0fd',
     'guards.infer_calls_locally': '5ab5ce0ab5',
     'guards.is_error': '9fbf435882',
     'guards.is_header_only': 'fb04530267',
@@ -1409,7 +1416,7 @@ FINGERPRINTS: dict = {
     'guards.last_call_then_cond': 'e525c035a5',
     'guards.late_preflight_ok': 'ff3d11c4e8',
     'guards.late_preflight_raises': '45212f1628',
-    'guards.leader_comms_finished': 'b9dd0beae9',
+    'guards.leader_comms_finished': '152b964c3c',
     'guards.more_calls': 'ce739e420b',
     'guards.msg_is_ERROR': '33b7b6c2af',
     'guards.msg_is_INFER': '33b7b6c2af',
@@ -1419,7 +1426,7 @@ FINGERPRINTS: dict = {
     'guards.new_envelope': 'a4943e5492',
     'guards.out_has_payload': '3fe6a64078',
     'guards.out_header_only': 'ab23605c53',
-    'guards.out_is_error': '0683b45335',
+    'guards.out_is_error_between_frames': 'ebd2f2690f',
     'guards.out_is_result': '9c79cf3eb2',
     'guards.outbox_nonempty': '70a4543360',
     'guards.outbox_room': '71cf551cf4',
@@ -1444,6 +1451,7 @@ FINGERPRINTS: dict = {
     'guards.rejected_by_leader': 'd88d0bc40a',
     'guards.result': '45923b357a',
     'guards.result_sent': '7d45e0c964',
+    'guards.results_over': 'e3a4c3cf3d',
     'guards.spend_noop': '882901b3d1',
     'guards.spoil_result': '03f58c7d24',
     'guards.start_phase_b': '36bef2eec0',

@@ -24,10 +24,12 @@ Roles and threads
                 two bounded queues: the inbox (leader_in envelopes) and the outbox
                 (leader_out results). After a SHUTDOWN or ERROR envelope it receives
                 nothing more; it ends once main has relayed or queued its terminal and
-                every result owed is sent (main's exit rows join it), abandoning a
-                receive still in flight after the leader's own ERROR (rank0 leaves on
-                it; a posted receive is never withdrawn, so a guard that main changes
-                must not close it), and it sends nothing after its ERROR result.
+                every result owed is sent (main's exit rows join it). After the
+                leader's own ERROR a header receive may stay posted (a posted receive
+                is never withdrawn, so no guard main changes may close it); the ERROR
+                goes out between frames and the thread ends with no frame half
+                received, abandoning that receive (rank0 leaves on the ERROR). It
+                sends nothing after its ERROR result.
   worker        mesh group ranks 1..N-1.
 
 D_in is the number of envelopes in flight end to end: built by rank0, result not yet
@@ -303,8 +305,8 @@ def leader_main_rows() -> list:
             effect="result_preflight", why="release rank0, which waits for this result"),
         Row("main", "count_fail", "queue_error_result", Local("result_preflight"),
             "exit_count", guard=g.outbox_room, make=g.error_result,
-            update=g.queue_error_result, tags=enq,
-            effect="result_preflight"),
+            update=g.queue_error_result, tags=enq, effect="result_preflight",
+            why="every member saw the counts differ; release rank0 too"),
         _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN relayed", tags=joined),
         _exit("main", "exit_err", "exit_rejected", "error", "envelope rejected",
               tags=joined),
@@ -328,7 +330,7 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
                     tags=frozenset({"commit", "outgoing"}),
                     why="result preflight (encode) already done: the payload follows"),
                 Row("comms", "", "send_error_result", Send("rank0", RES_HDR), "idle",
-                    guard=g.out_is_error, make=g.outgoing_result,
+                    guard=g.out_is_error_between_frames, make=g.outgoing_result,
                     update=g.error_result_sent, tags=frozenset({"outgoing"}),
                     why="the leader's terminal: release rank0, which waits for it")],
         "pay": [Row("comms", "", "send_result_payload", Send("rank0", RES_PAY), "idle",
@@ -351,14 +353,18 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
         "put": [Row("comms", "", "queue_envelope", Local("enqueue"), "idle",
                     guard=g.inbox_room, update=g.queue_envelope,
                     tags=frozenset({"enqueue"}),
-                    why="bounded inbox: blocks while leader_in envelopes wait")],
+                    why="bounded inbox: blocks while leader_in envelopes wait"),
+                Row("comms", "", "drop_envelope", Local("drop"), "idle",
+                    guard=g.results_over, update=g.drop_envelope_in,
+                    why="main has its terminal: an envelope received now is never "
+                        "broadcast (the leader's ERROR goes out next)")],
     }
     rows = pair_rows("comms", send, recv, blocking_send)
-    rows += [Row("comms", f"idle/{r}", "comms_done", Local("stop"), FINAL,
-                 guard=g.leader_comms_finished,
-                 why="main's terminal relayed or queued and every result owed sent: the "
-                     "thread ends (abandoning a receive in flight), then main exits")
-             for r in recv]
+    rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
+                    guard=g.leader_comms_finished,
+                    why="main's terminal relayed or queued and every result owed sent: "
+                        "the thread ends (a header receive still posted is abandoned), "
+                        "then main exits"))
     return rows
 
 
