@@ -114,7 +114,10 @@ class RankInterpreter:
                 if rows is None:
                     return
                 kinds = {type(r.op) for r in rows}
-                if Exit in kinds or Local in kinds:
+                # An op that already completed is applied before a local row: a local
+                # row may end the thread (comms_done) and the completion would be lost
+                # although the peer saw it (gloo completes sends eagerly).
+                if (Exit in kinds or Local in kinds) and not self._completed(t):
                     row = self._choose_local(t, rows)
                     rows = None
                     self._busy = t   # applied after the lock is re-taken: see _apply
@@ -129,7 +132,8 @@ class RankInterpreter:
         while True:
             if self.exit is not None:
                 return None
-            if self._busy not in (None, t):   # another thread's local step is not applied
+            if self._busy not in (None, t) or self._exiting not in (None, t):
+                # another thread's local step is not applied, or its exit is pending
                 self.cv.wait(0.02)
                 continue
             pc = self.pcs[t]
@@ -181,6 +185,8 @@ class RankInterpreter:
             # Another thread of this process already left (an Exit ends the process):
             # work finished outside the lock after that is dropped, never traced.
             return
+        if isinstance(row.op, Exit) and row.op.how != "thread_die":
+            self._let_ops_land(t)
         before = self.v
         if row.update is not None:
             self.v = row.update(self.v, self.cfg, msg)
@@ -204,6 +210,28 @@ class RankInterpreter:
         for u, ev_ in enumerate(self._p2p_wake):
             if u != t:
                 ev_.set()
+
+    def _let_ops_land(self, t) -> None:
+        """Under the lock, before thread t's exit ends the process: a send or receive
+        another thread has in flight is given EXIT_GRACE_S to complete and be applied
+        (traced) first. gloo completes sends eagerly and the peer records its side, so
+        an op cut off by the exit would leave one side of a message in the traces; the
+        order taken (the op, then the exit) is one the tables allow. Only exits that do
+        not join the comms thread get here with ops in flight (abort, parity)."""
+        others = [u for u in range(len(self.threads)) if u != t]
+
+        def in_flight():
+            return any(j is not None for u in others for j in self._comms_jobs[u][:2])
+        if not in_flight():
+            return
+        self._exiting = t
+        end = time.monotonic() + self.EXIT_GRACE_S
+        while in_flight() and time.monotonic() < end:
+            self.cv.wait(0.005)
+        self._exiting = None
+
+    EXIT_GRACE_S = 0.2
+    _exiting = None      # the thread whose exit waits for other threads' sends to land
 
     def _release(self, a, b) -> None:
         """Drop the real data of every message that left rank0's queues for nowhere: an
@@ -448,19 +476,23 @@ class RankInterpreter:
         # functions, `_side`).
         if i == 0:
             row, msg = js[2]
-            js[0] = js[2] = None
             self._after_send(row, msg)
             with self.cv:
                 row = self._current_row(t, [row], msg)
                 self._apply(t, row, msg, t0, peer=row.op.peer,
                             chan_i=self._next_chan("send"))
+                js[0] = js[2] = None    # applied: an exit waiting for it may go on
         else:
             recv_rows = js[3]
-            js[1] = js[3] = None
             with self.cv:
                 row = self._current_row(t, recv_rows, value)
                 self._apply(t, row, value, t0, peer=row.op.peer,
                             chan_i=self._next_chan("recv"))
+                js[1] = js[3] = None
+
+    def _completed(self, t) -> bool:
+        """Thread t has a p2p job whose backend work has completed, not yet applied."""
+        return any(w is not None and w.done.is_set() for w in self._comms_works[t])
 
     def _new_work(self, t) -> bool:
         """Thread t, with p2p jobs in flight, has an enabled row none of them is: a local

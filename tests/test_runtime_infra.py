@@ -193,3 +193,61 @@ def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
     assert " exit=released via=abort_flag root=1/leader/deadline " in line0, line0
     print(f"\n[op-deadline] rank 0 released "
           f"{(res.ranks[0].exit_time - res.ranks[1].exit_time) * 1e3:.0f} ms after rank 1")
+
+
+# ------------------------------------------------------------------ wire.poll
+
+class _Work:
+    """A backend work whose completion the test decides."""
+
+    def __init__(self):
+        import threading
+        self.ev = threading.Event()
+
+    def wait(self):
+        self.ev.wait(5.0)
+
+
+def _job(work, log, name):
+    yield work
+    log.append(name)          # resumed: only after its work completed
+    return name
+
+
+def _poll(jobs, **kw):
+    from lockstep.runtime import wire
+    return wire.poll(jobs, abort_poll=lambda: "", deadline_s=5.0, what="test", **kw)
+
+
+def test_a_job_in_flight_keeps_its_work_across_polls():
+    """A receive posted while a send completes is resumed only once its own work is
+    done, also by a later poll (it used to be resumed at once, reading an unfilled
+    buffer: the leader's comms thread keeps a receive posted across sends)."""
+    log, send_w, recv_w = [], _Work(), _Work()
+    jobs = [_job(send_w, log, "send"), _job(recv_w, log, "recv")]
+    pending = [None, None]
+    send_w.ev.set()
+    assert _poll(jobs, pending=pending) == (0, "send")
+    pending[0] = None
+    jobs[0] = None
+    import threading
+    threading.Timer(0.2, recv_w.ev.set).start()
+    t0 = time.monotonic()
+    assert _poll(jobs, pending=pending) == (1, "recv")
+    assert time.monotonic() - t0 >= 0.15 and log == ["send", "recv"]
+
+
+def test_poll_returns_for_new_work_with_the_jobs_still_in_flight():
+    import threading
+    log, w = [], _Work()
+    wake, asked = threading.Event(), []
+    jobs, pending = [_job(w, log, "recv")], [None]
+
+    def interrupt():
+        asked.append(1)
+        return len(asked) > 1        # the second wake brings new work
+    threading.Timer(0.1, wake.set).start()
+    assert _poll(jobs, pending=pending, wake=wake, interrupt=interrupt) == (None, None)
+    assert log == [] and pending[0] is not None      # still in flight, not resumed
+    w.ev.set()
+    assert _poll(jobs, pending=pending, wake=wake, interrupt=lambda: False) == (0, "recv")
