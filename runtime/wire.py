@@ -58,16 +58,15 @@ def poll(jobs, *, abort_poll, deadline_s: float, what, pending=None, wake=None,
     (a receive posted while a send completes): resuming it before its work completed
     would read an unfilled buffer. `wake` (an Event) and `interrupt`: the caller's
     thread may get new work while a job is in flight (a result queued while a receive
-    is posted); whenever `wake` is set (by a work's completion or by the caller's other
-    threads) `interrupt()` is asked, and if it holds, poll returns (None, None) with the
-    jobs still in flight."""
+    is posted); poll waits on `wake` (set by a work's completion or by the caller's
+    other threads) and, each time it wakes and no job has finished, asks `interrupt()`:
+    if it holds, poll returns (None, None) with the jobs still in flight. A finished job
+    is always returned first."""
     t0 = time.monotonic()
     current = [None] * len(jobs) if pending is None else pending
     while True:
         if wake is not None:
-            wake.clear()
-            if interrupt():
-                return None, None
+            wake.clear()    # a completion or new work after this is caught by the wait
         for i, job in enumerate(jobs):
             if job is None:
                 continue
@@ -82,6 +81,10 @@ def poll(jobs, *, abort_poll, deadline_s: float, what, pending=None, wake=None,
             except StopIteration as stop:
                 return i, stop.value
             t0 = time.monotonic()
+        # completed jobs first: an interrupt before them could starve them (the thread
+        # would take its new work and come back here, again and again)
+        if wake is not None and interrupt():
+            return None, None
         reason = abort_poll()
         if reason:
             raise Released(reason)

@@ -251,3 +251,16 @@ def test_poll_returns_for_new_work_with_the_jobs_still_in_flight():
     assert log == [] and pending[0] is not None      # still in flight, not resumed
     w.ev.set()
     assert _poll(jobs, pending=pending, wake=wake, interrupt=lambda: False) == (0, "recv")
+
+
+def test_a_finished_job_is_returned_before_new_work_interrupts():
+    """An interrupt asked before the finished jobs starved them: the thread took its
+    new work, came back, was interrupted again (a livelock seen in break-it kill_worker)."""
+    import threading
+    log, w, pending = [], _Work(), [None]
+    job = _job(w, log, "recv")
+    always = dict(pending=pending, wake=threading.Event(), interrupt=lambda: True)
+    assert _poll([job], **always) == (None, None)      # posted, in flight
+    w.ev.set()
+    assert pending[0].done.wait(2.0)
+    assert _poll([job], **always) == (0, "recv") and log == ["recv"]
