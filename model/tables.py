@@ -26,10 +26,10 @@ Roles and threads
                 nothing more; it ends once main has relayed or queued its terminal and
                 every result owed is sent (main's exit rows join it). After the
                 leader's own ERROR a header receive may stay posted (a posted receive
-                is never withdrawn, so no guard main changes may close it); the ERROR
-                goes out between frames and the thread ends with no frame half
-                received, abandoning that receive (rank0 leaves on the ERROR). It
-                sends nothing after its ERROR result.
+                is never withdrawn, so no guard another step changes may close a posted
+                op); the thread ends with no frame half received (rank0 is committed
+                to a payload after its header), abandoning that header receive (rank0
+                leaves on the ERROR). It sends nothing after its ERROR result.
   worker        mesh group ranks 1..N-1.
 
 D_in is the number of envelopes in flight end to end: built by rank0, result not yet
@@ -330,7 +330,7 @@ def leader_comms_rows(blocking_send: bool = False) -> list:
                     tags=frozenset({"commit", "outgoing"}),
                     why="result preflight (encode) already done: the payload follows"),
                 Row("comms", "", "send_error_result", Send("rank0", RES_HDR), "idle",
-                    guard=g.out_is_error_between_frames, make=g.outgoing_result,
+                    guard=g.out_is_error, make=g.outgoing_result,
                     update=g.error_result_sent, tags=frozenset({"outgoing"}),
                     why="the leader's terminal: release rank0, which waits for it")],
         "pay": [Row("comms", "", "send_result_payload", Send("rank0", RES_PAY), "idle",
