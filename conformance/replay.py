@@ -921,7 +921,7 @@ def _may_lag(d, ev) -> bool:
 
 
 def _lane(src: str, dst: str):
-    """rank0 comms: 0 = send side, 1 = receive side, None = both (a barrier)."""
+    """A comms thread: 0 = send side, 1 = receive side, None = both (a barrier)."""
     if "/" not in src or "/" not in dst:
         return None
     a, b = src.split("/", 1)

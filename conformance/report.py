@@ -218,6 +218,8 @@ def _trace_calls(run: Run, m) -> list:
     for rt in run.ranks[1:]:
         plan, count, env = None, 0, None
         for ev in rt.steps:
+            if ev.op != "coll":   # the leader's comms thread has p2p rows of these labels
+                continue
             if ev.label in pay and ev.has_msg and len(ev.msg) == 7:
                 plan, count, env = ev.msg[4], 0, ev
             elif ev.label in gen and plan is not None:

@@ -59,8 +59,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     opt("--mesh", "mesh ranks including the leader; 1 = PP0", type=int)
     opt("--depth", "sets both queue depths, D_in = D_out = DEPTH (envelopes / results)",
         type=int, shown="unset")
-    opt("--d-in", "D_in: envelopes in flight toward the mesh (count)", type=int)
+    opt("--d-in", "D_in: envelopes in flight, built by rank0 and not yet answered, those "
+        "the leader holds ahead included (count)", type=int)
     opt("--d-out", "D_out: results waiting for decode on rank0 (count)", type=int)
+    opt("--leader-in", "the leader's inbox: envelopes its comms thread holds ahead "
+        "(count)", type=int)
+    opt("--leader-out", "the leader's outbox: results waiting for its comms thread "
+        "(count)", type=int)
     opt("--chunks", "INFER envelopes rank0 builds (count)", type=int)
     opt("--hard-cut", "allow one hard cut (epoch bump + flush) anywhere",
         action="store_const", const=1, shown="no cut")
@@ -100,6 +105,7 @@ def _config(a):
           "p2p": a.p2p, "eager": a.eager, "regime": a.regime, "steps": a.steps,
           "noops": a.noops, "d_in": a.depth if a.depth is not None else a.d_in,
           "d_out": a.depth if a.depth is not None else a.d_out,
+          "leader_in": a.leader_in, "leader_out": a.leader_out,
           "watchdog": False if a.no_watchdog else None,
           "cond_flag_all": a.cond_flag_all,
           "inject": frozenset(a.inject) if a.inject else None}

@@ -37,8 +37,11 @@ ONE_RANK_FAULTS = frozenset({"wrong_group", "count_mismatch", "cond_flag"})
 @dataclass(frozen=True)
 class Config:
     mesh: int = 2                 # mesh ranks (leader + workers); 1 = PP0
-    d_in: int = 2                 # envelopes in flight toward the mesh
+    d_in: int = 2                 # envelopes in flight: built by rank0, result not yet
+                                  # received (those the leader holds ahead count too)
     d_out: int = 2                # results waiting for decode
+    leader_in: int = 1            # leader inbox: envelopes its comms thread received ahead
+    leader_out: int = 1           # leader outbox: results waiting for its comms thread
     chunks: int = 2               # INFER envelopes rank0 builds
     hard_cut: int = 0             # hard cuts (epoch bump + flush) that may happen, anywhere
                                   # (True = 1); also during drain and back to back
@@ -61,7 +64,7 @@ class Config:
         if int(self.hard_cut) < 0:
             raise ValueError(f"hard_cut must be >= 0 cuts, not {self.hard_cut!r}")
         object.__setattr__(self, "hard_cut", int(self.hard_cut))
-        if min(self.d_in, self.d_out) < 1:
+        if min(self.d_in, self.d_out, self.leader_in, self.leader_out) < 1:
             raise ValueError("queue depths must be >= 1")
         if self.p2p not in ("rendezvous", "buffered"):
             raise ValueError(f"p2p must be rendezvous or buffered, not {self.p2p!r}")
@@ -94,6 +97,8 @@ class Config:
                  f"chunks={self.chunks}", f"hard_cuts={self.hard_cut}",
                  f"faults={self.faults}", f"p2p={self.p2p}", f"regime={self.regime}",
                  f"steps={self.steps}"]
+        if (self.leader_in, self.leader_out) != (1, 1):
+            parts.append(f"leader_q={self.leader_in}/{self.leader_out}")
         if self.noops:
             parts.append(f"noops={self.noops}")
         if self.inject:

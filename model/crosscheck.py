@@ -41,6 +41,7 @@ from typing import Optional
 from .config import Config
 from .explore import explore
 from .mutations import MUTATIONS, model_for, mutation_config
+from .promela import UNEXPORTABLE
 from .explore import Canon
 from .promela import export_with_rows
 from .tables import THREADS
@@ -225,7 +226,8 @@ def shipped_configs() -> list:
 
 
 def mutation_configs(base: Config = Config(mesh=2, chunks=2)) -> list:
-    return [(f"mutation {n}", mutation_config(base, n)) for n in MUTATIONS]
+    return [(f"mutation {n}", mutation_config(base, n)) for n in MUTATIONS
+            if n not in UNEXPORTABLE]
 
 
 def rows_fired(cfg: Config) -> set:

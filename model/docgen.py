@@ -789,7 +789,8 @@ def render_catalogue(f: Facts) -> str:
 # decoded; P1 = bookkeeping the P0 properties rely on.
 SEVERITY = {"deadlock": "P0", "stranding": "P0", "collective_mismatch": "P0",
             "framing_error": "P0", "crash_hang": "P0", "stale_epoch_decode": "P0",
-            "call_count": "P0", "queue_bound": "P1", "id_monotonic": "P1",
+            "call_count": "P0", "queue_bound": "P1", "send_after_terminal": "P1",
+            "id_monotonic": "P1",
             "output_order": "P1", "progress": "P1"}
 # PROTOCOL.md "Failure-mode taxonomy (names to keep)".
 TAXONOMY = ("FM-01", "FM-02", "FM-03", "FM-04", "FM-07", "FM-08", "FM-10",

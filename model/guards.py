@@ -48,8 +48,10 @@ class Rank0Vars(NamedTuple):
 
 class MeshVars(NamedTuple):
     """A mesh rank: the leader (group rank 0) or a worker. The leader also remembers
-    the last ids it accepted, to validate monotonicity."""
-    env: Optional[Msg] = None      # the envelope of the current call
+    the last ids it accepted, to validate monotonicity. The leader is one process with
+    two threads, `main` (mesh_pg: broadcast, count check, Phase B) and `comms` (world_pg:
+    the only thread that talks to rank0); both see these, the queues join them."""
+    env: Optional[Msg] = None      # the envelope of the current call (leader: main's)
     planned: int = 0               # generator calls this rank will run for it
     calls_done: int = 0
     seen_call: int = -1            # leader: last call_id received
@@ -60,6 +62,14 @@ class MeshVars(NamedTuple):
     plan_delta: int = 0            # +1 on one rank under the count_mismatch fault
     bad_result: bool = False       # leader: its next result is one rank0's check refuses
     inject: frozenset = frozenset()
+    inbox: tuple = ()              # leader: comms -> main, envelopes received (leader_in)
+    outbox: tuple = ()             # leader: main -> comms, results to send (leader_out)
+    env_in: Optional[Msg] = None   # leader comms: envelope being received
+    res_out: Optional[Msg] = None  # leader comms: result being sent
+    terminal_in: bool = False      # leader comms: SHUTDOWN or ERROR received: no more
+    terminal_sent: bool = False    # leader comms: its ERROR result went out: nothing more
+    results_done: bool = False     # leader main: its terminal is relayed or queued, it
+                                   # queues no more results
 
 
 def rank0_initial(cfg) -> Rank0Vars:
@@ -289,6 +299,10 @@ def is_infer(v, cfg, msg) -> bool:
     return msg.action == INFER
 
 
+def is_header_only(v, cfg, msg) -> bool:
+    return msg.action != INFER
+
+
 def got_result_header(v: Rank0Vars, cfg, msg) -> Rank0Vars:
     return v._replace(res_in=msg)
 
@@ -332,12 +346,120 @@ def parity_differs(v, cfg, gathered) -> bool:
     return len(set(gathered)) != 1
 
 
-# ---------------------------------------------------------------- leader
+# ---------------------------------------------------------------- leader, comms thread
+
+def receiving(v: MeshVars, cfg) -> bool:
+    """The comms thread keeps a receive posted until a terminal envelope arrived. Only
+    its own receive changes this: a receive once posted cannot be withdrawn (the runtime
+    has it in flight), so the leader's own terminal does not stop it; the thread's end
+    abandons it (`leader_comms_finished`)."""
+    return not v.terminal_in
+
 
 def got_envelope_header(v: MeshVars, cfg, msg: Msg) -> MeshVars:
+    """Envelope header received: its ids are checked on the wire (tag wire_ids); after a
+    SHUTDOWN or ERROR nothing more is received."""
     seen_chunk = msg.chunk if msg.action == INFER else v.seen_chunk
-    return v._replace(env=msg, rejected=False, seen_call=max(v.seen_call, msg.call_id),
-                      seen_chunk=max(seen_chunk, v.seen_chunk))
+    return v._replace(env_in=msg, seen_call=max(v.seen_call, msg.call_id),
+                      seen_chunk=max(seen_chunk, v.seen_chunk),
+                      terminal_in=v.terminal_in or msg.action in (SHUTDOWN, ERROR))
+
+
+def store_envelope_in(v: MeshVars, cfg, msg: Msg) -> MeshVars:
+    """The payload's metadata completes the envelope (plan bits, contract verdict)."""
+    return v._replace(env_in=msg)
+
+
+def inbox_room(v: MeshVars, cfg) -> bool:
+    """Room in the inbox, and main still takes envelopes (it has no terminal yet)."""
+    return len(v.inbox) < cfg.leader_in and not v.results_done
+
+
+def results_over(v: MeshVars, cfg) -> bool:
+    """main has relayed or queued its terminal: nothing received now is broadcast."""
+    return v.results_done
+
+
+def drop_envelope_in(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(env_in=None)
+
+
+def queue_envelope(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(inbox=v.inbox + (v.env_in,), env_in=None)
+
+
+def can_take_result(v: MeshVars, cfg) -> bool:
+    return bool(v.outbox) and not v.terminal_sent
+
+
+def take_result(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(outbox=v.outbox[1:], res_out=v.outbox[0])
+
+
+def outgoing_result(v: MeshVars, cfg) -> Msg:
+    return v.res_out
+
+
+def out_is_result(v: MeshVars, cfg) -> bool:
+    return v.res_out.action == INFER
+
+
+def out_is_error(v: MeshVars, cfg) -> bool:
+    """The ERROR result. Not held back while a frame is half received: its send, once
+    posted, stays posted while the receive side moves (the runtime has it in flight);
+    the comms thread still receives that frame's payload before it ends."""
+    return v.res_out.action == ERROR
+
+
+def result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(res_out=None)
+
+
+def error_result_sent(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(res_out=None, terminal_sent=True)
+
+
+def leader_comms_finished(v: MeshVars, cfg) -> bool:
+    """main queues no more results, every result owed is sent and no frame is half
+    received. After a SHUTDOWN or rank0's ERROR nothing more is received; after the
+    leader's own ERROR a header receive may still be posted: rank0 leaves on the ERROR
+    and sends nothing more, so it is abandoned."""
+    return v.results_done and not v.outbox and v.res_out is None and v.env_in is None
+
+
+def finish_results(v: MeshVars, cfg, msg=None) -> MeshVars:
+    """SHUTDOWN or rank0's ERROR relayed to the mesh: main queues no more results."""
+    return v._replace(results_done=True)
+
+
+# ---------------------------------------------------------------- leader, main thread
+
+def inbox_has_infer(v: MeshVars, cfg) -> bool:
+    return bool(v.inbox) and v.inbox[0].action == INFER
+
+
+def inbox_has_header_only(v: MeshVars, cfg) -> bool:
+    return bool(v.inbox) and v.inbox[0].action != INFER
+
+
+def take_envelope_in(v: MeshVars, cfg, msg=None) -> MeshVars:
+    return v._replace(env=v.inbox[0], inbox=v.inbox[1:], rejected=False)
+
+
+def outbox_room(v: MeshVars, cfg) -> bool:
+    return len(v.outbox) < cfg.leader_out
+
+
+def queue_result(v: MeshVars, cfg, msg=None) -> MeshVars:
+    """Phase B done: result k (preflight done) waits for the comms thread."""
+    return v._replace(outbox=v.outbox + (result(v, cfg),))
+
+
+def queue_error_result(v: MeshVars, cfg, msg=None) -> MeshVars:
+    """The leader's terminal: the ERROR result goes behind the results still owed;
+    envelopes received ahead are dropped (the mesh never sees them)."""
+    return v._replace(outbox=v.outbox + (error_result(v, cfg),), inbox=(),
+                      results_done=True)
 
 
 def ids_valid(v: MeshVars, cfg, msg: Msg) -> bool:
@@ -513,3 +635,16 @@ def terminal_was_sent(v: Rank0Vars, cfg) -> bool:
 
 def decode_queue_empty(v: Rank0Vars, cfg) -> bool:
     return not v.decode_q
+
+
+def envelope_in(v: MeshVars, cfg) -> Msg:
+    return v.env_in
+
+
+def queue_error_result_first(v: MeshVars, cfg, msg=None) -> MeshVars:
+    v = queue_error_result(v, cfg)
+    return v._replace(outbox=v.outbox[-1:] + v.outbox[:-1])
+
+
+def outbox_nonempty(v: MeshVars, cfg) -> bool:
+    return bool(v.outbox)

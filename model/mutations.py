@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import guards as g
-from .ops import GEN, MESH, WORLD, Coll, Exit, Local, Row, Send, ENV_HDR
+from .ops import ENV_HDR, GEN, MESH, WORLD, Coll, Exit, Local, Row, Send
 from .semantics import Model
-from .tables import Tables, rank0_comms_rows, shipped_rows
+from .tables import Tables, leader_comms_rows, rank0_comms_rows, shipped_rows
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,14 @@ def no_parity_handshake(rows, cfg):
 
 
 def blocking_send_then_recv(rows, cfg):
+    """Both comms threads send with a blocking send and post no receive meanwhile. One
+    side alone is not enough to deadlock: the other side's posted receive takes the
+    send (with the leader's comms thread, rank0's blocking send alone is clean)."""
     rows = dict(rows)
-    comms = {(r.src, r.label, r.dst) for r in rank0_comms_rows()}
-    rows["rank0"] = [r for r in rows["rank0"] if (r.src, r.label, r.dst) not in comms] \
-        + rank0_comms_rows(blocking_send=True)
+    for role, rebuild in (("rank0", rank0_comms_rows), ("leader", leader_comms_rows)):
+        comms = {(r.src, r.label, r.dst) for r in rebuild()}
+        rows[role] = [r for r in rows[role] if (r.src, r.label, r.dst) not in comms] \
+            + rebuild(blocking_send=True)
     return rows
 
 
@@ -152,8 +156,8 @@ def second_thread_transport(rows, cfg):
 
 def broadcast_before_validate(rows, cfg):
     rows = dict(rows)
-    lead = _replace(rows["leader"], _label("recv_envelope_payload"),
-                    lambda r: r._replace(dst="bcast_hdr"), "recv_envelope_payload")
+    lead = _replace(rows["leader"], _label("take_envelope"),
+                    lambda r: r._replace(dst="bcast_hdr"), "take_envelope")
     lead = _replace(lead, _label("bcast_envelope_payload"),
                     lambda r: r._replace(dst="validate"), "bcast_envelope_payload")
     lead = _replace(lead, _label("envelope_valid"),
@@ -210,6 +214,45 @@ def drop_results_after_shutdown(rows, cfg):
     return rows
 
 
+def comms_broadcasts_header(rows, cfg):
+    """The leader's comms thread relays the header to the mesh itself, as soon as it
+    has it (a hop saved), instead of handing the envelope to main."""
+    rows = dict(rows)
+    rows["leader"] = _replace(rows["leader"], lambda r: r.label == "queue_envelope",
+                              lambda r: r._replace(
+                                  op=Coll("broadcast", MESH, 0, ENV_HDR),
+                                  make=g.envelope_in, label="bcast_header_from_comms",
+                                  why="the comms thread broadcasts on mesh_pg"),
+                              "queue_envelope")
+    return rows
+
+
+def error_result_first(rows, cfg):
+    """The leader's ERROR result jumps the outbox (rank0 "hears of it at once") and the
+    comms thread sends whatever is queued: the results still owed go out after the
+    terminal."""
+    rows = dict(rows)
+    lead = _replace(rows["leader"], _label("queue_error_result"),
+                    lambda r: r._replace(update=g.queue_error_result_first),
+                    "queue_error_result")
+    rows["leader"] = _replace(lead, _label("take_result"),
+                              lambda r: r._replace(guard=g.outbox_nonempty), "take_result")
+    return rows
+
+
+def _unbounded(label, what):
+    def edit(rows, cfg):
+        rows = dict(rows)
+        rows["leader"] = _replace(rows["leader"], _label(label),
+                                  lambda r: r._replace(guard=None), what)
+        return rows
+    return edit
+
+
+unbounded_leader_inbox = _unbounded("queue_envelope", "queue_envelope")
+unbounded_leader_outbox = _unbounded("queue_result", "queue_result")
+
+
 MUTATIONS = {m.name: m for m in [
     Mutation("phase_b_on_world", "PP-FM-WRONG-GROUP", "collective_mismatch",
              "one mesh rank issues its Phase-B all_reduce on world_pg", phase_b_on_world,
@@ -233,8 +276,8 @@ MUTATIONS = {m.name: m for m in [
              "handshake", no_parity_handshake,
              {"inject": frozenset({"cond_flag"}), "mesh": 2}, targets_one_rank=True),
     Mutation("blocking_send_then_recv", "overlap deadlock", "deadlock",
-             "the comms thread sends envelope k+1 with a blocking send and posts no "
-             "receive while the leader sends result k (rendezvous p2p)",
+             "both comms threads send with a blocking send and post no receive: rank0 "
+             "sends envelope k+1 while the leader sends result k (rendezvous p2p)",
              blocking_send_then_recv, {"p2p": "rendezvous", "d_in": 2, "chunks": 2}),
     Mutation("second_thread_transport", "cross-thread interleaving", "framing_error",
              "rank0's main thread sends a heartbeat itself while the comms thread owns "
@@ -260,6 +303,22 @@ MUTATIONS = {m.name: m for m in [
              "instead of the envelope's expected_generator_calls, and checks nothing "
              "(R0a)",
              mesh_infers_call_count, {"regime": "R0a"}),
+    Mutation("comms_broadcasts_header", "cross-thread group use", "collective_mismatch",
+             "the leader's comms thread broadcasts the envelope header on mesh_pg itself "
+             "as soon as it has it, while main runs the mesh's collectives",
+             comms_broadcasts_header, {"mesh": 2}),
+    Mutation("error_result_first", "send after terminal", "send_after_terminal",
+             "the leader's ERROR result jumps its outbox: a result still owed goes out "
+             "after the terminal, to a rank0 that has left on it (buffered p2p)",
+             error_result_first,
+             {"inject": frozenset({"leader_reject"}), "p2p": "buffered", "eager": 2,
+              "d_in": 2, "chunks": 2, "leader_out": 2}),
+    Mutation("unbounded_leader_inbox", "queue bound", "queue_bound",
+             "the leader's comms thread appends envelopes to an unbounded inbox",
+             unbounded_leader_inbox, {"noops": 1, "d_in": 2, "chunks": 2}),
+    Mutation("unbounded_leader_outbox", "queue bound", "queue_bound",
+             "the leader's main thread appends results to an unbounded outbox",
+             unbounded_leader_outbox, {"d_in": 2, "chunks": 2}),
     Mutation("drop_results_after_shutdown", "drain on SHUTDOWN", "progress",
              "the comms thread stops receiving once SHUTDOWN is sent, dropping results "
              "still in flight", drop_results_after_shutdown,

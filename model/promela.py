@@ -84,11 +84,14 @@ class PromelaExportError(Exception):
 
 ST = {"live": 1, "ok": 2, "error": 3, "crashed": 4, "aborted": 5}
 PROPERTIES = ("deadlock", "stranding", "collective_mismatch", "framing_error",
-              "queue_bound", "stale_epoch_decode", "call_count", "id_monotonic",
+              "queue_bound", "send_after_terminal", "stale_epoch_decode", "call_count", "id_monotonic",
               "output_order", "progress", "crash_hang", "export_capacity")
 KNOWN_TAGS = {"emit", "wire_ids", "phase_b_done", "end", "join_comms", "commit",
-              "phase_a", "fault", "cut"}
+              "phase_a", "fault", "cut", "enqueue", "outgoing"}
 FAILURES = ("", "preflight failed", "result rejected")
+# Mutations the export refuses, and why (the explorer and the proofs still check them).
+UNEXPORTABLE = {"comms_broadcasts_header": "two leader threads issue collectives; the "
+                "collective arrival encoding has one collective thread per process"}
 MSG_FIELDS = ("action", "call_id", "chunk", "epoch", "calls", "initc", "ok")
 
 
@@ -113,7 +116,9 @@ R0_LAYOUT = {
 MESH_LAYOUT = {
     "env": "optmsg", "planned": "byte", "calls_done": "byte", "seen_call": "short",
     "seen_chunk": "short", "rejected": "bit", "flag": "bit", "plan_delta": "byte",
-    "bad_result": "bit", "inject": "inject"}
+    "bad_result": "bit", "inject": "inject", "inbox": "queue", "outbox": "queue",
+    "env_in": "optmsg", "res_out": "optmsg", "terminal_in": "bit", "terminal_sent": "bit",
+    "results_done": "bit"}
 
 
 class Ctx(NamedTuple):
@@ -201,7 +206,32 @@ def _got_envelope_header(c: Ctx) -> str:
     return (f"if :: {m}.call_id > {v}.seen_call -> {v}.seen_call = {m}.call_id :: else fi; "
             f"if :: {m}.action == INFER && {m}.chunk > {v}.seen_chunk -> "
             f"{v}.seen_chunk = {m}.chunk :: else fi; "
-            f"{_store_env(c)}; {v}.rejected = 0")
+            f"msg_cp({v}.env_in, {m}); {v}.env_in_has = 1; "
+            f"if :: {m}.action == SHUTDOWN || {m}.action == ERROR -> {v}.terminal_in = 1 "
+            f":: else fi")
+
+
+def _error_result_fields(c: Ctx) -> tuple:
+    v = c.v
+    return ("ERROR", f"{v}.env.call_id", f"{v}.env.chunk", f"{v}.env.epoch",
+            f"{v}.calls_done", 0)
+
+
+def _queue_error_result(c: Ctx) -> str:
+    return "; ".join([_push(c, "outbox", *_error_result_fields(c)), _clear(c, "inbox"),
+                      f"{c.v}.results_done = 1"])
+
+
+def _rotate_last_first(c: Ctx, q: str) -> str:
+    """The queue's last element moved to its head (the mutation error_result_first)."""
+    v, cap = c.v, c.caps[q]
+    branches = []
+    for n in range(2, cap + 1):
+        body = [f"msg_cp(tmp_rot, {v}.{q}[{n - 1}])"] + \
+            [f"msg_cp({v}.{q}[{i}], {v}.{q}[{i - 1}])" for i in range(n - 1, 0, -1)] + \
+            [f"msg_cp({v}.{q}[0], tmp_rot)", "msg_zero(tmp_rot)"]
+        branches.append(f":: {v}.{q}_n == {n} -> " + "; ".join(body))
+    return "if " + " ".join(branches) + " :: else fi"
 
 
 # ------------------------------------------------------------------ the mapping tables
@@ -252,6 +282,22 @@ GUARDS: dict = {
     "last_call_then_cond": ("mesh", lambda c: f"({c.v}.calls_done + 1 == {c.v}.planned && "
                                               f"{c.v}.flag)"),
     "wrong_group_requested": ("mesh", lambda c: f"({c.v}.inj_wrong_group)"),
+    "receiving": ("mesh", lambda c: f"(!{c.v}.terminal_in)"),
+    "inbox_room": ("mesh", lambda c: f"({c.v}.inbox_n < {c.cfg.leader_in} && "
+                                     f"!{c.v}.results_done)"),
+    "results_over": ("mesh", lambda c: f"({c.v}.results_done)"),
+    "can_take_result": ("mesh", lambda c: f"({c.v}.outbox_n > 0 && !{c.v}.terminal_sent)"),
+    "out_is_result": ("mesh", lambda c: f"({c.v}.res_out.action == INFER)"),
+    "out_is_error": ("mesh", lambda c: f"({c.v}.res_out.action == ERROR)"),
+    "leader_comms_finished": ("mesh", lambda c: f"({c.v}.results_done && "
+                                                f"{c.v}.outbox_n == 0 && !{c.v}.res_out_has "
+                                                f"&& !{c.v}.env_in_has)"),
+    "inbox_has_infer": ("mesh", lambda c: f"({c.v}.inbox_n > 0 && "
+                                          f"{c.v}.inbox[0].action == INFER)"),
+    "inbox_has_header_only": ("mesh", lambda c: f"({c.v}.inbox_n > 0 && "
+                                                f"{c.v}.inbox[0].action != INFER)"),
+    "outbox_room": ("mesh", lambda c: f"({c.v}.outbox_n < {c.cfg.leader_out})"),
+    "outbox_nonempty": ("mesh", lambda c: f"({c.v}.outbox_n > 0)"),
     # mutation-only guards
     "late_preflight_ok": ("r0", lambda c: f"(!{c.v}.inj_rank0_preflight)"),
     "late_preflight_raises": ("r0", lambda c: f"({c.v}.inj_rank0_preflight)"),
@@ -269,6 +315,7 @@ for _a in Action:
 ACCEPTS: dict = {
     "is_error": ("any", "msg", lambda c: f"({c.m}.action == ERROR)"),
     "is_infer": ("any", "msg", lambda c: f"({c.m}.action == INFER)"),
+    "is_header_only": ("any", "msg", lambda c: f"({c.m}.action != INFER)"),
     "parity_agrees": ("any", "vec", lambda c: _all(c, "{x} == " + f"{c.gv}[0]")),
     "parity_differs": ("any", "vec", lambda c: "!" + _all(c, "{x} == " + f"{c.gv}[0]")),
     "counts_agree": ("mesh", "vec", lambda c: _all(c, "{x} == " + f"{c.v}.env.calls")),
@@ -299,6 +346,8 @@ MAKES: dict = {
     "error_result": ("mesh", "msg", lambda c, d: f"msg_set({d}, ERROR, {c.v}.env.call_id, "
                                                  f"{c.v}.env.chunk, {c.v}.env.epoch, "
                                                  f"{c.v}.calls_done, 0)"),
+    "outgoing_result": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.res_out)"),
+    "envelope_in": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env_in)"),
     "parity_key": ("any", "int", lambda c: f"{c.v}.flag"),
     "plan_calls": ("mesh", "int", lambda c: f"({c.v}.env.calls + {c.v}.plan_delta)"),
     "contribution": ("any", "int", lambda c: "0"),
@@ -374,6 +423,31 @@ UPDATES: dict = {
                                                        f"{c.v}.plan_delta; "
                                                        f"{c.v}.calls_done = 0"),
     "call_done": ("mesh", None, lambda c: f"{c.v}.calls_done++"),
+    "store_envelope_in": ("mesh", "msg", lambda c: f"msg_cp({c.v}.env_in, {c.m}); "
+                                                   f"{c.v}.env_in_has = 1"),
+    "queue_envelope": ("mesh", None, lambda c: "; ".join([
+        _push_cp(c, "inbox", f"{c.v}.env_in"), f"msg_zero({c.v}.env_in)",
+        f"{c.v}.env_in_has = 0"])),
+    "take_result": ("mesh", None, lambda c: "; ".join([
+        f"msg_cp({c.v}.res_out, {c.v}.outbox[0])", f"{c.v}.res_out_has = 1",
+        _pop(c, "outbox")])),
+    "drop_envelope_in": ("mesh", None, lambda c: f"msg_zero({c.v}.env_in); "
+                                                 f"{c.v}.env_in_has = 0"),
+    "result_sent": ("mesh", None, lambda c: f"msg_zero({c.v}.res_out); "
+                                            f"{c.v}.res_out_has = 0"),
+    "error_result_sent": ("mesh", None, lambda c: f"msg_zero({c.v}.res_out); "
+                                                  f"{c.v}.res_out_has = 0; "
+                                                  f"{c.v}.terminal_sent = 1"),
+    "finish_results": ("mesh", "msg", lambda c: f"{c.v}.results_done = 1"),
+    "take_envelope_in": ("mesh", None, lambda c: "; ".join([
+        f"msg_cp({c.v}.env, {c.v}.inbox[0])", f"{c.v}.env_has = 1", _pop(c, "inbox"),
+        f"{c.v}.rejected = 0"])),
+    "queue_result": ("mesh", None, lambda c: _push(
+        c, "outbox", "INFER", f"{c.v}.env.call_id", f"{c.v}.env.chunk", f"{c.v}.env.epoch",
+        f"{c.v}.calls_done", 0, f"!{c.v}.bad_result")),
+    "queue_error_result": ("mesh", None, _queue_error_result),
+    "queue_error_result_first": ("mesh", None, lambda c: _queue_error_result(c) + "; " +
+                                 _rotate_last_first(c, "outbox")),
 }
 
 # Property predicates that model.properties evaluates with guard functions.
@@ -435,7 +509,8 @@ class _Export:
             for t in range(len(THREADS[m.roles[p]])):
                 self.threads.append((p, t))
         self.tid = {pt: i for i, pt in enumerate(self.threads)}
-        self.caps = {"send_q": cfg.d_in + cfg.noops + 2, "decode_q": cfg.d_out + 1}
+        self.caps = {"send_q": cfg.d_in + cfg.noops + 2, "decode_q": cfg.d_out + 1,
+                     "inbox": cfg.leader_in + 1, "outbox": cfg.leader_out + 1}
         self.kinds = {}
         self.sigs = {}
         self.reasons = {"": 0}
@@ -598,6 +673,10 @@ class _Export:
             if c.kind != "r0":
                 raise PromelaExportError("end tag outside rank0")
             out.append(_when(f"{c.v}.emitted != {c.v}.built", "progress"))
+        if "outgoing" in r.tags:
+            if c.kind != "mesh":
+                raise PromelaExportError("outgoing tag outside a mesh rank")
+            out.append(_when(f"{c.v}.terminal_sent", "send_after_terminal"))
         return out
 
     def post_checks(self, p, r):
@@ -610,6 +689,11 @@ class _Export:
         if p == 0 and not isinstance(r.op, Exit):
             out.append(_when(f"r0.decode_q_n > {self.cfg.d_out} || "
                              f"r0.inflight > {self.cfg.d_in}", "queue_bound"))
+        if "enqueue" in r.tags:
+            if c.kind != "mesh":
+                raise PromelaExportError("enqueue tag outside a mesh rank")
+            out.append(_when(f"{c.v}.inbox_n > {self.cfg.leader_in} || "
+                             f"{c.v}.outbox_n > {self.cfg.leader_out}", "queue_bound"))
         return out
 
     def live(self, p):
@@ -1102,6 +1186,7 @@ class _Export:
             o.append(f"chan ch_{p}_{q} = [{cap}] of {{ byte, byte, byte, short, byte, byte, "
                      f"bit, bit }};")
             o.append(f"Msg sm_{p}_{q}; Msg rm_{p}_{q}; byte rk_{p}_{q};")
+        o.append("Msg tmp_rot;   /* scratch of a queue rotation, zero between steps */")
         clr = "; ".join(f"gvec[g].x[{i}] = 0" for i in range(n))
         o.append("inline depart_book(p, g) {\n\tcdep[g]--;\n\tif :: cdep[g] == 0 -> "
                  f"msg_zero(gmsg[g]); {clr} :: else fi\n}}")
@@ -1282,6 +1367,7 @@ FINGERPRINTS: dict = {
     'guards.can_cut_in_drain': '88256e144c',
     'guards.can_heartbeat': '2e34ab62bc',
     'guards.can_take': '5b34c3f0b1',
+    'guards.can_take_result': 'b10bace112',
     'guards.comms_finished': 'ab12643a3b',
     'guards.contribution': '39291dfab7',
     'guards.counts_agree': '895d901771',
@@ -1292,6 +1378,7 @@ FINGERPRINTS: dict = {
     'guards.decode_room': 'd63637157f',
     'guards.direct_noop': 'bf4c7074b9',
     'guards.drained': '19cdffd6ae',
+    'guards.drop_envelope_in': 'aabc5f425e',
     'guards.drop_head': 'f8c745f6c4',
     'guards.enqueue_bad_envelope': 'f275743197',
     'guards.enqueue_envelope': '651ae41d80',
@@ -1300,14 +1387,17 @@ FINGERPRINTS: dict = {
     'guards.env_is_NOOP': '1fcf34d0ba',
     'guards.env_is_SHUTDOWN': '1fcf34d0ba',
     'guards.env_not_infer': '9bf117ef24',
+    'guards.envelope_in': '955a2b3ac1',
     'guards.envelope_invalid': '687432a812',
     'guards.envelope_valid': 'ba0a0f8a04',
     'guards.error_from_rank0': '3374f2ecb2',
     'guards.error_result': '47c7a85bfe',
+    'guards.error_result_sent': 'be82ccfb15',
     'guards.expecting_result': '27f2e71c9e',
     'guards.expecting_result_before_terminal': 'e0bef188dc',
     'guards.fail_preflight': '3b54c1e0e7',
-    'guards.got_envelope_header': 'ee35050dbd',
+    'guards.finish_results': '52981ff1d9',
+    'guards.got_envelope_header': '2ba00dc74a',
     'guards.got_result_header': 'ca6a0e9e30',
     'guards.got_result_payload': 'bd6c593404',
     'guards.hard_cut': 'bf1eb1fb0f',
@@ -1319,13 +1409,18 @@ FINGERPRINTS: dict = {
     'guards.head_stale': '63aff7b4b2',
     'guards.header_only_sent': 'd054a064bf',
     'guards.ids_valid': '2b55ee8674',
+    'guards.inbox_has_header_only': '7855a83f55',
+    'guards.inbox_has_infer': 'd9264dc59e',
+    'guards.inbox_room': '10186bf0fd',
     'guards.infer_calls_locally': '5ab5ce0ab5',
     'guards.is_error': '9fbf435882',
+    'guards.is_header_only': 'fb04530267',
     'guards.is_infer': 'e94cf6bbad',
     'guards.last_call': 'a4e7194c9a',
     'guards.last_call_then_cond': 'e525c035a5',
     'guards.late_preflight_ok': 'ff3d11c4e8',
     'guards.late_preflight_raises': '45212f1628',
+    'guards.leader_comms_finished': '152b964c3c',
     'guards.more_calls': 'ce739e420b',
     'guards.msg_is_ERROR': '33b7b6c2af',
     'guards.msg_is_INFER': '33b7b6c2af',
@@ -1335,27 +1430,42 @@ FINGERPRINTS: dict = {
     'guards.new_envelope': 'a4943e5492',
     'guards.out_has_payload': '3fe6a64078',
     'guards.out_header_only': 'ab23605c53',
+    'guards.out_is_error': '0683b45335',
+    'guards.out_is_result': '9c79cf3eb2',
+    'guards.outbox_nonempty': '70a4543360',
+    'guards.outbox_room': '71cf551cf4',
     'guards.outgoing': '11783aa430',
+    'guards.outgoing_result': '929b0eab02',
     'guards.parity_agrees': '41d7705979',
     'guards.parity_differs': '0f6c682c9d',
     'guards.parity_key': 'c54c6dd184',
     'guards.payload_sent': '7a35d4fa9b',
     'guards.plan_calls': '11a76641e3',
     'guards.put_result': 'e37c4056b3',
+    'guards.queue_envelope': 'b9189818a3',
+    'guards.queue_error_result': '2cc8d85d57',
+    'guards.queue_error_result_first': '8af7d32484',
     'guards.queue_noop': 'f7246a28ff',
+    'guards.queue_result': '6a669bf3cd',
     'guards.queue_shutdown': '243450022d',
+    'guards.receiving': '6621b151f5',
     'guards.reject_envelope': '91ad1c21d5',
     'guards.reject_head': '4fbce05e58',
     'guards.reject_head_in_drain': '885f65d2fb',
     'guards.rejected_by_leader': 'd88d0bc40a',
     'guards.result': '45923b357a',
+    'guards.result_sent': '7d45e0c964',
+    'guards.results_over': 'e3a4c3cf3d',
     'guards.spend_noop': '882901b3d1',
     'guards.spoil_result': '03f58c7d24',
     'guards.start_phase_b': '36bef2eec0',
     'guards.start_phase_b_inferred': 'bc1f1edeee',
     'guards.start_phase_b_own': '4dcb929c63',
     'guards.store_envelope': '76c82cc3e7',
+    'guards.store_envelope_in': 'ee00f00ea5',
     'guards.take_envelope': 'ce670d6c74',
+    'guards.take_envelope_in': '3ab2aa9e7b',
+    'guards.take_result': '192d9acc24',
     'guards.terminal_was_sent': 'dc9edd6138',
     'guards.wrong_group_requested': '1546db5180',
     'properties._check_end': '235d95aea1',
@@ -1366,13 +1476,13 @@ FINGERPRINTS: dict = {
     'properties.check_rank0': '6d1de7135c',
     'properties.check_state': '3839daab2e',
     'properties.check_terminal': '570a11a71c',
-    'properties.check_transition': '0391912828',
+    'properties.check_transition': 'bc1fafa124',
     'semantics.Model._apply': '604653a47b',
     'semantics.Model._buffered': '85e9058544',
     'semantics.Model._collective': 'cb49c9d910',
     'semantics.Model._compile': '18b412d84a',
     'semantics.Model._rendezvous': '4c1784bc96',
-    'semantics.Model._start_pcs': '107462b654',
+    'semantics.Model._start_pcs': 'aad3bfd363',
     'semantics.Model.enabled': '4581e9f948',
     'semantics.Model.initial_state': 'b94b04dfc1',
     'semantics.Model.posted': 'e651e607c2',

@@ -7,7 +7,10 @@
                        group the rank is not in, or one member on another group
   framing_error        a receive gets a message of another kind (header where a payload
                        was promised, two threads interleaving frames)
-  queue_bound          rank0's D_in / D_out bounds exceeded
+  queue_bound          rank0's D_in / D_out bounds or the leader's inbox / outbox bounds
+                       (leader_in / leader_out) exceeded
+  send_after_terminal  the leader sends a message after its terminal (ERROR) result: rank0
+                       has left on the terminal, so it is never read
   stale_epoch_decode   a result of an old cache_epoch decoded
   call_count           a mesh rank ran a generator-call count other than the envelope's,
                        or rank0 decoded a result whose observed count is not the plan
@@ -19,7 +22,9 @@
   crash_hang           after a fault, a survivor is left blocked: only a backend timeout
                        would release it (crash > hang violated)
 
-Transition properties look at row tags (`emit`, `wire_ids`, `phase_b_done`), never at
+Transition properties look at row tags (`emit`, `wire_ids`, `phase_b_done`, `enqueue`:
+a row that appends to a leader queue, whose bound is checked after it; `outgoing`: a
+send that must not follow the sender's terminal), never at
 row names, so a renamed row keeps its checks. Termination: every row that loops changes
 a strictly increasing counter (call_id, calls_done, sequence numbers) bounded by the
 configuration, so the state graph is acyclic and "no enabled transition" is the only
@@ -33,7 +38,7 @@ from .semantics import (CRASHED, DEAD_THREAD, ERROR, FINAL, LIVE, Model, State, 
                         Violation)
 
 VERDICTS = ("deadlock", "stranding", "collective_mismatch", "framing_error",
-            "queue_bound", "stale_epoch_decode", "call_count", "id_monotonic",
+            "queue_bound", "send_after_terminal", "stale_epoch_decode", "call_count", "id_monotonic",
             "output_order", "progress", "crash_hang")
 
 
@@ -62,6 +67,18 @@ def check_transition(m: Model, s: State, tr: Tr, s2: State):
             return Violation("id_monotonic", f"{m.names[p]} receives call_id="
                              f"{tr.msg.call_id} chunk_index={tr.msg.chunk} after call_id="
                              f"{v.seen_call} chunk_index={v.seen_chunk}")
+        if "enqueue" in tags:
+            v2 = s2.procs[p].v
+            if v2 is not None and len(v2.inbox) > cfg.leader_in:
+                return Violation("queue_bound", f"{m.names[p]} inbox holds "
+                                 f"{len(v2.inbox)} > leader_in={cfg.leader_in}")
+            if v2 is not None and len(v2.outbox) > cfg.leader_out:
+                return Violation("queue_bound", f"{m.names[p]} outbox holds "
+                                 f"{len(v2.outbox)} > leader_out={cfg.leader_out}")
+        if "outgoing" in tags and s.procs[p].v.terminal_sent:
+            return Violation("send_after_terminal", f"{m._who(p, t)} sends "
+                             f"{row.op.kind} call_id={tr.msg.call_id} after its terminal "
+                             f"ERROR result")
         if "phase_b_done" in tags:
             v2 = s2.procs[p].v
             if v2 is not None and v2.calls_done != v2.env.calls:

@@ -939,7 +939,8 @@ ALL_EQUAL_ACCEPTS = {"parity_agrees"}
 # variable, "msg" (the row's value: equal on every member iff the row is a collective),
 # "const" or "cfg". Checked against the code on sampled states (`_check_models`).
 UPDATES: dict = {
-    "got_envelope_header": ("msg", {"env": ("msg",), "rejected": ("const",),
+    "got_envelope_header": ("msg", {"env_in": ("msg",),
+                                    "terminal_in": ("terminal_in", "msg"),
                                     "seen_call": ("seen_call", "msg"),
                                     "seen_chunk": ("seen_chunk", "msg")}),
     "store_envelope": ("msg", {"env": ("msg",)}),
@@ -951,6 +952,15 @@ UPDATES: dict = {
                                       "calls_done": ("const",)}),
     "call_done": (None, {"calls_done": ("calls_done",)}),
     "spoil_result": (None, {"bad_result": ("const",), "inject": ("inject",)}),
+    # the leader's main thread and its queues (the comms thread issues no collective)
+    "take_envelope_in": (None, {"env": ("inbox",), "inbox": ("inbox",),
+                                "rejected": ("const",)}),
+    "queue_result": (None, {"outbox": ("outbox", "env", "calls_done", "bad_result")}),
+    "queue_error_result": (None, {"outbox": ("outbox", "env", "calls_done"),
+                                  "inbox": ("const",), "results_done": ("const",)}),
+    "queue_error_result_first": (None, {"outbox": ("outbox", "env", "calls_done"),
+                                        "inbox": ("const",), "results_done": ("const",)}),
+    "finish_results": (None, {"results_done": ("const",)}),
 }
 # Variables the semantics initialises per rank (from that rank's faults / flags). The
 # dataflow starts from these plus whatever `_per_rank_init` finds differing across mesh
@@ -1489,11 +1499,17 @@ def _samples(n=150, seed=0) -> list:
         env = g.Msg(rnd.choice(list(C.Action)), rnd.randint(-1, 3), rnd.randint(-1, 3),
                     rnd.randint(0, 2), rnd.randint(0, 3), rnd.random() < .5)
         inj = frozenset(f for f in INJECTABLE if rnd.random() < .3)
+        msgs = [g.Msg(rnd.choice(list(C.Action)), rnd.randint(0, 3), rnd.randint(-1, 3),
+                      rnd.randint(0, 2), rnd.randint(0, 3), rnd.random() < .5)
+                for _ in range(4)]
         out.append(g.MeshVars(env=env, planned=rnd.randint(0, 3),
                               calls_done=rnd.randint(0, 3), seen_call=rnd.randint(-1, 3),
                               seen_chunk=rnd.randint(-1, 3), rejected=rnd.random() < .5,
                               flag=rnd.random() < .5, plan_delta=rnd.randint(0, 1),
-                              inject=inj))
+                              inject=inj, inbox=tuple(msgs[:rnd.randint(1, 2)]),
+                              outbox=tuple(msgs[2:2 + rnd.randint(0, 2)]),
+                              bad_result=rnd.random() < .5,
+                              results_done=rnd.random() < .5))
     return out
 
 

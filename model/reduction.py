@@ -60,6 +60,12 @@ Why it is sound here (the properties of model.properties keep their verdicts)
   Violations found under the reduction are real (every reduced state is reachable);
   the search then re-runs without it so the printed counterexample is a shortest one.
 
+Processes with two threads (rank0, the leader) are one process here: a process's
+posted rows are those of all its threads, so the leader's group holds rank0 while its
+comms thread has a receive or send posted and the mesh while its main thread is in a
+collective; its threads' shared queues (inbox, outbox) are its own local state, which
+no outsider reads. The argument above is over processes and holds unchanged.
+
 Designs considered and rejected
   Computing only the group's transitions (enabled() on a view of s where outsiders
   have left) instead of filtering all of them: the same sets, but no faster (the

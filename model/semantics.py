@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 from .config import Config
 from .guards import mesh_initial, rank0_initial
 from .ops import MESH, WORLD, Coll, Exit, Recv, Send, op_text
-from .tables import FINAL, INITIAL, THREADS, Tables
+from .tables import AFTER_HANDSHAKE, FINAL, INITIAL, THREADS, Tables
 
 LIVE, OK, ERROR, CRASHED, ABORTED = "live", "ok", "error", "crashed", "aborted"
 FINAL_STATUSES = (OK, ERROR, CRASHED, ABORTED)
@@ -159,7 +159,7 @@ class Model:
         out = []
         for t, pc in enumerate(pcs):
             if pc == "handshake" and pc not in self.tables[p][t]:
-                pc = "run" if self.roles[p] == "rank0" else "wait_hdr"
+                pc = AFTER_HANDSHAKE[self.roles[p]]
             out.append(pc)
         return tuple(out)
 

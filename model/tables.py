@@ -11,16 +11,47 @@ Roles and threads
                 receive side R in {idle, pay, put}. Keeping a receive posted while it
                 sends (both sides live in one state) is what prevents the send/send
                 deadlock under rendezvous p2p (PROTOCOL.md, Overlap).
-  leader        global rank 1 = mesh group rank 0: receive, validate, then broadcast.
+  leader.main   global rank 1 = mesh group rank 0; after the startup handshake (a
+                world_pg all_gather every rank makes on its main thread, before rank0
+                can send anything) it touches only mesh_pg: takes envelope k from the
+                inbox, validates it, broadcasts it, runs the count
+                check and Phase B, and queues result k (or its ERROR) in the outbox.
+  leader.comms  the only leader thread that talks to rank0 (every point-to-point
+                message on world_pg), over an "S/R" pair like rank0's: the send
+                side S in {idle, hdr, pay} sends result k while Phase B k+1 runs, the
+                receive side R in {idle, pay, put} keeps the receive of envelope k+1
+                posted and completes it while Phase B k runs. Between the two threads
+                two bounded queues: the inbox (leader_in envelopes) and the outbox
+                (leader_out results). After a SHUTDOWN or ERROR envelope it receives
+                nothing more; it ends once main has relayed or queued its terminal and
+                every result owed is sent (main's exit rows join it). After the
+                leader's own ERROR a header receive may stay posted (a posted receive
+                is never withdrawn, so no guard another step changes may close a posted
+                op); the thread ends with no frame half received (rank0 is committed
+                to a payload after its header), abandoning that header receive (rank0
+                leaves on the ERROR). It sends nothing after its ERROR result.
   worker        mesh group ranks 1..N-1.
+
+D_in is the number of envelopes in flight end to end: built by rank0, result not yet
+received by rank0's comms thread. The envelopes the leader holds ahead (in its inbox or
+being received) count, so D_in = 2 is what lets the leader receive envelope k+1 while
+Phase B k runs; with D_in = 1 nothing overlaps. leader_in / leader_out bound how many
+of those wait at the leader (queue_bound checks both, like D_in / D_out).
 
 Commitment points (tag "commit"): after such a row the peer is committed to what
 follows (a header promises a payload). Everything that can fail happens before them:
 rank0's preflight runs in Phase A before the envelope is queued; the leader validates
 the whole envelope before its first mesh broadcast.
 
-Designs considered and rejected: a comms thread doing blocking send-then-receive
-(deadlocks under rendezvous: mutation `blocking_send_then_recv`); validation after the
+Designs considered and rejected: a single-thread leader (receive k, broadcast, Phase
+B, send result k, only then receive k+1: correct, but the mesh idles while the control
+plane moves, 7.6 ms a chunk in issue 13's measurement, so it is not kept even as a
+mutation: no property fails); the comms thread relaying the header to the mesh itself
+(two leader threads on mesh_pg: mutation `comms_broadcasts_header`); the ERROR result
+jumping the outbox (a result owed goes out after the terminal: `error_result_first`);
+comms threads doing blocking send-then-receive (deadlocks under rendezvous: mutation
+`blocking_send_then_recv`, both sides; one side alone is kept apart by the other's
+posted receive); validation after the
 mesh broadcast (mutation `broadcast_before_validate`); an abort flag as the only release
 (it also works, but leaves the mesh waiting a watchdog period on every rejected
 envelope, so terminal messages come first and the abort flag covers what no message can
@@ -35,9 +66,10 @@ from .ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RE
                   WORLD, Coll, Exit, Local, Recv, Row, Send)
 
 ROLES = ("rank0", "leader", "worker")
-THREADS = {"rank0": ("main", "comms"), "leader": ("main",), "worker": ("main",)}
-INITIAL = {"rank0": ("handshake", "idle/idle"), "leader": ("handshake",),
+THREADS = {"rank0": ("main", "comms"), "leader": ("main", "comms"), "worker": ("main",)}
+INITIAL = {"rank0": ("handshake", "idle/idle"), "leader": ("handshake", "idle/idle"),
            "worker": ("handshake",)}
+AFTER_HANDSHAKE = {"rank0": "run", "leader": "wait_env", "worker": "wait_hdr"}
 FINAL = "done"   # a thread that finished without ending its process
 
 
@@ -62,7 +94,7 @@ def _exit(thread: str, src: str, label: str, how: str, reason: str, guard=None,
 # ----------------------------------------------------------------------------- rank0
 
 def rank0_main_rows() -> list:
-    rows = _handshake("main", "run")
+    rows = _handshake("main", AFTER_HANDSHAKE["rank0"])
     rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
     loop = [
         Row("main", "{s}", "build_envelope", Local("phase_a+preflight"), "{s}",
@@ -121,11 +153,29 @@ def rank0_main_rows() -> list:
     return rows
 
 
-def rank0_comms_rows(blocking_send: bool = False) -> list:
-    """Rows of the comms thread over its (send side, receive side) pair.
+def pair_rows(thread: str, send: dict, recv: dict, blocking_send: bool = False) -> list:
+    """A comms thread's rows over its (send side, receive side) pair "S/R": every send
+    row of side S and every receive row of side R is offered in "S/R", so a receive
+    stays posted while a send is in flight. A receive row to "exit" ends the process.
 
     With `blocking_send`, a receive is posted only when nothing is being sent: the
-    blocking send-then-receive design the mutation checks."""
+    blocking send-then-receive design the mutations check."""
+    rows = []
+    for s, srows in send.items():
+        for r, rrows in recv.items():
+            pc = f"{s}/{r}"
+            for row in srows:
+                rows.append(row._replace(thread=thread, src=pc, dst=f"{row.dst}/{r}"))
+            if blocking_send and s != "idle":
+                continue
+            for row in rrows:
+                dst = "exit" if row.dst == "exit" else f"{s}/{row.dst}"
+                rows.append(row._replace(thread=thread, src=pc, dst=dst))
+    return rows
+
+
+def rank0_comms_rows(blocking_send: bool = False) -> list:
+    """Rows of rank0's comms thread over its (send side, receive side) pair."""
     send = {
         "idle": [Row("comms", "", "take_envelope", Local("dequeue"), "hdr",
                      guard=g.can_take, update=g.take_envelope)],
@@ -152,17 +202,7 @@ def rank0_comms_rows(blocking_send: bool = False) -> list:
                     guard=g.decode_room, update=g.put_result,
                     why="bounded decode queue: blocks while D_out results wait")],
     }
-    rows = []
-    for s, srows in send.items():
-        for r, rrows in recv.items():
-            pc = f"{s}/{r}"
-            for row in srows:
-                rows.append(row._replace(src=pc, dst=f"{row.dst}/{r}"))
-            if blocking_send and s != "idle":
-                continue
-            for row in rrows:
-                dst = "exit" if row.dst == "exit" else f"{s}/{row.dst}"
-                rows.append(row._replace(src=pc, dst=dst))
+    rows = pair_rows("comms", send, recv, blocking_send)
     rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
                     guard=g.comms_finished,
                     why="terminal sent and every result received: the thread ends"))
@@ -208,19 +248,19 @@ def count_check_rows(thread: str, fail_to: str) -> list:
     ]
 
 
-def leader_rows() -> list:
-    rows = _handshake("main", "wait_hdr")
+def leader_main_rows() -> list:
+    """The leader's main thread: after the startup handshake only mesh_pg. It takes
+    envelope k from the inbox, validates it, broadcasts it, runs Phase B and queues
+    result k in the outbox."""
+    enq = frozenset({"enqueue"})
+    rows = _handshake("main", AFTER_HANDSHAKE["leader"])
     rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
     rows += [
-        Row("main", "wait_hdr", "recv_envelope_header", Recv("rank0", (ENV_HDR,)),
-            "route", update=g.got_envelope_header, tags=frozenset({"wire_ids"})),
-        Row("main", "route", "expect_payload", Local("route"), "recv_pay",
-            guard=g.env_is_infer),
-        Row("main", "route", "header_only", Local("route"), "bcast_hdr",
-            guard=g.env_not_infer),
-        Row("main", "recv_pay", "recv_envelope_payload", Recv("rank0", (ENV_PAY,)),
-            "validate", update=g.store_envelope,
-            why="the payload's metadata completes the envelope (plan bits)"),
+        Row("main", "wait_env", "take_envelope", Local("dequeue"), "validate",
+            guard=g.inbox_has_infer, update=g.take_envelope_in),
+        Row("main", "wait_env", "take_header_only", Local("dequeue"), "bcast_hdr",
+            guard=g.inbox_has_header_only, update=g.take_envelope_in,
+            why="NOOP / SHUTDOWN / ERROR: nothing to validate, relayed to the mesh"),
         Row("main", "validate", "envelope_valid", Local("validate"), "bcast_hdr",
             guard=g.envelope_valid,
             why="the contract validator's verdict (taken when the payload was decoded, "
@@ -237,45 +277,105 @@ def leader_rows() -> list:
     rows += [
         Row("main", "bcast_hdr", "bcast_envelope_header", bcast, "bcast_pay",
             guard=g.env_is_infer, make=g.current_envelope, tags=frozenset({"commit"})),
-        Row("main", "bcast_hdr", "bcast_noop", bcast, "wait_hdr", guard=g.env_is_noop,
+        Row("main", "bcast_hdr", "bcast_noop", bcast, "wait_env", guard=g.env_is_noop,
             make=g.current_envelope),
         Row("main", "bcast_hdr", "bcast_shutdown", bcast, "exit_ok",
-            guard=g.env_is_shutdown, make=g.current_envelope),
+            guard=g.env_is_shutdown, make=g.current_envelope, update=g.finish_results),
         Row("main", "bcast_hdr", "bcast_error", bcast, "notify_rank0",
             guard=g.rejected_by_leader, make=g.current_envelope),
         Row("main", "bcast_hdr", "relay_rank0_error", bcast, "exit_rank0_error",
-            guard=g.error_from_rank0, make=g.current_envelope),
+            guard=g.error_from_rank0, make=g.current_envelope, update=g.finish_results),
         Row("main", "bcast_pay", "bcast_envelope_payload", Coll("broadcast", MESH, 0, ENV_PAY),
             "count_check", make=g.current_envelope),
     ]
     rows += count_check_rows("main", "count_fail")
-    rows += phase_b_rows("main", "send_res_hdr")
+    rows += phase_b_rows("main", "queue_res")
+    joined = frozenset({"join_comms"})
     rows += [
-        Row("main", "send_res_hdr", "spoil_result", Local("result_fault"), "send_res_hdr",
+        Row("main", "queue_res", "spoil_result", Local("result_fault"), "queue_res",
             guard=g.bad_result_armed, update=g.spoil_result, tags=frozenset({"fault"}),
             choice="fault", effect="leader_bad_result",
             why="a result the leader's preflight let through and rank0's check refuses"),
-        Row("main", "send_res_hdr", "send_result_header", Send("rank0", RES_HDR),
-            "send_res_pay", make=g.result, tags=frozenset({"commit"}),
-            why="result preflight (encode) already done: the payload follows"),
-        Row("main", "send_res_pay", "send_result_payload", Send("rank0", RES_PAY),
-            "wait_hdr", make=g.result),
-        Row("main", "notify_rank0", "send_error_result", Send("rank0", RES_HDR), "exit_err",
-            make=g.error_result, why="release rank0, which waits for this result"),
-        Row("main", "count_fail", "send_error_result", Send("rank0", RES_HDR),
-            "exit_count", make=g.error_result),
-        _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN relayed"),
-        _exit("main", "exit_err", "exit_rejected", "error", "envelope rejected"),
+        Row("main", "queue_res", "queue_result", Local("result_preflight"), "wait_env",
+            guard=g.outbox_room, make=g.result, update=g.queue_result, tags=enq,
+            effect="result_preflight",
+            why="result preflight (encode) before it is queued; the comms thread sends "
+                "it while Phase B k+1 runs"),
+        Row("main", "notify_rank0", "queue_error_result", Local("result_preflight"),
+            "exit_err", guard=g.outbox_room, make=g.error_result, update=g.queue_error_result,
+            tags=enq,
+            effect="result_preflight", why="release rank0, which waits for this result"),
+        Row("main", "count_fail", "queue_error_result", Local("result_preflight"),
+            "exit_count", guard=g.outbox_room, make=g.error_result,
+            update=g.queue_error_result, tags=enq, effect="result_preflight",
+            why="every member saw the counts differ; release rank0 too"),
+        _exit("main", "exit_ok", "exit_clean", "ok", "SHUTDOWN relayed", tags=joined),
+        _exit("main", "exit_err", "exit_rejected", "error", "envelope rejected",
+              tags=joined),
         _exit("main", "exit_count", "exit_count_mismatch", "error",
-              "generator call counts differ across the mesh"),
+              "generator call counts differ across the mesh", tags=joined),
         _exit("main", "exit_rank0_error", "exit_rank0_failed", "error",
-              "rank0 sent ERROR"),
+              "rank0 sent ERROR", tags=joined),
     ]
     return rows
 
 
+def leader_comms_rows(blocking_send: bool = False) -> list:
+    """The leader's comms thread: the only leader thread that talks to rank0. Its
+    receive side keeps the receive of envelope k+1 posted while Phase B k runs; its
+    send side sends result k while Phase B k+1 runs."""
+    send = {
+        "idle": [Row("comms", "", "take_result", Local("dequeue"), "hdr",
+                     guard=g.can_take_result, update=g.take_result)],
+        "hdr": [Row("comms", "", "send_result_header", Send("rank0", RES_HDR), "pay",
+                    guard=g.out_is_result, make=g.outgoing_result,
+                    tags=frozenset({"commit", "outgoing"}),
+                    why="result preflight (encode) already done: the payload follows"),
+                Row("comms", "", "send_error_result", Send("rank0", RES_HDR), "idle",
+                    guard=g.out_is_error, make=g.outgoing_result,
+                    update=g.error_result_sent, tags=frozenset({"outgoing"}),
+                    why="the leader's terminal: release rank0, which waits for it")],
+        "pay": [Row("comms", "", "send_result_payload", Send("rank0", RES_PAY), "idle",
+                    make=g.outgoing_result, update=g.result_sent,
+                    tags=frozenset({"outgoing"}))],
+    }
+    wire = frozenset({"wire_ids"})
+    recv = {
+        "idle": [Row("comms", "", "recv_envelope_header", Recv("rank0", (ENV_HDR,)), "pay",
+                     guard=g.receiving, accept=g.is_infer, update=g.got_envelope_header,
+                     tags=wire),
+                 Row("comms", "", "recv_header_only", Recv("rank0", (ENV_HDR,)), "put",
+                     guard=g.receiving, accept=g.is_header_only,
+                     update=g.got_envelope_header, tags=wire,
+                     why="NOOP / SHUTDOWN / ERROR carry no payload; after a terminal "
+                         "nothing more is received")],
+        "pay": [Row("comms", "", "recv_envelope_payload", Recv("rank0", (ENV_PAY,)), "put",
+                    update=g.store_envelope_in,
+                    why="the payload's metadata completes the envelope (plan bits)")],
+        "put": [Row("comms", "", "queue_envelope", Local("enqueue"), "idle",
+                    guard=g.inbox_room, update=g.queue_envelope,
+                    tags=frozenset({"enqueue"}),
+                    why="bounded inbox: blocks while leader_in envelopes wait"),
+                Row("comms", "", "drop_envelope", Local("drop"), "idle",
+                    guard=g.results_over, update=g.drop_envelope_in,
+                    why="main has its terminal: an envelope received now is never "
+                        "broadcast (the leader's ERROR goes out next)")],
+    }
+    rows = pair_rows("comms", send, recv, blocking_send)
+    rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
+                    guard=g.leader_comms_finished,
+                    why="main's terminal relayed or queued and every result owed sent: "
+                        "the thread ends (a header receive still posted is abandoned), "
+                        "then main exits"))
+    return rows
+
+
+def leader_rows() -> list:
+    return leader_main_rows() + leader_comms_rows()
+
+
 def worker_rows() -> list:
-    rows = _handshake("main", "wait_hdr")
+    rows = _handshake("main", AFTER_HANDSHAKE["worker"])
     rows.append(_exit("main", "exit", "exit_parity", "error", "parity mismatch"))
     bcast = Coll("broadcast", MESH, 0, ENV_HDR)
     rows += [

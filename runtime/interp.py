@@ -8,9 +8,13 @@ a crash with a reason. The runtime never decides *whether* something is allowed,
 *which* allowed row to take (scheduling policy) and *what real work* a row does
 (Phase A/B/C through the workload).
 
-The rank0 comms thread keeps a receive posted while it sends: its state offers both a
-send row and a receive row, and the interpreter drives both as async jobs, completing
-whichever finishes first (PROTOCOL.md, Overlap).
+The interpreter is generic over threads: a thread whose state offers collectives runs
+the collective; one whose state offers point-to-point rows drives every posted send and
+receive as async jobs, completing whichever finishes first. That is how the comms
+threads of rank0 and of the leader keep a receive posted while they send (their
+control state is a pair "S/R"; PROTOCOL.md, Overlap). Per-thread scratch (the header
+of a frame being received, the jobs in flight) is kept per thread; real data that
+crosses threads is keyed by call_id, like the model's queues it travels beside.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from lockstep.model import contract as C
 from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
 from lockstep.model import messages as M
 from lockstep.model.messages import Msg
-from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
+from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RES_PAY,
                        WORLD, Coll, Exit, Local, Recv, Send, op_text)
 from lockstep.model import policy as P
 from lockstep.model.semantics import DEAD_THREAD, Model
@@ -71,12 +75,17 @@ class RankInterpreter:
         self.env_frames, self.env_meta, self.times = {}, {}, {}
         self.results = {}
         self.cur = None             # mesh: (meta, tensors) of the current envelope
+        self.received = {}          # leader: (meta, tensors) of envelopes received ahead
+        self.result_out = {}        # leader: result frames queued for the comms thread
         self.prev_meta = None         # rank0: the last INFER built (Phase A preflight)
         self.sent_ids = None          # rank0: ids of the last envelope header sent
         self.last_b_end = None
         self.t_b_start = 0.0
         self.outputs = [] if outputs is None else outputs   # rank0: emitted outputs
-        self._comms_jobs = [None, None, None, None]
+        # per thread: [send job, recv job, (send row, msg), recv rows]
+        self._comms_jobs = [[None, None, None, None] for _ in self.threads]
+        self._recv_hdr = None       # the header of the frame the p2p thread receives
+        self._bcast_hdr = None      # the header of the frame main broadcasts
         self._tl = threading.local()
         self.comm = T.Transport(groups, p, check=self._table_check, abort_poll=abort_poll,
                                 op_deadline_s=self.deadline)
@@ -96,33 +105,32 @@ class RankInterpreter:
 
     # ------------------------------------------------------------------ main loop
     def run_thread(self, t: int) -> None:
-        thread = self.threads[t]
         while True:
             with self.cv:
                 rows = self._wait_enabled(t)
                 if rows is None:
                     return
                 kinds = {type(r.op) for r in rows}
-                if Exit in kinds or Local in kinds:
+                # An op that already completed is applied before a local row: a local
+                # row may end the thread (comms_done) and the completion would be lost
+                # although the peer saw it (gloo completes sends eagerly).
+                if (Exit in kinds or Local in kinds) and not self._completed(t):
                     row = self._choose_local(t, rows)
                     rows = None
                     self._busy = t   # applied after the lock is re-taken: see _apply
             if rows is None:
                 self._do_local(t, row)
-            elif thread == "comms":
-                self._comms_step(t, rows)
             elif Coll in kinds:
                 self._coll(t, rows)
-            elif Send in kinds:
-                self._send(t, rows[0])
             else:
-                self._recv(t, rows)
+                self._p2p_step(t, rows)
 
     def _wait_enabled(self, t):
         while True:
             if self.exit is not None:
                 return None
-            if self._busy not in (None, t):   # another thread's local step is not applied
+            if self._busy not in (None, t) or self._exiting not in (None, t):
+                # another thread's local step is not applied, or its exit is pending
                 self.cv.wait(0.02)
                 continue
             pc = self.pcs[t]
@@ -174,6 +182,8 @@ class RankInterpreter:
             # Another thread of this process already left (an Exit ends the process):
             # work finished outside the lock after that is dropped, never traced.
             return
+        if isinstance(row.op, Exit) and row.op.how != "thread_die":
+            self._let_ops_land(t)
         before = self.v
         if row.update is not None:
             self.v = row.update(self.v, self.cfg, msg)
@@ -195,6 +205,29 @@ class RankInterpreter:
             self.i[t] += 1
         self.last_step[t] = time.monotonic()
         self.cv.notify_all()
+        self.comm.nudge()   # a p2p thread waiting on its ops may now have new work
+
+    def _let_ops_land(self, t) -> None:
+        """Under the lock, before thread t's exit ends the process: a send or receive
+        another thread has in flight is given EXIT_GRACE_S to complete and be applied
+        (traced) first. gloo completes sends eagerly and the peer records its side, so
+        an op cut off by the exit would leave one side of a message in the traces; the
+        order taken (the op, then the exit) is one the tables allow. Only exits that do
+        not join the comms thread get here with ops in flight (abort, parity)."""
+        others = [u for u in range(len(self.threads)) if u != t]
+
+        def in_flight():
+            return any(j is not None for u in others for j in self._comms_jobs[u][:2])
+        if not in_flight():
+            return
+        self._exiting = t
+        end = time.monotonic() + self.EXIT_GRACE_S
+        while in_flight() and time.monotonic() < end:
+            self.cv.wait(0.005)
+        self._exiting = None
+
+    EXIT_GRACE_S = 0.2
+    _exiting = None      # the thread whose exit waits for other threads' sends to land
 
     def _release(self, a, b) -> None:
         """Drop the real data of every message that left rank0's queues for nowhere: an
@@ -279,6 +312,13 @@ class RankInterpreter:
             return
         raise TableViolation("wrong-group call was not refused")
 
+    def _result_preflight(self, row):
+        """Result preflight on main, before the result is queued for the comms thread:
+        the frames of the model's message (`result` / `error_result`), keyed by call_id;
+        the comms thread sends them."""
+        msg = row.make(self.v, self.cfg)
+        self.result_out[msg.call_id] = self._result_frames(msg)
+
     def _cut(self, row):
         """A hard cut (the policy decided it fires): record why. The oldest pending
         request from the control interface is attributed first, else the schedule's."""
@@ -294,7 +334,8 @@ class RankInterpreter:
     EFFECTS = {"phase_a": _phase_a, "rank0_preflight": _preflight_fails,
                "rank0_bad_envelope": _phase_a, "phase_c": _phase_c,
                "leader_reject": _fault_event, "leader_bad_result": _fault_event,
-               "wrong_group": _wrong_group, "hard_cut": _cut}
+               "wrong_group": _wrong_group, "hard_cut": _cut,
+               "result_preflight": _result_preflight}
 
     def guarded_all_reduce(self, t, group_name):
         """The workload's collectives go through runtime.transport, whose check is the
@@ -350,28 +391,19 @@ class RankInterpreter:
         elif row.op.kind == ENV_PAY:
             part = codec.pack_payload(self.env_frames[msg.call_id])
         elif row.op.kind == RES_HDR:
-            self.result_frames = self._result_frames(msg)   # result preflight
-            part = self.result_frames.header
+            part = self.result_out[msg.call_id].header   # preflight done on main
         else:
-            part = codec.pack_payload(self.result_frames)
+            part = codec.pack_payload(self.result_out[msg.call_id])
         return T.send_frame(self.comm, part, dst, WORLD, row=row.op)
 
     def _after_send(self, row, msg):
-        if row.op.kind == ENV_HDR:
+        kind, last = row.op.kind, msg.action != C.Action.INFER
+        if kind == ENV_HDR:
             self.sent_ids = codec.M.wire_ids("envelope", msg)
-        if row.op.kind == ENV_PAY or (row.op.kind == ENV_HDR and msg.action != C.Action.INFER):
+        if kind == ENV_PAY or (kind == ENV_HDR and last):
             self.env_frames.pop(msg.call_id, None)
-
-    def _send(self, t, row):
-        t0 = time.monotonic_ns()
-        with self.cv:
-            msg = row.make(self.v, self.cfg)
-        self._monitor(t, row.op)
-        self._p2p()
-        self.comm.wait(self._send_job(row, msg))
-        self._after_send(row, msg)
-        with self.cv:
-            self._apply(t, row, msg, t0, peer=row.op.peer, chan_i=self._next_chan("send"))
+        if kind == RES_PAY or (kind == RES_HDR and last):
+            self.result_out.pop(msg.call_id, None)
 
     def _next_chan(self, d):
         n = self.chan_i[d]
@@ -384,13 +416,17 @@ class RankInterpreter:
         if kind in (ENV_HDR, RES_HDR):
             return T.recv_header(self.comm, src, WORLD,
                                  "envelope" if kind == ENV_HDR else "result",
-                                 row=rows[0].op, then=self._header_msg)
-        h = self._hdr
+                                 row=rows[0].op, then=self._recv_header_msg)
+        h = self._recv_hdr
         return T.recv_payload(self.comm, h, src, WORLD, row=rows[0].op,
                               then=lambda parts: self._payload_msg(kind, h, *parts))
 
-    def _header_msg(self, h):
-        self._hdr = h
+    def _recv_header_msg(self, h):
+        self._recv_hdr = h
+        return codec.header_msg(h)
+
+    def _bcast_header_msg(self, h):
+        self._bcast_hdr = h
         return codec.header_msg(h)
 
     def _payload_msg(self, kind, h, meta, manifest, tensors):
@@ -400,7 +436,8 @@ class RankInterpreter:
             m, msg, err = codec.decode_verdict(codec.decode_envelope, "envelope", h, meta,
                                                manifest, tensors,
                                                where=C.LEADER_BEFORE_BROADCAST)
-            self.cur = (m.meta, m.tensors) if m is not None else (dict(meta), {})
+            self.received[h.call_id] = (m.meta, m.tensors) if m is not None \
+                else (dict(meta), {})
         else:
             env_meta = self.env_meta.get(h.call_id)
             m, msg, err = codec.decode_verdict(codec.decode_result, "result", h, meta,
@@ -419,20 +456,11 @@ class RankInterpreter:
                                  f"{msg}")
         return ok[0]
 
-    def _recv(self, t, rows):
-        t0 = time.monotonic_ns()
-        self._monitor(t, rows[0].op)
-        self._p2p()
-        msg = self.comm.wait(self._recv_job(rows))
-        with self.cv:
-            row = self._pick_accepting(rows, msg)
-            self._apply(t, row, msg, t0, peer=row.op.peer, chan_i=self._next_chan("recv"))
-
-    def _comms_step(self, t, rows):
-        """Drive the posted send and the posted receive together."""
+    def _p2p_step(self, t, rows):
+        """Drive the posted send and the posted receive of thread t together."""
         sends = [r for r in rows if isinstance(r.op, Send)]
         recvs = [r for r in rows if isinstance(r.op, Recv)]
-        js = self._comms_jobs   # [send job, recv job, (send row, msg), recv rows]
+        js = self._comms_jobs[t]   # [send job, recv job, (send row, msg), recv rows]
         t0 = time.monotonic_ns()
         with self.cv:
             if sends and js[0] is None:
@@ -443,25 +471,47 @@ class RankInterpreter:
                 self._monitor(t, recvs[0].op)
                 js[1], js[3] = self._recv_job(recvs), recvs
         self._p2p()
-        i, value = self.comm.wait_any([js[0], js[1]])
+        i, value = self.comm.wait_any([js[0], js[1]], interrupt=lambda: self._new_work(t))
+        if i is None:   # a row not in flight became enabled: the thread takes it first
+            return
         # The other side may have moved while this op was in flight (the control state
         # is a pair), so the row is looked up again in the current state (same op and
         # functions, `_side`).
         if i == 0:
             row, msg = js[2]
-            js[0] = js[2] = None
             self._after_send(row, msg)
             with self.cv:
                 row = self._current_row(t, [row], msg)
                 self._apply(t, row, msg, t0, peer=row.op.peer,
                             chan_i=self._next_chan("send"))
+                js[0] = js[2] = None    # applied: an exit waiting for it may go on
         else:
             recv_rows = js[3]
-            js[1] = js[3] = None
             with self.cv:
                 row = self._current_row(t, recv_rows, value)
                 self._apply(t, row, value, t0, peer=row.op.peer,
                             chan_i=self._next_chan("recv"))
+                js[1] = js[3] = None
+
+    def _completed(self, t) -> bool:
+        """Thread t has a p2p job whose backend work has completed, not yet applied."""
+        return any(j is not None and j.done for j in self._comms_jobs[t][:2])
+
+    def _new_work(self, t) -> bool:
+        """Thread t, with p2p jobs in flight, has an enabled row none of them is: a local
+        row, or a send or receive not yet posted (another thread queued work for it)."""
+        js = self._comms_jobs[t]
+        with self.cv:
+            if self.exit is not None:
+                return False
+            for r in self.table[t].get(self.pcs[t], ()):
+                if r.guard is not None and not r.guard(self.v, self.cfg):
+                    continue
+                cls = type(r.op)
+                if (cls is Send and js[0] is None) or (cls is Recv and js[1] is None) \
+                        or cls in (Local, Exit):
+                    return self._joined(t, r)
+        return False
 
     def _current_row(self, t, rows, msg):
         same = {_side(r) for r in rows}   # one side's row, in whatever pair state now
@@ -554,9 +604,10 @@ class RankInterpreter:
                 frames = self._mesh_frames(env)
                 self._bframes = frames
             return self.comm.wait(T.bcast_header(self.comm, frames, op.group, op.root,
-                                                 "envelope", row=op, then=self._header_msg))
+                                                 "envelope", row=op,
+                                                 then=self._bcast_header_msg))
         frames = self._bframes if is_root else None
-        h = self._hdr
+        h = self._bcast_hdr
         meta, manifest, tensors = self.comm.wait(
             T.bcast_payload(self.comm, frames, h, op.group, op.root, row=op))
         m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
@@ -567,6 +618,7 @@ class RankInterpreter:
         """The leader re-encodes what it validated (or the terminal it decided): the ids
         are the model's message's (model.messages.wire_ids)."""
         if env.action == C.Action.INFER:
+            self.cur = self.received.pop(env.call_id)   # what the comms thread received
             meta, tensors = self.cur
             return codec.encode_envelope_msg(env, meta, tensors, prev=None,
                                              where="leader_before_broadcast")

@@ -33,6 +33,13 @@ complete it). What may release a blocked call decides how (FACTS.md):
   behind another (head-of-line blocking: one serial waiter blocked on the receive would
   hide the send's completion and deadlock a rendezvous send), and its threads are reused
   op after op: at most as many as ops ever in flight at once (two on rank0).
+- *A wait another thread may end early* (``wait_any(..., interrupt=f)``: a comms thread
+  whose receive is posted while its process's main thread may queue work for it, a result
+  for the leader's comms thread to send): the completer path, even for one op, since a
+  direct wait cannot be woken. ``nudge()`` from another thread wakes every such wait of
+  the rank; it then returns an op already done first (its completion must be applied, not
+  lost behind new work), else ``(None, None)`` if ``f()`` says new work is enabled; ops
+  stay in flight for a later call.
 - *CUDA tensors (NCCL)*: ``work.wait()`` only orders the stream, so completion is polled
   with ``is_completed()`` (a 50 us spin, then a sleep doubling from 20 us to 1 ms), checking
   the abort flag and the deadline: on NCCL an in-process abort does release, so
@@ -216,6 +223,7 @@ class Transport:
         self.seq: dict[str, int] = {}
         self.completer = _Completer(rank)
         self._replies = threading.local()
+        self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
         self._abandoned: str | None = None
 
     # -- issuing -------------------------------------------------------------------------
@@ -294,22 +302,28 @@ class Transport:
         """Complete one op; return its value."""
         return self.wait_any([op], deadline_s)[1]
 
-    def wait_any(self, ops: list, deadline_s: float | None = None):
+    def wait_any(self, ops: list, deadline_s: float | None = None,
+                 interrupt: Callable[[], bool] | None = None):
         """Complete whichever of ``ops`` (None entries are skipped) finishes first (of
         several found done together, the first in ``ops``); return (index, value). The
-        others stay in flight for a later call."""
+        others stay in flight for a later call. With ``interrupt``, a ``nudge()`` from
+        another thread after which ``interrupt()`` is true returns (None, None) unless an
+        op is already done."""
         live = [o for o in ops if o is not None]
         limit = self.op_deadline_s if deadline_s is None else deadline_s
         t0 = time.monotonic()
         done = next((o for o in live if o.done), None)
         try:
             if done is None:
-                if len(live) == 1 and not live[0].submitted and not live[0].cuda:
+                if len(live) == 1 and not live[0].submitted and not live[0].cuda \
+                        and interrupt is None:
                     done = self._wait_direct(live[0], limit, t0)
                 elif any(o.cuda for o in live):
                     done = self._wait_poll(live, limit, t0)
                 else:
-                    done = self._wait_completer(live, limit, t0)
+                    done = self._wait_completer(live, limit, t0, interrupt)
+                if done is None:
+                    return None, None
             if done.error is not None:
                 raise CommFailed(self.rank, done.op, done.group, done.peer,
                                  done.error) from done.error
@@ -344,16 +358,43 @@ class Transport:
             reply = self._replies.q = queue.SimpleQueue()
         return reply
 
-    def _wait_completer(self, live: list, limit: float, t0: float) -> Op:
+    def nudge(self) -> None:
+        """Wake every interruptible wait of this rank but the caller's (it queued work)."""
+        me = threading.get_ident()
+        for ident, reply in list(self._interruptible.items()):
+            if ident != me:
+                reply.put(None)
+
+    def _wait_completer(self, live: list, limit: float, t0: float,
+                        interrupt: Callable[[], bool] | None = None) -> Op | None:
         reply = self._reply_queue()
         for o in live:
             if not o.submitted:
                 self.completer.submit(o, reply)
+        me = threading.get_ident()
+        if interrupt is not None:
+            self._interruptible[me] = reply     # registered first: no nudge is missed
+            if interrupt():
+                self._interruptible.pop(me, None)
+                return None
+        try:
+            return self._take_completed(live, limit, t0, reply, interrupt)
+        finally:
+            self._interruptible.pop(me, None)
+
+    def _take_completed(self, live, limit, t0, reply, interrupt):
         while True:
             try:
-                reply.get(timeout=self.slice_s)
+                got = reply.get(timeout=self.slice_s)
             except queue.Empty:
                 self._give_up(live[0], limit, t0)
+                got = None
+            if got is None:     # a nudge: done ops first, then the caller's new work
+                done = next((o for o in live if o.done), None)
+                if done is not None:
+                    return done
+                if interrupt is not None and interrupt():
+                    return None
                 continue
             # Of the ops done by the time this thread runs again, the first in the
             # caller's order (an op of this thread not in this call stays marked done for

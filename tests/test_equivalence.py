@@ -52,7 +52,9 @@ def test_conform_with_reference_accepts_the_run_and_refuses_another_stream(matri
 
 @pytest.mark.parametrize("name,rank,at,mesh,regime,first", [
     ("skip_kv_reset", 2, 3, 2, "R1",
-     "chunk 3 epoch 1 rank 2: KV cache positions [0, 1, 2, 3, 4, 5] != reference [0, 1, 2]"),
+     # how far the unreset cache got depends on how many old-epoch envelopes reached the
+     # mesh before the cut (the leader's comms thread takes them early): positions vary
+     "chunk 3 epoch 1 rank 2: KV cache positions ["),
     ("stale_start_frame", 2, 4, 3, "R1",
      "chunk 4 epoch 1 rank 2: start frame used 0 != reference 3"),
     ("wrong_anchor", 0, 2, 2, "R0a", "chunk 2 epoch 0 rank 0: anchor max |err|"),

@@ -27,7 +27,13 @@ needs_spin = pytest.mark.skipif(not spin_available(), reason="spin / gcc not ins
 def _all_configs():
     return [Config(mesh=1, chunks=2), Config(mesh=3, chunks=2, hard_cut=True, faults=1),
             Config(mesh=2, chunks=2, p2p="buffered", noops=1)] + \
-        [mutation_config(BASE, n) for n in MUTATIONS]
+        [mutation_config(BASE, n) for n in MUTATIONS if n not in promela.UNEXPORTABLE]
+
+
+@pytest.mark.parametrize("name", sorted(promela.UNEXPORTABLE))
+def test_an_unexportable_mutation_is_refused_loudly(name):
+    with pytest.raises(promela.PromelaExportError, match="collectives from two threads"):
+        export_promela(mutation_config(BASE, name))
 
 
 @pytest.mark.parametrize("cfg", _all_configs(), ids=lambda c: c.mutation or c.describe())

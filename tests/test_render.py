@@ -43,7 +43,7 @@ def test_state_diagram_has_every_row_and_marks_commit_points(role, thread, name)
 
 def test_every_role_thread_has_a_diagram():
     names = {n for _, _, n in render.diagram_names()}
-    assert names == {"rank0.main", "rank0.comms", "leader", "worker"}
+    assert names == {"rank0.main", "rank0.comms", "leader.main", "leader.comms", "worker"}
 
 
 def test_comms_grid_pins_every_product_state():

@@ -205,3 +205,4 @@ def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
     assert " exit=released via=abort_flag root=1/leader/deadline " in line0, line0
     print(f"\n[op-deadline] rank 0 released "
           f"{(res.ranks[0].exit_time - res.ranks[1].exit_time) * 1e3:.0f} ms after rank 1")
+

@@ -51,15 +51,16 @@ def test_overlap_envelope_k_plus_1_built_before_result_k_decoded(tmp_path):
     spike reorders wall-clock times, not these): rank0's trace is written under its
     process lock, so line order is the order its threads stepped in; the policy takes
     "build envelope k+1" before "decode result k" whenever both are enabled; and the
-    leader's program order puts its send of result k before its receive of envelope
-    k+1 (rank0 has it in hand while result k is in flight)."""
+    leader's comms thread receives envelope k+1 before it sends result k (it keeps that
+    receive posted while Phase B k runs) for some k: the single-thread leader never
+    does."""
     cfg = Config(mesh=2, chunks=6)
     res = run_local(cfg, {"costs": {"phase_b_ms": 5}}, tmp_path, deadline_s=DEADLINE_S)
     assert res.ok, res.summary()
     r0, r1 = _steps(tmp_path, 0), _steps(tmp_path, 1)
     assert _index(r0, "build_envelope", 1) < _index(r0, "decode_result", 0)
-    for k in range(cfg.chunks - 1):
-        assert _index(r1, "send_result_payload", k) < _index(r1, "recv_envelope_header", k + 1)
+    assert any(_index(r1, "recv_envelope_header", k + 1) < _index(r1, "send_result_payload", k)
+               for k in range(cfg.chunks - 1))
 
 
 @pytest.mark.parametrize("fault,origin", [

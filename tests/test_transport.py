@@ -138,3 +138,45 @@ def test_the_trace_switch_is_validated():
     assert RunOptions.from_dict({"trace": "emits"}).trace == "emits"
     with pytest.raises(ValueError, match="opts.trace"):
         RunOptions.from_dict({"trace": "off"})
+
+
+# ------------------------------------------------------------------ interruptible waits
+# A comms thread waits on its posted ops while its process's main thread may queue work
+# for it (the leader's result k, while the receive of envelope k+1 is posted).
+
+def test_a_nudge_returns_for_new_work_with_the_op_still_in_flight():
+    """Without the wake the leader's comms thread stayed blocked in its receive with
+    result k in its outbox, and rank0 waited for that result: a deadlock. (A slice
+    longer than the op: only the nudge can end the wait early.)"""
+    tp = T.Transport(_groups(0), 0, slice_s=5.0)
+    recv = _op(Work(after_s=0.6), then=lambda: "recv")
+    asked = []
+
+    def interrupt():
+        asked.append(1)
+        return len(asked) > 1        # queued work shows only after the nudge
+    threading.Timer(0.1, tp.nudge).start()
+    t0 = time.monotonic()
+    assert tp.wait_any([None, recv], interrupt=interrupt) == (None, None)
+    assert time.monotonic() - t0 < 0.4 and not recv.done and recv.submitted
+    assert tp.wait_any([None, recv], interrupt=lambda: False) == (1, "recv")
+
+
+def test_a_one_op_wait_with_an_interrupt_goes_through_the_completer():
+    """A direct wait cannot be woken by another thread."""
+    tp = T.Transport(_groups(0), 0)
+    one = _op(Work(after_s=0.0), then=lambda: 1)
+    assert tp.wait_any([one], interrupt=lambda: False) == (0, 1)
+    assert one.submitted and tp.completer.threads == 1
+
+
+def test_a_completed_op_is_returned_before_new_work_interrupts():
+    """Interrupting first starved a finished op: the thread took its new work, came
+    back, was interrupted again (a livelock seen in break-it kill_worker)."""
+    tp = T.Transport(_groups(0), 0)
+    recv = _op(Work(after_s=0.05), then=lambda: "recv")
+    assert tp.wait_any([recv], interrupt=lambda: True) == (None, None)   # posted
+    deadline = time.monotonic() + 2.0
+    while not recv.done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tp.wait_any([recv], interrupt=lambda: True) == (0, "recv")
