@@ -203,6 +203,13 @@ def rank0_comms_rows(blocking_send: bool = False) -> list:
                     why="bounded decode queue: blocks while D_out results wait")],
     }
     rows = pair_rows("comms", send, recv, blocking_send)
+    # After the envelope header (the commitment point) the leader expects the payload:
+    # an ERROR received meanwhile does not withdraw it. rank0 sends it, then fails.
+    rows = [r._replace(dst="pay/err") if r.label == "recv_error_result"
+            and r.src.startswith("pay/") else r for r in rows]
+    rows.append(send["pay"][0]._replace(
+        thread="comms", src="pay/err", dst="exit",
+        why="committed: the payload the leader expects goes out before rank0 fails"))
     rows.append(Row("comms", "idle/idle", "comms_done", Local("stop"), FINAL,
                     guard=g.comms_finished,
                     why="terminal sent and every result received: the thread ends"))
