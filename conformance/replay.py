@@ -906,14 +906,23 @@ def _current_posted(m: Model):
     return posted
 
 
+P2P_OPS = ("send", "recv")
+
+
 def _may_lag(d, ev) -> bool:
     """Earlier line `d` of ev's rank may still be unreplayed when ev is replayed: d is on
     another thread or the other side of ev's pair-state thread, and a send on d's own side
     up to d is not replayed yet. The transport may complete a send before its receiver
     posts the receive (gloo: model/events.py EAGER_SEND_RULE), so under rendezvous the
-    model's send, and what its side did after it, may come after later lines."""
+    model's send, and what its side did after it, may come after later lines. Two p2p
+    ops on the two sides of one pair-state thread were in flight together: the order in
+    which the thread noticed their completions is not causal (the leader's send of
+    result k may be noticed after its receive of envelope k+1, which rank0 sent after
+    receiving result k), so neither bounds the other."""
     if d.t == ev.t and (d.lane is None or ev.lane is None or d.lane == ev.lane):
         return False
+    if d.t == ev.t and d.op in P2P_OPS and ev.op in P2P_OPS:
+        return True
     for x in d.sends:
         if not x.done:
             return True

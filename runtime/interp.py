@@ -84,6 +84,7 @@ class RankInterpreter:
         self.outputs = [] if outputs is None else outputs   # rank0: emitted outputs
         # per thread: [send job, recv job, (send row, msg), recv rows]
         self._comms_jobs = [[None, None, None, None] for _ in self.threads]
+        self._in_coll = [None] * len(self.threads)   # the group of a collective in flight
         self._recv_hdr = None       # the header of the frame the p2p thread receives
         self._bcast_hdr = None      # the header of the frame main broadcasts
         self._tl = threading.local()
@@ -118,6 +119,8 @@ class RankInterpreter:
                     row = self._choose_local(t, rows)
                     rows = None
                     self._busy = t   # applied after the lock is re-taken: see _apply
+                elif Coll in kinds:
+                    self._in_coll[t] = rows[0].op.group
             if rows is None:
                 self._do_local(t, row)
             elif Coll in kinds:
@@ -174,10 +177,12 @@ class RankInterpreter:
         # stay in flight meanwhile). Without this, a result queued during Phase A filled
         # the decode queue under an envelope whose guard had seen room: a step the model
         # forbids (found by conformance on a 1,500-chunk soak).
-        while self._busy not in (None, t) and self.exit is None:
+        while (self._busy not in (None, t) or self._world_coll_elsewhere(t, row)) \
+                and self.exit is None:
             self.cv.wait(0.02)
         if self._busy == t:
             self._busy = None
+        self._in_coll[t] = None
         if self.exit is not None:
             # Another thread of this process already left (an Exit ends the process):
             # work finished outside the lock after that is dropped, never traced.
@@ -228,6 +233,15 @@ class RankInterpreter:
 
     EXIT_GRACE_S = 0.2
     _exiting = None      # the thread whose exit waits for other threads' sends to land
+
+    def _world_coll_elsewhere(self, t, row) -> bool:
+        """A p2p completion (world_pg) waits while another thread of this process has a
+        world_pg collective not yet applied (the leader's handshake, while its comms
+        thread's first receive is posted): the peer sent only after that collective, so
+        the model's order is the collective first, and the trace's file order (the
+        order of applying) must say so."""
+        return isinstance(row.op, (Send, Recv)) and any(
+            g == WORLD for u, g in enumerate(self._in_coll) if u != t)
 
     def _release(self, a, b) -> None:
         """Drop the real data of every message that left rank0's queues for nowhere: an
@@ -477,21 +491,45 @@ class RankInterpreter:
         # The other side may have moved while this op was in flight (the control state
         # is a pair), so the row is looked up again in the current state (same op and
         # functions, `_side`).
-        if i == 0:
-            row, msg = js[2]
-            self._after_send(row, msg)
+        if i == 1 and js[0] is not None:
             with self.cv:
-                row = self._current_row(t, [row], msg)
-                self._apply(t, row, msg, t0, peer=row.op.peer,
-                            chan_i=self._next_chan("send"))
-                js[0] = js[2] = None    # applied: an exit waiting for it may go on
+                exits = self._current_row(t, js[3], value).dst == "exit"
+            if exits and self._send_lands(js[0]):
+                i, value, recv_value = 0, None, value   # the send first, then the receive
+            else:
+                recv_value = None
         else:
-            recv_rows = js[3]
-            with self.cv:
-                row = self._current_row(t, recv_rows, value)
-                self._apply(t, row, value, t0, peer=row.op.peer,
-                            chan_i=self._next_chan("recv"))
-                js[1] = js[3] = None
+            recv_value = None
+        if i == 0:
+            self._apply_send(t, js, t0)
+            if recv_value is None:
+                return
+            value = recv_value
+        recv_rows = js[3]
+        with self.cv:
+            row = self._current_row(t, recv_rows, value)
+            self._apply(t, row, value, t0, peer=row.op.peer,
+                        chan_i=self._next_chan("recv"))
+            js[1] = js[3] = None
+
+    def _apply_send(self, t, js, t0) -> None:
+        row, msg = js[2]
+        self._after_send(row, msg)
+        with self.cv:
+            row = self._current_row(t, [row], msg)
+            self._apply(t, row, msg, t0, peer=row.op.peer, chan_i=self._next_chan("send"))
+            js[0] = js[2] = None    # applied: an exit waiting for it may go on
+
+    def _send_lands(self, op) -> bool:
+        """A receive whose row ends the process (the leader's ERROR) completed while this
+        thread's send is in flight: the send is given EXIT_GRACE_S to complete, so it is
+        applied (traced) first. gloo completes small sends eagerly and the peer records
+        receiving them; the order taken (the send, then the receive, both enabled in the
+        pair state) is one the tables allow."""
+        end = time.monotonic() + self.EXIT_GRACE_S
+        while not op.done and time.monotonic() < end:
+            time.sleep(0.002)
+        return op.done and op.error is None
 
     def _completed(self, t) -> bool:
         """Thread t has a p2p job whose backend work has completed, not yet applied."""

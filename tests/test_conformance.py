@@ -544,7 +544,8 @@ def moved(evs, a, b) -> list:
 def test_file_order_is_a_total_order_across_threads(tmp_path):
     """rank0 writes both threads' events under one lock: taking the first envelope
     (comms) before it is built (main) is rejected at the take, though each thread's own
-    order is intact; moving a take past a decode it does not depend on is accepted."""
+    order is intact; moving a decode ahead of comms events it does not depend on (to
+    just after main's previous line) is accepted."""
     d = gen(tmp_path, Config(mesh=2, chunks=4), seed=1)
     evs = events(d, 0)
     build, take = find(evs, "build_envelope"), find(evs, "take_envelope")
@@ -554,9 +555,10 @@ def test_file_order_is_a_total_order_across_threads(tmp_path):
     assert div.rank == 0 and div.event.label == "take_envelope"
     assert div.event.line == build + 1 and "guard" in div.reason
     legal = gen(tmp_path, Config(mesh=2, chunks=4), "legal", seed=1)
-    take, decode = find(evs, "take_envelope", 2), find(evs, "decode_result")
-    assert decode == take + 1
-    put(legal, 0, moved(evs, take, decode), renumber=False)
+    decode = find(evs, "decode_result")
+    after_main = max(k for k in range(decode) if evs[k].get("thread") == "main") + 1
+    assert evs[after_main].get("thread") == "comms" and after_main < decode
+    put(legal, 0, moved(evs, decode, after_main), renumber=False)
     check(legal)
 
 
@@ -633,11 +635,11 @@ def test_call_ids_that_go_back_are_rejected(tmp_path):
 
 
 def test_an_eager_send_may_come_after_later_lines_of_its_rank(tmp_path):
-    """A real shutdown_in_flight run: rank0 wrote its SHUTDOWN header send (line 81)
-    before receiving the leader's last result (lines 82-83), which the leader sent before
-    posting the receive. The send lags behind later lines of the other side; a decode
-    moved ahead of the queueing of its result (no send lags there) is still rejected, at
-    the decode."""
+    """A real shutdown_in_flight run: rank0 wrote its SHUTDOWN header send before
+    receiving the leader's last results. (Re-recorded with the leader's comms thread,
+    whose receive stays posted, this run no longer needs `_may_lag`; the corpus runs
+    cpu_gloo_pp0 and cpu_gloo_heartbeats do.) A decode moved ahead of the queueing of
+    its result (no send lags there) is rejected, at the decode."""
     src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
         "shutdown_eager_send_lags"
     check(src)
@@ -652,3 +654,35 @@ def test_an_eager_send_may_come_after_later_lines_of_its_rank(tmp_path):
     _, div = diverges(d)
     assert div.rank == 0 and div.event.line == queue + 1
     assert div.event.label == "decode_result" and "guard" in div.reason
+
+
+def test_two_ops_of_a_pair_thread_may_be_noticed_out_of_causal_order(tmp_path):
+    """As a real pp0 run did: the leader's comms thread wrote its receive of envelope
+    k+1 before its send of result k's payload, which rank0 received before sending
+    envelope k+1 (the send's completion was noticed late). Two p2p ops on the
+    two sides of one pair-state thread do not bound each other; a local row still comes
+    after both (moving queue_envelope ahead of its payload receive is rejected)."""
+    cfg = Config(mesh=1, chunks=4)
+    d = gen(tmp_path, cfg, seed=1)
+    evs = events(d, 1)
+    send = find(evs, "send_result_payload")
+    recv = send + 1
+    assert evs[recv]["label"] == "recv_envelope_header"
+    r0 = events(d, 0)
+    got = next(k for k, e in enumerate(r0) if e.get("label") == "recv_result_payload"
+               and e["chan_i"] == evs[send]["chan_i"])
+    sent = next(k for k, e in enumerate(r0) if e.get("op") == "send"
+                and e["chan_i"] == evs[recv]["chan_i"])
+    assert got < sent               # rank0 sent envelope k+1 after receiving result k
+    # recorded as the runtime records it: each in the pair state it was applied in
+    evs[recv].update(src="pay/idle", dst="pay/pay")
+    evs[send].update(src="pay/pay", dst="idle/pay")
+    evs[recv + 1]["src"] = "idle/pay"
+    put(d, 1, moved(evs, recv, send), renumber=True)
+    check(d)
+    bad = gen(tmp_path, cfg, "bad", seed=1)
+    pay = find(evs, "recv_envelope_payload", 1)
+    assert evs[pay + 1]["label"] == "queue_envelope"
+    put(bad, 1, moved(evs, pay + 1, pay), renumber=True)
+    _, div = diverges(bad)
+    assert div.rank == 1 and div.event.label == "queue_envelope"
