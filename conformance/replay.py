@@ -918,10 +918,13 @@ def _may_lag(d, ev) -> bool:
     ops on the two sides of one pair-state thread were in flight together: the order in
     which the thread noticed their completions is not causal (the leader's send of
     result k may be noticed after its receive of envelope k+1, which rank0 sent after
-    receiving result k), so neither bounds the other."""
+    receiving result k), so neither bounds the other. For the same reason a send noticed
+    late is bounded only by its own side: lines of other threads, or of the other side
+    of its pair-state thread, written before it may come after it (chaos: the leader
+    wrote its send of result k after queueing envelope k+1 and main's broadcasts)."""
     if d.t == ev.t and (d.lane is None or ev.lane is None or d.lane == ev.lane):
         return False
-    if d.t == ev.t and d.op in P2P_OPS and ev.op in P2P_OPS:
+    if ev.op == "send" or (d.t == ev.t and d.op in P2P_OPS and ev.op in P2P_OPS):
         return True
     for x in d.sends:
         if not x.done:
