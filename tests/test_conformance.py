@@ -686,3 +686,26 @@ def test_two_ops_of_a_pair_thread_may_be_noticed_out_of_causal_order(tmp_path):
     put(bad, 1, moved(evs, pay + 1, pay), renumber=True)
     _, div = diverges(bad)
     assert div.rank == 1 and div.event.label == "queue_envelope"
+
+
+def test_a_send_noticed_late_comes_after_lines_it_does_not_bound(tmp_path):
+    """chaos trial 3 (seed 11, worker killed): the leader wrote its send of result 8's
+    payload (rank1.jsonl line 127) after its receive and queueing of envelope 9 and
+    main's broadcasts of it (lines 120-126), though rank0 received result 8 (line 75)
+    before sending envelope 9's payload (line 79). Conforms: a send is bounded only by
+    its own side's earlier lines. Its own side is still a bound: the send moved ahead
+    of its header send is rejected."""
+    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+        "chaos_late_send"
+    check(src)
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    evs = events(d, 1)
+    pay = next(k for k, e in enumerate(evs) if e.get("label") == "send_result_payload"
+               and e["chan_i"] == 17)
+    hdr = next(k for k, e in enumerate(evs) if e.get("label") == "send_result_header"
+               and e["chan_i"] == 16)
+    assert hdr < pay
+    put(d, 1, moved(evs, pay, hdr), renumber=True)
+    _, div = diverges(d)
+    assert div.rank == 1
