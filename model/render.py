@@ -394,7 +394,7 @@ def _compartment(d: _Diagram, pc, idx) -> str:
 # ---------------------------------------------------------------- rank0.comms as a grid
 
 _SEND = ("idle", "hdr", "pay")
-_RECV = ("idle", "pay", "put")
+_RECV = ("idle", "pay", "put", "err")   # err: an ERROR received, a payload owed
 
 
 def _grid_diagram(d: _Diagram) -> Optional[graphviz.Digraph]:
@@ -482,6 +482,11 @@ def _grid_diagram(d: _Diagram) -> Optional[graphviz.Digraph]:
             (x0, y0), (x1, y1) = at(src), at(dst)
             pts = [(x0 - hw, y0), (x0 - hw - 40, y0), (x1 + DR + 40, y1), (x1 + DR, y1)]
             label_at(lines, (x0 + x1) / 2 - 10, y0 - 8, "s")
+        elif dst == "exit" and src == "pay/err":   # the payload owed, then the exit
+            (x0, y0), (x1, y1) = at(src), at(dst)
+            pts = [(x0 + hw, y0), (x0 + hw + 170, y0), (x1 + 60, y1 - hh - 60),
+                   (x1 + hw, y1)]
+            label_at(lines, x0 + hw + 12, y0 - 8, "w")
         elif dst == "exit":
             s, rv = src.split("/")
             if rv != "idle":
@@ -518,6 +523,10 @@ def _grid_diagram(d: _Diagram) -> Optional[graphviz.Digraph]:
                 pts = [(x0, y0 + hh), (x0, y0 + hh + 60), (x1, y1 - hh - 60),
                        (x1, y1 - hh)]
                 label_at(lines, x0 + 10, (y0 + y1) / 2, "w")
+            elif s0 == s1 and (r0, r1) == ("idle", "err"):   # right of the column
+                pts = [(x0 + hw, y0 + 8), (x0 + hw + 110, y0 + 8), (x1 + hw + 110, y1),
+                       (x1 + hw, y1)]
+                label_at(lines, x0 + hw + 120, (Y["put"] + Y["err"]) / 2, "w")
             elif s0 == s1 and (r0, r1) == ("put", "idle"):
                 pts = bez((x0 - hw, y0 - 8), (x1 - hw, y1 + 8), bx=-70)
                 label_at(lines, x0 - hw - 62, (Y["pay"] + Y["put"]) / 2 + 10, "e")

@@ -29,8 +29,8 @@ from lockstep.model import contract as C
 from lockstep.model.events import FAULT, RELEASE, local_subject, step_event
 from lockstep.model import messages as M
 from lockstep.model.messages import Msg
-from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR, RES_PAY,
-                       WORLD, Coll, Exit, Local, Recv, Send, op_text)
+from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
+                                RES_PAY, WORLD, Coll, Exit, Local, Recv, Send, op_text)
 from lockstep.model import policy as P
 from lockstep.model.semantics import DEAD_THREAD, Model
 from lockstep.model.tables import FINAL, THREADS
@@ -491,15 +491,12 @@ class RankInterpreter:
         # The other side may have moved while this op was in flight (the control state
         # is a pair), so the row is looked up again in the current state (same op and
         # functions, `_side`).
+        recv_value = None
         if i == 1 and js[0] is not None:
             with self.cv:
                 exits = self._current_row(t, js[3], value).dst == "exit"
             if exits and self._send_lands(js[0]):
-                i, value, recv_value = 0, None, value   # the send first, then the receive
-            else:
-                recv_value = None
-        else:
-            recv_value = None
+                i, recv_value = 0, value        # the send first, then the receive
         if i == 0:
             self._apply_send(t, js, t0)
             if recv_value is None:
