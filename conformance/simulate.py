@@ -196,7 +196,7 @@ def _damage_tail(path: Path, cut: bool) -> None:
 class _Sim:
     def __init__(self, m, cfg, costs, rng, policy, ranks, hard_cut_at, fault_at, faultable,
                  gloo_like, subjects):
-        self.m, self.cfg, self.costs, self.rng, self.policy = m, cfg, costs, rng, policy
+        self.m, self.cfg, self.costs, self.rng, self.mode = m, cfg, costs, rng, policy
         self.ranks, self.hard_cut_at, self.fault_at = ranks, hard_cut_at, fault_at
         self.faultable, self.gloo_like, self.subjects = faultable, gloo_like, subjects
         self.s = m.initial_state()
@@ -210,7 +210,8 @@ class _Sim:
         self.last_b_end = None
         fault = ({"name": sorted(faultable)[0], "at_chunk": fault_at} if faultable
                  else None)
-        self.policy = P.Policy(fault, () if hard_cut_at is None else (hard_cut_at,),
+        # the runtime's scheduling policy (model/policy.py); `mode` is des or random
+        self.sched = P.Policy(fault, () if hard_cut_at is None else (hard_cut_at,),
                                heartbeat_ms=0.0, chunks=cfg.chunks)
         self.send_after_decode = False
 
@@ -222,7 +223,7 @@ class _Sim:
         if k in ("watchdog", "abort"):
             return True
         for p, t, row in tr.parts:
-            if row.choice and not P.fires(row, self.s.procs[p].v, p, self.policy):
+            if row.choice and not P.fires(row, self.s.procs[p].v, p, self.sched):
                 return False
             if row.effect == "phase_a" and self.send_after_decode:
                 v = self.s.procs[p].v
@@ -257,7 +258,7 @@ class _Sim:
                 tr.msg if tr.kind != "coll" else None)
 
     def _choose(self, cands):
-        if self.policy == "random":
+        if self.mode == "random":
             tr = self.rng.choice(cands)
             return tr, self._timing(tr)[0]
         # a thread with a local row enabled takes the best local first (runtime order)

@@ -48,27 +48,22 @@ def cases() -> list:
         out.update({r: root(tag) + ".*" + pat for r, pat in (extra or {}).items()})
         return out
     slow = {"costs": {"phase_b_ms": 2.0, "phase_c_ms": 1.0}}
+
+    def injected(name, failure_mode, model, fault, at_chunk, expect):
+        """A case whose fault switch, model fault and stock baseline are one name."""
+        return Case(name, failure_mode, model, Config(**m3, inject=frozenset({fault})),
+                    {"fault": {"name": fault, "at_chunk": at_chunk}}, expect=expect,
+                    baseline=fault)
+
     return [
-        Case("wrong_group", "PP-FM-WRONG-GROUP", "phase_b_on_world",
-             Config(**m3, inject=frozenset({"wrong_group"})),
-             {"fault": {"name": "wrong_group", "at_chunk": 2}},
-             expect=every(4, "3/worker/table_refused", {3: r"all_reduce requested on world_pg"}),
-             baseline="wrong_group"),
-        Case("leader_throw", "PP-FM-LEADER-THROW", "leader_throw_no_terminal",
-             Config(**m3, inject=frozenset({"leader_reject"})),
-             {"fault": {"name": "leader_reject", "at_chunk": 2}},
-             expect=every(4, "1/leader/error", {1: r"envelope rejected"}),
-             baseline="leader_reject"),
-        Case("rank0_preflight", "FM-04 / FM-07", "header_before_preflight",
-             Config(**m3, inject=frozenset({"rank0_preflight"})),
-             {"fault": {"name": "rank0_preflight", "at_chunk": 3}},
-             expect=every(4, "0/rank0/error", {0: r"rank0 failed"}),
-             baseline="rank0_preflight"),
-        Case("call_count", "FM-02", "extra_generator_call",
-             Config(**m3, inject=frozenset({"count_mismatch"})),
-             {"fault": {"name": "count_mismatch", "at_chunk": 0}},
-             expect=every(4, "3/worker/error", {1: r"call counts differ"}),
-             baseline="count_mismatch"),
+        injected("wrong_group", "PP-FM-WRONG-GROUP", "phase_b_on_world", "wrong_group", 2,
+                 every(4, "3/worker/table_refused", {3: r"all_reduce requested on world_pg"})),
+        injected("leader_throw", "PP-FM-LEADER-THROW", "leader_throw_no_terminal", "leader_reject", 2,
+                 every(4, "1/leader/error", {1: r"envelope rejected"})),
+        injected("rank0_preflight", "FM-04 / FM-07", "header_before_preflight", "rank0_preflight", 3,
+                 every(4, "0/rank0/error", {0: r"rank0 failed"})),
+        injected("call_count", "FM-02", "extra_generator_call", "count_mismatch", 0,
+                 every(4, "3/worker/error", {1: r"call counts differ"})),
         Case("stale_epoch", "FM-10", "no_epoch_filter",
              Config(mesh=3, chunks=12, hard_cut=True), {"hard_cut_at": 5, **slow},
              clean=True),

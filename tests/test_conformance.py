@@ -709,3 +709,21 @@ def test_a_send_noticed_late_comes_after_lines_it_does_not_bound(tmp_path):
     put(d, 1, moved(evs, pay, hdr), renumber=True)
     _, div = diverges(d)
     assert div.rank == 1
+
+
+def test_random_policy_schedules_differently_from_des(tmp_path):
+    """policy="random" picks uniformly among enabled transitions (it was once shadowed by
+    the scheduling-policy object and silently ran the DES order): some seed must give a
+    rank0 order the DES does not, and every such trace must conform."""
+    cfg = Config(mesh=2, d_in=2, d_out=2, chunks=4)
+
+    def order(d):
+        return [json.loads(x).get("label") for x in (d / "rank0.jsonl").read_text().splitlines()]
+
+    des = order(gen(tmp_path, cfg, "des", seed=1, policy="des"))
+    orders = []
+    for seed in range(1, 6):
+        d = gen(tmp_path, cfg, f"r{seed}", seed=seed, policy="random")
+        check(d)
+        orders.append(order(d))
+    assert any(o != des for o in orders)
