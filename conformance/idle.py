@@ -1,16 +1,18 @@
 """Where the mesh's idle time goes: a per-chunk breakdown of the leader's gap between
-Phase B k-1 and Phase B k, by the steps of which rank it waits on.
+Phase B k-1 and Phase B k, by the steps of which rank and thread it waits on.
 
-The window of chunk k on the leader runs from the end of its Phase B k-1 (the row tagged
-``phase_b_done``) to the start of its Phase B k (the call-count all_gather that opens
-Phase B: the leader's ``t_b_start``). Every leader step inside the window is counted with
-the part of its interval that lies inside (``rank1.<thread> <label>``), the time between
-two steps of one thread as ``between rows`` (the interpreter's own time: guards, the
-update, tracing, hand-offs). A leader step that receives from a peer (its event names
-the peer) is also split by what the peer was doing meanwhile: the peer's steps that
-overlap the receive, clipped to it, and the rest of it per peer thread (``no row /
-between rows``: the thread waited for a row to be enabled, or was between two). That is "which step of
-which rank the mesh waits on".
+The window of chunk k is the leader's main thread (the one that drives the mesh) from the
+end of its Phase B k-1 (the row tagged ``phase_b_done``) to the start of its Phase B k (the
+call-count all_gather that opens Phase B). Every main-thread step inside the window is a
+part (``rank1.main <label>``, the part of its interval inside the window), and the time
+between two of them is ``between rows`` (main waited for a row to be enabled, typically
+for its comms thread to queue an envelope, or was in the interpreter itself: guards, the
+update, tracing, hand-offs); the parts add up to the window. What main waits on is the
+rest of the job meanwhile: for ``between rows`` and for every main step that receives
+from a peer, the steps of the leader's other threads and of every rank the leader
+exchanges point-to-point messages with (rank0), clipped to the interval, and the rest of
+it per such thread (``no row / between rows``: that thread waited for a row to be
+enabled, or was between two). That is "which step of which rank the mesh waits on".
 
 Unlike conformance/overlap.py (rank0's clock only), this compares clocks across ranks:
 it is only meaningful when every rank ran on one host, where ``time.monotonic_ns`` is one
@@ -19,6 +21,7 @@ steady chunks (so the parts add up to the total idle), after `warmup` windows.
 """
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -57,6 +60,22 @@ def _intervals(steps):
     return [(ev.t_ns - (ev.dur_ns or 0), ev.t_ns, ev) for ev in steps]
 
 
+class _Overlaps:
+    """Intervals sorted by start: those overlapping [lo, hi) without a scan of them all."""
+
+    def __init__(self, items, span=lambda x: x):
+        self.items = sorted(items, key=lambda x: span(x)[0])
+        self.starts = [span(x)[0] for x in self.items]
+        self.span = span
+        self.longest = max((span(x)[1] - span(x)[0] for x in self.items), default=0)
+
+    def __call__(self, lo, hi):
+        k = bisect.bisect_left(self.starts, lo - self.longest)
+        for x in self.items[k:bisect.bisect_left(self.starts, hi)]:
+            if self.span(x)[1] > lo:
+                yield x
+
+
 def _labels(model, pred) -> set:
     return {r.label for table in model.tables[LEADER] for rows in table.values()
             for r in rows if pred(r)}
@@ -69,45 +88,53 @@ def idle_breakdown(run, warmup: int = 3) -> IdleBreakdown:
     ends = _labels(model, lambda r: "phase_b_done" in r.tags)
     starts = _labels(model, lambda r: isinstance(r.op, Coll) and r.op.kind == COUNTS)
     out = IdleBreakdown()
-    lead = _intervals(run.ranks[LEADER].steps)
-    peers = {r.rank: _intervals(r.steps) for r in run.ranks if r.rank != LEADER}
+    steps = _intervals(run.ranks[LEADER].steps)
+    mesh_thread = next((ev.thread for _, _, ev in steps if ev.label in starts), None)
+    main = [s for s in steps if s[2].thread == mesh_thread]
+    peer_ranks = {_peer_rank(model, ev.peer) for _, _, ev in steps} - {None, LEADER}
+    others = [(f"rank{LEADER}.{s[2].thread}", s) for s in steps if s[2].thread != mesh_thread]
+    others += [(f"rank{r.rank}.{s[2].thread}", s) for r in run.ranks if r.rank in peer_ranks
+               for s in _intervals(r.steps)]
     windows, last_end = [], None
-    for a, b, ev in lead:
+    for a, b, ev in main:
         if ev.label in ends:
             last_end = b
         elif ev.label in starts and last_end is not None:
             windows.append((last_end, a))
             last_end = None
     windows = windows[warmup:]
+    in_main = _Overlaps(main)
+    in_others = _Overlaps(others, span=lambda x: x[1])
     if not windows:
         out.why = "fewer Phase B windows than the warm-up"
         return out
     total = defaultdict(float)
     waits = defaultdict(lambda: defaultdict(float))
+
+    def waits_on(key, lo, hi):
+        covered = defaultdict(int)
+        for who, (pa, pb, pev) in in_others(lo, hi):
+            d = min(pb, hi) - max(pa, lo)
+            waits[key][f"{who} {pev.label}"] += d
+            covered[who] += d
+        for who, d in covered.items():
+            waits[key][f"{who} (no row / between rows)"] += max(0, hi - lo - d)
+
     for w0, w1 in windows:
-        prev_end = defaultdict(lambda: w0)     # per leader thread
-        for a, b, ev in lead:
-            if b <= w0 or a >= w1:
-                continue
+        prev_end = w0
+        for a, b, ev in in_main(w0, w1):
             lo, hi = max(a, w0), min(b, w1)
+            if lo > prev_end:
+                total["between rows"] += lo - prev_end
+                waits_on("between rows", prev_end, lo)
             key = f"rank{LEADER}.{ev.thread} {ev.label}"
             total[key] += hi - lo
-            total["between rows"] += max(0, lo - prev_end[ev.thread])
-            prev_end[ev.thread] = hi
-            peer = _peer_rank(model, ev.peer)
-            if peer is not None and peer in peers and ev.op == "recv":
-                covered = defaultdict(int)
-                for pa, pb, pev in peers[peer]:
-                    if pb <= lo or pa >= hi:
-                        continue
-                    d = min(pb, hi) - max(pa, lo)
-                    waits[key][f"rank{peer}.{pev.thread} {pev.label}"] += d
-                    covered[pev.thread] += d
-                for thread, d in covered.items():
-                    waits[key][f"rank{peer}.{thread} (no row / between rows)"] += max(
-                        0, hi - lo - d)
-        for end in prev_end.values():
-            total["between rows"] += w1 - end
+            if ev.op == "recv" and ev.peer is not None:
+                waits_on(key, lo, hi)
+            prev_end = max(prev_end, hi)
+        if w1 > prev_end:
+            total["between rows"] += w1 - prev_end
+            waits_on("between rows", prev_end, w1)
     n = len(windows)
     out.chunks = n
     out.idle_ms = sum(w1 - w0 for w0, w1 in windows) / n / 1e6
