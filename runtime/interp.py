@@ -537,8 +537,8 @@ class RankInterpreter:
         row, or a send or receive not yet posted (another thread queued work for it)."""
         js = self._comms_jobs[t]
         with self.cv:
-            if self.exit is not None:
-                return False
+            if self.exit is not None:   # the process is leaving: its ops are abandoned
+                return True
             for r in self.table[t].get(self.pcs[t], ()):
                 if r.guard is not None and not r.guard(self.v, self.cfg):
                     continue

@@ -87,7 +87,9 @@ def test_injected_faults_end_every_rank_with_a_reason(tmp_path, fault, origin):
 
 def test_parity_handshake_names_the_key_and_rank_that_differ(tmp_path):
     """One rank with a different fault-injection switch: every rank fails before the
-    first chunk, naming the key and the rank."""
+    first chunk, naming the key and the rank, each by its own detection (the leader's
+    comms thread, its first receive posted, is abandoned by main's exit row: it does not
+    wait for the flag and turn the leader's error into a release)."""
     skew = {"rank": 2, "key": "fault", "value": {"name": "wrong_group", "at_chunk": 1}}
     res = run_local(Config(mesh=3, chunks=4), {"parity_skew": skew}, tmp_path,
                     deadline_s=DEADLINE_S)
@@ -95,6 +97,7 @@ def test_parity_handshake_names_the_key_and_rank_that_differ(tmp_path):
     for r in res.ranks:
         line = r.reason_line() or ""
         assert "parity mismatch (key=fault differs on ranks [2]" in line, line
+        assert " exit=error via=own root=2/worker/error " in line, line
     assert not any(e["label"] == "build_envelope" for e in _steps(tmp_path, 0))
 
 
