@@ -132,8 +132,10 @@ EAGER_SEND_RULE = """\
 Eager send to a killed receiver. Under rendezvous p2p the model fires a send only with
 its receiver's posted receive. The transport may complete a send before that: gloo
 returns from a small frame's send once the bytes are handed to the connection, so the
-sender writes its send line while the receiver is still busy elsewhere (chaos trial 39:
-rank0's envelope header while the leader was sending its result). If the receiver is
+sender writes its send line while the receiver is still busy elsewhere (before the
+leader's comms thread: chaos trial 39, rank0's envelope header while the leader sent its
+result; since: rank0's SHUTDOWN header while the leader's comms thread waits for inbox
+room, conformance/testdata/kill_leader_after_eager_send). If the receiver is
 then killed (its trace ends without an exit step and the replay has crashed it: `ended`
 crashed or failed), the frame is never received. Conformance replays such a send, once
 its receiver is crashed in the model and no receive of it was recorded, as the model's

@@ -510,12 +510,14 @@ EAGER = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
 
 
 def test_a_send_to_a_killed_receiver_may_have_completed_in_the_transport():
-    """chaos trial 39 (seed 11): gloo completed rank0's envelope-header send while the
-    leader was still sending its result; then the leader was killed. Nobody received the
-    frame; the ending is model/events.py EAGER_SEND_RULE."""
+    """rank0's SHUTDOWN header (rank0.jsonl line 42) went out while the leader's comms
+    thread was at `hdr/put` (its inbox full: no receive posted), and the leader was then
+    killed: nobody received the frame, the send completed in the transport; the ending
+    is model/events.py EAGER_SEND_RULE. (A real run with the leader's file cut back to
+    that state: see conformance/testdata/README.md.)"""
     rep = conform(EAGER)
     assert rep.ok, format_report(rep)
-    assert "rank0: its send_envelope_header (rank0.jsonl line 10) completed in the " \
+    assert "rank0: its send_header_only (rank0.jsonl line 42) completed in the " \
         "transport" in format_report(rep)
 
 
@@ -527,8 +529,8 @@ def test_a_send_to_a_live_receiver_that_never_receives_it_is_rejected(tmp_path):
     release = dict(events(d, 2)[-1], rank=1, role="leader")
     put(d, 1, events(d, 1) + [release], renumber=False)
     _, div = diverges(d)
-    assert div.rank == 0 and div.event.line == 10
-    assert div.event.label == "send_envelope_header"
+    assert div.rank == 0 and div.event.line == 42
+    assert div.event.label == "send_header_only"
     assert "enables no send" in div.reason
 
 
