@@ -3,10 +3,11 @@
     python -m lockstep.soak --chunks 20000 --cut-every 100 [--mesh 2] [--out runs/soak]
 
 Prints, per rank, the resident memory (VmRSS from /proc/PID/status, sampled by the
-launcher: the ranks do not measure themselves, so the trace format is unchanged) as a
+launcher: the ranks do not measure themselves) as a
 least-squares slope in MB per 1,000 chunks after warm-up and as the growth from the
-first to the last sample after warm-up; the trace bytes per chunk (all ranks); and the
-time `lockstep conform` takes on the run. The chunk a sample belongs to is read from the
+first to the last sample after warm-up; the trace bytes per chunk (all ranks, deleted
+segments included); and the time `lockstep conform` takes on the run, then on each
+suffix of its retained segments (`--trace-segment-mb/-s`, `--trace-keep`). The chunk a sample belongs to is read from the
 tail of rank0's trace. Lives in lockstep/ because it calls conformance (runtime/ must
 not import it).
 """
@@ -122,11 +123,21 @@ def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int =
               "trace_bytes": trace_bytes, "trace_bytes_per_chunk": round(trace_bytes / chunks),
               "ranks": per_rank}
     if conformance:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         rep = conform(out)
         report["conform_s"] = round(time.perf_counter() - t1, 1)
+        report["conform_cpu_s"] = round(time.process_time() - c1, 1)
         report["conforms"] = rep.ok
         report["conform_divergence"] = rep.divergence
+        report["suffixes"] = []
+        most = max(len(list(Path(out).glob(f"rank{r}.*jsonl"))) for r in range(mesh + 1))
+        for k in range(most - 1, 0, -1):     # every suffix of the retained segments
+            c1 = time.process_time()
+            rep = conform(out, last=k)
+            report["suffixes"].append({"segments": k, "conforms": rep.ok,
+                                       "events": rep.replayed,
+                                       "cpu_s": round(time.process_time() - c1, 1),
+                                       "divergence": rep.divergence})
     return report
 
 
@@ -163,9 +174,15 @@ def main(argv=None) -> int:
               f"bytes per chunk")
         if "conform_s" in rep:
             print(f"  conformance: {'conforms' if rep['conforms'] else 'DIVERGES'} in "
-                  f"{rep['conform_s']} s"
+                  f"{rep['conform_s']} s ({rep['conform_cpu_s']} CPU s)"
                   + ("" if rep["conforms"] else f": {rep['conform_divergence']}"))
-    ok = rep["ok"] and rep.get("conforms", True)
+            for x in rep["suffixes"]:
+                print(f"  suffix of the newest {x['segments']} segments: "
+                      f"{'conforms' if x['conforms'] else 'DIVERGES'}, {x['events']} events "
+                      f"in {x['cpu_s']} CPU s"
+                      + ("" if x["conforms"] else f": {x['divergence']}"))
+    ok = rep["ok"] and rep.get("conforms", True) and all(
+        x["conforms"] for x in rep.get("suffixes", ()))
     return 0 if ok else 1
 
 
