@@ -174,6 +174,9 @@ class RunOptions:
         _check(self.trace in TRACES, "trace", f"one of {TRACES}", self.trace)
         for name in ("trace_segment_mb", "trace_segment_s", "trace_keep"):
             _check(getattr(self, name) >= 0, name, ">= 0 (0: off)", getattr(self, name))
+        _check(not self.trace_keep or self.trace_segment_mb or self.trace_segment_s,
+               "trace_keep", "0 unless the trace rolls over (trace_segment_mb or _s)",
+               self.trace_keep)
         if self.drift is not None:
             _check(self.drift.name in DRIFTS, "drift.name", f"one of {DRIFTS}",
                    self.drift.name)

@@ -194,3 +194,43 @@ def test_a_line_whose_row_does_not_exist_is_caught(rolled, tmp_path):
     p.write_text("".join(x + "\n" for x in lines))
     _expect(d, p.name, k + 1, "l", "'counts_agree': the worker's main thread has no such "
             "row from state 'gen'")
+
+
+def _step(i, t_ns):
+    return {"ev": "step", "rank": 2, "role": "worker", "thread": "main", "i": i,
+            "src": "handshake" if i == 0 else "wait_hdr", "label": "x", "dst": "wait_hdr",
+            "op": "local", "t_ns": t_ns, "dur_ns": 1000}
+
+
+def test_the_writer_rolls_over_by_age_and_keeps_the_newest_k(tmp_path):
+    """By time (--trace-segment-s): a segment older than the limit is closed at the next
+    step; keep 2 leaves the open one and one closed one, and the log says what went."""
+    import time
+
+    from lockstep.model.guards import MeshVars
+    from lockstep.runtime.trace import TraceWriter
+    w = TraceWriter(tmp_path, 2, role="worker", threads=("main",),
+                    initial=(("handshake",), MeshVars()), segment_s=0.01, keep=2)
+    w.snapshot = lambda: (("wait_hdr",), MeshVars(calls_done=7))
+    for i in range(4):
+        w.write(_step(i, time.monotonic_ns()))
+        time.sleep(0.02)
+        assert w.full()
+        w.roll()
+    w.close()
+    assert sorted(p.name for p in tmp_path.glob("rank2*.jsonl")) == \
+        ["rank2.000003.jsonl", "rank2.jsonl"]
+    log = _lines(tmp_path / "rank2.segments")
+    assert [x.split()[1] for x in log if "deleted" in x] == ["0", "1", "2"]
+    first = json.loads(_lines(tmp_path / "rank2.jsonl")[0])
+    assert (first["segment"], first["pcs"], first["i"], first["v"]["calls_done"]) == \
+        (4, ["wait_hdr"], [4], 7)
+    step = json.loads(_lines(tmp_path / "rank2.000003.jsonl")[1])
+    assert set(step) == {"l", "t", "d"}, "src, i and dst are implied by the previous line"
+
+
+def test_keep_without_a_rollover_is_refused():
+    from lockstep.model.runopts import RunOptions
+    assert RunOptions.from_dict({"trace_segment_s": 60, "trace_keep": 3}).trace_keep == 3
+    with pytest.raises(ValueError, match="trace_keep"):
+        RunOptions.from_dict({"trace_keep": 3})
