@@ -54,7 +54,7 @@ def check_sources(run, res=None) -> list:
             continue
         kind = err_exit(run.path / f"rank{r}.err")
         last = rt.steps[-1] if rt.steps else None
-        where = f"rank{r}.jsonl line {last.line}" if last else f"rank{r}.jsonl (no steps)"
+        where = last.where() if last else f"rank{r}.jsonl (no steps)"
         if kind == "ok":
             if rt.truncated:
                 out.append(f"rank{r}.err says exit=ok, but rank{r}.jsonl ends with a line "
@@ -67,7 +67,7 @@ def check_sources(run, res=None) -> list:
                        f"was not killed (it ended {rt.ended}): only kill -9 cuts a line")
         backend = (run.meta.get("opts") or {}).get("backend")
         if rt.start is not None and backend and rt.start.get("backend") not in (None, backend):
-            out.append(f"rank{r}.jsonl line {rt.start['_line']}: backend "
+            out.append(f"{rt.start['_file']} line {rt.start['_line']}: backend "
                        f"{rt.start.get('backend')!r}, but run.json says {backend!r}")
     out += _outputs(run, res)
     return out
