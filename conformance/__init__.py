@@ -17,11 +17,15 @@ import json
 import sys
 
 
-def cli_conform(run_dir, as_json: bool = False, reference=None) -> int:
-    """`lockstep conform RUN_DIR [--json] [--reference FILE]`: 0 when the trace conforms
-    (and, with a reference stream, the outputs and state agree with it), 1 otherwise."""
+def cli_conform(run_dir, as_json: bool = False, reference=None, last: int = 0,
+                suffixes: bool = False) -> int:
+    """`lockstep conform RUN_DIR [--json] [--reference FILE] [--last K] [--suffixes]`: 0
+    when the trace conforms (and, with a reference stream, the outputs and state agree
+    with it), 1 otherwise. `--suffixes`: also every suffix of the retained segments."""
     from .report import conform, format_report
-    rep = conform(run_dir)
+    if suffixes:
+        return cli_suffixes(run_dir)
+    rep = conform(run_dir, last=last)
     print(json.dumps(rep.as_dict(), indent=1) if as_json else format_report(rep))
     ok = rep.ok
     if reference:
@@ -29,6 +33,26 @@ def cli_conform(run_dir, as_json: bool = False, reference=None) -> int:
         same, text = cli_reference(run_dir, reference)
         print(text)
         ok = ok and same
+    return 0 if ok else 1
+
+
+def cli_suffixes(run_dir) -> int:
+    """The retained run, then each suffix of it (the newest K segments per rank, K from
+    the most a rank holds minus one down to 1), one line each: 0 when all conform."""
+    import time
+    from pathlib import Path
+    from .report import conform
+    most = max((len(list(Path(run_dir).glob(f"rank{r}.*jsonl")))
+                for r in range(64)), default=1)
+    ok = True
+    for k in [0] + list(range(most - 1, 0, -1)):
+        c0 = time.process_time()
+        rep = conform(run_dir, last=k)
+        what = "retained run" if k == 0 else f"newest {k} segment{'s' if k > 1 else ''}"
+        print(f"{what:22} {'conforms' if rep.ok else 'DIVERGES'}  {rep.replayed:>9,} "
+              f"events  {time.process_time() - c0:.1f} CPU s"
+              + ("" if rep.ok else f"\n{rep.divergence}"))
+        ok = ok and rep.ok
     return 0 if ok else 1
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lockstep.model.tables import shipped_rows
+from lockstep.model.tracefmt import CHECKPOINT, KEY_THREADS
 
 
 def shipped() -> dict:
@@ -29,13 +30,21 @@ def exercised(run_dirs) -> set:
     seen = set()
     for d in run_dirs:
         for f in sorted(Path(d).glob("rank*.jsonl")):
+            role = None
             for line in f.read_text().splitlines():
                 try:
                     ev = json.loads(line)
                 except ValueError:
                     continue          # a last line cut by kill -9
-                if ev.get("ev") == "step":
+                kind = ev.get("ev")
+                if kind == "step":
                     seen.add((ev["role"], ev["thread"], ev["label"]))
+                elif kind == CHECKPOINT:          # format 2: the role is the file's
+                    role = ev.get("role")
+                elif kind is None:
+                    for key, thread in KEY_THREADS.items():
+                        if key in ev:
+                            seen.add((role, thread, ev[key]))
     return seen
 
 

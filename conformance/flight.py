@@ -69,14 +69,9 @@ def backend_ops(dump: dict) -> dict:
 
 def expected_ops(run_dir, rank: int) -> dict:
     """What the lockstep trace of `rank` says it issued."""
+    from .load import step_views
     colls, p2p = defaultdict(list), defaultdict(int)
-    for line in open(Path(run_dir) / f"rank{rank}.jsonl"):
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("ev") != "step":
-            continue
+    for e in step_views(run_dir, rank):
         if e.get("op") == "coll":
             kind = _kind_of(e)
             colls[e["group"]] += KIND_TO_BACKEND.get(kind, [kind])

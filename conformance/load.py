@@ -32,6 +32,8 @@ from lockstep.model.config import Config, config_from_dict
 from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
 from lockstep.model.tables import THREADS, shipped_tables
 
+from . import segments as S
+
 try:                      # a fast parser when installed (pyproject: orjson); same JSON
     from orjson import loads as _fast_loads
 except ImportError:       # pragma: no cover
@@ -40,7 +42,7 @@ _SCAN = json.decoder.JSONDecoder().scan_once
 _SIGS: dict = {}
 _new_ev = object.__new__
 THREAD_NAMES = {role: tuple(ts) for role, ts in THREADS.items()}
-RANK_FILE = re.compile(r"^rank(\d+)\.jsonl$")
+RANK_FILE = re.compile(r"^rank(\d+)(?:\.(\d{6}))?\.jsonl$")   # newest, or segment N
 MSG_FIELDS = ("action", "call_id", "chunk", "epoch", "calls")
 P2P_PEERS = ("rank0", "leader")
 GROUP_NAMES = ("world_pg", "mesh_pg")
@@ -60,7 +62,8 @@ class Ev:
     in the rank's file order; `line` its line number. The replayer adds links."""
     __slots__ = ("rank", "t", "thread", "i", "src", "label", "dst", "op", "peer", "chan_i",
                  "group", "gseq", "msg", "has_msg", "t_ns", "dur_ns", "meas", "line",
-                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk", "sends")
+                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk", "sends",
+                 "file")
 
     def __init__(self):
         self.done = False
@@ -69,7 +72,7 @@ class Ev:
         self.lane = None
 
     def where(self) -> str:
-        return f"rank{self.rank}.jsonl line {self.line}"
+        return f"{self.file} line {self.line}"
 
     def brief(self) -> str:
         """One line: thread, i, transition, comm coordinates, message."""
@@ -94,6 +97,13 @@ class RankTrace:
         self.missing = False        # no file at all
         self.has_exit = False
         self.err_line = ""          # the rank's one-line exit reason (rank{R}.err), if any
+        self.files = [path]         # its segments, oldest first (conformance/segments.py)
+        self.checkpoints = []       # (pos of the segment's first step, file, line dict)
+
+    @property
+    def first_segment(self) -> int:
+        """The number of its oldest retained segment (0: the trace is whole)."""
+        return self.checkpoints[0][2]["segment"] if self.checkpoints else 0
 
     @property
     def root_cause_is_self(self) -> bool:
@@ -128,6 +138,7 @@ class Run:
     def __init__(self, path: Path, cfg: Config, meta: dict, ranks: list, warnings: list):
         self.path, self.cfg, self.meta, self.ranks, self.warnings = path, cfg, meta, ranks, \
             warnings
+        self.start = None       # a suffix: where its replay starts (conformance/suffix.py)
 
     @property
     def n_events(self) -> int:
@@ -195,8 +206,11 @@ def load_config(run_dir: Path) -> tuple:
 
 # ------------------------------------------------------------------ rank files
 
-def load_run(run_dir, cfg: Optional[Config] = None) -> Run:
-    """Load and check a run directory; raises TraceError on malformed input."""
+def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0) -> Run:
+    """Load and check a run directory; raises TraceError on malformed input. `last`:
+    read only each rank's newest `last` segments (a suffix, as a flight recorder keeps
+    it). A suffix (some rank's oldest segment is not segment 0) gets `run.start`, the
+    replay's first state (conformance/suffix.py)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TraceError(run_dir, 0, "run_dir", "not a directory")
@@ -210,32 +224,40 @@ def load_run(run_dir, cfg: Optional[Config] = None) -> Run:
     for p in run_dir.iterdir():
         mt = RANK_FILE.match(p.name)
         if mt:
-            files[int(mt.group(1))] = p
+            files.setdefault(int(mt.group(1)), []).append(p)
     extra = sorted(r for r in files if r >= world)
     if extra:
-        raise TraceError(files[extra[0]], 0, "rank", f"rank {extra[0]} is outside the "
+        raise TraceError(files[extra[0]][0], 0, "rank", f"rank {extra[0]} is outside the "
                          f"configured world of {world} (1 + mesh {cfg.mesh})")
     warnings, ranks = [], []
     gc_was = gc.isenabled()
     gc.disable()      # many small acyclic objects: generational passes only cost time
     try:
-        _load_all(run_dir, model, files, world, warnings, ranks)
+        _load_all(run_dir, model, files, world, warnings, ranks, last)
+        run = Run(run_dir, cfg, meta, ranks, warnings)
+        from . import suffix      # it reads Run and TraceError from here
+        suffix.check_checkpoints(run, model)
+        if suffix.is_suffix(run):
+            run.start = suffix.suffix_start(run, model)
     finally:
         if gc_was:
             gc.enable()
-    return Run(run_dir, cfg, meta, ranks, warnings)
+    return run
 
 
-def _load_all(run_dir, model, files, world, warnings, ranks):
+def _load_all(run_dir, model, files, world, warnings, ranks, last):
     for r in range(world):
-        path = files.get(r, run_dir / f"rank{r}.jsonl")
+        path = run_dir / f"rank{r}.jsonl"
         rt = RankTrace(r, path, model.roles[r])
         if r not in files:
             rt.missing = True
             warnings.append(f"rank{r}.jsonl: missing (the rank died before tracing "
                             f"started); treated as a crash")
         else:
-            _load_rank(rt, path, warnings, world)
+            rt.files = S.ordered(files[r])[-last:] if last else S.ordered(files[r])
+            reader = S.SegmentReader(rt, model)
+            for k, seg in enumerate(rt.files):
+                _load_rank(rt, seg, warnings, world, reader, last=k == len(rt.files) - 1)
         if not rt.has_exit and not rt.releases:
             rt.err_line = _err_line(run_dir / f"rank{r}.err")
             if rt.err_line:
@@ -257,7 +279,8 @@ def _err_line(path: Path) -> str:
     return ""
 
 
-def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
+def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int, reader,
+               last: bool = True) -> None:
     with open(path, "rb") as f:
         data = f.read()
     text = data.decode("utf-8", errors="replace")
@@ -268,9 +291,13 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
     rank, role = rt.rank, rt.role
     threads = THREADS[role]
     tindex = {name: k for k, name in enumerate(threads)}
-    next_i = [0] * len(threads)
-    last = [None] * len(threads)
+    if not rt.checkpoints and not rt.steps:
+        rt.prev_of = [None] * len(threads)
+        rt.next_i = [0] * len(threads)
+    next_i, last = rt.next_i, rt.prev_of
     steps = rt.steps
+    fname = path.name
+    compact = False
     scan = _SCAN
     nlines = len(lines)
     for ln, line in enumerate(lines, 1):
@@ -291,7 +318,7 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
                 if end != len(line):
                     d = json.loads(line)
         except ValueError as e:
-            if ln == nlines and not complete_end:
+            if ln == nlines and not complete_end and last:
                 rt.truncated = True
                 warnings.append(f"{path.name} line {ln}: last line cut short "
                                 f"({len(line)} bytes, no newline): dropped (a crash "
@@ -302,8 +329,21 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
         if type(d) is not dict:
             raise TraceError(path, ln, "json", f"not a JSON object: {line[:80]!r}")
         kind = d.get("ev")
-        if kind == STEP:
+        if ln == 1 and kind == S.CHECKPOINT:
+            reader.checkpoint(d, path, len(steps))
+            compact = True
+            continue
+        if ln == 1 and (rt.checkpoints or len(rt.files) > 1):
+            raise TraceError(path, ln, "ev", "a trace segment begins with its checkpoint "
+                             f"(found {kind!r})")
+        if kind is None and compact:
+            ev = reader.step(d, path, ln)
+        elif kind == STEP and not compact:
             ev = _step(d, path, ln, rank, role, tindex)
+        else:
+            ev = None
+        if ev is not None:
+            ev.file = fname
             t = ev.t
             if ev.i != next_i[t]:
                 what = "skips" if ev.i > next_i[t] else "repeats or goes back"
@@ -317,6 +357,10 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
             steps.append(ev)
             if ev.op == "exit":
                 rt.has_exit = True
+        elif kind == STEP or kind is None:
+            raise TraceError(path, ln, "ev", "a long-form step in a format-2 segment, or "
+                             "a format-2 step in a long-form trace" if kind == STEP else
+                             "a format-2 step (no 'ev') in a trace without a checkpoint")
         elif kind == RELEASE or kind == FAULT or kind == START:
             if d.get("rank", rank) != rank:
                 raise TraceError(path, ln, "rank", f"rank {d.get('rank')!r} in "
@@ -324,6 +368,7 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
             if "t_ns" in d and type(d["t_ns"]) is not int:
                 raise TraceError(path, ln, "t_ns", "not an integer")
             d["_line"] = ln
+            d["_file"] = fname
             if kind == RELEASE:
                 if not isinstance(d.get("reason"), str):
                     raise TraceError(path, ln, "reason", "a release event needs a "
@@ -343,7 +388,8 @@ def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int) -> None:
                 rt.start = d
         else:
             raise TraceError(path, ln, "ev", f"unknown event kind {kind!r} (expected "
-                             f"one of {STEP}, {START}, {RELEASE}, {FAULT})")
+                             f"one of {STEP}, {START}, {RELEASE}, {FAULT}; "
+                             f"{S.CHECKPOINT} on line 1 only)")
 
 
 _GET = itemgetter("rank", "thread", "i", "src", "label", "dst", "op", "t_ns", "role")
@@ -477,3 +523,53 @@ def _diagnose(d: dict, path, ln: int):
     if d["i"] < 0:
         raise TraceError(path, ln, "i", f"{d['i']} is negative")
     raise TraceError(path, ln, "?", "malformed step")  # pragma: no cover
+
+
+def step_views(run_dir, rank: int) -> list:
+    """A rank's step events in the long form of model/events.py (label, src, dst, op,
+    thread, i, msg, meas, t_ns, dur_ns, peer/chan_i, group/gseq), whatever the file
+    format: for tests and scripts that read what a run did. A format-2 local step's
+    queue subject is implied, not written (model/tracefmt.py): it is recomputed here as
+    the runtime computed it, `local_subject` of the row's update applied to the rank's
+    state (from its oldest checkpoint, by conformance/suffix.py `apply_line`)."""
+    from lockstep.model.events import local_subject, msg_to_json
+    from lockstep.model.messages import Msg
+    from lockstep.model.semantics import LIVE, Model, Proc
+    from .suffix import _row, apply_line
+    run = load_run(run_dir)
+    rt = run.ranks[rank]
+    model = Model(run.cfg, shipped_tables())
+    if rt.checkpoints:
+        d0 = rt.checkpoints[0][2]
+        proc = Proc(LIVE, tuple(d0["pcs"]), d0["v"])
+    else:
+        proc = model.initial_state().procs[rank]
+
+    def as_json(m):
+        if type(m) is tuple and len(m) == 7 and not isinstance(m[0], (tuple, bool)):
+            return msg_to_json(Msg(*m))
+        return [as_json(x) for x in m] if type(m) is tuple else m
+    out = []
+    for ev in rt.steps:
+        d = {"ev": STEP, "rank": ev.rank, "role": run.ranks[rank].role, "thread": ev.thread,
+             "i": ev.i, "src": ev.src, "label": ev.label, "dst": ev.dst, "op": ev.op,
+             "t_ns": ev.t_ns, "dur_ns": ev.dur_ns}
+        if ev.peer is not None:
+            d["peer"], d["chan_i"] = ev.peer, ev.chan_i
+        if ev.group is not None:
+            d["group"], d["gseq"] = ev.group, ev.gseq
+        if proc is not None and proc.pcs[ev.t] != ev.src:
+            proc = None     # an emits-only trace: its lines are not contiguous
+        if proc is not None:
+            before = proc.v
+            proc = apply_line(model, proc, ev, _row(model, ev))
+            if not ev.has_msg and ev.op == "local" and proc.v is not None:
+                subj = local_subject(before, proc.v)
+                if subj is not None:
+                    d["msg"] = msg_to_json(subj)
+        if ev.has_msg:
+            d["msg"] = as_json(ev.msg)
+        if ev.meas:
+            d["meas"] = ev.meas
+        out.append(d)
+    return out

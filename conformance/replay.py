@@ -135,7 +135,9 @@ class Replayer:
         self.m = m = Model(cfg, shipped_tables())
         m.posted = _current_posted(m)
         self.n = m.n
-        self.s = m.initial_state()
+        start = run.start       # a suffix starts at its checkpoints' consistent cut
+        self.s = m.initial_state() if start is None else \
+            start.state._replace(faults_left=cfg.faults)
         self.init_pcs = [pr.pcs for pr in self.s.procs]
         self.res = ReplayResult()
         self.res.model = m
@@ -153,8 +155,8 @@ class Replayer:
                 f"the reason): {', '.join(m.names[r] for r in errs)}; replayed as released "
                 f"by the abort flag (an uncaught error sets it on the way out)")
         self.nthreads = [len(THREADS[role]) for role in m.roles]
-        self.sent = {}            # (src, dst) -> messages sent so far
-        self.rcvd = {}            # (src, dst) -> messages received so far
+        self.sent = {} if start is None else dict(start.sent)   # (src, dst) -> sent so far
+        self.rcvd = dict(self.sent)   # (src, dst) -> received so far (equal at the cut)
         self.unwritten_sends = set()
         self.end_phase = False
         self._idx_s = self._idx_p = self._idx = None

@@ -94,12 +94,13 @@ class Report:
                 "per_rank": self.per_rank, "emitted": self.emitted}
 
 
-def conform(run_dir, verify: bool = False) -> Report:
-    """Load, replay and judge one run directory."""
+def conform(run_dir, verify: bool = False, last: int = 0) -> Report:
+    """Load, replay and judge one run directory (`last`: only each rank's newest
+    `last` trace segments, a suffix: conformance/suffix.py)."""
     rep = Report(str(run_dir))
     t0 = time.perf_counter()
     try:
-        run = load_run(run_dir)
+        run = load_run(run_dir, last=last)
     except TraceError as e:
         rep.load_s = time.perf_counter() - t0
         rep.divergence = f"TRACE ERROR {e}"
@@ -118,6 +119,13 @@ def conform(run_dir, verify: bool = False) -> Report:
     rep.replayed, rep.steps = res.replayed, res.steps
     rep.replay_s, rep.events_per_s = res.seconds, res.events_per_s
     rep.notes = list(res.notes)
+    if run.start is not None:
+        st = run.start
+        rep.notes.insert(0, "suffix: the replay starts at the consistent cut after the "
+                         "checkpoints of segments " + ", ".join(
+                             f"rank{r} {n}" for r, n in enumerate(st.segments))
+                         + "; lines applied to their own rank before the cut "
+                         f"{list(st.skipped)} (conformance/suffix.py)")
     rep.emitted = len(res.emitted)
     if res.divergence is not None:
         rep.divergence = res.divergence.text()

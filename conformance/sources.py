@@ -7,7 +7,9 @@
     with no exit step and no release event): every other ending flushes its lines;
   * `outputs.json` (rank0's emitted outputs, `[chunk, epoch, digest]` in emission
     order) agrees with the replayed decode events: the same chunks and epochs in the
-    same order, the same count (a prefix of them when rank0 did not exit cleanly);
+    same order, the same count (a prefix of them when rank0 did not exit cleanly); a
+    suffix's decodes (conformance/suffix.py) are the tail of outputs.json, or a
+    contiguous stretch of it when rank0 did not exit cleanly;
   * `run.json`'s configuration agrees with the traces: the backend and world each
     rank's start event records;
   * a missing rank file is the headline (`headline(run)`), not a later symptom.
@@ -52,7 +54,7 @@ def check_sources(run, res=None) -> list:
             continue
         kind = err_exit(run.path / f"rank{r}.err")
         last = rt.steps[-1] if rt.steps else None
-        where = f"rank{r}.jsonl line {last.line}" if last else f"rank{r}.jsonl (no steps)"
+        where = last.where() if last else f"rank{r}.jsonl (no steps)"
         if kind == "ok":
             if rt.truncated:
                 out.append(f"rank{r}.err says exit=ok, but rank{r}.jsonl ends with a line "
@@ -65,7 +67,7 @@ def check_sources(run, res=None) -> list:
                        f"was not killed (it ended {rt.ended}): only kill -9 cuts a line")
         backend = (run.meta.get("opts") or {}).get("backend")
         if rt.start is not None and backend and rt.start.get("backend") not in (None, backend):
-            out.append(f"rank{r}.jsonl line {rt.start['_line']}: backend "
+            out.append(f"{rt.start['_file']} line {rt.start['_line']}: backend "
                        f"{rt.start.get('backend')!r}, but run.json says {backend!r}")
     out += _outputs(run, res)
     return out
@@ -85,11 +87,20 @@ def _outputs(run, res):
     if len(got) != len(outs):
         return ["outputs.json: every entry is [chunk, epoch, digest]"]
     want = [(c, e) for c, e, _ in res.emitted]
+    clean = run.ranks[0].ended == "exit"
+    if run.start is not None and want:   # a suffix: its decodes come after the cut's
+        at = len(got) - len(want) if clean else next(
+            (k for k in range(len(got) - len(want) + 1) if got[k:k + len(want)] == want), 0)
+        if at < 0:
+            return [f"outputs.json has {len(got)} outputs, the suffix decodes {len(want)}"]
+        got, base = got[at:], at
+    else:
+        base = 0
     for j, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            return [f"outputs.json entry {j}: chunk {a[0]} epoch {a[1]}, but decode #{j} "
-                    f"in the traces emits chunk {b[0]} epoch {b[1]}"]
-    clean = run.ranks[0].ended == "exit"
+            return [f"outputs.json entry {base + j}: chunk {a[0]} epoch {a[1]}, but "
+                    f"decode #{j}{' of the suffix' if base else ''} in the traces emits "
+                    f"chunk {b[0]} epoch {b[1]}"]
     if len(got) > len(want) or (clean and len(got) != len(want)):
         return [f"outputs.json has {len(got)} outputs, the traces decode {len(want)}"]
     return []

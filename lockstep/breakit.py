@@ -109,17 +109,15 @@ def _kill_later(case, cfg, run_dir):
 def _fault_time(run_dir, res) -> float | None:
     if res.faults:
         return res.faults[0][2]
-    best = None
-    for p in Path(run_dir).glob("rank*.jsonl"):
-        for line in open(p):
-            if '"fault"' in line or '"parity_mismatch"' in line or '"counts_differ"' in line:
-                try:
-                    e = json.loads(line)
-                except ValueError:
-                    continue
-                t = e.get("t_ns", 0) / 1e9
-                best = t if best is None else min(best, t)
-    return best
+    from lockstep.conformance.load import TraceError, load_run
+    try:
+        run = load_run(run_dir)
+    except TraceError:
+        return None
+    times = [d["t_ns"] for rt in run.ranks for d in rt.faults if "t_ns" in d] + \
+        [ev.t_ns for rt in run.ranks for ev in rt.steps
+         if ev.label in ("parity_mismatch", "counts_differ")]
+    return min(times) / 1e9 if times else None
 
 
 def run_case(case: Case, out: Path, baseline: bool = True, deadline_s: float = 60.0) -> dict:

@@ -186,6 +186,19 @@ def cmd_manifest(a) -> int:
     return EXIT_OK
 
 
+def add_segment_args(p) -> None:
+    """Trace segments (runtime/trace.py): `lockstep run` and `python -m lockstep.soak`."""
+    p.add_argument("--trace-segment-mb", type=float, default=0.0,
+                   help="roll each rank's trace over into a new segment at this size, MB "
+                        "(default: one segment)")
+    p.add_argument("--trace-segment-s", type=float, default=0.0,
+                   help="roll each rank's trace over after this many seconds (default: "
+                        "never)")
+    p.add_argument("--trace-keep", type=int, default=0,
+                   help="keep only the newest K segments per rank, a flight recorder "
+                        "(default: all)")
+
+
 def _run_options(a):
     from lockstep.model.runopts import (CutSchedule, RunOptions, StageCosts, parse_cut_at,
                                         parse_fault)
@@ -196,7 +209,9 @@ def _run_options(a):
                       fault=parse_fault(a.fault), heartbeat_ms=a.heartbeat_ms,
                       op_deadline_s=a.op_deadline_s,
                       pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
-                      costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms))
+                      costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms),
+                      trace_segment_mb=a.trace_segment_mb, trace_segment_s=a.trace_segment_s,
+                      trace_keep=a.trace_keep)
 
 
 def cmd_run(a) -> int:
@@ -298,7 +313,8 @@ def cmd_docs(a) -> int:
 
 def cmd_conform(a) -> int:
     from lockstep.conformance import cli_conform
-    return cli_conform(a.run_dir, a.json, a.reference or None)
+    return cli_conform(a.run_dir, a.json, a.reference or None, last=a.last,
+                       suffixes=a.suffixes)
 
 
 def cmd_equivalence(a) -> int:
@@ -401,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-s", type=float, default=120.0,
                    help="hard deadline for the whole run (the launcher kills the rest), s")
     p.add_argument("--out", default="runs/latest", help="run directory for the traces")
+    add_segment_args(p)
     p.set_defaults(fn=cmd_run)
 
     p = _parser(sub, "cut", "ask a running `lockstep run` for a hard cut (its control "
@@ -470,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--reference", default="", help="also compare outputs and state with a "
                    "reference stream written by `lockstep equivalence` (default: none)")
+    p.add_argument("--last", type=int, default=0, help="check only each rank's newest K "
+                   "trace segments, a suffix replayed from their checkpoints (default: all)")
+    p.add_argument("--suffixes", action="store_true", help="check the retained run and "
+                   "then every suffix of it, one line each")
     p.set_defaults(fn=cmd_conform)
 
     p = _parser(sub, "equivalence", "the DiT stream without PP/TP vs under lockstep at each "

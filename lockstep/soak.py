@@ -3,10 +3,11 @@
     python -m lockstep.soak --chunks 20000 --cut-every 100 [--mesh 2] [--out runs/soak]
 
 Prints, per rank, the resident memory (VmRSS from /proc/PID/status, sampled by the
-launcher: the ranks do not measure themselves, so the trace format is unchanged) as a
+launcher: the ranks do not measure themselves) as a
 least-squares slope in MB per 1,000 chunks after warm-up and as the growth from the
-first to the last sample after warm-up; the trace bytes per chunk (all ranks); and the
-time `lockstep conform` takes on the run. The chunk a sample belongs to is read from the
+first to the last sample after warm-up; the trace bytes per chunk (all ranks, deleted
+segments included); and the time `lockstep conform` takes on the run, then on each
+suffix of its retained segments (`--trace-segment-mb/-s`, `--trace-keep`). The chunk a sample belongs to is read from the
 tail of rank0's trace. Lives in lockstep/ because it calls conformance (runtime/ must
 not import it).
 """
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from lockstep.cli import add_segment_args
 from lockstep.conformance.report import conform
 from lockstep.model.config import Config
 from lockstep.model.runopts import CutSchedule, RunOptions, StageCosts
@@ -46,10 +48,13 @@ def last_chunk(trace: Path) -> int:
     except OSError:
         return -1
     best = -1
-    for part in tail.split('"chunk":')[1:]:
-        num = part.split(",", 1)[0].split("}", 1)[0]
-        if num.lstrip("-").isdigit():
-            best = max(best, int(num))
+    for line in tail.splitlines()[1:]:       # the first may be cut
+        try:
+            m = json.loads(line).get("m")     # a format-2 step's message (model/tracefmt.py)
+        except (ValueError, AttributeError):
+            continue
+        if type(m) is list and len(m) > 2 and type(m[2]) is int:
+            best = max(best, m[2])
     return best
 
 
@@ -64,13 +69,28 @@ def slope(points) -> float:
     return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in points) / sxx
 
 
+def written_bytes(out: Path) -> int:
+    """Trace bytes the ranks wrote: the open segments plus every closed one (its size is
+    in rank{R}.segments, deleted or not)."""
+    total = sum(p.stat().st_size for p in Path(out).glob("rank*.jsonl")
+                if p.name.count(".") == 1)
+    for log in Path(out).glob("rank*.segments"):
+        for line in log.read_text().splitlines():
+            words = line.split()
+            if "bytes" in words:
+                total += int(words[words.index("bytes") + 1])
+    return total
+
+
 def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int = 0,
-         period_s: float = 0.5, stage_b_ms: float = 0.0, conformance: bool = True) -> dict:
+         period_s: float = 0.5, stage_b_ms: float = 0.0, conformance: bool = True,
+         segment_mb: float = 0.0, segment_s: float = 0.0, keep: int = 0) -> dict:
     warmup = warmup or max(200, chunks // 10)
     cuts = CutSchedule(every=cut_every) if cut_every else CutSchedule()
     cfg = Config(mesh=mesh, d_in=2, d_out=2, chunks=chunks, hard_cut=cuts.bound(chunks),
                  steps=2)
-    opts = RunOptions(cuts=cuts, costs=StageCosts(phase_b_ms=stage_b_ms))
+    opts = RunOptions(cuts=cuts, costs=StageCosts(phase_b_ms=stage_b_ms),
+                      trace_segment_mb=segment_mb, trace_segment_s=segment_s, trace_keep=keep)
     samples = {r: [] for r in range(mesh + 1)}    # rank -> [(chunk, rss_kb)]
     done = threading.Event()
 
@@ -86,7 +106,7 @@ def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int =
     res = run_local(cfg, opts, out, deadline_s=60.0 + chunks * 0.1, on_start=sampler)
     wall = time.monotonic() - t0
     done.set()
-    trace_bytes = sum(p.stat().st_size for p in Path(out).glob("rank*.jsonl"))
+    trace_bytes = written_bytes(out)
     per_rank = {}
     for r, pts in samples.items():
         after = [(k, kb) for k, kb in pts if k >= warmup]
@@ -103,11 +123,21 @@ def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int =
               "trace_bytes": trace_bytes, "trace_bytes_per_chunk": round(trace_bytes / chunks),
               "ranks": per_rank}
     if conformance:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         rep = conform(out)
         report["conform_s"] = round(time.perf_counter() - t1, 1)
+        report["conform_cpu_s"] = round(time.process_time() - c1, 1)
         report["conforms"] = rep.ok
         report["conform_divergence"] = rep.divergence
+        report["suffixes"] = []
+        most = max(len(list(Path(out).glob(f"rank{r}.*jsonl"))) for r in range(mesh + 1))
+        for k in range(most - 1, 0, -1):     # every suffix of the retained segments
+            c1 = time.process_time()
+            rep = conform(out, last=k)
+            report["suffixes"].append({"segments": k, "conforms": rep.ok,
+                                       "events": rep.replayed,
+                                       "cpu_s": round(time.process_time() - c1, 1),
+                                       "divergence": rep.divergence})
     return report
 
 
@@ -124,9 +154,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-conform", action="store_true", help="skip the conformance run")
     ap.add_argument("--out", default="runs/soak", help="run directory")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_segment_args(ap)
     a = ap.parse_args(argv)
     rep = soak(Path(a.out).resolve(), chunks=a.chunks, cut_every=a.cut_every, mesh=a.mesh,
-               warmup=a.warmup, stage_b_ms=a.stage_b_ms, conformance=not a.no_conform)
+               warmup=a.warmup, stage_b_ms=a.stage_b_ms, conformance=not a.no_conform,
+               segment_mb=a.trace_segment_mb, segment_s=a.trace_segment_s,
+               keep=a.trace_keep)
     if a.json:
         print(json.dumps(rep, indent=1))
     else:
@@ -141,9 +174,15 @@ def main(argv=None) -> int:
               f"bytes per chunk")
         if "conform_s" in rep:
             print(f"  conformance: {'conforms' if rep['conforms'] else 'DIVERGES'} in "
-                  f"{rep['conform_s']} s"
+                  f"{rep['conform_s']} s ({rep['conform_cpu_s']} CPU s)"
                   + ("" if rep["conforms"] else f": {rep['conform_divergence']}"))
-    ok = rep["ok"] and rep.get("conforms", True)
+            for x in rep["suffixes"]:
+                print(f"  suffix of the newest {x['segments']} segments: "
+                      f"{'conforms' if x['conforms'] else 'DIVERGES'}, {x['events']} events "
+                      f"in {x['cpu_s']} CPU s"
+                      + ("" if x["conforms"] else f": {x['divergence']}"))
+    ok = rep["ok"] and rep.get("conforms", True) and all(
+        x["conforms"] for x in rep.get("suffixes", ()))
     return 0 if ok else 1
 
 

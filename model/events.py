@@ -3,13 +3,19 @@ rank, plus measurements. It belongs to the model side so that conformance checki
 needs neither torch nor the runtime; the runtime writes it (runtime/trace.py), the
 conformance checker reads it (conformance/).
 
-One JSON object per line, one file per rank (`rank{R}.jsonl`), flushed per event.
-No tensors: ids, shapes, digests and timings only.
+One JSON object per line, per rank one file per segment (`rank{R}.jsonl` the newest,
+`rank{R}.{N:06d}.jsonl` older ones), flushed per event. No tensors: ids, shapes,
+digests and timings only. The runtime writes format 2 (model/tracefmt.py): each
+segment begins with a checkpoint and a step line holds only what its row and the
+counters do not imply; the long form below is what an event means, what the loader
+rebuilds from either format, and what format 1 traces (traces/, conformance/testdata/)
+hold line for line.
 
 Transition events (`"ev": "step"`):
   rank, role, thread      who (role in rank0/leader/worker; thread main/comms)
   i                       per-(rank, thread) sequence number, from 0, no gaps
-  src, label, dst         the table row executed (its (thread, src, label) is unique)
+  src, label, dst         the table row executed ((thread, src, label) is unique but for
+                          the rows a guard tells apart: last_generator_call)
   op                      "local" | "exit" | "send" | "recv" | "coll"
   peer                    send/recv: the peer role ("rank0" / "leader")
   chan_i                  send/recv: index of this message on its directed channel

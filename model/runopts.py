@@ -151,6 +151,11 @@ class RunOptions:
     drift: Optional[DriftSwitch] = None
     parity_skew: Optional[dict] = None  # test switch: {"rank", "key", "value"}
     trace: str = "full"                 # full | emits (TRACES)
+    # trace segments (runtime/trace.py): roll over at this size or age (0: never), and
+    # keep only the newest K per rank (0: all; a flight recorder)
+    trace_segment_mb: float = 0.0
+    trace_segment_s: float = 0.0
+    trace_keep: int = 0
 
     def __post_init__(self):
         _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
@@ -167,6 +172,11 @@ class RunOptions:
                 _check(val >= 0, f"costs.{f.name}", ">= 0", val)
         _check(self.workload in WORKLOADS, "workload", f"one of {WORKLOADS}", self.workload)
         _check(self.trace in TRACES, "trace", f"one of {TRACES}", self.trace)
+        for name in ("trace_segment_mb", "trace_segment_s", "trace_keep"):
+            _check(getattr(self, name) >= 0, name, ">= 0 (0: off)", getattr(self, name))
+        _check(not self.trace_keep or self.trace_segment_mb or self.trace_segment_s,
+               "trace_keep", "0 unless the trace rolls over (trace_segment_mb or _s)",
+               self.trace_keep)
         if self.drift is not None:
             _check(self.drift.name in DRIFTS, "drift.name", f"one of {DRIFTS}",
                    self.drift.name)

@@ -208,6 +208,8 @@ class RankInterpreter:
             self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
                                         msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
             self.i[t] += 1
+            if self.trace.full():   # between two steps, under the lock: a checkpoint
+                self.trace.roll()
         self.last_step[t] = time.monotonic()
         self.cv.notify_all()
         self.comm.nudge()   # a p2p thread waiting on its ops may now have new work

@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lockstep.model import tracefmt as F
+
 EXIT_OK = 0
 EXIT_ERROR = 1      # uncaught exception in the target (worker_main)
 EXIT_RELEASED = 3   # released by the side-channel watchdog (abort flag, lost peer, lost store)
@@ -238,6 +240,10 @@ def _last_ids(trace: Path) -> dict:
             e = json.loads(ln)
         except ValueError:
             continue
+        if not isinstance(e, dict):
+            continue
+        if "ev" not in e:        # a format-2 step (model/tracefmt.py): the row says the op
+            e = F.long_view(e)
         if "group" not in out and e.get("op") in ("send", "recv", "coll"):
             out["group"] = e.get("group") or "world_pg(p2p)"
         m = e.get("msg")

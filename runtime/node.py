@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from lockstep.model import release as R
+from lockstep.model import tracefmt
 from lockstep.model.config import config_from_dict
 from lockstep.model.runopts import RunOptions
 from lockstep.model.semantics import Model
-from lockstep.model.tables import shipped_tables
+from lockstep.model.tables import THREADS, shipped_tables
 
 from .groups import init_world, make_groups
 from .interp import RankInterpreter
@@ -50,7 +51,13 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         (run_dir / "run.json").write_text(json.dumps(
             {"config": args["config"], "opts": opts.to_dict(), "launcher": "torchrun"}, indent=1,
             sort_keys=True))
-    tracer = TraceWriter(run_dir, rank, emits_only=opts.trace == "emits")
+    start = model.initial_state().procs[rank]
+    tracer = TraceWriter(run_dir, rank, role=role, threads=THREADS[role],
+                         initial=(start.pcs, start.v),
+                         shared=tracefmt.shared_labels(model.tables[rank], THREADS[role]),
+                         emits_only=opts.trace == "emits",
+                         segment_bytes=int(opts.trace_segment_mb * 2 ** 20),
+                         segment_s=opts.trace_segment_s, keep=opts.trace_keep)
     lost_after_s = opts.lost_after_s
     side = SideChannel.from_env(env, timeout=opts.store_timeout_s,
                                 echo_grace_s=lost_after_s + 0.1)
@@ -94,6 +101,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
                              opts=opts, parity=parity, control=control, outputs=outputs)
     interp_box.append(interp)
+    tracer.snapshot = lambda: (tuple(interp.pcs), interp.v)   # called under interp.cv
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.backend,
                   "side_store": env.side_host,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from lockstep.conformance.load import step_views
 from lockstep.conformance.report import conform
 from lockstep.model.config import Config
 from lockstep.model.guards import Rank0Vars
@@ -22,8 +23,7 @@ DEADLINE_S = 60
 
 
 def _steps(run_dir, rank):
-    lines = (run_dir / f"rank{rank}.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e.get("ev") == "step"]
+    return step_views(run_dir, rank)
 
 
 def test_schedule_forms_and_the_legacy_one_cut_form():

@@ -14,7 +14,7 @@ FOLDERS = {"model": "lockstep.model", "runtime": "lockstep.runtime",
 PACKAGES = frozenset(FOLDERS.values())
 SPEC = frozenset(f"lockstep.model.{m}" for m in (
     "ops", "guards", "tables", "semantics", "properties", "config", "events", "contract",
-    "messages", "policy", "release", "runopts"))
+    "messages", "policy", "release", "runopts", "tracefmt"))
 
 RULES = {
     "spec": "a spec module imports only the spec (no explorer, mutations, checks, "

@@ -122,15 +122,18 @@ def test_cuda_ops_are_polled_and_can_be_released():
 def test_trace_lines_are_compact_sorted_json_one_write_each(tmp_path):
     import json
 
+    from lockstep.model.guards import MeshVars
     from lockstep.runtime.trace import TraceWriter, encode_line
-    ev = {"t_ns": 5, "ev": "step", "msg": {"b": 1, "a": [1, 2]}, "big": 1 << 70}
+    ev = {"t_ns": 5, "ev": "fault", "msg": {"b": 1, "a": [1, 2]}, "big": 1 << 70}
     assert encode_line(ev) == (json.dumps(ev, separators=(",", ":"), sort_keys=True)
                                + "\n").encode()
-    w = TraceWriter(tmp_path, 3)
+    w = TraceWriter(tmp_path, 3, role="worker", threads=("main",),
+                    initial=(("handshake",), MeshVars()))
     w.write(ev)
     w.close()
     w.write(ev)                                   # after close: dropped, never raises
-    assert (tmp_path / "rank3.jsonl").read_bytes() == encode_line(ev)
+    first, line = (tmp_path / "rank3.jsonl").read_bytes().splitlines(True)
+    assert json.loads(first)["ev"] == "checkpoint" and line == encode_line(ev)
 
 
 def test_the_trace_switch_is_validated():
