@@ -241,6 +241,12 @@ class Replayer:
     def _who(self, p, t) -> str:
         return f"{self.m._who(p, t)} (rank {p})"
 
+    def _candidates(self, s, ev) -> list:
+        """The model's transitions at s in which ev's row takes part: the entry of
+        `Model.enabled_of` at (rank, thread, label), computed by `Model.enabled_for`
+        from that row's rule alone."""
+        return self.m.enabled_for(s, ev.rank, ev.t, ev.label)
+
     def _index(self, s, procs):
         if self._idx_s is not s or self._idx_p != procs:
             self._idx = self.m.enabled_of(s, procs)
@@ -357,11 +363,10 @@ class Replayer:
             cands = [tr for tr in eager_sends(self.m, s, ev.rank)
                      if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label]
         else:
-            procs = tuple(sorted({e.rank for e in evs}.union(unw)))
-            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+            cands = self._candidates(s, ev)
         while not cands and unw and self._unwritten_route(unw, s):
             s = self.s              # an ended rank took a routing step (UNWRITTEN)
-            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+            cands = self._candidates(s, ev)
         if not cands:
             return WAIT, lambda: self._why_not(ev, s)
         byk = {(e.rank, e.t): e for e in evs}

@@ -484,6 +484,61 @@ class Model:
                     idx.setdefault((p, t, row.label), []).append(tr)
         return idx
 
+    def enabled_for(self, s: State, p: int, t: int, label: str) -> list:
+        """`enabled_of(s, procs)[(p, t, label)]` for any `procs` holding p (empty when
+        absent): the transitions of `enabled(s)`, violations included, in which thread t
+        of process p takes a row labelled `label` (several rows at one control state
+        may share a label, told apart by their guards), in the same order.
+
+        A replayer looks up one recorded step at a time; this runs only the rule that
+        row's op belongs to (the same `posted`, `_rendezvous`, `_buffered` and
+        `_collective` as `enabled`), on the posted rows that rule reads: a local or exit
+        row, its own; a send, the receiver's posted receives (rendezvous) or the channel
+        (buffered); a receive, the sender's posted sends to p (rendezvous) or the
+        channel head and p's other receives on that thread from that peer (buffered); a
+        collective, every live process's posted entries on the row's group."""
+        procs = s.procs
+        pr = procs[p]
+        if s.abort or pr.status != LIVE:
+            return []
+        local, sends, recvs, colls = self.posted(p, pr)
+        # every transition's parts are posted entries; a label may name several rows
+        # at one control state (told apart by their guards), so match by label
+        out = [tr for tr in local if tr.parts[0][1] == t and tr.parts[0][2].label == label]
+        rendezvous = self.cfg.p2p == "rendezvous"
+        mine = [e for e in sends if e[1] == t and e[2].label == label]
+        if mine:
+            if rendezvous:
+                for q in sorted({self.index[e[2].op.peer] for e in mine}):
+                    pq = procs[q]
+                    their = self.posted(q, pq)[2] if pq.status == LIVE else ()
+                    self._rendezvous(s, [e for e in mine if self.index[e[2].op.peer] == q],
+                                     their, out)
+            else:
+                self._buffered(s, mine, (), out)
+        peers = {self.index[e[2].op.peer] for e in recvs if e[1] == t and e[2].label == label}
+        for q in sorted(peers):
+            if rendezvous:
+                pq = procs[q]
+                if pq.status == LIVE:
+                    self._rendezvous(s, [e for e in self.posted(q, pq)[1]
+                                         if self.index[e[2].op.peer] == p], recvs, out)
+            else:
+                self._buffered(s, (), [e for e in recvs if e[1] == t and
+                                       self.index[e[2].op.peer] == q], out)
+        groups = {e[2].op.group for g, e in colls if e[1] == t and e[2].label == label}
+        if groups:
+            by_group = {}
+            for q, pq in enumerate(procs):
+                if pq.status == LIVE:
+                    for g, e in self.posted(q, pq)[3]:
+                        if g in groups:
+                            by_group.setdefault(g, []).append(e)
+            for grp, entries in by_group.items():
+                self._collective(s, grp, entries, out)
+        return [tr for tr in out
+                if any(x == p and u == t and r.label == label for x, u, r in tr.parts)]
+
     # ------------------------------------------------------------------ helpers
     def describe(self, s: State, tr: Tr) -> str:
         """One line per step for counterexamples: who, state, op, message ids."""
