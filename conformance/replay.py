@@ -247,6 +247,11 @@ class Replayer:
         from that row's rule alone."""
         return self.m.enabled_for(s, ev.rank, ev.t, ev.label)
 
+    def _exact(self, s, evs) -> list:
+        """The model's transitions at s made of exactly the rows of `evs`
+        (`Model.enabled_as`: judged from those rows alone where the rule allows)."""
+        return self.m.enabled_as(s, [(e.rank, e.t, e.label) for e in evs])
+
     def _index(self, s, procs):
         if self._idx_s is not s or self._idx_p != procs:
             self._idx = self.m.enabled_of(s, procs)
@@ -358,18 +363,28 @@ class Replayer:
             if e is not ev and self._chain(e) is not None:
                 return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
                                          + self._chain(e)())
+        byk = {(e.rank, e.t): e for e in evs}
         if unw is EAGER:
             unw = ()
             cands = [tr for tr in eager_sends(self.m, s, ev.rank)
                      if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label]
         else:
+            if not unw:
+                # the transitions made of exactly the recorded rows; the first that
+                # matches is the one the whole lookup below would take (nothing else
+                # matches), which stays for the diagnosis when none does
+                for tr in self._exact(s, evs):
+                    if self._mismatch(tr, byk, unw, s) is None:
+                        code, why = self._schedule(tr, ev)
+                        if code != FIRED:
+                            return code, why
+                        return self._commit(tr, evs, s, unw)
             cands = self._candidates(s, ev)
         while not cands and unw and self._unwritten_route(unw, s):
             s = self.s              # an ended rank took a routing step (UNWRITTEN)
             cands = self._candidates(s, ev)
         if not cands:
             return WAIT, lambda: self._why_not(ev, s)
-        byk = {(e.rank, e.t): e for e in evs}
         nparts = len(evs) + len(unw)
         viol = near = None
         for tr in cands:

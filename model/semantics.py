@@ -120,6 +120,10 @@ class Model:
             last = self.n - 1
         self.sym = (first, last) if last - first >= 2 else None
         self._rows_cache = {}
+        # the groups each process has a collective row on (no other can be posted)
+        self.coll_groups = tuple(
+            frozenset(r.op.group for th in table for rows in th.values() for r in rows
+                      if type(r.op) is Coll) for table in self.tables)
         self._watchdog = self._watchdog_enabled()
         # Transitions and process states that recur in millions of states are built
         # once: the crash of each process, the watchdog per (gone process, status),
@@ -227,26 +231,31 @@ class Model:
     def _posted(self, p, pr):
         """What process p, in local state pr, offers: a pure function of (p, pr), so it
         is computed once per distinct process state (the explorer's hot path)."""
+        tables = self.tables[p]
+        return self._offers(p, pr, [(t, row) for t, pc in enumerate(pr.pcs)
+                                    for row in tables[t].get(pc, ())])
+
+    def _offers(self, p, pr, rows):
+        """`_posted` of the given (thread, row) pairs at pr's control states only."""
         cfg, v = self.cfg, pr.v
         local, sends, recvs, colls = [], [], [], []
-        for t, pc in enumerate(pr.pcs):
-            for row in self.tables[p][t].get(pc, ()):
-                if row.guard is not None and not row.guard(v, cfg):
-                    continue
-                op = row.op
-                cls = type(op)
-                if cls is Coll:
-                    colls.append((op.group, (p, t, row)))
-                elif cls is Send:
-                    sends.append((p, t, row))
-                elif cls is Recv:
-                    recvs.append((p, t, row))
-                elif "join_comms" in row.tags and not all(
-                        q == FINAL or q == DEAD_THREAD
-                        for u, q in enumerate(pr.pcs) if u != t):
-                    continue
-                else:
-                    local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+        for t, row in rows:
+            if row.guard is not None and not row.guard(v, cfg):
+                continue
+            op = row.op
+            cls = type(op)
+            if cls is Coll:
+                colls.append((op.group, (p, t, row)))
+            elif cls is Send:
+                sends.append((p, t, row))
+            elif cls is Recv:
+                recvs.append((p, t, row))
+            elif "join_comms" in row.tags and not all(
+                    q == FINAL or q == DEAD_THREAD
+                    for u, q in enumerate(pr.pcs) if u != t):
+                continue
+            else:
+                local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
         return tuple(local), tuple(sends), tuple(recvs), tuple(colls)
 
     def watchdog_enabled(self) -> bool:
@@ -504,40 +513,90 @@ class Model:
         local, sends, recvs, colls = self.posted(p, pr)
         # every transition's parts are posted entries; a label may name several rows
         # at one control state (told apart by their guards), so match by label
-        out = [tr for tr in local if tr.parts[0][1] == t and tr.parts[0][2].label == label]
+        mine = [tr for tr in local if tr.parts[0][1] == t and tr.parts[0][2].label == label]
+        out = []
         rendezvous = self.cfg.p2p == "rendezvous"
-        mine = [e for e in sends if e[1] == t and e[2].label == label]
-        if mine:
-            if rendezvous:
-                for q in sorted({self.index[e[2].op.peer] for e in mine}):
+        if sends:
+            ours = [e for e in sends if e[1] == t and e[2].label == label]
+            if ours and rendezvous:
+                for q in sorted({self.index[e[2].op.peer] for e in ours}):
                     pq = procs[q]
                     their = self.posted(q, pq)[2] if pq.status == LIVE else ()
-                    self._rendezvous(s, [e for e in mine if self.index[e[2].op.peer] == q],
+                    self._rendezvous(s, [e for e in ours if self.index[e[2].op.peer] == q],
                                      their, out)
-            else:
-                self._buffered(s, mine, (), out)
-        peers = {self.index[e[2].op.peer] for e in recvs if e[1] == t and e[2].label == label}
-        for q in sorted(peers):
-            if rendezvous:
-                pq = procs[q]
-                if pq.status == LIVE:
-                    self._rendezvous(s, [e for e in self.posted(q, pq)[1]
-                                         if self.index[e[2].op.peer] == p], recvs, out)
-            else:
-                self._buffered(s, (), [e for e in recvs if e[1] == t and
-                                       self.index[e[2].op.peer] == q], out)
-        groups = {e[2].op.group for g, e in colls if e[1] == t and e[2].label == label}
-        if groups:
-            by_group = {}
-            for q, pq in enumerate(procs):
-                if pq.status == LIVE:
-                    for g, e in self.posted(q, pq)[3]:
-                        if g in groups:
-                            by_group.setdefault(g, []).append(e)
-            for grp, entries in by_group.items():
-                self._collective(s, grp, entries, out)
-        return [tr for tr in out
-                if any(x == p and u == t and r.label == label for x, u, r in tr.parts)]
+            elif ours:
+                self._buffered(s, ours, (), out)
+        if recvs:
+            for q in sorted({self.index[e[2].op.peer] for e in recvs
+                             if e[1] == t and e[2].label == label}):
+                if rendezvous:
+                    pq = procs[q]
+                    if pq.status == LIVE:
+                        self._rendezvous(s, [e for e in self.posted(q, pq)[1]
+                                             if self.index[e[2].op.peer] == p], recvs, out)
+                else:
+                    self._buffered(s, (), [e for e in recvs if e[1] == t and
+                                           self.index[e[2].op.peer] == q], out)
+        if colls:
+            groups = {e[2].op.group for g, e in colls if e[1] == t and e[2].label == label}
+            if groups:
+                by_group = {}
+                for q, pq in enumerate(procs):
+                    if pq.status == LIVE and not groups.isdisjoint(self.coll_groups[q]):
+                        for g, e in self.posted(q, pq)[3]:
+                            if g in groups:
+                                by_group.setdefault(g, []).append(e)
+                for grp, entries in by_group.items():
+                    self._collective(s, grp, entries, out)
+        if out:
+            # the rules' transitions that involve this row (a receive's sender may be
+            # offered to p's other receives too)
+            mine += [tr for tr in out
+                     if any(x == p and u == t and r.label == label for x, u, r in tr.parts)]
+        return mine
+
+    def enabled_as(self, s: State, steps) -> list:
+        """The transitions of `enabled(s)` whose parts are exactly `steps`, one
+        (process, thread, row label) per participant in any order; no violations; in
+        `enabled`'s order. A replayer checks a recorded step with it.
+
+        A local or exit row, a buffered send or receive and a rendezvous pair are
+        judged from the named rows alone (`_offers`: their guards; then the same
+        `_buffered` / `_rendezvous`): those rules enable such a transition on its own
+        rows' guards, kinds and acceptance, whatever else is posted. A collective is
+        taken from `enabled_for`, because its rule reads every entry posted on the
+        group (another member's second entry, a non-member's entry)."""
+        procs = s.procs
+        if s.abort:
+            return []
+        local, sends, recvs = [], [], []
+        for p, t, label in steps:
+            pr = procs[p]
+            if pr.status != LIVE:
+                return []
+            rows = [(t, r) for r in self.tables[p][t].get(pr.pcs[t], ()) if r.label == label]
+            if not rows:
+                return []
+            lo, se, re, co = self._offers(p, pr, rows)
+            if co:
+                p, t, label = steps[0]
+                out = self.enabled_for(s, p, t, label)
+                break
+            local += lo
+            sends += se
+            recvs += re
+        else:
+            if len(steps) == 1 and not sends and not recvs:
+                return local          # each is the one row's, none a violation
+            out = local
+            if self.cfg.p2p == "rendezvous":
+                if sends and recvs:
+                    self._rendezvous(s, sends, recvs, out)
+            elif sends or recvs:
+                self._buffered(s, sends, recvs, out)
+        want = sorted(steps)
+        return [tr for tr in out if tr.kind != "violation" and len(tr.parts) == len(want)
+                and sorted((p, t, r.label) for p, t, r in tr.parts) == want]
 
     # ------------------------------------------------------------------ helpers
     def describe(self, s: State, tr: Tr) -> str:

@@ -1,6 +1,10 @@
-"""Model.enabled_for (the replayer's one-row lookup) is Model.enabled_of's entry for that
-row on every reachable state of shipped, buffered, crashing and mutated models, and the
-index of every process together is Model.enabled minus the environment's transitions."""
+"""The replayer's lookups, on every reachable state of shipped, buffered, crashing and
+mutated models: Model.enabled_for (one row) is Model.enabled_of's entry for that row,
+the index of every process together is Model.enabled minus the environment's
+transitions, and Model.enabled_as (the recorded rows of one step) is exactly the
+transitions of Model.enabled made of those rows, for every row and every pair of rows
+at the state (guards false, kinds that do not match and partners that are not posted
+give nothing)."""
 from collections import deque
 
 import pytest
@@ -49,6 +53,23 @@ def assert_same_index(m, s):
         assert m.enabled_for(s, p, 0, "no such row") == []
     indexed = {tr for trs in every.values() for tr in trs}
     assert indexed == {tr for tr in m.enabled(s) if tr.kind not in ENV}
+    assert_exact(m, s)
+
+
+def labels(tr):
+    return sorted((p, t, row.label) for p, t, row in tr.parts)
+
+
+def assert_exact(m, s):
+    made = [tr for tr in m.enabled(s) if tr.kind not in ENV + ("violation",)]
+    steps = [(p, t, label) for p, pr in enumerate(s.procs) if pr.status == LIVE
+             for t, label in rows_at(m, s, p)]
+    asked = [[a] for a in steps] + [[a, b] for a in steps for b in steps if a[0] < b[0]]
+    asked += [labels(tr) for tr in made]
+    for want in asked:
+        assert m.enabled_as(s, want) == [tr for tr in made if labels(tr) == sorted(want)], \
+            want
+        assert m.enabled_as(s, want[::-1]) == m.enabled_as(s, want)
 
 
 CASES = [
