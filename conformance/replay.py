@@ -1,8 +1,9 @@
 """Replay a run's traces through the model: happens-before from the trace coordinates,
 then one linearisation stepped through `Model.step` from `Model.initial_state()`. The
-replayer is a driver: every step it takes is a transition `Model.enabled_of` (the
-model's own `enabled`, indexed by (process, thread, row label)) returned for the
-recorded events. It has no matching rules of its own.
+replayer is a driver: every step it takes is a transition of the model's own `enabled`
+made of the recorded events' rows (`Model.enabled_as`; when none matches, the whole
+entry of `Model.enabled_for`, i.e. `enabled_of` at (process, thread, row label), for the
+diagnosis). It has no matching rules of its own.
 
 Happens-before, with no clock compared across ranks (the trace's coordinates):
   * a rank's file order, across all of its threads: the runtime writes a rank's events
@@ -21,8 +22,8 @@ trace's reading of the pair state, not a rule of the model). The rule reads thre
 indices, state names and op classes only, never a rank or role.
 
 A step: the events that make one transition (the event, its channel partner, or every
-member's event of the collective) must be ready; the model's index at the current state
-is looked up at the event's (rank, thread, label); a transition is taken when its parts
+member's event of the collective) must be ready; the model's transitions made of those
+events' rows are looked up at the current state; a transition is taken when its parts
 are exactly those events' rows (label, and dst continuing the recorded dst) and the
 recorded messages are the model's (`views.msg_ok`). The trace's coordinates (chan_i, gseq)
 must be the model's next ones. Crashes, the watchdog and the abort flag are placed last,

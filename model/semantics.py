@@ -120,10 +120,14 @@ class Model:
             last = self.n - 1
         self.sym = (first, last) if last - first >= 2 else None
         self._rows_cache = {}
-        # the groups each process has a collective row on (no other can be posted)
+        # per process and thread, the collective rows at each control state, and the
+        # groups a process has any collective row on (no other entry can be posted)
+        self.coll_rows = tuple(
+            tuple({pc: tuple(r for r in rows if type(r.op) is Coll)
+                   for pc, rows in th.items()} for th in table) for table in self.tables)
         self.coll_groups = tuple(
-            frozenset(r.op.group for th in table for rows in th.values() for r in rows
-                      if type(r.op) is Coll) for table in self.tables)
+            frozenset(r.op.group for th in table for rows in th.values() for r in rows)
+            for table in self.coll_rows)
         self._watchdog = self._watchdog_enabled()
         # Transitions and process states that recur in millions of states are built
         # once: the crash of each process, the watchdog per (gone process, status),
@@ -540,20 +544,33 @@ class Model:
         if colls:
             groups = {e[2].op.group for g, e in colls if e[1] == t and e[2].label == label}
             if groups:
-                by_group = {}
-                for q, pq in enumerate(procs):
-                    if pq.status == LIVE and not groups.isdisjoint(self.coll_groups[q]):
-                        for g, e in self.posted(q, pq)[3]:
-                            if g in groups:
-                                by_group.setdefault(g, []).append(e)
-                for grp, entries in by_group.items():
-                    self._collective(s, grp, entries, out)
+                self._collectives_on(s, groups, out)
         if out:
             # the rules' transitions that involve this row (a receive's sender may be
             # offered to p's other receives too)
             mine += [tr for tr in out
                      if any(x == p and u == t and r.label == label for x, u, r in tr.parts)]
         return mine
+
+    def _collectives_on(self, s, groups, out):
+        """`enabled`'s collective rule on `groups`: every live process's posted entries
+        on them (the collective rows at its control states, whose guards hold: the
+        entries `posted` has), in `_gather`'s order."""
+        by_group = {}
+        for q, pq in enumerate(s.procs):
+            if pq.status != LIVE or groups.isdisjoint(self.coll_groups[q]):
+                continue
+            at = self.coll_rows[q]
+            rows = [(t, r) for t, pc in enumerate(pq.pcs) for r in at[t].get(pc, ())]
+            for g, e in self._offers(q, pq, rows)[3]:
+                if g in groups:
+                    entries = by_group.get(g)
+                    if entries is None:
+                        by_group[g] = [e]
+                    else:
+                        entries.append(e)
+        for grp, entries in by_group.items():
+            self._collective(s, grp, entries, out)
 
     def enabled_as(self, s: State, steps) -> list:
         """The transitions of `enabled(s)` whose parts are exactly `steps`, one
@@ -563,9 +580,10 @@ class Model:
         A local or exit row, a buffered send or receive and a rendezvous pair are
         judged from the named rows alone (`_offers`: their guards; then the same
         `_buffered` / `_rendezvous`): those rules enable such a transition on its own
-        rows' guards, kinds and acceptance, whatever else is posted. A collective is
-        taken from `enabled_for`, because its rule reads every entry posted on the
-        group (another member's second entry, a non-member's entry)."""
+        rows' guards, kinds and acceptance, whatever else is posted. A collective runs
+        the collective rule on every entry posted on the group (`_collectives_on`),
+        because that rule reads them all (another member's second entry, a
+        non-member's entry)."""
         procs = s.procs
         if s.abort:
             return []
@@ -579,8 +597,8 @@ class Model:
                 return []
             lo, se, re, co = self._offers(p, pr, rows)
             if co:
-                p, t, label = steps[0]
-                out = self.enabled_for(s, p, t, label)
+                out = []
+                self._collectives_on(s, {g for g, e in co}, out)
                 break
             local += lo
             sends += se
