@@ -62,7 +62,7 @@ class Ev:
     in the rank's file order; `line` its line number. The replayer adds links."""
     __slots__ = ("rank", "t", "thread", "i", "src", "label", "dst", "op", "peer", "chan_i",
                  "group", "gseq", "msg", "has_msg", "t_ns", "dur_ns", "meas", "line",
-                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sk", "sends",
+                 "pos", "done", "deps", "prev", "partner", "inst", "dup", "lane", "sends",
                  "file")
 
     def __init__(self):
@@ -440,26 +440,24 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
         peer = ci = group = gseq = None
     else:
         raise TraceError(path, ln, "op", f"{op!r}: one of {', '.join(OPS)}")
-    # one small int per distinct (src, label, dst, op, peer, group): the replayer's
-    # row cache is keyed by it (cheaper than hashing and comparing six strings); the
-    # strings are shared through the same table (a million events hold a few hundred
+    # the strings are shared through one table (a million events hold a few hundred
     # distinct strings, not millions)
     sig = (src, label, dst, op, peer, group)
-    entry = _SIGS.get(sig)
-    if entry is None:
-        entry = _SIGS[sig] = (len(_SIGS), sig)
+    shared = _SIGS.get(sig)
+    if shared is None:
+        shared = _SIGS[sig] = sig
     ev = _new_ev(Ev)
-    ev.sk, (ev.src, ev.label, ev.dst, ev.op, ev.peer, ev.group) = entry
+    ev.src, ev.label, ev.dst, ev.op, ev.peer, ev.group = shared
     ev.rank, ev.t, ev.thread, ev.i, ev.chan_i, ev.gseq = r, t, THREAD_NAMES[role][t], i, \
         ci, gseq
     ev.t_ns, ev.dur_ns, ev.meas, ev.line = t_ns, dur, meas, ln
     m = d.get("msg")
-    if m is not None:
-        ev.msg = parse_msg(m, path, ln)
-        ev.has_msg = True
-    else:
+    if m is None:
         ev.msg = None
         ev.has_msg = False
+    else:
+        ev.msg = parse_msg(m, path, ln)
+        ev.has_msg = True
     ev.done = False
     ev.partner = ev.inst = ev.dup = ev.prev = ev.lane = None
     ev.deps = ()

@@ -1,8 +1,9 @@
 """Replay a run's traces through the model: happens-before from the trace coordinates,
 then one linearisation stepped through `Model.step` from `Model.initial_state()`. The
-replayer is a driver: every step it takes is a transition `Model.enabled_of` (the
-model's own `enabled`, indexed by (process, thread, row label)) returned for the
-recorded events. It has no matching rules of its own.
+replayer is a driver: every step it takes is a transition of the model's own `enabled`
+made of the recorded events' rows (`Model.enabled_as`; when none matches, the whole
+entry of `Model.enabled_for`, i.e. `enabled_of` at (process, thread, row label), for the
+diagnosis). It has no matching rules of its own.
 
 Happens-before, with no clock compared across ranks (the trace's coordinates):
   * a rank's file order, across all of its threads: the runtime writes a rank's events
@@ -21,8 +22,8 @@ trace's reading of the pair state, not a rule of the model). The rule reads thre
 indices, state names and op classes only, never a rank or role.
 
 A step: the events that make one transition (the event, its channel partner, or every
-member's event of the collective) must be ready; the model's index at the current state
-is looked up at the event's (rank, thread, label); a transition is taken when its parts
+member's event of the collective) must be ready; the model's transitions made of those
+events' rows are looked up at the current state; a transition is taken when its parts
 are exactly those events' rows (label, and dst continuing the recorded dst) and the
 recorded messages are the model's (`views.msg_ok`). The trace's coordinates (chan_i, gseq)
 must be the model's next ones. Crashes, the watchdog and the abort flag are placed last,
@@ -243,6 +244,17 @@ class Replayer:
     def _who(self, p, t) -> str:
         return f"{self.m._who(p, t)} (rank {p})"
 
+    def _candidates(self, s, ev) -> list:
+        """The model's transitions at s in which ev's row takes part: the entry of
+        `Model.enabled_of` at (rank, thread, label), computed by `Model.enabled_for`
+        from that row's rule alone."""
+        return self.m.enabled_for(s, ev.rank, ev.t, ev.label)
+
+    def _exact(self, s, evs) -> list:
+        """The model's transitions at s made of exactly the rows of `evs`
+        (`Model.enabled_as`: judged from those rows alone where the rule allows)."""
+        return self.m.enabled_as(s, [(e.rank, e.t, e.label) for e in evs])
+
     def _index(self, s, procs):
         if self._idx_s is not s or self._idx_p != procs:
             self._idx = self.m.enabled_of(s, procs)
@@ -354,19 +366,28 @@ class Replayer:
             if e is not ev and self._chain(e) is not None:
                 return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
                                          + self._chain(e)())
+        byk = {(e.rank, e.t): e for e in evs}
         if unw is EAGER:
             unw = ()
             cands = [tr for tr in eager_sends(self.m, s, ev.rank)
                      if tr.parts[0][1] == ev.t and tr.parts[0][2].label == ev.label]
         else:
-            procs = tuple(sorted({e.rank for e in evs}.union(unw)))
-            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+            if not unw:
+                # the transitions made of exactly the recorded rows; the first that
+                # matches is the one the whole lookup below would take (nothing else
+                # matches), which stays for the diagnosis when none does
+                for tr in self._exact(s, evs):
+                    if self._mismatch(tr, byk, unw, s) is None:
+                        code, why = self._schedule(tr, ev)
+                        if code != FIRED:
+                            return code, why
+                        return self._commit(tr, evs, s, unw)
+            cands = self._candidates(s, ev)
         while not cands and unw and self._unwritten_route(unw, s):
             s = self.s              # an ended rank took a routing step (UNWRITTEN)
-            cands = self._index(s, procs).get((ev.rank, ev.t, ev.label))
+            cands = self._candidates(s, ev)
         if not cands:
             return WAIT, lambda: self._why_not(ev, s)
-        byk = {(e.rank, e.t): e for e in evs}
         nparts = len(evs) + len(unw)
         viol = near = None
         for tr in cands:

@@ -120,6 +120,14 @@ class Model:
             last = self.n - 1
         self.sym = (first, last) if last - first >= 2 else None
         self._rows_cache = {}
+        # per process and thread, the collective rows at each control state, and the
+        # groups a process has any collective row on (no other entry can be posted)
+        self.coll_rows = tuple(
+            tuple({pc: tuple(r for r in rows if type(r.op) is Coll)
+                   for pc, rows in th.items()} for th in table) for table in self.tables)
+        self.coll_groups = tuple(
+            frozenset(r.op.group for th in table for rows in th.values() for r in rows)
+            for table in self.coll_rows)
         self._watchdog = self._watchdog_enabled()
         # Transitions and process states that recur in millions of states are built
         # once: the crash of each process, the watchdog per (gone process, status),
@@ -227,26 +235,31 @@ class Model:
     def _posted(self, p, pr):
         """What process p, in local state pr, offers: a pure function of (p, pr), so it
         is computed once per distinct process state (the explorer's hot path)."""
+        tables = self.tables[p]
+        return self._offers(p, pr, [(t, row) for t, pc in enumerate(pr.pcs)
+                                    for row in tables[t].get(pc, ())])
+
+    def _offers(self, p, pr, rows):
+        """`_posted` of the given (thread, row) pairs at pr's control states only."""
         cfg, v = self.cfg, pr.v
         local, sends, recvs, colls = [], [], [], []
-        for t, pc in enumerate(pr.pcs):
-            for row in self.tables[p][t].get(pc, ()):
-                if row.guard is not None and not row.guard(v, cfg):
-                    continue
-                op = row.op
-                cls = type(op)
-                if cls is Coll:
-                    colls.append((op.group, (p, t, row)))
-                elif cls is Send:
-                    sends.append((p, t, row))
-                elif cls is Recv:
-                    recvs.append((p, t, row))
-                elif "join_comms" in row.tags and not all(
-                        q == FINAL or q == DEAD_THREAD
-                        for u, q in enumerate(pr.pcs) if u != t):
-                    continue
-                else:
-                    local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+        for t, row in rows:
+            if row.guard is not None and not row.guard(v, cfg):
+                continue
+            op = row.op
+            cls = type(op)
+            if cls is Coll:
+                colls.append((op.group, (p, t, row)))
+            elif cls is Send:
+                sends.append((p, t, row))
+            elif cls is Recv:
+                recvs.append((p, t, row))
+            elif "join_comms" in row.tags and not all(
+                    q == FINAL or q == DEAD_THREAD
+                    for u, q in enumerate(pr.pcs) if u != t):
+                continue
+            else:
+                local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
         return tuple(local), tuple(sends), tuple(recvs), tuple(colls)
 
     def watchdog_enabled(self) -> bool:
@@ -483,6 +496,125 @@ class Model:
                 if p in want:
                     idx.setdefault((p, t, row.label), []).append(tr)
         return idx
+
+    def enabled_for(self, s: State, p: int, t: int, label: str) -> list:
+        """`enabled_of(s, procs)[(p, t, label)]` for any `procs` holding p (empty when
+        absent): the transitions of `enabled(s)`, violations included, in which thread t
+        of process p takes a row labelled `label` (several rows at one control state
+        may share a label, told apart by their guards), in the same order.
+
+        A replayer looks up one recorded step at a time; this runs only the rule that
+        row's op belongs to (the same `posted`, `_rendezvous`, `_buffered` and
+        `_collective` as `enabled`), on the posted rows that rule reads: a local or exit
+        row, its own; a send, the receiver's posted receives (rendezvous) or the channel
+        (buffered); a receive, the sender's posted sends to p (rendezvous) or the
+        channel head and p's other receives on that thread from that peer (buffered); a
+        collective, every live process's posted entries on the row's group."""
+        procs = s.procs
+        pr = procs[p]
+        if s.abort or pr.status != LIVE:
+            return []
+        local, sends, recvs, colls = self.posted(p, pr)
+        # every transition's parts are posted entries; a label may name several rows
+        # at one control state (told apart by their guards), so match by label
+        mine = [tr for tr in local if tr.parts[0][1] == t and tr.parts[0][2].label == label]
+        out = []
+        rendezvous = self.cfg.p2p == "rendezvous"
+        if sends:
+            ours = [e for e in sends if e[1] == t and e[2].label == label]
+            if ours and rendezvous:
+                for q in sorted({self.index[e[2].op.peer] for e in ours}):
+                    pq = procs[q]
+                    their = self.posted(q, pq)[2] if pq.status == LIVE else ()
+                    self._rendezvous(s, [e for e in ours if self.index[e[2].op.peer] == q],
+                                     their, out)
+            elif ours:
+                self._buffered(s, ours, (), out)
+        if recvs:
+            for q in sorted({self.index[e[2].op.peer] for e in recvs
+                             if e[1] == t and e[2].label == label}):
+                if rendezvous:
+                    pq = procs[q]
+                    if pq.status == LIVE:
+                        self._rendezvous(s, [e for e in self.posted(q, pq)[1]
+                                             if self.index[e[2].op.peer] == p], recvs, out)
+                else:
+                    self._buffered(s, (), [e for e in recvs if e[1] == t and
+                                           self.index[e[2].op.peer] == q], out)
+        if colls:
+            groups = {e[2].op.group for g, e in colls if e[1] == t and e[2].label == label}
+            if groups:
+                self._collectives_on(s, groups, out)
+        if out:
+            # the rules' transitions that involve this row (a receive's sender may be
+            # offered to p's other receives too)
+            mine += [tr for tr in out
+                     if any(x == p and u == t and r.label == label for x, u, r in tr.parts)]
+        return mine
+
+    def _collectives_on(self, s, groups, out):
+        """`enabled`'s collective rule on `groups`: every live process's posted entries
+        on them (the collective rows at its control states, whose guards hold: the
+        entries `posted` has), in `_gather`'s order."""
+        by_group = {}
+        for q, pq in enumerate(s.procs):
+            if pq.status != LIVE or groups.isdisjoint(self.coll_groups[q]):
+                continue
+            at = self.coll_rows[q]
+            rows = [(t, r) for t, pc in enumerate(pq.pcs) for r in at[t].get(pc, ())]
+            for g, e in self._offers(q, pq, rows)[3]:
+                if g in groups:
+                    entries = by_group.get(g)
+                    if entries is None:
+                        by_group[g] = [e]
+                    else:
+                        entries.append(e)
+        for grp, entries in by_group.items():
+            self._collective(s, grp, entries, out)
+
+    def enabled_as(self, s: State, steps) -> list:
+        """The transitions of `enabled(s)` whose parts are exactly `steps`, one
+        (process, thread, row label) per participant in any order; no violations; in
+        `enabled`'s order. A replayer checks a recorded step with it.
+
+        A local or exit row, a buffered send or receive and a rendezvous pair are
+        judged from the named rows alone (`_offers`: their guards; then the same
+        `_buffered` / `_rendezvous`): those rules enable such a transition on its own
+        rows' guards, kinds and acceptance, whatever else is posted. A collective runs
+        the collective rule on every entry posted on the group (`_collectives_on`),
+        because that rule reads them all (another member's second entry, a
+        non-member's entry)."""
+        procs = s.procs
+        if s.abort:
+            return []
+        local, sends, recvs = [], [], []
+        for p, t, label in steps:
+            pr = procs[p]
+            if pr.status != LIVE:
+                return []
+            rows = [(t, r) for r in self.tables[p][t].get(pr.pcs[t], ()) if r.label == label]
+            if not rows:
+                return []
+            lo, se, re, co = self._offers(p, pr, rows)
+            if co:
+                out = []
+                self._collectives_on(s, {g for g, e in co}, out)
+                break
+            local += lo
+            sends += se
+            recvs += re
+        else:
+            if len(steps) == 1 and not sends and not recvs:
+                return local          # each is the one row's, none a violation
+            out = local
+            if self.cfg.p2p == "rendezvous":
+                if sends and recvs:
+                    self._rendezvous(s, sends, recvs, out)
+            elif sends or recvs:
+                self._buffered(s, sends, recvs, out)
+        want = sorted(steps)
+        return [tr for tr in out if tr.kind != "violation" and len(tr.parts) == len(want)
+                and sorted((p, t, r.label) for p, t, r in tr.parts) == want]
 
     # ------------------------------------------------------------------ helpers
     def describe(self, s: State, tr: Tr) -> str:
