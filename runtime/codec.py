@@ -624,14 +624,24 @@ def packed_len(h: Header) -> int:
 def pack_payload(frames: Frames) -> torch.Tensor:
     h = frames.info
     n = packed_len(h)
-    buf = torch.zeros(n, dtype=torch.uint8, device=frames.header.device)
-    off = 0
     pieces = [frames.meta, frames.manifest, *frames.tensors]
+    cpu = frames.header.device.type == "cpu"
+    # On the host the bytes are laid out in a bytearray the tensor then shares (one
+    # copy per piece, no tensor slicing); on a device, in a device buffer.
+    buf = bytearray(n) if cpu else torch.zeros(n, dtype=torch.uint8,
+                                               device=frames.header.device)
+    off = 0
     for i, t in enumerate(pieces):
         raw = t.contiguous().view(-1).view(torch.uint8)
-        buf[off:off + raw.numel()] = raw
-        off += raw.numel() if i == 1 else _pad8(raw.numel())
-    return buf
+        size = raw.numel()
+        if cpu:
+            buf[off:off + size] = raw.numpy().data
+        else:
+            buf[off:off + size] = raw
+        off += size if i == 1 else _pad8(size)
+    if not cpu:
+        return buf
+    return torch.frombuffer(buf, dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
 
 
 def alloc_packed(h: Header, *, device="cpu") -> torch.Tensor:
