@@ -4,7 +4,9 @@ run (ratios on CPU; absolute times only count on a GPU machine).
   round trip        a chunk round trip through lockstep at depth 1 (framing, validation,
                     guards, tracing, the comms thread) against the raw torch.distributed
                     floor of the same bytes: header + latent to the leader, the envelope
-                    broadcast in the mesh, `steps` all_reduces, header + latent back.
+                    broadcast in the mesh, `steps` all_reduces, header + latent back;
+                    and the CPU both spend per chunk over every rank (on shared cores
+                    steadier than wall time: what the ranks spent, whoever else ran).
   overlap           depth 1 against depth 2 with balanced synthetic stages: period
                     against max(stage0, stage1) and their sum, and OverlapScore.
   control-plane     the default stage costs (no synthetic cost: Phase B is the demo
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -35,6 +39,7 @@ import torch.distributed as dist
 
 from lockstep.model.config import Config
 
+from lockstep.runtime import cpuprofile
 from lockstep.runtime.launch import dist_env, spawn_local
 from lockstep.runtime.run import run_local
 
@@ -55,6 +60,7 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
     lat = torch.zeros(*LATENT, dtype=torch.bfloat16)
     acc = torch.zeros(LATENT[0], LATENT[1], dtype=torch.float32)
     times = []
+    cpu0 = _process_cpu_s()
     for _ in range(args["chunks"]):
         t0 = time.perf_counter()
         if rank == 0:
@@ -74,9 +80,15 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
         if rank == 1:
             dist.send(hdr, 0)
             dist.send(lat, 0)
+    Path(f"{args['out']}.cpu{rank}").write_text(json.dumps(_process_cpu_s() - cpu0))
     if rank == 0:
         Path(args["out"]).write_text(json.dumps(times))
     return 0
+
+
+def _process_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False):
@@ -99,10 +111,24 @@ def round_trip(tmp: Path, chunks: int, mesh: int, steps: int = 2) -> dict:
     if not res.ok:
         raise RuntimeError("raw floor run failed:\n" + res.summary())
     raw = statistics.median(json.loads(raw_out.read_text())[5:]) * 1e3
+    raw_cpu = sum(json.loads(Path(f"{raw_out}.cpu{r}").read_text()) for r in range(mesh + 1))
     cfg = Config(mesh=mesh, d_in=1, d_out=1, chunks=chunks, steps=steps)
-    ov, _ = _run(cfg, {}, tmp / "round_trip")
+    # every rank reports its CPU from its interpreter threads' start to their end
+    # (runtime/cpuprofile.py; the launcher passes the environment on)
+    saved = os.environ.get(cpuprofile.ENV)
+    os.environ[cpuprofile.ENV] = "cpu"
+    try:
+        ov, _ = _run(cfg, {}, tmp / "round_trip")
+    finally:
+        if saved is None:
+            os.environ.pop(cpuprofile.ENV)
+        else:
+            os.environ[cpuprofile.ENV] = saved
+    ranks = cpuprofile.load(tmp / "round_trip")
     return {"raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
-            "steps": steps}
+            "steps": steps, "raw_cpu_ms": raw_cpu / chunks * 1e3,
+            "cpu_ms": sum(r["process_s"] for r in ranks) / chunks * 1e3,
+            "interp_cpu_ms": sum(sum(r["threads_s"].values()) for r in ranks) / chunks * 1e3}
 
 
 def balanced(stage_ms: float) -> dict:
@@ -130,6 +156,9 @@ def main(argv=None) -> int:
         print(f"  lockstep round trip          {rt['lockstep_ms']:8.3f} ms")
         print(f"  ratio                        {rt['ratio']:8.2f} x   "
               f"(target <= {TARGETS['round_trip']} x on a quiet 16-core machine)")
+        print(f"  CPU per chunk, every rank: raw floor {rt['raw_cpu_ms']:.3f} ms, lockstep "
+              f"{rt['cpu_ms']:.3f} ms (its interpreter threads {rt['interp_cpu_ms']:.3f} ms; "
+              f"the rest is gloo's and the completers' threads)")
         if a.skip_overlap:
             return 0
         print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.balanced_chunks} "

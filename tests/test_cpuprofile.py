@@ -30,6 +30,8 @@ def test_counters_measure_the_thread_body(tmp_path):
     assert row["rank"] == 3 and row["chunks"] == 10
     assert row["threads_s"]["main"] > row["threads_s"]["comms"]
     assert row["process_s"] >= row["threads_s"]["main"]
+    assert set(row["threads_sys_s"]) == {"main", "comms"}
+    assert all(s >= 0 for s in row["threads_sys_s"].values())
     lines = CP.cpu_lines([row])
     assert lines[1].split()[0] == "3" and lines[-1].split()[0] == "all"
     assert not list(tmp_path.glob("*.pstats"))     # "cpu" mode writes no profile
