@@ -60,8 +60,10 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
     lat = torch.zeros(*LATENT, dtype=torch.bfloat16)
     acc = torch.zeros(LATENT[0], LATENT[1], dtype=torch.float32)
     times = []
-    cpu0 = _process_cpu_s()
-    for _ in range(args["chunks"]):
+    cpu0 = None
+    for k in range(args["chunks"]):
+        if k == 5:     # CPU after warm-up, like the median of the times
+            cpu0 = _process_cpu_s()
         t0 = time.perf_counter()
         if rank == 0:
             dist.send(hdr, 1)
@@ -91,12 +93,24 @@ def _process_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False):
-    """One lockstep run; (Overlap, IdleBreakdown or None) from its traces."""
+def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False,
+         cpu: bool = False):
+    """One lockstep run; (Overlap, IdleBreakdown or None) from its traces. With `cpu`,
+    every rank also writes its CPU seconds (runtime/cpuprofile.py; the launcher passes
+    the environment on)."""
     from lockstep.conformance.idle import idle_breakdown
     from lockstep.conformance.load import load_run
     from lockstep.conformance.overlap import analyse
-    res = run_local(cfg, opts, run_dir, deadline_s=600)
+    saved = os.environ.get(cpuprofile.ENV)
+    if cpu:
+        os.environ[cpuprofile.ENV] = "cpu"
+    try:
+        res = run_local(cfg, opts, run_dir, deadline_s=600)
+    finally:
+        if saved is None:
+            os.environ.pop(cpuprofile.ENV, None)
+        else:
+            os.environ[cpuprofile.ENV] = saved
     if not res.ok:
         raise RuntimeError(f"lockstep run failed ({run_dir}):\n" + res.summary())
     run = load_run(run_dir)
@@ -113,22 +127,24 @@ def round_trip(tmp: Path, chunks: int, mesh: int, steps: int = 2) -> dict:
     raw = statistics.median(json.loads(raw_out.read_text())[5:]) * 1e3
     raw_cpu = sum(json.loads(Path(f"{raw_out}.cpu{r}").read_text()) for r in range(mesh + 1))
     cfg = Config(mesh=mesh, d_in=1, d_out=1, chunks=chunks, steps=steps)
-    # every rank reports its CPU from its interpreter threads' start to their end
-    # (runtime/cpuprofile.py; the launcher passes the environment on)
-    saved = os.environ.get(cpuprofile.ENV)
-    os.environ[cpuprofile.ENV] = "cpu"
-    try:
-        ov, _ = _run(cfg, {}, tmp / "round_trip")
-    finally:
-        if saved is None:
-            os.environ.pop(cpuprofile.ENV)
-        else:
-            os.environ[cpuprofile.ENV] = saved
-    ranks = cpuprofile.load(tmp / "round_trip")
+    ov, _ = _run(cfg, {}, tmp / "round_trip", cpu=True)
+    # CPU per chunk without the start (handshake, first chunks): the difference between
+    # this run and a short one, over the chunks between them
+    short = max(6, chunks // 5)
+    _run(Config(mesh=mesh, d_in=1, d_out=1, chunks=short, steps=steps), {},
+         tmp / "round_trip_short", cpu=True)
+    cpu, interp = _cpu_s(tmp / "round_trip"), _cpu_s(tmp / "round_trip_short")
+    per = 1e3 / (chunks - short)
     return {"raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
-            "steps": steps, "raw_cpu_ms": raw_cpu / chunks * 1e3,
-            "cpu_ms": sum(r["process_s"] for r in ranks) / chunks * 1e3,
-            "interp_cpu_ms": sum(sum(r["threads_s"].values()) for r in ranks) / chunks * 1e3}
+            "steps": steps, "raw_cpu_ms": raw_cpu / (chunks - 5) * 1e3,
+            "cpu_ms": (cpu[0] - interp[0]) * per, "interp_cpu_ms": (cpu[1] - interp[1]) * per}
+
+
+def _cpu_s(run_dir: Path) -> tuple:
+    """(process CPU s, interpreter threads' CPU s) summed over every rank of a run."""
+    ranks = cpuprofile.load(run_dir)
+    return (sum(r["process_s"] for r in ranks),
+            sum(sum(r["threads_s"].values()) for r in ranks))
 
 
 def balanced(stage_ms: float) -> dict:
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
               f"(target <= {TARGETS['round_trip']} x on a quiet 16-core machine)")
         print(f"  CPU per chunk, every rank: raw floor {rt['raw_cpu_ms']:.3f} ms, lockstep "
               f"{rt['cpu_ms']:.3f} ms (its interpreter threads {rt['interp_cpu_ms']:.3f} ms; "
-              f"the rest is gloo's and the completers' threads)")
+              f"the rest is gloo's and the completers' threads; after the start)")
         if a.skip_overlap:
             return 0
         print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.balanced_chunks} "
