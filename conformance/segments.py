@@ -167,11 +167,11 @@ class SegmentReader:
         i = d.get("i", rt.next_i[t])
         c.i[t] = i + 1 if type(i) is int else c.i[t]
         sig = (src, label, row.dst, op, peer, group)
-        entry = _SIGS.get(sig)
-        if entry is None:
-            entry = _SIGS[sig] = (len(_SIGS), sig)
+        shared = _SIGS.get(sig)
+        if shared is None:
+            shared = _SIGS[sig] = sig
         ev = object.__new__(Ev)
-        ev.sk, (ev.src, ev.label, ev.dst, ev.op, ev.peer, ev.group) = entry
+        ev.src, ev.label, ev.dst, ev.op, ev.peer, ev.group = shared
         ev.rank, ev.t, ev.thread, ev.i, ev.chan_i, ev.gseq = rt.rank, t, thread, i, ci, gseq
         ev.t_ns = self.t0 + self.prev_us * 1000
         ev.dur_ns = dur * 1000

@@ -4,7 +4,9 @@ run (ratios on CPU; absolute times only count on a GPU machine).
   round trip        a chunk round trip through lockstep at depth 1 (framing, validation,
                     guards, tracing, the comms thread) against the raw torch.distributed
                     floor of the same bytes: header + latent to the leader, the envelope
-                    broadcast in the mesh, `steps` all_reduces, header + latent back.
+                    broadcast in the mesh, `steps` all_reduces, header + latent back;
+                    and the CPU both spend per chunk over every rank (on shared cores
+                    steadier than wall time: what the ranks spent, whoever else ran).
   overlap           depth 1 against depth 2 with balanced synthetic stages: period
                     against max(stage0, stage1) and their sum, and OverlapScore.
   control-plane     the default stage costs (no synthetic cost: Phase B is the demo
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -35,6 +39,7 @@ import torch.distributed as dist
 
 from lockstep.model.config import Config
 
+from lockstep.runtime import cpuprofile
 from lockstep.runtime.launch import dist_env, spawn_local
 from lockstep.runtime.run import run_local
 
@@ -55,7 +60,10 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
     lat = torch.zeros(*LATENT, dtype=torch.bfloat16)
     acc = torch.zeros(LATENT[0], LATENT[1], dtype=torch.float32)
     times = []
-    for _ in range(args["chunks"]):
+    cpu0 = None
+    for k in range(args["chunks"]):
+        if k == 5:     # CPU after warm-up, like the median of the times
+            cpu0 = _process_cpu_s()
         t0 = time.perf_counter()
         if rank == 0:
             dist.send(hdr, 1)
@@ -74,17 +82,35 @@ def raw_rank(rank: int, world_size: int, args: dict) -> int:
         if rank == 1:
             dist.send(hdr, 0)
             dist.send(lat, 0)
+    Path(f"{args['out']}.cpu{rank}").write_text(json.dumps(_process_cpu_s() - cpu0))
     if rank == 0:
         Path(args["out"]).write_text(json.dumps(times))
     return 0
 
 
-def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False):
-    """One lockstep run; (Overlap, IdleBreakdown or None) from its traces."""
+def _process_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _run(cfg: Config, opts: dict, run_dir: Path, analyse_idle: bool = False,
+         cpu: bool = False):
+    """One lockstep run; (Overlap, IdleBreakdown or None) from its traces. With `cpu`,
+    every rank also writes its CPU seconds (runtime/cpuprofile.py; the launcher passes
+    the environment on)."""
     from lockstep.conformance.idle import idle_breakdown
     from lockstep.conformance.load import load_run
     from lockstep.conformance.overlap import analyse
-    res = run_local(cfg, opts, run_dir, deadline_s=600)
+    saved = os.environ.get(cpuprofile.ENV)
+    if cpu:
+        os.environ[cpuprofile.ENV] = "cpu"
+    try:
+        res = run_local(cfg, opts, run_dir, deadline_s=600)
+    finally:
+        if saved is None:
+            os.environ.pop(cpuprofile.ENV, None)
+        else:
+            os.environ[cpuprofile.ENV] = saved
     if not res.ok:
         raise RuntimeError(f"lockstep run failed ({run_dir}):\n" + res.summary())
     run = load_run(run_dir)
@@ -99,10 +125,26 @@ def round_trip(tmp: Path, chunks: int, mesh: int, steps: int = 2) -> dict:
     if not res.ok:
         raise RuntimeError("raw floor run failed:\n" + res.summary())
     raw = statistics.median(json.loads(raw_out.read_text())[5:]) * 1e3
+    raw_cpu = sum(json.loads(Path(f"{raw_out}.cpu{r}").read_text()) for r in range(mesh + 1))
     cfg = Config(mesh=mesh, d_in=1, d_out=1, chunks=chunks, steps=steps)
-    ov, _ = _run(cfg, {}, tmp / "round_trip")
+    ov, _ = _run(cfg, {}, tmp / "round_trip", cpu=True)
+    # CPU per chunk without the start (handshake, first chunks): the difference between
+    # this run and a short one, over the chunks between them
+    short = max(6, chunks // 5)
+    _run(Config(mesh=mesh, d_in=1, d_out=1, chunks=short, steps=steps), {},
+         tmp / "round_trip_short", cpu=True)
+    cpu, interp = _cpu_s(tmp / "round_trip"), _cpu_s(tmp / "round_trip_short")
+    per = 1e3 / (chunks - short)
     return {"raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
-            "steps": steps}
+            "steps": steps, "raw_cpu_ms": raw_cpu / (chunks - 5) * 1e3,
+            "cpu_ms": (cpu[0] - interp[0]) * per, "interp_cpu_ms": (cpu[1] - interp[1]) * per}
+
+
+def _cpu_s(run_dir: Path) -> tuple:
+    """(process CPU s, interpreter threads' CPU s) summed over every rank of a run."""
+    ranks = cpuprofile.load(run_dir)
+    return (sum(r["process_s"] for r in ranks),
+            sum(sum(r["threads_s"].values()) for r in ranks))
 
 
 def balanced(stage_ms: float) -> dict:
@@ -130,6 +172,9 @@ def main(argv=None) -> int:
         print(f"  lockstep round trip          {rt['lockstep_ms']:8.3f} ms")
         print(f"  ratio                        {rt['ratio']:8.2f} x   "
               f"(target <= {TARGETS['round_trip']} x on a quiet 16-core machine)")
+        print(f"  CPU per chunk, every rank: raw floor {rt['raw_cpu_ms']:.3f} ms, lockstep "
+              f"{rt['cpu_ms']:.3f} ms (its interpreter threads {rt['interp_cpu_ms']:.3f} ms; "
+              f"the rest is gloo's and the completers' threads; after the start)")
         if a.skip_overlap:
             return 0
         print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.balanced_chunks} "

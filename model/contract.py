@@ -395,9 +395,9 @@ def _check_message(meta, tensors, fields, tspecs, where) -> None:
         raise ContractError("tensors", f"must be a mapping, got {type(tensors).__name__}",
                             where)
     _check_names(meta, fields, "field", where)
-    for spec in fields:
-        if where in spec.validated_at:
-            _check_field(spec, meta, where)
+    need = {}     # id(rule) -> rule.holds(meta): most specs share a handful of rules
+    for spec in _at(fields, where):
+        _check_field(spec, meta, where, need)
     if meta.get("action") not in PAYLOAD_ACTIONS:
         if tensors:
             name = sorted(map(str, tensors))[0]
@@ -405,13 +405,34 @@ def _check_message(meta, tensors, fields, tspecs, where) -> None:
                                 "send no tensors", where)
         return
     _check_names(tensors, tspecs, "tensor", where)
-    for spec in tspecs:
-        if where in spec.validated_at:
-            _check_tensor(spec, meta, tensors, where)
+    for spec in _at(tspecs, where):
+        _check_tensor(spec, meta, tensors, where, need)
+
+
+_SPECS_AT: dict = {}
+_NAMES: dict = {}
+
+
+def _at(specs: tuple, where: str) -> tuple:
+    """The specs validated at `where`, in their order (computed once per spec table)."""
+    if not isinstance(specs, tuple):
+        return tuple(s for s in specs if where in s.validated_at)
+    key = (id(specs), where)
+    got = _SPECS_AT.get(key)
+    if got is None:
+        got = _SPECS_AT[key] = (specs, tuple(s for s in specs if where in s.validated_at))
+    return got[1]
+
+
+def _known(specs: tuple) -> frozenset:
+    got = _NAMES.get(id(specs))
+    if got is None:
+        got = _NAMES[id(specs)] = (specs, frozenset(s.name for s in specs))
+    return got[1]
 
 
 def _check_names(mapping, specs, what, where) -> None:
-    known = {s.name for s in specs}
+    known = _known(specs) if isinstance(specs, tuple) else {s.name for s in specs}
     for name in mapping:
         if name in PIPELINE_ALIASES:
             raise ContractError(name, f"pipeline-side alias; the wire name is "
@@ -423,8 +444,14 @@ def _check_names(mapping, specs, what, where) -> None:
                                 f"(model.contract)", where)
 
 
-def _check_presence(spec, present: bool, meta, where) -> bool:
-    need = spec.required_when.holds(meta)
+def _check_presence(spec, present: bool, meta, where, cache=None) -> bool:
+    rule = spec.required_when
+    if cache is None:
+        need = rule.holds(meta)
+    else:
+        need = cache.get(id(rule))
+        if need is None:
+            need = cache[id(rule)] = rule.holds(meta)
     if need and not present and not getattr(spec, "optional", False):
         raise ContractError(spec.name, f"missing; required when {spec.required_when.render()}",
                             where)
@@ -442,8 +469,8 @@ _TYPE_OK = {
 }
 
 
-def _check_field(spec: FieldSpec, meta, where) -> None:
-    if not _check_presence(spec, spec.name in meta, meta, where):
+def _check_field(spec: FieldSpec, meta, where, need=None) -> None:
+    if not _check_presence(spec, spec.name in meta, meta, where, need):
         return
     value = meta[spec.name]
     if not _TYPE_OK[spec.type](value):
@@ -461,8 +488,8 @@ def _check_field(spec: FieldSpec, meta, where) -> None:
                             f"got {value!r}", where)
 
 
-def _check_tensor(spec: TensorSpec, meta, tensors, where) -> None:
-    if not _check_presence(spec, spec.name in tensors, meta, where):
+def _check_tensor(spec: TensorSpec, meta, tensors, where, need=None) -> None:
+    if not _check_presence(spec, spec.name in tensors, meta, where, need):
         return
     dtype, shape = _desc(spec.name, tensors[spec.name], where)
     if dtype != spec.dtype:

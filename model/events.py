@@ -46,9 +46,15 @@ OPS = ("local", "exit", "send", "recv", "coll")
 
 
 def op_class(op) -> str:
+    return _OP_CLASS[type(op)]
+
+
+def _op_classes() -> dict:
     from .ops import Coll, Exit, Local, Recv, Send
-    return {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit",
-            Local: "local"}[type(op)]
+    return {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit", Local: "local"}
+
+
+_OP_CLASS = _op_classes()   # one per written step: built once, not per call
 
 
 def msg_to_json(m) -> Optional[object]:

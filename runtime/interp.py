@@ -85,6 +85,7 @@ class RankInterpreter:
         # per thread: [send job, recv job, (send row, msg), recv rows]
         self._comms_jobs = [[None, None, None, None] for _ in self.threads]
         self._in_coll = [None] * len(self.threads)   # the group of a collective in flight
+        self._guard_memo = [None] * len(self.threads)   # per thread: (pc, v, rows) (_guarded)
         self._recv_hdr = None       # the header of the frame the p2p thread receives
         self._bcast_hdr = None      # the header of the frame main broadcasts
         self._tl = threading.local()
@@ -139,13 +140,11 @@ class RankInterpreter:
             pc = self.pcs[t]
             if pc in (FINAL, DEAD_THREAD):
                 return None
-            rows = self.table[t].get(pc)
-            if not rows:
+            if not self.table[t].get(pc):
                 raise TableViolation(f"{self.name}: no row leaves state {pc!r}")
             idle_ms = (time.monotonic() - self.last_step[t]) * 1000.0
             requested = self.control.requested if self.control is not None else 0
-            ok = [r for r in rows if (r.guard is None or r.guard(self.v, self.cfg))
-                  and self._joined(t, r)
+            ok = [r for r in self._guarded(t) if self._joined(t, r)
                   and P.fires(r, self.v, self.p, self.policy, idle_ms, requested)]
             if ok:
                 return ok
@@ -153,6 +152,19 @@ class RankInterpreter:
             if reason:
                 raise T.Released(self.p, f"wait for a row of {pc!r}", "-", None, reason)
             self.cv.wait(0.02)
+
+    def _guarded(self, t) -> list:
+        """Under the lock: the rows of thread t's state whose guard holds on the variables
+        now, in table order. Guards are pure functions of (v, cfg) and v is an immutable
+        tuple, so the list stands until t's state or v changes: a step asks for it up to
+        four times (wait, monitor, completion, new work), the model's guards run once."""
+        pc, v = self.pcs[t], self.v
+        memo = self._guard_memo[t]
+        if memo is not None and memo[1] is v and memo[0] == pc:
+            return memo[2]
+        rows = [r for r in self.table[t].get(pc, ()) if r.guard is None or r.guard(v, self.cfg)]
+        self._guard_memo[t] = (pc, v, rows)
+        return rows
 
     def _wake(self) -> None:
         """A cut was requested from outside: re-evaluate the rows now, not at the next
@@ -195,6 +207,9 @@ class RankInterpreter:
         if msg is None and isinstance(row.op, Local):
             msg = local_subject(before, self.v)
         now = time.monotonic_ns()
+        # another thread's rows read the variables, and its join rows this thread's end
+        others_may_move = self.v is not before or isinstance(row.op, Exit) \
+            or row.dst == FINAL
         if isinstance(row.op, Exit):
             if row.op.how == "thread_die":
                 self.pcs[t] = DEAD_THREAD
@@ -210,9 +225,17 @@ class RankInterpreter:
             self.i[t] += 1
             if self.trace.full():   # between two steps, under the lock: a checkpoint
                 self.trace.roll()
-        self.last_step[t] = time.monotonic()
+        self.last_step[t] = now / 1e9      # the same clock as time.monotonic()
         self.cv.notify_all()
-        self.comm.nudge()   # a p2p thread waiting on its ops may now have new work
+        if others_may_move and self._new_work_elsewhere(t):
+            self.comm.nudge()   # a p2p thread waiting on its ops has new work
+
+    def _new_work_elsewhere(self, t) -> bool:
+        """Under the lock: does a thread other than t, waiting on its p2p ops, now have an
+        enabled row none of them is (what its wait's interrupt asks)? Only then is it
+        woken: a wake-up that finds nothing to do costs two context switches."""
+        return any(u != t and (js[0] is not None or js[1] is not None) and self._new_work(u)
+                   for u, js in enumerate(self._comms_jobs))
 
     def _let_ops_land(self, t) -> None:
         """Under the lock, before thread t's exit ends the process: a send or receive
@@ -381,8 +404,7 @@ class RankInterpreter:
         called. A call no row allows raises with the state and the rows it allows."""
         with self.cv:
             pc = self.pcs[t]
-            rows = [r for r in self.table[t].get(pc, ())
-                    if r.guard is None or r.guard(self.v, self.cfg)]
+            rows = self._guarded(t)
         if any(_allows(r.op, op) for r in rows):
             return
         err = WrongGroup if isinstance(op, Coll) else TableViolation
@@ -541,9 +563,7 @@ class RankInterpreter:
         with self.cv:
             if self.exit is not None:   # the process is leaving: its ops are abandoned
                 return True
-            for r in self.table[t].get(self.pcs[t], ()):
-                if r.guard is not None and not r.guard(self.v, self.cfg):
-                    continue
+            for r in self._guarded(t):
                 cls = type(r.op)
                 if (cls is Send and js[0] is None) or (cls is Recv and js[1] is None) \
                         or cls in (Local, Exit):
@@ -552,8 +572,7 @@ class RankInterpreter:
 
     def _current_row(self, t, rows, msg):
         same = {_side(r) for r in rows}   # one side's row, in whatever pair state now
-        now = [r for r in self.table[t].get(self.pcs[t], ()) if _side(r) in same
-               and (r.guard is None or r.guard(self.v, self.cfg))]
+        now = [r for r in self._guarded(t) if _side(r) in same]
         if not now:
             raise TableViolation(f"{self.name}: {[op_text(r.op) for r in rows]} completed "
                                  f"but state {self.pcs[t]!r} no longer allows it")

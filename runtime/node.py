@@ -28,6 +28,7 @@ from .interp import RankInterpreter
 from .launch import dist_env
 from .sidechannel import SideChannel, Watchdog
 from .control import ControlWatcher, CutControl
+from .cpuprofile import RankProfile, mode as profile_mode
 from .trace import OutputLog, TraceWriter
 from .worker_main import EXIT_RELEASED, cause_line, claim_exit, one_line, set_role
 from .workload import make_workload
@@ -107,10 +108,15 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                   "side_store": env.side_host,
                   "t_ns": time.monotonic_ns()})
     errors = []
+    how_prof = profile_mode()
+    prof = RankProfile(run_dir, rank, how_prof) if how_prof else None
 
     def body(t):
         try:
-            interp.run_thread(t)
+            if prof is None:
+                interp.run_thread(t)
+            else:
+                prof.run(interp.threads[t], interp.run_thread, t)
         except BaseException as e:  # noqa: BLE001 - recorded, then the process exits
             errors.append(e)
             with interp.cv:
@@ -125,6 +131,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         while th.is_alive() and not errors:
             th.join(0.02)
     how, reason = interp.exit or ("raise", "no exit recorded")
+    if prof is not None:
+        prof.dump(cfg.chunks)
     _dump_flight_recorder(run_dir, rank, opts)
     if rank == 0:
         watcher.stop()

@@ -195,8 +195,25 @@ CheckFn = Callable[[str, str, object, object], None]
 AbortPollFn = Callable[[], "str | None"]
 
 
+_OPTIONS: dict = {}
+
+
 def _opts(cls, **kw):
-    """Backend options for an async op (``asyncOp`` exists from torch 2.7)."""
+    """Backend options for an async op (``asyncOp`` exists from torch 2.7), made once per
+    distinct value: the backend only reads them, and building one costs a few setattr
+    calls through pybind on every collective."""
+    key = (cls, tuple(sorted(kw.items(), key=lambda kv: kv[0])))
+    try:
+        return _OPTIONS[key]
+    except KeyError:
+        pass
+    except TypeError:        # an unhashable option value: made per call
+        return _make_opts(cls, **kw)
+    o = _OPTIONS[key] = _make_opts(cls, **kw)
+    return o
+
+
+def _make_opts(cls, **kw):
     o = cls()
     for k, v in {**kw, "asyncOp": True}.items():
         if k != "asyncOp" or hasattr(o, k):

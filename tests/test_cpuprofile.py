@@ -1,0 +1,52 @@
+"""runtime/cpuprofile.py: the per-rank CPU counters and cProfile switch."""
+import json
+import pstats
+
+import pytest
+
+from lockstep.runtime import cpuprofile as CP
+
+
+def _spin(n):
+    return sum(i * i for i in range(n))
+
+
+def test_mode_is_checked(monkeypatch):
+    monkeypatch.setenv(CP.ENV, "cpu")
+    assert CP.mode() == "cpu"
+    monkeypatch.delenv(CP.ENV)
+    assert CP.mode() is None
+    monkeypatch.setenv(CP.ENV, "wall")      # a typo must not silently profile nothing
+    with pytest.raises(ValueError, match="LOCKSTEP_PROFILE"):
+        CP.mode()
+
+
+def test_counters_measure_the_thread_body(tmp_path):
+    prof = CP.RankProfile(tmp_path, 3, "cpu")
+    prof.run("main", _spin, 300_000)
+    prof.run("comms", _spin, 10)
+    prof.dump(chunks=10)
+    (row,) = CP.load(tmp_path)
+    assert row["rank"] == 3 and row["chunks"] == 10
+    assert row["threads_s"]["main"] > row["threads_s"]["comms"]
+    assert row["process_s"] >= row["threads_s"]["main"]
+    assert set(row["threads_sys_s"]) == {"main", "comms"}
+    assert all(s >= 0 for s in row["threads_sys_s"].values())
+    lines = CP.cpu_lines([row])
+    assert lines[1].split()[0] == "3" and lines[-1].split()[0] == "all"
+    assert not list(tmp_path.glob("*.pstats"))     # "cpu" mode writes no profile
+
+
+def test_cprofile_mode_writes_a_profile_per_thread(tmp_path):
+    prof = CP.RankProfile(tmp_path, 0, "cprofile")
+    prof.run("main", _spin, 50_000)
+    stats = pstats.Stats(str(tmp_path / "rank0.main.pstats"))
+    assert any(fn[2] == "_spin" for fn in stats.stats)
+
+
+def test_a_failing_body_is_still_counted(tmp_path):
+    prof = CP.RankProfile(tmp_path, 1, "cpu")
+    with pytest.raises(ZeroDivisionError):
+        prof.run("main", lambda: 1 / 0)
+    prof.dump(chunks=1)
+    assert "main" in json.loads((tmp_path / "rank1.cpu.json").read_text())["threads_s"]
