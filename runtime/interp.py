@@ -49,10 +49,13 @@ class WrongGroup(TableViolation):
 
 class RankInterpreter:
     def __init__(self, model: Model, p: int, groups, workload, tracer, *, abort_poll,
-                 opts, parity: dict, control=None, outputs=None):
+                 opts, parity: dict, control=None, outputs=None, peer_left=None):
         self.m, self.p, self.cfg = model, p, model.cfg
         self.groups, self.work, self.trace = groups, workload, tracer
         self.abort_poll, self.opts, self.parity = abort_poll, opts, parity
+        # peer_left(rank): that rank is in its exit path (sends nothing more); the side
+        # channel answers it. None: no peer is ever known to have left.
+        self.peer_left = peer_left or (lambda rank: False)
         self.role = model.roles[p]
         self.name = model.names[p]
         self.threads = THREADS[self.role]
@@ -145,6 +148,7 @@ class RankInterpreter:
             idle_ms = (time.monotonic() - self.last_step[t]) * 1000.0
             requested = self.control.requested if self.control is not None else 0
             ok = [r for r in self._guarded(t) if self._joined(t, r)
+                  and not self._recv_may_still_land(t, r)
                   and P.fires(r, self.v, self.p, self.policy, idle_ms, requested)]
             if ok:
                 return ok
@@ -165,6 +169,22 @@ class RankInterpreter:
         rows = [r for r in self.table[t].get(pc, ()) if r.guard is None or r.guard(v, self.cfg)]
         self._guard_memo[t] = (pc, v, rows)
         return rows
+
+    def _recv_may_still_land(self, t, row) -> bool:
+        """Under the lock: `row` ends thread t (a local row to FINAL: comms_done) while
+        t's receive is posted in the backend and its peer is still running. A posted
+        gloo receive cannot be withdrawn: a send the peer makes now still lands in it,
+        and the peer goes on as if it was received (rank0, its envelope header sent,
+        owes the payload), though the model's ended thread never took it. So the row
+        waits, with the receive still served, until the peer is in its exit path (it
+        sends nothing more); a peer that dies or stalls is the watchdog's (lost_after_s).
+        Both orders are the tables' (the row and the receive are enabled together)."""
+        if row.dst != FINAL or not isinstance(row.op, Local):
+            return False
+        js = self._comms_jobs[t]
+        if js[1] is None or js[1].done:
+            return False
+        return not self.peer_left(self.m.index[js[3][0].op.peer])
 
     def _wake(self) -> None:
         """A cut was requested from outside: re-evaluate the rows now, not at the next
@@ -567,7 +587,7 @@ class RankInterpreter:
                 cls = type(r.op)
                 if (cls is Send and js[0] is None) or (cls is Recv and js[1] is None) \
                         or cls in (Local, Exit):
-                    return self._joined(t, r)
+                    return self._joined(t, r) and not self._recv_may_still_land(t, r)
         return False
 
     def _current_row(self, t, rows, msg):

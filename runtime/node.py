@@ -100,6 +100,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         watcher.start()
         outputs = OutputLog(run_dir / "outputs.json")
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
+                             peer_left=side.peer_left,
                              opts=opts, parity=parity, control=control, outputs=outputs)
     interp_box.append(interp)
     tracer.snapshot = lambda: (tuple(interp.pcs), interp.v)   # called under interp.cv

@@ -143,6 +143,7 @@ class SideChannel:
         self.k_exit = [f"{p}exit/{r}" for r in range(world_size)]
         self.k_hb = [f"{p}hb/{r}" for r in range(world_size)]
         self.k_clean = [f"{p}clean/{r}" for r in range(world_size)]
+        self._left: set = set()     # ranks known to have an exit or clean mark
         self.k_role = [f"{p}role/{r}" for r in range(world_size)]
         if hosts_store:
             store = TCPStore(host, port, world_size, True, timeout=self.timeout,
@@ -250,6 +251,20 @@ class SideChannel:
                 store.add(self.k_hb[self.rank], 1)
                 beat = now
             time.sleep(0.005)
+
+    def peer_left(self, rank: int, store=None) -> bool:
+        """``rank`` has an exit or clean mark: it is leaving and sends nothing more. An
+        unreachable store counts as left (under the env:// fallback its host is rank0)."""
+        if rank in self._left:
+            return True
+        try:
+            s = store or self._store()
+            left = s.check([self.k_exit[rank]]) or s.check([self.k_clean[rank]])
+        except Exception:  # noqa: BLE001 - the store's host is gone
+            left = True
+        if left:
+            self._left.add(rank)
+        return left
 
     def peer_role(self, rank: int, store=None) -> str:
         return peer_role(store or self._store(), self.k_role[rank], rank)
