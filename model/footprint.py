@@ -47,27 +47,30 @@ def row_footprint(row, fields: tuple, thread: int, threads: int) -> tuple:
         return every, every
     reads, writes = set(), set()
     for fn in (row.guard, row.make, row.accept):
-        reads |= _reads(fn)
+        reads |= reads_of(fn)
     if row.update is not None:
         r, w = _touches(row.update)
         reads |= r
         writes |= w
     for tag in row.tags:
         reads |= set(TAG_READS.get(tag, ()))
-    r = _mask(reads, fields, every) | own_pc
-    w = _mask(writes, fields, every) | own_pc
+    r = field_mask(reads, fields, every) | own_pc
+    w = field_mask(writes, fields, every) | own_pc
     if "join_comms" in row.tags:
         r |= every & ~((1 << nf) - 1)
     return r, w
 
 
-def _mask(names: set, fields: tuple, every: int) -> int:
+def field_mask(names: set, fields: tuple, every: int) -> int:
+    """The bits of `names` among `fields`; `every` for "*" or a name that is not a field
+    (the derivation lost track: count it as touching everything)."""
     if "*" in names or not names <= set(fields):
         return every
     return sum(1 << fields.index(n) for n in names)
 
 
-def _reads(fn) -> frozenset:
+def reads_of(fn) -> frozenset:
+    """The fields fn (a guard, make or accept; None: no function) reads."""
     return _touches(fn)[0] if fn is not None else frozenset()
 
 

@@ -101,7 +101,7 @@ Designs considered and rejected
 """
 from __future__ import annotations
 
-from .footprint import _mask, _reads, row_footprint
+from .footprint import field_mask, reads_of, row_footprint
 from .ops import Coll, Exit, Recv, Send
 from .semantics import LIVE, Model, State
 
@@ -155,7 +155,7 @@ class Threads:
         hit = self._guard.get(id(row))
         if hit is None:
             nf = len(self.fields[p])
-            hit = _mask(_reads(row.guard), self.fields[p],
+            hit = field_mask(reads_of(row.guard), self.fields[p],
                         (1 << (nf + self.nthreads[p])) - 1)
             if "join_comms" in row.tags:
                 hit |= ((1 << self.nthreads[p]) - 1) << nf
