@@ -4,10 +4,12 @@ Prints, in one run, the verdict, distinct states, transitions, wall and CPU time
 states/s and peak memory of each reduction switched on and off side by side:
   - the full PP1 configuration of TARGETS.md (leader + 3 workers, D_in = D_out = 2,
     3 chunks with a hard cut, any single crash fault): symmetry x partial-order
-    reduction (which includes the abort-chain compression), four rows;
+    reduction (which includes the abort-chain compression), four rows, and the
+    reduction at process granularity (por "proc": a process's threads always together);
   - full PP1 at mesh 8: with and without the partial-order reduction (symmetry on);
   - with --big, the raised target of TARGETS.md (mesh 4, depth 3, 5 chunks, a hard cut,
-    2 crashes, 1 NOOP, 2 steps), with and without the partial-order reduction;
+    2 crashes, 1 NOOP, 2 steps), with the reduction by threads and by processes (and,
+    with --unreduced, without it);
   - with --workers N, the full PP1 configuration through the multiprocess search.
 Record the output in docs/model-check.md with the machine it ran on. CPU time is
 printed beside wall time because the benchmark machine is shared: CPU seconds are what
@@ -23,6 +25,7 @@ import time
 
 from .check import check
 from .config import Config
+from .reduction import Ample
 
 FULL_PP1 = Config(mesh=4, d_in=2, d_out=2, chunks=3, hard_cut=True, faults=1)
 PP1_MESH8 = FULL_PP1.with_(mesh=8)
@@ -30,12 +33,19 @@ BIG = Config(mesh=4, d_in=3, d_out=3, chunks=5, hard_cut=True, faults=2, noops=1
              steps=2)
 
 
-def _row(label: str, cfg: Config, **kw) -> bool:
+def _row(label: str, cfg: Config, threads: bool = True, **kw) -> bool:
+    """One search; `threads=False`: the partial-order reduction at process granularity
+    (a process's threads always together), printed as por "proc"."""
     gc.collect()
     c0 = time.process_time() + _children_cpu()
-    r = check(cfg, **kw)
+    Ample.split_threads = threads
+    try:
+        r = check(cfg, **kw)
+    finally:
+        Ample.split_threads = True
     cpu = time.process_time() + _children_cpu() - c0
-    print(f"{label:12} {'on' if r.symmetry else 'off':8} {'on' if r.por else 'off':4} "
+    por = ("on" if threads else "proc") if r.por else "off"
+    print(f"{label:12} {'on' if r.symmetry else 'off':8} {por:4} "
           f"{r.workers:>3} {r.verdict:8} {r.states:>10,} {r.transitions:>12,} "
           f"{r.seconds:>8.2f}s {cpu:>7.2f}s {r.states / max(cpu, 1e-9):>10,.0f} "
           f"{r.peak_mb:>8.0f}", flush=True)
@@ -56,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0,
                     help="also the multiprocess search with this many processes "
                          "(count; default 0: not run)")
+    ap.add_argument("--unreduced", action="store_true",
+                    help="with --big, also the big configuration without the "
+                         "partial-order reduction (several GB and many minutes since "
+                         "the leader's comms thread)")
     a = ap.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; full PP1: {FULL_PP1.describe()}")
@@ -66,13 +80,16 @@ def main(argv=None) -> int:
     for sym in (True, False):
         for por in (True, False):
             ok &= _row("pp1_full", FULL_PP1, symmetry=sym, por=por)
+    ok &= _row("pp1_full", FULL_PP1, threads=False)
     for por in (True, False):
         ok &= _row("pp1_mesh8", PP1_MESH8, por=por)
     if a.workers:
         ok &= _row("pp1_full", FULL_PP1, por=False, workers=a.workers)
     if a.big:
-        for por in (True, False):
-            ok &= _row("big", BIG, por=por)
+        ok &= _row("big", BIG)
+        ok &= _row("big", BIG, threads=False)
+        if a.unreduced:
+            ok &= _row("big", BIG, por=False)
     return 0 if ok else 1
 
 

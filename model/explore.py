@@ -16,8 +16,10 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
              worker states, so one key per orbit; `Canon` (sorted by hash, ties by
              repr) is the same quotient for drivers that need a process-independent
              representative (model.parallel, the acyclicity test).
-  partial-order reduction (`por`)   ample sets over closed groups of processes, with
-             a breadth-first cycle proviso: model.reduction says why it is sound. A
+  partial-order reduction (`por`)   ample sets over closed groups of threads (a
+             process's threads split by the read/write sets of their rows, once no
+             crash is left), with a breadth-first cycle proviso: model.reduction says
+             why it is sound. A
              violation found under it is searched again without it, so the verdict and
              the counterexample printed are the unreduced search's: shortest.
   abort chain (with `por`)   once the abort flag is set, the only transition is the

@@ -42,6 +42,20 @@ VERDICTS = ("deadlock", "stranding", "collective_mismatch", "framing_error",
             "output_order", "progress", "crash_hang")
 
 
+# The local variables each tag's check reads (check_transition, check_progress_at_exit),
+# before or after the row: part of the row's read set for the thread-level
+# partial-order reduction (model.footprint). tests/test_footprint.py checks it on
+# recording proxies.
+TAG_READS = {
+    "emit": ("decode_q", "epoch", "last_emitted"),
+    "wire_ids": ("seen_call", "seen_chunk"),
+    "enqueue": ("inbox", "outbox"),
+    "outgoing": ("terminal_sent",),
+    "phase_b_done": ("calls_done", "env"),
+    "end": ("emitted", "built", "epoch"),
+}
+
+
 def check_transition(m: Model, s: State, tr: Tr, s2: State):
     """Violations observable on one transition (before -> after)."""
     cfg = m.cfg

@@ -1,38 +1,58 @@
-"""Partial-order reduction: ample sets over closed groups of processes.
+"""Partial-order reduction: ample sets over closed groups of threads.
 
 In a state s the explorer may expand an *ample set* A, a subset of the enabled
-transitions, instead of all of them. Here A is the set of enabled transitions of a
-*closed* group Q of processes, plus the crash of each live member of Q. Q is the
-closure of one live process under "has a posted row with": the peer of a posted send
-or receive, every member of a posted collective's group, unless a member of that group
-is gone (then the collective can never complete and ties nobody). Rows whose guard is
-false do not count: a guard reads only the process's own variables. Typical groups:
-{rank0} while both its threads only do local work; {rank0, leader} while they talk
-point-to-point and the mesh waits; the mesh ranks while they run collectives and
-rank0 works on its own; {rank0, leader} after a worker crashed (the mesh's next
-collective can never complete).
+transitions, instead of all of them. Here A is the set of enabled transitions whose
+participants all belong to a *closed* group G of threads, plus the crash of each
+process all of whose threads are in G. G is the closure of one live thread under:
+  partners   the threads that can take part in a row it has posted (guard true): for a
+             send or receive, the threads of the peer process that have a receive or
+             send row toward its role; for a collective, every thread with a row on
+             that group, unless a member of the group is gone (then the collective
+             can never complete and ties nobody);
+  its own process, with crash budget left: every other thread of it (a crash ends all
+             of a process's threads at once, so it is dependent on each of them);
+  its own process, with no crash budget left: each other thread u whose *future*
+             rows conflict with the rows at the thread's control state. u's future
+             rows are the rows reachable from u's control state in its table, less
+             those that can never fire (a collective on a group with a member gone, a
+             rendezvous send or receive to a process that is gone). Two rows conflict
+             when one writes a variable (or control state) the other reads or writes:
+             their footprints (model.footprint, derived from the source of their
+             guard, make, accept and update and from the properties their tags ask
+             for).
+Rows whose guard is false do not count as partners: a guard reads only its process's
+variables, which only its process's threads write (and those are in G or, by the
+conflict rule, cannot write what the guard reads). Typical groups: {rank0} while both
+its threads only do local work; rank0's threads and the leader's comms thread while
+they talk point-to-point and the leader's main thread runs Phase B with the workers
+(once no crash is left: the comms thread's rows touch the inbox, the outbox and its own
+frame, Phase B touches the call counter); the mesh while it runs collectives.
 
-Every closed group other than all processes is tried; a group is accepted only if A
-holds at least one transition that is not a crash and A is smaller than the full
-enabled set; the smallest accepted A is used.
+Every closed group is tried; a group is accepted only if A holds at least one
+transition that is not a crash and A is smaller than the full enabled set; the
+smallest accepted A is used.
 
 Why it is sound here (the properties of model.properties keep their verdicts)
-  Closed means nobody outside Q can interact with Q before Q moves: a joint transition
-  needs a posted row of every participant, a member's posted rows depend only on its
-  own local state, and by closure they involve only Q (a collective left out because
-  a member of its group is gone can never fire: a gone process never comes back, and
-  a collective, or a mismatch between collectives, needs every member waiting). So a
-  transition b outside Q
-  touches neither Q's local states nor anything Q's posted rows read (mesh_pg's
-  sequence number belongs to Q; a buffered channel is read only by a posted receive,
-  and Q has none toward outsiders). Q's transitions and b commute and neither enables
-  or disables the other: the usual condition C1 (no transition dependent on A can run
-  before a member of A). The exceptions, and why they do no harm:
-  - crash(q), q in Q, is dependent on Q's transitions, so it is in A. It shares the
-    fault budget with crash(x), x outside Q; when one fault is left, crash(x)
-    disables crash(q). A run that takes crash(x) then never crashes q, so it is
-    covered by a (a non-crash member of A) followed by that run: a stays enabled,
-    because only Q's own moves, crash(q) or the abort flag change Q.
+  C1 (no transition dependent on A can run before a member of A): a transition b
+  that does not belong to G involves only threads outside G. b cannot be joint with
+  a thread of G: a joint transition needs a posted row of every participant, the rows
+  G's threads post depend only on their own process's variables, and by closure they
+  involve only G (a collective left out because a member of its group is gone can
+  never fire: a gone process never comes back). b of another process touches none of
+  G's variables; b of a thread u of the same process as a thread t of G is one of u's
+  future rows, which by the conflict rule neither writes what t's rows read or write
+  nor reads what they write: b cannot enable, disable or change any row at t's
+  control state, and commutes with each of them. (Mesh_pg's sequence number belongs
+  to whoever is in its collective; a buffered channel is read only by a posted
+  receive, and G's receive and send rows have their peers' threads in G.) The
+  exceptions, and why they do no harm:
+  - crash(p), p's threads in G, is dependent on G's transitions, so it is in A. With
+    crash budget left every thread of p is in G, so no thread outside G is disabled
+    by it. It shares the fault budget with crash(x), x outside G; when one fault is
+    left, crash(x) disables crash(p). A run that takes crash(x) then never crashes p,
+    so it is covered by a (a non-crash member of A) followed by that run: a stays
+    enabled, because only G's own moves, crash(p) or the abort flag change G. With no
+    budget left no crash is enabled, and G may hold some threads of a process only.
   - watchdog (and an exit that sets the abort flag) disables everything. But once the
     abort flag is set the only transition is the release of every live process,
     which ends in a state with no live process: a clean end (model.properties
@@ -40,17 +60,21 @@ Why it is sound here (the properties of model.properties keep their verdicts)
     keeps rank0's local variables, already judged in the state before). A run that
     reaches the watchdog is therefore covered, as far as verdicts go, by any run that
     covers its prefix.
-  Every property is local to the processes a transition involves, or to rank0's
-  local state: transition properties read the participants' states before and after
-  (row tags emit, wire_ids, phase_b_done, end), the state invariant (queue bounds)
-  reads rank0 only, violation transitions are enabled by their participants' posted
-  rows. Moving Q's transitions ahead of independent ones keeps every process's own
-  sequence of local states, so each such check is made in the same local context.
-  Terminal checks (deadlock, stranding, crash > hang, collective mismatch at a stuck
-  state) are about states where nothing but crashes is enabled; a run from s that
-  never takes a member of A cannot stop there (a stays enabled), so such a state is
-  reached by a run that takes A first (C0 and C1 suffice to keep every terminal
-  state; Godefroid, "Partial-Order Methods", thm. 6.14).
+  Properties. A covering run is the original one with independent transitions
+  swapped; two transitions that touch a common variable with at least one write
+  never swap, so every transition reads the same values in both runs, and every
+  variable takes the same sequence of values. Transition properties read only the
+  participants' variables that their tags name (properties.TAG_READS, part of each
+  row's read set) and the message, which the sender's row makes from what it reads:
+  each is judged alike. The state invariants (queue bounds) read rank0's variables,
+  each violation one variable (decode_q, inflight): a value that breaks a bound in one
+  run appears in the other. Violation transitions are enabled by their participants'
+  posted rows, which the swap does not change. Terminal checks (deadlock, stranding,
+  crash > hang, collective mismatch at a stuck state) are about states where nothing
+  but crashes is enabled; a run from s that never takes a member of A cannot stop
+  there (a stays enabled), so such a state is reached by a run that takes A first
+  (C0 and C1 suffice to keep every terminal state; Godefroid, "Partial-Order
+  Methods", thm. 6.14).
   Cycle proviso (C3, BFS form): if a member of A leads to a state already visited at
   a depth not greater than s's, s is expanded fully. Every cycle in a breadth-first
   graph has an edge that does not go deeper, so every cycle of the reduced graph
@@ -60,140 +84,279 @@ Why it is sound here (the properties of model.properties keep their verdicts)
   Violations found under the reduction are real (every reduced state is reachable);
   the search then re-runs without it so the printed counterexample is a shortest one.
 
-Processes with two threads (rank0, the leader) are one process here: a process's
-posted rows are those of all its threads, so the leader's group holds rank0 while its
-comms thread has a receive or send posted and the mesh while its main thread is in a
-collective; its threads' shared queues (inbox, outbox) are its own local state, which
-no outsider reads. The argument above is over processes and holds unchanged.
-
 Designs considered and rejected
-  Computing only the group's transitions (enabled() on a view of s where outsiders
-  have left) instead of filtering all of them: the same sets, but no faster (the
-  outsiders are mostly blocked, so their transitions are cheap). rank0.main alone
-  against the mesh: rank0's main thread does most of the local
-  work, but it shares rank0's variables with the comms thread (send_q, decode_q), so
-  its steps do not commute with the comms thread's receives; a thread-level reduction
-  needs a read/write analysis of every guard and update, which the tables do not
-  declare. Leaving crashes out of A (a crash absorbs the process's local steps): true
-  only for single-process local steps, not for collectives; the explorer uses the
-  local case as a rule of its own (model.explore, "crash after a local step").
+  Process granularity (a process's threads always together, the reduction before the
+  leader's comms thread): sound, but with the comms thread the leader has a receive
+  posted toward rank0 nearly always and a collective toward the mesh while Phase B
+  runs, so its group was almost always everyone. Splitting a process with crash
+  budget left: a crash of the process after its other thread's point-to-point step
+  reaches a state (the peer moved, the process dead) that crashing it first does
+  not, so the crash ties the threads. Computing only the group's transitions
+  (enabled() on a view of s where outsiders have left) instead of filtering all of
+  them: the same sets, but no faster (the outsiders are mostly blocked, so their
+  transitions are cheap). Leaving crashes out of A (a crash absorbs the process's
+  local steps): true only for single-process local steps, not for collectives; the
+  explorer uses the local case as a rule of its own (model.explore, "crash after a
+  local step").
 """
 from __future__ import annotations
 
+from .footprint import field_mask, reads_of, row_footprint
+from .ops import Coll, Exit, Recv, Send
 from .semantics import LIVE, Model, State
 
 
-def partners(model: Model, p: int, pr) -> tuple:
-    """Whom process p, in local state pr, has a posted row with: (bit mask of the
-    peers of its sends and receives, tuple of the groups of its collectives). Rows whose
-    guard is false do not count: a guard reads only p's own variables, so nobody else
-    can make it true."""
-    _local, sends, recvs, colls = model.posted(p, pr)
-    peers = 0
-    for _p, _t, row in sends + recvs:
-        peers |= 1 << model.index[row.op.peer]
-    groups = tuple(sorted({grp for grp, _entry in colls}))
-    return peers & ~(1 << p), groups
-
-
-class Ample:
-    """Chooses the ample set of a state; caches each process state's partners and the
-    groups each combination of partners closes into."""
+class Threads:
+    """The static part: one bit per thread of every process (an *agent*), the threads
+    that can answer each kind of row, and the footprint of each row."""
 
     def __init__(self, model: Model):
         self.model = model
         self.n = model.n
-        self.masks = {grp: sum(1 << q for q in members)
-                      for grp, members in model.members.items()}
-        self._partners = {}
-        self._groups = {}
-        self._closed = {}   # the processes' partners (a tuple) -> their closed groups
+        self.nthreads = [len(model.tables[p]) for p in range(model.n)]
+        self.offset = [sum(self.nthreads[:p]) for p in range(model.n)]
+        self.bit = [[1 << (self.offset[p] + t) for t in range(self.nthreads[p])]
+                    for p in range(model.n)]
+        self.procmask = [sum(bits) for bits in self.bit]
+        s0 = model.initial_state()
+        self.fields = [type(pr.v)._fields for pr in s0.procs]
+        self.rendezvous = model.cfg.p2p == "rendezvous"
+        # Who can answer a send (their receive rows) or a receive (their send rows) of
+        # a role, per process; who has a row on each group.
+        self.recv_threads, self.send_threads, self.coll_threads = {}, {}, {}
+        for p, table in enumerate(model.tables):
+            for t, rows_by_pc in enumerate(table):
+                for rows in rows_by_pc.values():
+                    for row in rows:
+                        op, b = row.op, self.bit[p][t]
+                        if type(op) is Recv:
+                            key = (p, op.peer)
+                            self.recv_threads[key] = self.recv_threads.get(key, 0) | b
+                        elif type(op) is Send:
+                            key = (p, op.peer)
+                            self.send_threads[key] = self.send_threads.get(key, 0) | b
+                        elif type(op) is Coll:
+                            self.coll_threads[op.group] = \
+                                self.coll_threads.get(op.group, 0) | b
+        self.member_mask = {grp: sum(1 << q for q in members)
+                            for grp, members in model.members.items()}
+        self._row_fp, self._future, self._guard = {}, {}, {}
 
-    def partners(self, p, pr, pid):
-        """Cached per interned process state `pid` (model.explore.Interner): None for a
-        process that is not live, else (peers mask, masks of its collectives' groups)."""
+    def row_fp(self, p, t, row) -> tuple:
+        hit = self._row_fp.get(id(row))
+        if hit is None:
+            hit = self._row_fp[id(row)] = row_footprint(
+                row, self.fields[p], t, self.nthreads[p])
+        return hit
+
+    def guard_reads(self, p, t, row) -> int:
+        """What can turn row's guard from false to true: the fields its guard reads,
+        and for a `join_comms` row the other threads' control states."""
+        hit = self._guard.get(id(row))
+        if hit is None:
+            nf = len(self.fields[p])
+            hit = field_mask(reads_of(row.guard), self.fields[p],
+                        (1 << (nf + self.nthreads[p])) - 1)
+            if "join_comms" in row.tags:
+                hit |= ((1 << self.nthreads[p]) - 1) << nf
+            self._guard[id(row)] = hit
+        return hit
+
+    def now_fp(self, p, t, pr) -> tuple:
+        """(reads, writes, guard reads) at thread t in process state pr: the footprint
+        of its rows whose guard holds (what it may take), and what the guards of the
+        others read (what would have to change before one of them could be taken)."""
+        m = self.model
+        r = w = g = 0
+        posted = m.posted(p, pr)
+        able = {id(row) for _p, _t, row in posted[1] + posted[2] if _t == t}
+        able |= {id(row) for _g, (_p, _t, row) in posted[3] if _t == t}
+        able |= {id(tr.parts[0][2]) for tr in posted[0] if tr.parts[0][1] == t}
+        for row in m.tables[p][t].get(pr.pcs[t], ()):
+            if id(row) in able:
+                rr, ww = self.row_fp(p, t, row)
+                r, w = r | rr, w | ww
+            else:
+                g |= self.guard_reads(p, t, row)
+        return r, w, g
+
+    def future_fp(self, p, u, pc, live: int) -> tuple:
+        """(reads, writes) of every row thread u may still take from pc: the rows
+        reachable in its table, less those that can never fire given who is live."""
+        key = (p, u, pc, live)
+        hit = self._future.get(key)
+        if hit is None:
+            table, m = self.model.tables[p][u], self.model
+            r = w = 0
+            seen, todo = {pc}, [pc]
+            while todo:
+                for row in table.get(todo.pop(), ()):
+                    op = row.op
+                    if type(op) is Coll and \
+                            self.member_mask[op.group] & live != self.member_mask[op.group]:
+                        continue
+                    if self.rendezvous and type(op) in (Send, Recv) and \
+                            not live >> m.index[op.peer] & 1:
+                        continue
+                    if "join_comms" in row.tags:
+                        # It waits for every other thread to finish: not before the
+                        # unfinished thread this future is weighed against moves.
+                        continue
+                    rr, ww = self.row_fp(p, u, row)
+                    r, w = r | rr, w | ww
+                    if type(op) is not Exit and row.dst not in seen:
+                        seen.add(row.dst)
+                        todo.append(row.dst)
+            hit = self._future[key] = (r, w)
+        return hit
+
+
+def _conflict(now: tuple, future: tuple) -> bool:
+    """Whether a thread's rows now (reads, writes, guard reads of the rows it cannot take
+    yet) and another thread's future rows (reads, writes) may fail to commute, or the
+    future may enable a row it cannot take yet."""
+    return bool(now[1] & (future[0] | future[1]) or future[1] & (now[0] | now[2]))
+
+
+class Ample:
+    """Chooses the ample set of a state. Caches, per interned process state, what its
+    threads have posted, and per combination of those (with the crash budget's sign)
+    the closed groups."""
+
+    # False: a process's threads always together (the process-level reduction, kept
+    # for comparison: the bench's "por proc" row).
+    split_threads = True
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.n = model.n
+        self.th = Threads(model)
+        self._summary = {}     # pid * n + p -> summary id
+        self._summaries = {}   # summary -> id
+        self._by_id = []
+        self._closed = {}      # (summary ids..., budget left) -> closed groups
+
+    def summary(self, p, pr, pid):
+        """Ids for what matters about process p in local state pr: None if it is not
+        live, else (fine, coarse): fine stands for its control states, per thread what
+        its posted rows reach ((peer process, answering threads) or group) and its
+        rows' footprints; coarse for the posted rows' reach alone, all that counts
+        with crash budget left (its threads are then together), so fewer distinct
+        combinations need their groups computed."""
         key = pid * self.n + p
-        hit = self._partners.get(key, self)
+        hit = self._summary.get(key, self)
         if hit is self:
             if pr.status != LIVE:
                 hit = None
             else:
-                peers, groups = partners(self.model, p, pr)
-                hit = (peers, tuple(self.masks.get(grp, 0) for grp in groups))
-            self._partners[key] = hit
+                th, m = self.th, self.model
+                _local, sends, recvs, colls = m.posted(p, pr)
+                per = [[] for _ in range(th.nthreads[p])]
+                role = m.roles[p]
+                for _p, t, row in sends:
+                    q = m.index[row.op.peer]
+                    per[t].append((q, th.recv_threads.get((q, role), 0)))
+                for _p, t, row in recvs:
+                    q = m.index[row.op.peer]
+                    per[t].append((q, th.send_threads.get((q, role), 0)))
+                for grp, (_p, t, row) in colls:
+                    per[t].append((grp, th.coll_threads.get(grp, 0)))
+                reach = tuple(tuple(sorted(set(x), key=repr)) for x in per)
+                hit = (self._intern((pr.pcs, reach, tuple(
+                    th.now_fp(p, t, pr) for t in range(th.nthreads[p])))),
+                    self._intern((None, reach, None)))
+            self._summary[key] = hit
         return hit
 
-    @staticmethod
-    def _near(mine: tuple) -> tuple:
-        """Each live process's partner mask (None if not live), from its partners."""
-        live = 0
-        for p, hit in enumerate(mine):
-            if hit is not None:
-                live |= 1 << p
-        near = []
-        for p, hit in enumerate(mine):
-            if hit is None:
-                near.append(None)
-                continue
-            peers, gmasks = hit
-            for gm in gmasks:
-                # A collective completes only when every member enters it: with a
-                # member gone it never will, so it ties p to nobody.
-                if gm & live == gm:
-                    peers |= gm
-            near.append(peers & ~(1 << p))
-        return tuple(near)
-
-    def groups(self, near: tuple) -> list:
-        """The closed groups (bit masks) containing each live process, smallest first;
-        `near` holds each process's partner mask, or None if it is not live."""
-        hit = self._groups.get(near)
+    def _intern(self, val) -> int:
+        hit = self._summaries.get(val)
         if hit is None:
-            everyone = (1 << self.n) - 1
-            found = set()
-            for p, m in enumerate(near):
-                if m is None:
-                    continue
-                group, todo = 1 << p, m
-                while todo & ~group:
-                    new = todo & ~group
-                    group |= new
-                    todo = 0
-                    for q in range(self.n):
-                        if new >> q & 1 and near[q] is not None:
-                            todo |= near[q]
-                    todo |= group
-                if group != everyone:
-                    found.add(group)
-            hit = self._groups[near] = sorted(found, key=lambda g: bin(g).count("1"))
+            hit = self._summaries[val] = len(self._by_id)
+            self._by_id.append(val)
         return hit
+
+    def groups(self, key: tuple) -> list:
+        """The closed groups (agent bit masks) of a combination of summaries, smallest
+        first."""
+        *ids, budget = key
+        th, by_id = self.th, self._by_id
+        live = 0
+        for p, i in enumerate(ids):
+            if i is not None:
+                live |= 1 << p
+        live_agents = sum(th.procmask[p] for p in range(self.n) if live >> p & 1)
+        found = set()
+        for p, i in enumerate(ids):
+            if i is None:
+                continue
+            for t in range(th.nthreads[p]):
+                group = self._closure(p, t, ids, live, live_agents, budget)
+                found.add(group)
+        return sorted(found, key=lambda g: bin(g).count("1"))
+
+    def _closure(self, p0, t0, ids, live, live_agents, budget) -> int:
+        th, by_id, m = self.th, self._by_id, self.model
+        group, todo = th.bit[p0][t0], [(p0, t0)]
+        while todo:
+            p, t = todo.pop()
+            pcs, posted, now = by_id[ids[p]]
+            add = 0
+            for target, answer in posted[t]:
+                if type(target) is int:    # a peer process
+                    if th.rendezvous and not live >> target & 1:
+                        continue
+                    add |= answer
+                elif th.member_mask[target] & live == th.member_mask[target]:
+                    add |= answer
+            if budget:
+                add |= th.procmask[p]
+            else:
+                mine = now[t]
+                for u in range(th.nthreads[p]):
+                    if u != t and not group & th.bit[p][u] and _conflict(
+                            mine, th.future_fp(p, u, pcs[u], live)):
+                        add |= th.bit[p][u]
+            add &= live_agents & ~group
+            if add:
+                group |= add
+                for q in range(self.n):
+                    if add & th.procmask[q]:
+                        for u in range(th.nthreads[q]):
+                            if add & th.bit[q][u]:
+                                todo.append((q, u))
+        return group
 
     def __call__(self, s: State, trs: list, pids: list) -> list:
         """The transitions to expand in s (trs itself when no group qualifies); `pids`
         are the interned ids of s's process states (model.explore.Interner)."""
         if s.abort or len(trs) < 2:
             return trs
-        procs, partners, cache, n = s.procs, self.partners, self._partners, self.n
-        mine = []
+        procs, summary, cache, n = s.procs, self.summary, self._summary, self.n
+        together = s.faults_left > 0 or not self.split_threads
+        key = []
         for p, i in enumerate(pids):
             hit = cache.get(i * n + p, cache)
-            mine.append(partners(p, procs[p], i) if hit is cache else hit)
-        mine = tuple(mine)
-        groups = self._closed.get(mine)
+            if hit is cache:
+                hit = summary(p, procs[p], i)
+            key.append(None if hit is None else hit[together])
+        key.append(together)
+        key = tuple(key)
+        groups = self._closed.get(key)
         if groups is None:
-            groups = self._closed[mine] = self.groups(self._near(mine))
+            groups = self._closed[key] = self.groups(key)
         if not groups:
             return trs
+        bit, procmask = self.th.bit, self.th.procmask
         owner = []
         for tr in trs:
-            parts = tr.parts
-            if len(parts) == 1:
-                owner.append(1 << parts[0][0])
-            else:
-                m = 0
-                for part in parts:
-                    m |= 1 << part[0]
-                owner.append(m)
+            kind = tr.kind
+            if kind == "crash":
+                owner.append(procmask[tr.parts[0][0]])
+                continue
+            m = 0
+            for p, t, _row in tr.parts:
+                m |= bit[p][t]
+            owner.append(m)
         best, size = trs, len(trs)
         for g in groups:
             amp = [tr for tr, m in zip(trs, owner) if m and m & g == m]
