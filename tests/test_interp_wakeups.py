@@ -63,3 +63,32 @@ def test_the_comms_thread_is_woken_only_for_new_work():
     with r0.cv:
         r0._apply(0, _row(r0, 0, "build_envelope"))
     assert r0.comm.nudges == 1           # no op in flight: it is not waiting on one
+
+
+class _Posted:
+    done = False
+
+
+def test_a_thread_does_not_end_while_its_posted_receive_can_still_land():
+    """The leader's comms thread at idle/idle with its header receive posted in the
+    backend: comms_done (to FINAL) waits while rank0 may still send (no exit mark), since
+    a gloo receive cannot be withdrawn and rank0's send would land in it; once rank0 is
+    leaving, or the receive has completed (applied first), the row may fire."""
+    left = set()
+    lead = RankInterpreter(Model(Config(mesh=2, chunks=4), shipped_tables()), 1, None, None,
+                           None, abort_poll=lambda: None, opts=RunOptions(), parity={},
+                           peer_left=lambda r: r in left)
+    t = lead.threads.index("comms")
+    done_row = _row(lead, t, "comms_done")
+    recv = [r for r in lead.table[t]["idle/idle"] if type(r.op).__name__ == "Recv"]
+    assert recv and done_row.src == "idle/idle"
+    lead._comms_jobs[t][1], lead._comms_jobs[t][3] = _Posted(), recv
+    assert lead._recv_may_still_land(t, done_row)
+    left.add(0)
+    assert not lead._recv_may_still_land(t, done_row)
+    left.clear()
+    lead._comms_jobs[t][1].done = True
+    assert not lead._recv_may_still_land(t, done_row)
+    lead._comms_jobs[t][1] = None                   # nothing posted: nothing to land
+    assert not lead._recv_may_still_land(t, done_row)
+    assert not lead._recv_may_still_land(t, recv[0])  # only rows that end the thread
