@@ -17,7 +17,8 @@ from lockstep.conformance.report import conform, format_report
 from lockstep.conformance.simulate import Costs, simulate
 from lockstep.model.config import INJECTABLE, Config
 
-GLOO = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / "gloo_mesh3_cut"
+TESTDATA = Path(__file__).resolve().parent.parent / "conformance" / "testdata"
+GLOO = TESTDATA / "gloo_mesh3_cut"
 
 
 def gen(tmp_path, cfg, name="run", **kw) -> Path:
@@ -61,6 +62,14 @@ def put(d, rank, evs, renumber=True) -> None:
 def find(evs, label, n=0) -> int:
     hits = [k for k, e in enumerate(evs) if e.get("label") == label]
     return hits[n]
+
+
+def conforming_copy(src, tmp_path) -> Path:
+    """A recorded run that conforms as committed, copied to corrupt."""
+    check(src)
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    return d
 
 
 def diverges(d):
@@ -505,8 +514,7 @@ def test_mutated_traces_are_rejected_or_equivalent(tmp_path_factory, base, kind,
                                                      format_report(rep))
 
 
-EAGER = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
-    "kill_leader_after_eager_send"
+EAGER = TESTDATA / "kill_leader_after_eager_send"
 
 
 def test_a_send_to_a_killed_receiver_may_have_completed_in_the_transport():
@@ -642,11 +650,7 @@ def test_an_eager_send_may_come_after_later_lines_of_its_rank(tmp_path):
     whose receive stays posted, this run no longer needs `_may_lag`; the corpus runs
     cpu_gloo_pp0 and cpu_gloo_heartbeats do.) A decode moved ahead of the queueing of
     its result (no send lags there) is rejected, at the decode."""
-    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
-        "shutdown_eager_send_lags"
-    check(src)
-    d = tmp_path / "run"
-    shutil.copytree(src, d)
+    d = conforming_copy(TESTDATA / "shutdown_eager_send_lags", tmp_path)
     evs = events(d, 0)
     last_send = max(k for k, e in enumerate(evs) if e.get("op") == "send")
     queue = find(evs, "queue_result", -1)
@@ -697,11 +701,7 @@ def test_a_send_noticed_late_comes_after_lines_it_does_not_bound(tmp_path):
     before sending envelope 9's payload (line 79). Conforms: a send is bounded only by
     its own side's earlier lines. Its own side is still a bound: the send moved ahead
     of its header send is rejected."""
-    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
-        "chaos_late_send"
-    check(src)
-    d = tmp_path / "run"
-    shutil.copytree(src, d)
+    d = conforming_copy(TESTDATA / "chaos_late_send", tmp_path)
     evs = events(d, 1)
     pay = next(k for k, e in enumerate(evs) if e.get("label") == "send_result_payload"
                and e["chan_i"] == 17)
