@@ -81,7 +81,7 @@ class LoadCache:
         self.dir, self.why_off = where, why_off
         self.read, self.written, self.stale, self.corrupt = [], [], [], []
         self.unmarshallable = []
-        self.failed = ""          # the first write error: the cache is off from then on
+        self.failed = ""          # the first write error: nothing more is written
 
     @classmethod
     def for_run(cls, run_dir: Path, cache, total_bytes: int) -> "LoadCache":
@@ -105,7 +105,7 @@ class LoadCache:
 
     def get(self, rank: int, last: int, key: bytes):
         """The decoded payload stored under `key`, or None (absent, stale, corrupt)."""
-        if self.dir is None or self.failed:
+        if self.dir is None:
             return None
         try:
             with open(self._path(rank, last), "rb") as f:
@@ -174,8 +174,8 @@ class LoadCache:
             bits.append(f"not cached (a value marshal cannot hold): "
                         f"{_ranks(self.unmarshallable)}")
         if self.failed:
-            bits.append(f"off: cannot write there ({self.failed}); set {ENV}=DIR to "
-                        f"keep the cache elsewhere")
+            bits.append(f"cannot write there ({self.failed}): what was not read is not "
+                        f"cached; set {ENV}=DIR to keep the cache elsewhere")
         return f"load cache {self.dir}: " + ("; ".join(bits) or "nothing to cache")
 
 

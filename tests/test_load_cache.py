@@ -152,7 +152,7 @@ def test_a_read_only_trace_directory_loads_without_a_cache(tmp_path, monkeypatch
     try:
         fresh = load_run(d, cache=False)
         run = load_run(d)
-        assert "off: cannot write there" in run.cache_note and C.ENV in run.cache_note, \
+        assert "cannot write there" in run.cache_note and C.ENV in run.cache_note, \
             run.cache_note
         _same_load(fresh, run)
         assert conform(d).ok
