@@ -28,10 +28,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Optional
 
-from lockstep.model.config import Config, config_from_dict
+from lockstep.model.config import Config, config_from_dict, config_to_dict
 from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
 from lockstep.model.tables import THREADS, shipped_tables
 
+from . import cache as C
 from . import segments as S
 
 try:                      # a fast parser when installed (pyproject: orjson); same JSON
@@ -139,6 +140,7 @@ class Run:
         self.path, self.cfg, self.meta, self.ranks, self.warnings = path, cfg, meta, ranks, \
             warnings
         self.start = None       # a suffix: where its replay starts (conformance/suffix.py)
+        self.cache_note = ""    # what the load cache did (conformance/cache.py)
 
     @property
     def n_events(self) -> int:
@@ -206,11 +208,13 @@ def load_config(run_dir: Path) -> tuple:
 
 # ------------------------------------------------------------------ rank files
 
-def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0) -> Run:
+def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0, cache=None) -> Run:
     """Load and check a run directory; raises TraceError on malformed input. `last`:
     read only each rank's newest `last` segments (a suffix, as a flight recorder keeps
     it). A suffix (some rank's oldest segment is not segment 0) gets `run.start`, the
-    replay's first state (conformance/suffix.py)."""
+    replay's first state (conformance/suffix.py). `cache`: where the load cache lives
+    (None: the default or LOCKSTEP_TRACE_CACHE; a directory; False: none), see
+    conformance/cache.py; `run.cache_note` says what it did."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TraceError(run_dir, 0, "run_dir", "not a directory")
@@ -230,11 +234,14 @@ def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0) -> Run:
         raise TraceError(files[extra[0]][0], 0, "rank", f"rank {extra[0]} is outside the "
                          f"configured world of {world} (1 + mesh {cfg.mesh})")
     warnings, ranks = [], []
+    lc = C.LoadCache.for_run(run_dir, cache, sum(p.stat().st_size for ps in files.values()
+                                                  for p in ps))
     gc_was = gc.isenabled()
     gc.disable()      # many small acyclic objects: generational passes only cost time
     try:
-        _load_all(run_dir, model, files, world, warnings, ranks, last)
+        _load_all(run_dir, model, files, world, warnings, ranks, last, lc)
         run = Run(run_dir, cfg, meta, ranks, warnings)
+        run.cache_note = lc.note()
         from . import suffix      # it reads Run and TraceError from here
         suffix.check_checkpoints(run, model)
         if suffix.is_suffix(run):
@@ -245,7 +252,8 @@ def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0) -> Run:
     return run
 
 
-def _load_all(run_dir, model, files, world, warnings, ranks, last):
+def _load_all(run_dir, model, files, world, warnings, ranks, last, lc):
+    cfg_json = json.dumps(config_to_dict(model.cfg), sort_keys=True)
     for r in range(world):
         path = run_dir / f"rank{r}.jsonl"
         rt = RankTrace(r, path, model.roles[r])
@@ -255,9 +263,24 @@ def _load_all(run_dir, model, files, world, warnings, ranks, last):
                             f"started); treated as a crash")
         else:
             rt.files = S.ordered(files[r])[-last:] if last else S.ordered(files[r])
-            reader = S.SegmentReader(rt, model)
-            for k, seg in enumerate(rt.files):
-                _load_rank(rt, seg, warnings, world, reader, last=k == len(rt.files) - 1)
+            datas = [seg.read_bytes() for seg in rt.files]
+            key = C.rank_key(r, rt.role, world, last, cfg_json,
+                             [(seg.name, data) for seg, data in zip(rt.files, datas)]) \
+                if lc.dir is not None else b""
+            hit = lc.get(r, last, key) if key else None
+            if hit is not None and C.restore(rt, hit, warnings):
+                lc.read.append(r)
+            else:
+                if hit is not None:
+                    lc.rejected(r)
+                mine = []
+                reader = S.SegmentReader(rt, model)
+                for k, (seg, data) in enumerate(zip(rt.files, datas)):
+                    _load_rank(rt, seg, data, mine, world, reader,
+                               last=k == len(rt.files) - 1)
+                warnings += mine
+                if key:
+                    lc.put(r, last, key, C.rank_payload(rt, mine))
         if not rt.has_exit and not rt.releases:
             rt.err_line = _err_line(run_dir / f"rank{r}.err")
             if rt.err_line:
@@ -279,10 +302,8 @@ def _err_line(path: Path) -> str:
     return ""
 
 
-def _load_rank(rt: RankTrace, path: Path, warnings: list, world: int, reader,
-               last: bool = True) -> None:
-    with open(path, "rb") as f:
-        data = f.read()
+def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: int,
+               reader, last: bool = True) -> None:
     text = data.decode("utf-8", errors="replace")
     lines = text.split("\n")
     complete_end = text.endswith("\n") or text == ""

@@ -564,14 +564,22 @@ class Replayer:
         return False
 
     def _row_at(self, ev, s):
+        """The row ev took at the model's state: (thread, control state, label) names
+        it, except where two rows share them (cond_flag_all's `last_generator_call` at
+        `gen`, told apart by their guards and dst): then the one to the recorded dst;
+        the first when none goes there (the recorded dst is wrong: `_mismatch` says)."""
         pr = s.procs[ev.rank]
         if pr.status != LIVE:
             return None
         pc = pr.pcs[ev.t]
+        first = None
         for row in self.m.tables[ev.rank][ev.t].get(pc, ()):
             if row.label == ev.label:
-                return row
-        return None
+                if row.dst == ev.dst:
+                    return row
+                if first is None:
+                    first = row
+        return first
 
     def _why_not(self, ev, s) -> str:
         """Why the model's index has nothing for this event here, in domain words."""

@@ -63,6 +63,7 @@ class Report:
     replayed: int = 0
     steps: int = 0                # model transitions
     load_s: float = 0.0
+    cache_note: str = ""          # what the load cache did (conformance/cache.py)
     replay_s: float = 0.0
     events_per_s: float = 0.0     # replay throughput
     divergence: Optional[str] = None
@@ -85,7 +86,8 @@ class Report:
     def as_dict(self) -> dict:
         return {"run_dir": self.run_dir, "ok": self.ok, "config": self.config,
                 "events": self.events, "replayed": self.replayed, "steps": self.steps,
-                "load_s": round(self.load_s, 4), "replay_s": round(self.replay_s, 4),
+                "load_s": round(self.load_s, 4), "cache": self.cache_note,
+                "replay_s": round(self.replay_s, 4),
                 "events_per_s": round(self.events_per_s), "divergence": self.divergence,
                 "verdicts": {v.name: {"status": v.status, "detail": v.detail}
                              for v in self.verdicts},
@@ -109,6 +111,7 @@ def conform(run_dir, verify: bool = False, last: int = 0) -> Report:
         rep.ended = "unknown (trace rejected)"
         return rep
     rep.load_s = time.perf_counter() - t0
+    rep.cache_note = run.cache_note
     rep.run = run
     rep.config = run.cfg.describe()
     rep.events = run.n_events
@@ -391,7 +394,7 @@ def format_report(r: Report) -> str:
              f"events       {r.events:,} step events (per rank {r.per_rank}), "
              f"{r.replayed:,} replayed in {r.steps:,} model steps",
              f"time         load {r.load_s:.3f} s, replay {r.replay_s:.3f} s "
-             f"({r.events_per_s:,.0f} events/s)",
+             f"({r.events_per_s:,.0f} events/s); {r.cache_note or 'load cache: -'}",
              f"end          {r.ended}",
              f"failure mode {r.failure_mode or '-'}",
              f"outputs      {r.emitted} emitted",
