@@ -120,7 +120,9 @@ PLACE_TEXT = {
     C.RANK0_BEFORE_SEND: "rank0's preflight in Phase A, before the header is sent",
     C.LEADER_BEFORE_BROADCAST: "the leader, after receiving the whole envelope, before its "
                                "first mesh broadcast",
-    C.MESH_BEFORE_PHASE_B: "every mesh rank, before the first generator collective",
+    C.MESH_BEFORE_PHASE_B: "every mesh worker, before the first generator collective "
+                           "(the leader, mesh rank 0, ran the same checks at "
+                           "leader_before_broadcast and relays the bytes it checked)",
     C.LEADER_BEFORE_REPLY: "the leader's preflight of its result, before the result header",
     C.RANK0_ON_RESULT: "rank0, on receiving a result, before it is queued for decode",
 }

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 
@@ -642,6 +642,35 @@ def pack_payload(frames: Frames) -> torch.Tensor:
     if not cpu:
         return buf
     return torch.frombuffer(buf, dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+
+
+class Wire(NamedTuple):
+    """A message as it travels: its header (``info`` decoded, ``header`` the words) and
+    its packed payload (empty for header-only actions)."""
+    info: Header
+    header: torch.Tensor
+    payload: torch.Tensor
+
+
+def wire(frames: Frames) -> Wire:
+    """An encoded message, packed for sending."""
+    return Wire(frames.info, frames.header, pack_payload(frames))
+
+
+def relay(kind: str, msg: M.Msg, meta: Mapping, received: Wire) -> Wire:
+    """The bytes to forward for the model's message `msg`, whose frames were received
+    (decoded to `meta`, validated) as `received`: those bytes are what re-encoding
+    ``full_meta(kind, msg, meta)`` with the received tensors would make whenever `msg`'s
+    wire ids are `meta`'s (one dict has one encoding; header and manifest follow from
+    meta and tensors), so that is checked and nothing is re-encoded or re-validated. A
+    message whose ids differ from what was received is not the received one: refused."""
+    ids = M.wire_ids(kind, msg)
+    for name, want in ids.items():
+        got = meta.get(name)
+        if isinstance(got, bool) != isinstance(want, bool) or got != want:
+            raise CodecError(name, f"relayed {kind}: the model's message says {want!r}, "
+                             f"the received bytes say {got!r:.40}")
+    return received
 
 
 def alloc_packed(h: Header, *, device="cpu") -> torch.Tensor:

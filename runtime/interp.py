@@ -22,6 +22,7 @@ import hashlib
 import json
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,14 @@ from lockstep.model.tables import FINAL, THREADS
 
 from . import codec, transport as T
 from .workload import envelope_fields
+
+
+class Received(NamedTuple):
+    """The leader's envelope as its comms thread received it: decoded meta and tensors
+    (views into the packed payload) and the wire bytes (None when it was refused)."""
+    meta: dict
+    tensors: dict
+    wire: "codec.Wire | None"
 
 
 class TableViolation(RuntimeError):
@@ -78,7 +87,7 @@ class RankInterpreter:
         self.env_frames, self.env_meta, self.times = {}, {}, {}
         self.results = {}
         self.cur = None             # mesh: (meta, tensors) of the current envelope
-        self.received = {}          # leader: (meta, tensors) of envelopes received ahead
+        self.received = {}          # leader: Received envelopes, ahead of their broadcast
         self.result_out = {}        # leader: result frames queued for the comms thread
         self.prev_meta = None         # rank0: the last INFER built (Phase A preflight)
         self.sent_ids = None          # rank0: ids of the last envelope header sent
@@ -89,8 +98,9 @@ class RankInterpreter:
         self._comms_jobs = [[None, None, None, None] for _ in self.threads]
         self._in_coll = [None] * len(self.threads)   # the group of a collective in flight
         self._guard_memo = [None] * len(self.threads)   # per thread: (pc, v, rows) (_guarded)
-        self._recv_hdr = None       # the header of the frame the p2p thread receives
+        self._recv_hdr = None       # (Header, words) of the frame the p2p thread receives
         self._bcast_hdr = None      # the header of the frame main broadcasts
+        self._bcast_wire = None     # the leader: the codec.Wire main broadcasts
         self._tl = threading.local()
         self.comm = T.Transport(groups, p, check=self._table_check, abort_poll=abort_poll,
                                 op_deadline_s=self.deadline)
@@ -475,27 +485,31 @@ class RankInterpreter:
             return T.recv_header(self.comm, src, WORLD,
                                  "envelope" if kind == ENV_HDR else "result",
                                  row=rows[0].op, then=self._recv_header_msg)
-        h = self._recv_hdr
+        h, words = self._recv_hdr
         return T.recv_payload(self.comm, h, src, WORLD, row=rows[0].op,
-                              then=lambda parts: self._payload_msg(kind, h, *parts))
+                              then=lambda parts, buf: self._payload_msg(
+                                  kind, codec.Wire(h, words, buf), *parts))
 
-    def _recv_header_msg(self, h):
-        self._recv_hdr = h
+    def _recv_header_msg(self, h, words):
+        self._recv_hdr = (h, words)
         return codec.header_msg(h)
 
-    def _bcast_header_msg(self, h):
+    def _bcast_header_msg(self, h, words):
         self._bcast_hdr = h
         return codec.header_msg(h)
 
-    def _payload_msg(self, kind, h, meta, manifest, tensors):
+    def _payload_msg(self, kind, wire, meta, manifest, tensors):
         # The contract validator's verdict is the message's `valid`: the model's guards
         # (envelope_valid / envelope_invalid, head_current / head_rejected) choose the row.
+        h = wire.info
         if kind == ENV_PAY:
+            # The leader's one check of the envelope (leader_before_broadcast); a valid
+            # one is relayed to the mesh as these bytes (`_mesh_wire`).
             m, msg, err = codec.decode_verdict(codec.decode_envelope, "envelope", h, meta,
                                                manifest, tensors,
                                                where=C.LEADER_BEFORE_BROADCAST)
-            self.received[h.call_id] = (m.meta, m.tensors) if m is not None \
-                else (dict(meta), {})
+            self.received[h.call_id] = Received(m.meta, m.tensors, wire) if m is not None \
+                else Received(dict(meta), {}, None)
         else:
             env_meta = self.env_meta.get(h.call_id)
             m, msg, err = codec.decode_verdict(codec.decode_result, "result", h, meta,
@@ -671,35 +685,47 @@ class RankInterpreter:
         return names, digests
 
     def _bcast(self, rows, op):
-        is_root = self._members(op.group)[op.root] == self.p
+        if self._members(op.group)[op.root] == self.p:
+            return self._bcast_root(rows, op)
         if op.kind == ENV_HDR:
-            frames = None
-            if is_root:
-                with self.cv:
-                    env = rows[0].make(self.v, self.cfg)
-                frames = self._mesh_frames(env)
-                self._bframes = frames
-            return self.comm.wait(T.bcast_header(self.comm, frames, op.group, op.root,
+            return self.comm.wait(T.bcast_header(self.comm, None, op.group, op.root,
                                                  "envelope", row=op,
                                                  then=self._bcast_header_msg))
-        frames = self._bframes if is_root else None
         h = self._bcast_hdr
         meta, manifest, tensors = self.comm.wait(
-            T.bcast_payload(self.comm, frames, h, op.group, op.root, row=op))
-        m = codec.decode_envelope(h, meta, manifest, tensors, where="mesh_before_phase_b")
+            T.bcast_payload(self.comm, None, h, op.group, op.root, row=op))
+        m = codec.decode_envelope(h, meta, manifest, tensors, where=C.MESH_BEFORE_PHASE_B)
         self.cur = (m.meta, m.tensors)
         return m.msg
 
-    def _mesh_frames(self, env: Msg):
-        """The leader re-encodes what it validated (or the terminal it decided): the ids
-        are the model's message's (model.messages.wire_ids)."""
+    def _bcast_root(self, rows, op):
+        """The leader (mesh rank 0) broadcasts the model's message and decodes nothing
+        back: what it sends is what it holds. As a mesh rank it runs no check at
+        mesh_before_phase_b: that place's checks are leader_before_broadcast's, which
+        it ran on receipt (tests/test_codec.py holds the two places equal)."""
+        if op.kind == ENV_HDR:
+            with self.cv:
+                env = rows[0].make(self.v, self.cfg)
+            w = self._bcast_wire = self._mesh_wire(env)
+            self.comm.wait(T.bcast_header(self.comm, w.header, op.group, op.root,
+                                          "envelope", row=op))
+            return codec.header_msg(w.info)
+        w, self._bcast_wire = self._bcast_wire, None
+        self.comm.wait(T.bcast_payload(self.comm, w.payload, w.info, op.group, op.root,
+                                       row=op))
+        return M.summary("envelope", self.cur[0])
+
+    def _mesh_wire(self, env: Msg):
+        """What the leader broadcasts: an INFER is relayed as the bytes the comms thread
+        received and validated (codec.relay checks they are the model's message); a
+        terminal it decided or relays is encoded from the model's message (ids from
+        model.messages.wire_ids)."""
         if env.action == C.Action.INFER:
-            self.cur = self.received.pop(env.call_id)   # what the comms thread received
-            meta, tensors = self.cur
-            return codec.encode_envelope_msg(env, meta, tensors, prev=None,
-                                             where="leader_before_broadcast")
-        return codec.encode_envelope_msg(env, {}, {}, prev=None,
-                                         where="leader_before_broadcast")
+            rec = self.received.pop(env.call_id)   # what the comms thread received
+            self.cur = (rec.meta, rec.tensors)
+            return codec.relay("envelope", env, rec.meta, rec.wire)
+        return codec.wire(codec.encode_envelope_msg(env, {}, {}, prev=None,
+                                                    where=C.LEADER_BEFORE_BROADCAST))
 
     def _result_frames(self, msg: Msg):
         """Result preflight, before the result header (commitment point): the ids and

@@ -465,10 +465,12 @@ class Transport:
 
 # --------------------------------------------------------------------------- framed ops
 # One frame per op: a codec header, or one packed payload (meta, manifest, tensors) sized
-# by the header and capped before allocation. ``then(decoded)`` makes the op's value.
+# by the header and capped before allocation. A receiver's ``then(decoded, buf)`` makes
+# the op's value from the decoded frame and the buffer it arrived in (a relay forwards
+# those bytes). A broadcast's root decodes nothing: it holds the message it sends.
 
-def _then(decode, then):
-    return decode if then is None else (lambda: then(decode()))
+def _then(decode, buf, then):
+    return decode if then is None else (lambda: then(decode(), buf))
 
 
 def send_frame(tp: Transport, part: torch.Tensor, dst: int, group: str, *, row=None) -> Op:
@@ -481,33 +483,36 @@ def recv_header(tp: Transport, src: int, group: str, expect: str, *, row=None, t
                 caps=codec.DEFAULT_CAPS) -> Op:
     t = torch.zeros(codec.HEADER_WORDS, dtype=torch.int64)
     return tp.irecv(t, src, group, row=row, then=_then(
-        lambda: codec.decode_header(t, caps=caps, expect=expect), then))
+        lambda: codec.decode_header(t, caps=caps, expect=expect), t, then))
 
 
 def recv_payload(tp: Transport, h, src: int, group: str, *, row=None, then=None,
                  caps=codec.DEFAULT_CAPS) -> Op:
     buf = codec.alloc_packed(h)
-    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), then)
+    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), buf, then)
     if not buf.numel():
         return tp.nothing("recv", group, src, decode)
     return tp.irecv(buf, src, group, row=row, then=decode)
 
 
-def bcast_header(tp: Transport, frames, group: str, root: int, expect: str, *, row=None,
+def bcast_header(tp: Transport, header, group: str, root: int, expect: str, *, row=None,
                  then=None, caps=codec.DEFAULT_CAPS) -> Op:
-    """``frames`` on the root, None elsewhere; decodes to the Header everywhere."""
-    t = frames.header if frames is not None else torch.zeros(codec.HEADER_WORDS,
-                                                             dtype=torch.int64)
+    """``header`` (the words) on the root, None elsewhere, where it decodes to the Header."""
+    if header is not None:
+        return tp.ibroadcast(header, group, root, row=row)
+    t = torch.zeros(codec.HEADER_WORDS, dtype=torch.int64)
     return tp.ibroadcast(t, group, root, row=row, then=_then(
-        lambda: codec.decode_header(t, caps=caps, expect=expect), then))
+        lambda: codec.decode_header(t, caps=caps, expect=expect), t, then))
 
 
-def bcast_payload(tp: Transport, frames, h, group: str, root: int, *, row=None, then=None,
+def bcast_payload(tp: Transport, payload, h, group: str, root: int, *, row=None, then=None,
                   caps=codec.DEFAULT_CAPS) -> Op:
-    """The root sends the packed payload; the others allocate it from the header and read
-    shapes from the manifest (never inferring them on their own: FM-08)."""
-    buf = codec.pack_payload(frames) if frames is not None else codec.alloc_packed(h)
-    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), then)
+    """The root sends the packed ``payload``; the others allocate it from the header and
+    read shapes from the manifest (never inferring them on their own: FM-08)."""
+    if payload is not None:
+        return tp.ibroadcast(payload, group, root, row=row)
+    buf = codec.alloc_packed(h)
+    decode = _then(lambda: codec.unpack_payload(buf, h, caps=caps), buf, then)
     if not buf.numel():
         return tp.nothing("broadcast", group, root, decode)
     return tp.ibroadcast(buf, group, root, row=row, then=decode)

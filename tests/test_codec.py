@@ -484,3 +484,47 @@ def test_packed_payload_round_trip_and_rejects_bad_buffers():
     garbage = torch.randint(0, 255, (buf.numel(),), dtype=torch.uint8)
     with pytest.raises((codec.CodecError, C.ContractError)):
         codec.unpack_payload(garbage, h)
+
+
+def _received(meta, tensors):
+    """(decoded meta, tensors, Wire) as the leader's comms thread receives a frame."""
+    sent = codec.wire(codec.encode_envelope(meta, tensors))
+    h = codec.decode_header(sent.header.clone())
+    buf = sent.payload.clone()
+    got_meta, manifest, got = codec.unpack_payload(buf, h)
+    m = decode_envelope(h, got_meta, manifest, got, where=C.LEADER_BEFORE_BROADCAST)
+    return m, codec.Wire(h, sent.header.clone(), buf)
+
+
+def test_relay_forwards_exactly_the_bytes_a_re_encode_makes():
+    meta = C.make_envelope_meta()
+    m, received = _received(meta, tensors_for(meta))
+    out = codec.relay("envelope", m.msg, m.meta, received)
+    again = codec.wire(codec.encode_envelope_msg(m.msg, m.meta, m.tensors,
+                                                 where=C.LEADER_BEFORE_BROADCAST))
+    assert out is received
+    assert torch.equal(out.header, again.header) and torch.equal(out.payload, again.payload)
+
+
+@pytest.mark.parametrize("field, wire_name", [
+    ("call_id", "call_id"), ("chunk", "chunk_index"), ("epoch", "cache_epoch"),
+    ("calls", "expected_generator_calls"), ("init_cache", "init_cache")])
+def test_relay_refuses_a_message_that_is_not_the_received_one(field, wire_name):
+    meta = C.make_envelope_meta()
+    m, received = _received(meta, tensors_for(meta))
+    other = m.msg._replace(**{field: (not m.msg.init_cache) if field == "init_cache"
+                              else getattr(m.msg, field) + 1})
+    with pytest.raises(CodecError, match=wire_name):
+        codec.relay("envelope", other, m.meta, received)
+
+
+def test_the_leader_checks_what_every_mesh_rank_checks():
+    """The leader (mesh rank 0) checks an envelope once, at leader_before_broadcast, and
+    relays it without the mesh_before_phase_b check (runtime/interp.py `_bcast_root`):
+    sound only while the two places run the same checks."""
+    def at(where):
+        return [(s.name, type(s).__name__) for table in
+                (C.ENVELOPE_FIELDS, C.ENVELOPE_TENSORS, C.ENVELOPE_RULES)
+                for s in table if where in s.validated_at]
+    assert at(C.LEADER_BEFORE_BROADCAST) == at(C.MESH_BEFORE_PHASE_B)
+    assert at(C.LEADER_BEFORE_BROADCAST)
