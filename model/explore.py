@@ -22,6 +22,10 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
              why it is sound. A
              violation found under it is searched again without it, so the verdict and
              the counterexample printed are the unreduced search's: shortest.
+  no crashes with the watchdog on (with `por`)   the search starts with no crash
+             budget when the watchdog is modelled: a crash is observable only as steps
+             the process no longer takes and as the watchdog's abort flag, whose
+             release ends cleanly; model.reduction says why no verdict is lost.
   abort chain (with `por`)   once the abort flag is set, the only transition is the
              release of every live process; the search follows it without storing the
              state in between (judging it on the way).
@@ -65,7 +69,7 @@ from typing import Optional
 
 from .properties import (check_progress_at_exit, check_rank0, check_terminal,
                          check_transition)
-from .reduction import Ample
+from .reduction import Ample, crashes_unobservable
 from .semantics import Model, State, Tr, Violation
 
 
@@ -286,6 +290,10 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     tagged = {id(r) for table in model.tables for rows_by_pc in table
               for rows in rows_by_pc.values() for r in rows if r.tags}
     s0 = model.initial_state()
+    if por and crashes_unobservable(model):
+        # With the watchdog on no crash can show a violation that a run without it
+        # does not (model.reduction, "Crashes with the watchdog on").
+        s0 = s0._replace(faults_left=0)
     pids0 = keys.pids(s0)
     r_init = keys.rest_id(s0)
     init = keys.pack(r_init, pids0)
@@ -480,7 +488,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
             chain.append(parent[chain[-1]])
         chain.reverse()
         res.steps = counterexample(model, lambda s: keys.key(s, pids_of(s)), chain,
-                                   keys.state(k)[0], tr, v)
+                                   keys.state(k)[0], tr, v, s0)
     return res
 
 
@@ -501,12 +509,12 @@ def one_crash_per_twin(trs: list, base: list, lo: int, hi: int) -> list:
 
 
 def counterexample(model: Model, key, chain: list, last: State, tr: Optional[Tr],
-                   v: Violation) -> list:
-    """Numbered, one line per step, from the initial state to the violation. `chain`
-    holds the keys of the states on the path (from the initial one); `key` maps a
-    concrete state to its key, so the path is replayed concretely and worker names
-    stay consistent along it."""
-    lines, s = [], model.initial_state()
+                   v: Violation, start: State) -> list:
+    """Numbered, one line per step, from the search's initial state `start` to the
+    violation. `chain` holds the keys of the states on the path (from the initial
+    one); `key` maps a concrete state to its key, so the path is replayed concretely
+    and worker names stay consistent along it."""
+    lines, s = [], start
     for target in chain[1:]:
         for cand in model.enabled(s):
             if cand.kind != "violation" and key(model.step(s, cand)) == target:
