@@ -69,7 +69,7 @@ from typing import Optional
 
 from .properties import (check_progress_at_exit, check_rank0, check_terminal,
                          check_transition)
-from .reduction import Ample, crashes_unobservable
+from .reduction import Ample
 from .semantics import Model, State, Tr, Violation
 
 
@@ -294,7 +294,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     tagged = {id(r) for table in model.tables for rows_by_pc in table
               for rows in rows_by_pc.values() for r in rows if r.tags}
     s0 = model.initial_state()
-    if por and crashes_unobservable(model):
+    if ample is not None and ample.crashes_unobservable():
         # With the watchdog on no crash can show a violation that a run without it
         # does not (model.reduction, "Crashes with the watchdog on").
         s0 = s0._replace(faults_left=0)

@@ -84,7 +84,7 @@ Why it is sound here (the properties of model.properties keep their verdicts)
   Violations found under the reduction are real (every reduced state is reachable);
   the search then re-runs without it so the printed counterexample is a shortest one.
 
-Crashes with the watchdog on: no crash is expanded (`crashes_unobservable`)
+Crashes with the watchdog on: no crash is expanded (`Ample.crashes_unobservable`)
   With the heartbeat watchdog modelled (cfg.watchdog, every configuration but the
   no_watchdog mutation's), the reduced search starts with no crash budget: it never
   takes a crash, and the rest of this module then works at budget 0 (threads split
@@ -252,12 +252,6 @@ class Threads:
         return hit
 
 
-def crashes_unobservable(model: Model) -> bool:
-    """Whether the reduced search may leave every crash out: the watchdog is on (module
-    docstring, "Crashes with the watchdog on")."""
-    return model.watchdog_enabled()
-
-
 def _conflict(now: tuple, future: tuple) -> bool:
     """Whether a thread's rows now (reads, writes, guard reads of the rows it cannot take
     yet) and another thread's future rows (reads, writes) may fail to commute, or the
@@ -273,6 +267,8 @@ class Ample:
     # False: a process's threads always together (the process-level reduction, kept
     # for comparison: the bench's "por proc" row).
     split_threads = True
+    # False: crashes expanded with the watchdog on too (the bench's "por crash" row).
+    leave_out_crashes = True
 
     def __init__(self, model: Model):
         self.model = model
@@ -282,6 +278,12 @@ class Ample:
         self._summaries = {}   # summary -> id
         self._by_id = []
         self._closed = {}      # (summary ids..., budget left) -> closed groups
+        self._picked = {}      # (that key, participants of each transition) -> choice
+
+    def crashes_unobservable(self) -> bool:
+        """Whether the reduced search may leave every crash out: the watchdog is on
+        (module docstring, "Crashes with the watchdog on")."""
+        return self.leave_out_crashes and self.model.watchdog_enabled()
 
     def summary(self, p, pr, pid):
         """Ids for what matters about process p in local state pr: None if it is not
@@ -398,18 +400,29 @@ class Ample:
         for tr in trs:
             kind = tr.kind
             if kind == "crash":
-                owner.append(procmask[tr.parts[0][0]])
+                owner.append(-procmask[tr.parts[0][0]])   # negative: a crash
                 continue
             m = 0
             for p, t, _row in tr.parts:
                 m |= bit[p][t]
             owner.append(m)
-        best, size = trs, len(trs)
-        for g in groups:
-            amp = [tr for tr, m in zip(trs, owner) if m and m & g == m]
-            if len(amp) < size:
-                for tr in amp:
-                    if tr.kind != "crash":
-                        best, size = amp, len(amp)
-                        break
-        return best
+        # The choice depends on the groups and on who takes part in each transition
+        # only: states that share both share it (a few thousand of them in millions).
+        owner = (key, tuple(owner))
+        pick = self._picked.get(owner)
+        if pick is None:
+            pick = self._picked[owner] = _smallest(groups, owner[1])
+        return trs if pick is None else [trs[i] for i in pick]
+
+
+def _smallest(groups: list, owner: tuple):
+    """The indices of the smallest ample set among `groups` (agent masks, smallest
+    first) of transitions with these participants (`owner`: agent mask, negated for a
+    crash, 0 for a transition of nobody's such as the watchdog); None: none qualifies
+    (at least one transition that is not a crash, fewer than all)."""
+    best, size = None, len(owner)
+    for g in groups:
+        amp = [i for i, m in enumerate(owner) if m and abs(m) & g == abs(m)]
+        if len(amp) < size and any(owner[i] > 0 for i in amp):
+            best, size = amp, len(amp)
+    return best

@@ -52,7 +52,7 @@ def test_leaving_crashes_out_with_the_watchdog_off_is_caught(monkeypatch):
     crashes out there would miss it, and the agreement check sees that."""
     cfg = mutation_config(Config(mesh=2, chunks=2), "no_watchdog")
     assert _raw(cfg, True).verdict == _raw(cfg, False).verdict == "crash_hang"
-    monkeypatch.setattr(explore_mod, "crashes_unobservable", lambda model: True)
+    monkeypatch.setattr(reduction.Ample, "crashes_unobservable", lambda self: True)
     assert _raw(cfg, True).verdict == "clean"
 
 
@@ -133,7 +133,7 @@ def test_one_crash_per_twin_removes_transitions_not_states(monkeypatch):
     the rule drops the duplicate crash, never a state. The same comparison catches a
     rule that drops a crash with no twin."""
     # The crashes themselves are expanded here: the rule is about them.
-    monkeypatch.setattr(explore_mod, "crashes_unobservable", lambda model: False)
+    monkeypatch.setattr(reduction.Ample, "leave_out_crashes", False)
     cfg = Config(mesh=4, chunks=2, faults=2)
     with_rule = _raw(cfg, True)
     monkeypatch.setattr(explore_mod, "one_crash_per_twin", lambda trs, base, lo, hi: trs)
