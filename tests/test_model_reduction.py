@@ -15,6 +15,8 @@ from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 
 ENTRIES = manifest_entries() + [
     (f"{n}_faults1", mutation_config(Config(mesh=2, chunks=2, faults=1), n))
+    for n in MUTATIONS] + [
+    (f"{n}_faults2", mutation_config(Config(mesh=3, chunks=2, hard_cut=True, faults=2), n))
     for n in MUTATIONS]
 
 
