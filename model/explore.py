@@ -89,6 +89,7 @@ class Result:
     por: bool = False
     workers: int = 1
     researched: bool = False   # found under POR; states, steps: the unreduced search's
+    crash_free: bool = False   # crash budget left out (the watchdog on: model.reduction)
 
     @property
     def states_per_s(self) -> float:
@@ -104,6 +105,7 @@ class Result:
                 "states_per_s": round(self.states_per_s),
                 "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry,
                 "por": self.por, "researched": self.researched,
+                "crash_free": self.crash_free,
                 "workers": self.workers}
 
 
@@ -294,7 +296,8 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     tagged = {id(r) for table in model.tables for rows_by_pc in table
               for rows in rows_by_pc.values() for r in rows if r.tags}
     s0 = model.initial_state()
-    if ample is not None and ample.crashes_unobservable():
+    crash_free = s0.faults_left > 0 and ample is not None and ample.crashes_unobservable()
+    if crash_free:
         # With the watchdog on no crash can show a violation that a run without it
         # does not (model.reduction, "Crashes with the watchdog on").
         s0 = s0._replace(faults_left=0)
@@ -483,7 +486,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     res = Result(model.cfg.describe(), "clean", None, states=len(parent),
                  transitions=transitions, depth=depth, seconds=secs,
                  peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 terminals=terminals, symmetry=symmetry, por=por)
+                 terminals=terminals, symmetry=symmetry, por=por, crash_free=crash_free)
     if found:
         k, tr, v = found
         res.verdict, res.violation = v.prop, v

@@ -46,7 +46,9 @@ def test_with_the_watchdog_on_the_reduced_search_takes_no_crash():
     red, none = _raw(cfg, True), _raw(cfg.with_(faults=0), True)
     assert (red.verdict, red.states, red.transitions) == \
         (none.verdict, none.states, none.transitions)
-    assert _raw(cfg, False).states > 3 * red.states
+    full = _raw(cfg, False)
+    assert full.states > 3 * red.states
+    assert red.crash_free and not none.crash_free and not full.crash_free
 
 
 def test_leaving_crashes_out_with_the_watchdog_off_is_caught(monkeypatch):
