@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-symmetry", action="store_true",
                    help="explore without worker-symmetry reduction")
     p.add_argument("--no-por", action="store_true",
-                   help="explore without partial-order reduction (state counts unreduced)")
+                   help="explore without partial-order reduction (state counts unreduced, "
+                        "every crash expanded)")
     p.add_argument("--workers", type=int, default=1,
                    help="search processes, count (>1: multiprocess search, without "
                         "partial-order reduction)")

@@ -31,6 +31,9 @@ def format_result(r: Result) -> str:
              f"partial-order reduction {'on' if r.por else 'off'}"
              + (" (violation searched again without it: states and counterexample "
                 "are the unreduced search's)" if r.researched else "")
+             + (" (no crash expanded: with the watchdog on a crash shows no violation a "
+                "run without it does not, model/reduction.py; --no-por expands them)"
+                if r.crash_free else "")
              + (f"  workers {r.workers}" if r.workers > 1 else "")]
     if r.violation:
         lines.append(f"counterexample ({len(r.steps) - 1} steps, shortest):")

@@ -22,6 +22,10 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
              why it is sound. A
              violation found under it is searched again without it, so the verdict and
              the counterexample printed are the unreduced search's: shortest.
+  no crashes with the watchdog on (with `por`)   the search starts with no crash
+             budget when the watchdog is modelled: a crash is observable only as steps
+             the process no longer takes and as the watchdog's abort flag, whose
+             release ends cleanly; model.reduction says why no verdict is lost.
   abort chain (with `por`)   once the abort flag is set, the only transition is the
              release of every live process; the search follows it without storing the
              state in between (judging it on the way).
@@ -85,6 +89,7 @@ class Result:
     por: bool = False
     workers: int = 1
     researched: bool = False   # found under POR; states, steps: the unreduced search's
+    crash_free: bool = False   # crash budget left out (the watchdog on: model.reduction)
 
     @property
     def states_per_s(self) -> float:
@@ -100,6 +105,7 @@ class Result:
                 "states_per_s": round(self.states_per_s),
                 "peak_mb": round(self.peak_mb, 1), "symmetry": self.symmetry,
                 "por": self.por, "researched": self.researched,
+                "crash_free": self.crash_free,
                 "workers": self.workers}
 
 
@@ -149,17 +155,21 @@ class Interner:
         self.procs, self.pool, self.ids = [], {}, {}
         self.rests, self.rest_ids = [], {}
         self.checked = {}
-        posted, apply = model.posted, model._apply
+        posted, apply = model._posted, model._apply
         n, ids, memo_posted, memo_apply = self.n, self.ids, {}, {}
+        offers = {}
 
         # Keyed by id() of interned states alone: they are never freed, so no other
         # live object can have their id (a state that is not interned is not stored).
+        # What a process offers repeats across its states (the same rows enabled):
+        # one copy of each (model.posted's own cache, keyed by the state, is not used:
+        # it kept a copy per state, a fifth of the memory of the search).
         def fast_posted(p, pr):
             hit = memo_posted.get(id(pr) * n + p)
             if hit is None:
                 hit = posted(p, pr)
                 if id(pr) in ids:
-                    memo_posted[id(pr) * n + p] = hit
+                    hit = memo_posted[id(pr) * n + p] = offers.setdefault(hit, hit)
             return hit
 
         def fast_apply(pr, t, row, msg):
@@ -286,6 +296,11 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     tagged = {id(r) for table in model.tables for rows_by_pc in table
               for rows in rows_by_pc.values() for r in rows if r.tags}
     s0 = model.initial_state()
+    crash_free = s0.faults_left > 0 and ample is not None and ample.crashes_unobservable()
+    if crash_free:
+        # With the watchdog on no crash can show a violation that a run without it
+        # does not (model.reduction, "Crashes with the watchdog on").
+        s0 = s0._replace(faults_left=0)
     pids0 = keys.pids(s0)
     r_init = keys.rest_id(s0)
     init = keys.pack(r_init, pids0)
@@ -471,7 +486,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     res = Result(model.cfg.describe(), "clean", None, states=len(parent),
                  transitions=transitions, depth=depth, seconds=secs,
                  peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 terminals=terminals, symmetry=symmetry, por=por)
+                 terminals=terminals, symmetry=symmetry, por=por, crash_free=crash_free)
     if found:
         k, tr, v = found
         res.verdict, res.violation = v.prop, v
@@ -480,7 +495,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
             chain.append(parent[chain[-1]])
         chain.reverse()
         res.steps = counterexample(model, lambda s: keys.key(s, pids_of(s)), chain,
-                                   keys.state(k)[0], tr, v)
+                                   keys.state(k)[0], tr, v, s0)
     return res
 
 
@@ -501,12 +516,12 @@ def one_crash_per_twin(trs: list, base: list, lo: int, hi: int) -> list:
 
 
 def counterexample(model: Model, key, chain: list, last: State, tr: Optional[Tr],
-                   v: Violation) -> list:
-    """Numbered, one line per step, from the initial state to the violation. `chain`
-    holds the keys of the states on the path (from the initial one); `key` maps a
-    concrete state to its key, so the path is replayed concretely and worker names
-    stay consistent along it."""
-    lines, s = [], model.initial_state()
+                   v: Violation, start: State) -> list:
+    """Numbered, one line per step, from the search's initial state `start` to the
+    violation. `chain` holds the keys of the states on the path (from the initial
+    one); `key` maps a concrete state to its key, so the path is replayed concretely
+    and worker names stay consistent along it."""
+    lines, s = [], start
     for target in chain[1:]:
         for cand in model.enabled(s):
             if cand.kind != "violation" and key(model.step(s, cand)) == target:

@@ -92,7 +92,11 @@ SYM = [Config(mesh=3, chunks=2, faults=1), Config(mesh=4, chunks=2, hard_cut=Tru
 
 @pytest.mark.parametrize("cfg", SYM, ids=lambda c: c.describe())
 def test_symmetry_reduction_agrees_with_the_full_search(cfg):
-    red, full = explore(model_for(cfg)), explore(model_for(cfg), symmetry=False)
+    # Symmetry alone: with the partial-order reduction on both sides the counts are
+    # not ordered (the ample sets chosen in canonical states differ), e.g. 817 against
+    # 816 for the first configuration once the reduced search takes no crash.
+    red = explore(model_for(cfg), por=False)
+    full = explore(model_for(cfg), symmetry=False, por=False)
     assert red.verdict == full.verdict
     assert len(red.steps) == len(full.steps)
     assert red.states <= full.states
@@ -100,7 +104,10 @@ def test_symmetry_reduction_agrees_with_the_full_search(cfg):
 
 def test_symmetry_reduction_shrinks_the_state_space():
     cfg = Config(mesh=4, chunks=2, faults=1)
-    assert explore(model_for(cfg), symmetry=False).states > 1.5 * explore(model_for(cfg)).states
+    # Workers differ by which one crashed: the crashes are expanded without the
+    # partial-order reduction only (with it, a crash-free search, model.reduction).
+    assert explore(model_for(cfg), symmetry=False, por=False).states > \
+        1.5 * explore(model_for(cfg), por=False).states
 
 
 @pytest.mark.parametrize("cfg", [Config(mesh=2, chunks=2, hard_cut=True, faults=1),

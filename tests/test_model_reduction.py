@@ -15,6 +15,8 @@ from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 
 ENTRIES = manifest_entries() + [
     (f"{n}_faults1", mutation_config(Config(mesh=2, chunks=2, faults=1), n))
+    for n in MUTATIONS] + [
+    (f"{n}_faults2", mutation_config(Config(mesh=3, chunks=2, hard_cut=True, faults=2), n))
     for n in MUTATIONS]
 
 
@@ -33,6 +35,29 @@ def test_reduced_and_unreduced_searches_agree(cfg):
     else:   # what is printed: the unreduced verdict and a shortest counterexample
         printed = explore(model_for(cfg))
         assert printed.verdict == full.verdict and printed.steps == full.steps
+
+
+def test_with_the_watchdog_on_the_reduced_search_takes_no_crash():
+    """A crash is observable only as missing steps and through the watchdog's abort
+    flag (model.reduction): the reduced search of a crash budget is the search
+    without one, and the unreduced search with crashes has the same verdict (the
+    agreement test above, on every configuration and mutation with a budget)."""
+    cfg = Config(mesh=3, chunks=2, hard_cut=True, faults=2)
+    red, none = _raw(cfg, True), _raw(cfg.with_(faults=0), True)
+    assert (red.verdict, red.states, red.transitions) == \
+        (none.verdict, none.states, none.transitions)
+    full = _raw(cfg, False)
+    assert full.states > 3 * red.states
+    assert red.crash_free and not none.crash_free and not full.crash_free
+
+
+def test_leaving_crashes_out_with_the_watchdog_off_is_caught(monkeypatch):
+    """Without the watchdog a crash leaves its peers blocked (crash_hang): leaving the
+    crashes out there would miss it, and the agreement check sees that."""
+    cfg = mutation_config(Config(mesh=2, chunks=2), "no_watchdog")
+    assert _raw(cfg, True).verdict == _raw(cfg, False).verdict == "crash_hang"
+    monkeypatch.setattr(reduction.Ample, "crashes_unobservable", lambda self: True)
+    assert _raw(cfg, True).verdict == "clean"
 
 
 @pytest.mark.parametrize("cfg", [Config(mesh=3, chunks=2, faults=1),
@@ -111,6 +136,8 @@ def test_one_crash_per_twin_removes_transitions_not_states(monkeypatch):
     """Crashing either of two workers in the same state reaches one canonical state:
     the rule drops the duplicate crash, never a state. The same comparison catches a
     rule that drops a crash with no twin."""
+    # The crashes themselves are expanded here: the rule is about them.
+    monkeypatch.setattr(reduction.Ample, "leave_out_crashes", False)
     cfg = Config(mesh=4, chunks=2, faults=2)
     with_rule = _raw(cfg, True)
     monkeypatch.setattr(explore_mod, "one_crash_per_twin", lambda trs, base, lo, hi: trs)
