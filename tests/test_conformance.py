@@ -323,6 +323,32 @@ def test_a_members_wrong_gseq_is_its_own_divergence(tmp_path, ahead, why):
     assert why in div.reason
 
 
+def _other(evs, k, field):
+    """A value of `field` that another line of the file has and line k has not."""
+    return next(e[field] for e in evs[k:] + evs[:k] if e.get(field) not in (None, evs[k][field]))
+
+
+@pytest.mark.parametrize("field", ["dst", "label", "gseq", "chan_i"])
+def test_every_one_field_corruption_names_its_own_line(tmp_path, field):
+    """Each rank of the recorded gloo run, the field of a row (dst, label, the group or
+    channel coordinate) changed at three lines in turn: every copy is rejected at that
+    rank, file and line, whichever member of the transition the replay tries first (the
+    dst and gseq cases named a healthy member or a waiting rank before `_culprit`)."""
+    tried = 0
+    for rank in range(4):
+        lines = read(GLOO, rank)
+        evs = [json.loads(x) for x in lines]
+        for k in [k for k, e in enumerate(evs) if e.get("ev") == "step" and field in e][5:8]:
+            tried += 1
+            d = tmp_path / f"r{rank}_{k}"
+            shutil.copytree(GLOO, d)
+            e = dict(evs[k])
+            e[field] = e[field] + 1 if field in ("gseq", "chan_i") else _other(evs, k, field)
+            write(d, rank, lines[:k] + [json.dumps(e)] + lines[k + 1:])
+            _blamed_at(d, rank, k + 1)
+    assert tried >= 6          # rank0 has one collective, the workers no channel
+
+
 def _sim_with(tmp_path, cfg, label, seeds=range(40), **kw):
     for seed in seeds:
         d = gen(tmp_path, cfg, f"s{seed}", seed=seed, **kw)
