@@ -38,6 +38,13 @@ whatever row the model enables for it there; the written parts must match exactl
 EAGER_SEND_RULE: under rendezvous p2p, a recorded send whose receiver is crashed in the
 model (killed, its trace replayed) and received nothing completed in the transport: it
 is the model's `send` transition of the sender's posted row (`events.eager_sends`).
+
+The first divergence names the culprit, not the member of a transition tried first: a
+reason about another recorded event (a member's row or fields, the partner's
+coordinates) is a `Blame` of that event, a wait points at the event waited on, and
+`_diverge_stuck` follows both to the event the reason is about (`_culprit`). A
+collective recorded ahead of its group's next seq waits only while its rank has a line
+for a seq in between; otherwise the recorded gseq is wrong at that line.
 """
 from __future__ import annotations
 
@@ -63,6 +70,19 @@ OPCLASS = {Send: "send", Recv: "recv", Coll: "coll", Exit: "exit", Local: "local
 WINDOW = 64
 _COMM = ("send", "recv", "coll")
 _GI = {g: k for k, g in enumerate(GROUPS)}
+
+
+class Blame:
+    """A reason about one recorded event other than the one tried (a member's row, the
+    partner's coordinates: the culprit), or, for a wait, the event waited on. Called
+    like the plain reasons, lazily, for the text."""
+    __slots__ = ("ev", "text")
+
+    def __init__(self, ev, text):
+        self.ev, self.text = ev, text
+
+    def __call__(self) -> str:
+        return self.text()
 
 
 class Divergence:
@@ -210,7 +230,7 @@ class Replayer:
         for a, b in p2p.values():
             if a is not None and b is not None:
                 a.partner, b.partner = b, a
-        self.p2p = p2p
+        self.p2p, self.colls = p2p, colls
         self.heads = [0] * self.n
 
     @staticmethod
@@ -232,6 +252,10 @@ class Replayer:
         model still has it live: the UNWRITTEN rule applies to it."""
         return self.s.procs[q].status == LIVE and \
             self.run.ranks[q].ended in UNWRITTEN and self._pending(q) == 0
+
+    def _head(self, q):
+        """Rank q's first unreplayed event, or None."""
+        return self.events[q][self.heads[q]] if self._pending(q) else None
 
     def _gone(self, q) -> str:
         rt = self.run.ranks[q]
@@ -281,8 +305,17 @@ class Replayer:
                 return (ev,), ()          # the model's index says: not a member
             seq = s.seq[_GI[grp]]
             if ev.gseq != seq:
-                return (WAIT if ev.gseq > seq else BAD), lambda: (
-                    f"{grp} seq {ev.gseq} recorded, but the group is at seq {seq}")
+                if ev.gseq > seq and any(ev.rank in self.colls.get((grp, k), ())
+                                         for k in range(seq, ev.gseq)):
+                    return WAIT, lambda: (f"{grp} seq {ev.gseq} recorded, but the group "
+                                          f"is at seq {seq}")
+                return BAD, lambda: (
+                    f"{grp} seq {ev.gseq} recorded, but the group's next collective is "
+                    f"seq {seq}" + (f" and {m.names[ev.rank]} recorded no event for seq "
+                                    f"{seq}{'' if ev.gseq == seq + 1 else ' on'} (a "
+                                    f"collective skipped, or a wrong gseq)"
+                                    if ev.gseq > seq else " (a collective taken twice, "
+                                    "or a wrong gseq)"))
             evs, unw = [], []
             for mm in m.members[grp]:
                 e = ev.inst.get(mm)
@@ -290,13 +323,14 @@ class Replayer:
                     if self._ended(mm):
                         unw.append(mm)
                         continue
-                    return WAIT, lambda mm=mm: (
+                    return WAIT, Blame(self._head(mm), lambda mm=mm: (
                         f"{grp} seq {ev.gseq}: {m.names[mm]} has no event for this "
                         f"collective (members recorded: "
-                        f"{', '.join(m.names[x] for x in sorted(ev.inst))})" + self._gone(mm))
+                        f"{', '.join(m.names[x] for x in sorted(ev.inst))})" + self._gone(mm)))
                 if not e.done and not self._ready(e):
-                    return WAIT, lambda e=e: (f"{grp} seq {ev.gseq}: {m.names[e.rank]}'s "
-                                              f"event ({e.where()}) is not ready")
+                    return WAIT, Blame(self._head(e.rank), lambda e=e: (
+                        f"{grp} seq {ev.gseq}: {m.names[e.rank]}'s event ({e.where()}) is "
+                        f"not ready"))
                 evs.append(e)
             return tuple(evs), tuple(unw)
         q = m.index[ev.peer]
@@ -319,7 +353,8 @@ class Replayer:
                 return WAIT, lambda: (f"no send with chan_i={ev.chan_i} was recorded "
                                       f"by {ev.peer}" + self._gone(q))
             if not f.done:
-                return WAIT, lambda: f"waits for the matching send ({f.where()})"
+                return WAIT, Blame(self._head(f.rank),
+                                   lambda: f"waits for the matching send ({f.where()})")
             return (ev,), ()
         if f is None:
             if self._ended(q):
@@ -330,12 +365,14 @@ class Replayer:
                                   f"chan_i={ev.chan_i} was recorded by {ev.peer}"
                                   + self._gone(q))
         if not f.done and not self._ready(f):
-            return WAIT, lambda: (f"the matching event {f.where()} is not ready (earlier "
-                                  f"events of its thread are pending)")
+            return WAIT, Blame(self._head(f.rank), lambda: (
+                f"the matching event {f.where()} is not ready (earlier events of its "
+                f"thread are pending)"))
         fi = (self.rcvd if op == "send" else self.sent).get(key, 0)
         if f.chan_i != fi:
-            return BAD, lambda: (f"{f.op} is message #{f.chan_i} on {m.names[key[0]]} -> "
-                                 f"{m.names[key[1]]}, but #{fi} is the next one")
+            return BAD, Blame(f, lambda: (f"{f.op} is message #{f.chan_i} on "
+                                          f"{m.names[key[0]]} -> {m.names[key[1]]}, but "
+                                          f"#{fi} is the next one"))
         return (ev, f), ()
 
     def _fire(self, ev):
@@ -364,8 +401,7 @@ class Replayer:
         evs, unw = g
         for e in evs:
             if e is not ev and self._chain(e) is not None:
-                return BAD, lambda e=e: (f"member {self._who(e.rank, e.t)}: "
-                                         + self._chain(e)())
+                return BAD, Blame(e, self._chain(e))
         byk = {(e.rank, e.t): e for e in evs}
         if unw is EAGER:
             unw = ()
@@ -449,16 +485,19 @@ class Replayer:
                     continue
                 return lambda: f"the model's transition involves {self.m._who(p, t)}"
             if row.label != e.label:
-                return lambda e=e, row=row: (f"{self._who(e.rank, e.t)} recorded "
-                                             f"{e.label}, the model takes {row.label}")
+                return Blame(e, lambda e=e, row=row: (f"{self._who(e.rank, e.t)} recorded "
+                                                      f"{e.label}, the model takes "
+                                                      f"{row.label}"))
             pc = s.procs[p].pcs[t]
             if e.src == pc:
                 if row.dst != e.dst:
-                    return lambda e=e, row=row, pc=pc: (
-                        f"row {row.label!r} at {pc!r} leads to {row.dst!r}, not {e.dst!r}")
+                    return Blame(e, lambda e=e, row=row, pc=pc: (
+                        f"{self.m.names[e.rank]}'s row {row.label!r} at {pc!r} leads to "
+                        f"{row.dst!r}, not to the recorded {e.dst!r}"))
             elif not _lane_ok(e, row, pc):
-                return lambda e=e, pc=pc: (f"recorded {e.src!r} -> {e.dst!r}, but the "
-                                           f"model's {e.thread} thread is at {pc!r}")
+                return Blame(e, lambda e=e, pc=pc: (
+                    f"recorded {e.src!r} -> {e.dst!r}, but the model's "
+                    f"{self.m.names[e.rank]}.{e.thread} thread is at {pc!r}"))
         msg = tr.msg
         if tr.kind in ("p2p", "send", "recv"):
             if kind is None:           # buffered receive: the head of the channel
@@ -470,7 +509,7 @@ class Replayer:
                     continue
                 ok = e.msg == msg if type(row.op) is Send else msg_ok(e.msg, msg, kind)
                 if not ok:
-                    return lambda e=e, row=row: self._msg_why(e, msg, kind, row)
+                    return Blame(e, lambda e=e, row=row: self._msg_why(e, msg, kind, row))
         elif tr.kind == "coll":
             op0 = tr.parts[0][2].op
             hv = header_view(msg) if op0.kind in HEADER_KINDS else None
@@ -480,10 +519,10 @@ class Replayer:
                     continue
                 rec = e.msg if e.has_msg else None
                 if not (rec == msg or (hv is not None and rec == hv)):
-                    return lambda e=e: (
+                    return Blame(e, lambda e=e, rec=rec: (
                         f"{e.group} seq {e.gseq}: {self.m.names[e.rank]} recorded "
                         f"{fmt_msg(e.msg) if e.has_msg else 'no message'}, the model's "
-                        f"value is {fmt_msg(msg)}" + msg_diff(rec, msg))
+                        f"value is {fmt_msg(msg)}" + msg_diff(rec, msg)))
         return None
 
     def _msg_why(self, e, msg, kind, row):
@@ -547,12 +586,15 @@ class Replayer:
         return False
 
     def _own_posted(self, ev, s) -> bool:
-        """The model's process offers the event's row at its state (guards true)."""
+        """The model's process offers the event's row at its state (guards true), and
+        the row leads where the event says it went."""
         pr = s.procs[ev.rank]
         if pr.status != LIVE:
             return False
         row = self._row_at(ev, s)
         if row is None or self._fields(ev, row) is not None:
+            return False
+        if ev.src == pr.pcs[ev.t] and row.dst != ev.dst:
             return False
         loc, sends, recvs, colls = self.m.posted(ev.rank, pr)
         for tr in loc:
@@ -817,22 +859,40 @@ class Replayer:
                 res.notes.append(f"{m.names[p]} wrote a release event but the model ends "
                                  f"it {pr.status} (the release came after its exit)")
 
+    def _culprit(self, ev):
+        """The event a stuck head's reason is about: a reason about another recorded
+        event (`Blame`: a member's row or fields, the partner's coordinates) names that
+        one; a wait names the first unreplayed event of the rank waited on, whose own
+        reason is followed in turn (never back to an event already visited). The member
+        of a transition that is blamed is the one the reason is about, never the one
+        tried first."""
+        code, why = self._fire(ev)
+        seen = {id(ev)}
+        while isinstance(why, Blame) and why.ev is not None and id(why.ev) not in seen:
+            ev = why.ev
+            seen.add(id(ev))
+            if code == BAD:
+                break
+            code, why = self._fire(ev)
+        return ev, code, why
+
     def _diverge_stuck(self):
-        """Name the culprit: of the events first in their rank's file, one whose own row
-        the model does not offer (no such row, a guard false, a broken src chain) before
-        one that is wrong only in combination, before one that merely waits (a healthy
+        """Name the culprit: of the events first in their rank's file, each followed to
+        the event its reason is about (`_culprit`), one whose own row the model does not
+        offer (no such row, a guard false, a broken src chain, another dst) before one
+        that is wrong only in combination, before one that merely waits (a healthy
         member of a collective the culprit never joins)."""
         m, s = self.m, self.s
         best = None
         for r in range(self.n):
-            h = self.heads[r]
-            if h >= len(self.events[r]):
+            if self._head(r) is None:
                 continue
-            ev = self.events[r][h]
-            code, why = self.try_fire(ev, explain=True)
+            ev, code, why = self._culprit(self._head(r))
+            s = self.s                  # an UNWRITTEN completion may have been taken
             own = self._chain(ev) is None and self._own_posted(ev, s)
-            cand = (0 if not own else 1 if code == BAD else 2, r, ev, why)
-            if best is None or cand[:2] < best[:2]:
+            cand = (0 if not own else 1 if code == BAD else 2, ev.rank, ev.line, ev,
+                    why() if callable(why) else why)
+            if best is None or cand[:3] < best[:3]:
                 best = cand
         step = self.res.steps + 1
         if best is None:
@@ -851,7 +911,7 @@ class Replayer:
             self.res.divergence = Divergence(step, None, "end of the traces", None, reason,
                                              self._allowed(None), self._context())
             return
-        _, r, ev, why = best
+        _, r, _, ev, why = best
         row = self._row_at(ev, s)
         gf = row if row is not None and row.guard is not None and \
             not row.guard(s.procs[r].v, self.cfg) else None

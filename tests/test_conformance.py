@@ -276,6 +276,79 @@ def test_collective_on_the_wrong_group(tmp_path):
     assert "wrong group" in div.reason
 
 
+def _blamed_at(d, rank, line):
+    """The first divergence names `rank`, its file and `line`."""
+    rep, div = diverges(d)
+    assert div.rank == rank and div.event.line == line, div.text()
+    assert f"(rank {rank}), rank{rank}.jsonl line {line}:" in rep.divergence
+    return div
+
+
+def test_a_members_wrong_dst_in_a_collective_is_its_own_divergence(tmp_path):
+    """worker1 records its envelope-payload broadcast as leading back to `wait_hdr`: the
+    divergence is worker1's line (its row leads to `count_check`), not the leader's
+    event, the first member of the broadcast; the same line with other timings conforms
+    (only the row's fields are judged)."""
+    d = conforming_copy(GLOO, tmp_path)
+    evs = events(d, 2)
+    k = find(evs, "recv_envelope_payload")
+    legal = tmp_path / "legal"
+    shutil.copytree(d, legal)
+    evs[k]["dst"] = "wait_hdr"
+    put(d, 2, evs, renumber=False)
+    div = _blamed_at(d, 2, k + 1)
+    assert "worker1's row 'recv_envelope_payload' at 'bcast_pay' leads to 'count_check', " \
+        "not to the recorded 'wait_hdr'" in div.reason
+    evs[k].update(dst="count_check", dur_ns=evs[k]["dur_ns"] * 3)
+    put(legal, 2, evs, renumber=False)
+    check(legal)
+
+
+@pytest.mark.parametrize("ahead, why", [
+    (1, "mesh_pg seq 7 recorded, but the group's next collective is seq 6 and worker1 "
+        "recorded no event for seq 6"),
+    (2, "mesh_pg seq 8 recorded, but the group is at seq 6"),   # its seq-7 line waits
+])
+def test_a_members_wrong_gseq_is_its_own_divergence(tmp_path, ahead, why):
+    """worker1's second envelope-payload broadcast recorded `ahead` collectives too far:
+    the divergence is worker1's line, not rank0's send that waits on the leader, which
+    waits on worker1 (each wait is followed to the event waited on)."""
+    d = conforming_copy(GLOO, tmp_path)
+    evs = events(d, 2)
+    k = find(evs, "recv_envelope_payload", 1)
+    assert evs[k]["gseq"] == 6
+    evs[k]["gseq"] += ahead
+    put(d, 2, evs, renumber=False)
+    div = _blamed_at(d, 2, k + 1)
+    assert why in div.reason
+
+
+def _other(evs, k, field):
+    """A value of `field` that another line of the file has and line k has not."""
+    return next(e[field] for e in evs[k:] + evs[:k] if e.get(field) not in (None, evs[k][field]))
+
+
+@pytest.mark.parametrize("field", ["dst", "label", "gseq", "chan_i"])
+def test_every_one_field_corruption_names_its_own_line(tmp_path, field):
+    """Each rank of the recorded gloo run, the field of a row (dst, label, the group or
+    channel coordinate) changed at three lines in turn: every copy is rejected at that
+    rank, file and line, whichever member of the transition the replay tries first (the
+    dst and gseq cases named a healthy member or a waiting rank before `_culprit`)."""
+    tried = 0
+    for rank in range(4):
+        lines = read(GLOO, rank)
+        evs = [json.loads(x) for x in lines]
+        for k in [k for k, e in enumerate(evs) if e.get("ev") == "step" and field in e][5:8]:
+            tried += 1
+            d = tmp_path / f"r{rank}_{k}"
+            shutil.copytree(GLOO, d)
+            e = dict(evs[k])
+            e[field] = e[field] + 1 if field in ("gseq", "chan_i") else _other(evs, k, field)
+            write(d, rank, lines[:k] + [json.dumps(e)] + lines[k + 1:])
+            _blamed_at(d, rank, k + 1)
+    assert tried >= 6          # rank0 has one collective, the workers no channel
+
+
 def _sim_with(tmp_path, cfg, label, seeds=range(40), **kw):
     for seed in seeds:
         d = gen(tmp_path, cfg, f"s{seed}", seed=seed, **kw)

@@ -53,5 +53,6 @@ def test_a_recorded_dst_of_the_other_row_is_rejected(tmp_path):
     rep = conform(d)
     assert not rep.ok, format_report(rep)
     div = rep.result.divergence
-    assert "row 'last_generator_call' at 'gen' leads to 'wait_hdr', not 'cond'" in \
-        div.reason, div.text()
+    assert div.rank == 2 and div.event.line == k + 1, div.text()
+    assert "worker1's row 'last_generator_call' at 'gen' leads to 'wait_hdr', not to " \
+        "the recorded 'cond'" in div.reason, div.text()
