@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from lockstep.model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
+from lockstep.model.release import committed_exits
 from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
 
 from .load import Run, TraceError, load_run
@@ -293,17 +294,19 @@ def _end_verdict(run: Run, res: ReplayResult) -> Verdict:
     st = [pr.status for pr in res.state.procs]
     if LIVE in st:
         return Verdict("end", "violated", _ended(run, res))
-    bad = _root_cause_problems(run, st)
+    bad = _root_cause_problems(run, st, res.model)
     if bad:
         return Verdict("end", "violated", f"{_ended(run, res)}; {bad[0]}")
     return Verdict("end", "ok", _ended(run, res))
 
 
-def _root_cause_problems(run: Run, st: list) -> list:
+def _root_cause_problems(run: Run, st: list, model) -> list:
     """Rule (model/release.py): the root cause a release event names is an ending the
     model has. ``killed`` names a rank the model ends CRASHED; ``heartbeat_lost`` and the
     own-failure kinds (error, table_refused, deadline) a rank it ends ERROR or CRASHED
-    (failed outside its table, or silent after an error exit). A cause from outside the ranks (the launcher's deadline,
+    (failed outside its table, or silent after an error exit), or ABORTED while one of its
+    threads was committed to that own failure (``committed_exits``: a rank records its
+    cause there, and the flag may release it before its exit row, runtime/node.py). A cause from outside the ranks (the launcher's deadline,
     a lost store) is never a normal ending. Releases without a structured cause (older
     traces) are not judged."""
     out = []
@@ -318,10 +321,24 @@ def _root_cause_problems(run: Run, st: list) -> list:
                            f"({kind}: {c.get('detail', '')[:80]})")
                 continue
             want = (CRASHED,) if kind == "killed" else (ERROR, CRASHED)
-            if st[o] not in want:
+            if st[o] not in want and not (st[o] == ABORTED and kind == _committed_kind(
+                    run.ranks[o], model)):
                 out.append(f"rank {rt.rank}'s release names rank {o} ({kind}) as the root "
                            f"cause, but the model ends rank {o} {st[o]}")
     return out
+
+
+def _committed_kind(rt, model) -> str | None:
+    """The cause kind of the own failure one of this rank's threads was committed to when
+    its trace ended (each thread's last recorded state; the replay has checked them)."""
+    last = {}
+    for e in rt.steps:
+        last[e.t] = e.dst
+    for t, pc in last.items():
+        end = committed_exits(model.tables[rt.rank][t]).get(pc)
+        if end is not None:
+            return "table_refused" if end[0] == "abort" else "error"
+    return None
 
 
 def _ended(run: Run, res: ReplayResult) -> str:

@@ -11,7 +11,11 @@ pickle) of one object::
 ``kind`` is one of ``KINDS``; ``rank``/``role`` are the ORIGIN (the rank that failed, was
 killed or went silent), not the rank that wrote the flag; ids are ``"-"`` when unknown.
 The flag is first-cause-wins (``compare_set("", cause)``): the first writer is the root
-cause and every later writer reads it back instead.
+cause and every later writer reads it back instead. A rank records its own failure (the
+cause, not yet the flag) as soon as one of its threads is committed to it
+(``committed_exits``), not only at its exit row: its way out may wait on peers (the
+leader's ERROR result to rank0), longer than a peer that exits on its terminal message
+waits for the cause (the echo rule below).
 
 Who writes which kind:
   error           a rank's own failure: an error exit from a table row, or an uncaught
@@ -64,6 +68,37 @@ _ECHO_RE = re.compile(r"Connection closed by peer|Connection reset by peer|Read 
                       r"Broken pipe|Socket closed|ECONNRESET|EPIPE|Connection refused|"
                       r"Connection was likely closed", re.I)
 _FIELDS = ("call_id", "chunk_index", "cache_epoch", "group")
+
+
+def committed_exits(thread_table: dict) -> dict:
+    """The states of one thread's table (``{state: rows}``) from which every path ends in
+    the same own failure (rows that stay in the state aside): ``{state: (how, reason)}``
+    of that Exit row, for ``how`` in
+    error / abort and a label that is not an echo (``ECHO_EXIT_LABELS``). A process whose
+    thread enters such a state is the root cause from then on, whatever its remaining
+    rows wait for (the leader's ``exit_rejected`` joins its comms thread, which first
+    sends rank0 the ERROR result): the runtime records the cause there, so a peer that
+    exits on this process's terminal message (an echo) finds it at once instead of
+    racing the rest of this process's way out."""
+    from .ops import Exit
+    out: dict = {}
+    changed = True
+    while changed:
+        changed = False
+        for state, rows in thread_table.items():
+            if state in out or not rows:
+                continue
+            ends = set()
+            for r in rows:
+                if isinstance(r.op, Exit):
+                    own = r.op.how in ("error", "abort") and r.label not in ECHO_EXIT_LABELS
+                    ends.add((r.op.how, r.op.reason) if own else None)
+                elif r.dst != state:    # a row that stays (rank0 dropping results while
+                    ends.add(out.get(r.dst))    # failing) leaves no other way out
+            if len(ends) == 1 and None not in ends:
+                out[state] = ends.pop()
+                changed = True
+    return out
 
 
 def role_of(rank: int) -> str:

@@ -33,6 +33,7 @@ from lockstep.model.messages import Msg
 from lockstep.model.ops import (COND, COUNTS, ENV_HDR, ENV_PAY, GEN, MESH, PARITY, RES_HDR,
                                 RES_PAY, WORLD, Coll, Exit, Local, Recv, Send, op_text)
 from lockstep.model import policy as P
+from lockstep.model import release as R
 from lockstep.model.semantics import DEAD_THREAD, Model
 from lockstep.model.tables import FINAL, THREADS
 
@@ -58,7 +59,8 @@ class WrongGroup(TableViolation):
 
 class RankInterpreter:
     def __init__(self, model: Model, p: int, groups, workload, tracer, *, abort_poll,
-                 opts, parity: dict, control=None, outputs=None, peer_left=None):
+                 opts, parity: dict, control=None, outputs=None, peer_left=None,
+                 on_commit=None):
         self.m, self.p, self.cfg = model, p, model.cfg
         self.groups, self.work, self.trace = groups, workload, tracer
         self.abort_poll, self.opts, self.parity = abort_poll, opts, parity
@@ -76,6 +78,11 @@ class RankInterpreter:
         self.chan_i = {"send": 0, "recv": 0}
         self.gseq = {WORLD: 0, MESH: 0}
         self.exit = None            # (how, reason) once the process leaves
+        # on_commit(how, reason): once, when a thread enters a state from which every path
+        # is that own failure (model.release.committed_exits): the root cause is known
+        # there, before the rest of the way out (terminal messages, joins) has run.
+        self.on_commit = on_commit
+        self._committed = [R.committed_exits(th) for th in self.table]
         self.deadline = opts.op_deadline_s
         self.policy = P.Policy.from_opts(opts.to_dict(), chunks=self.cfg.chunks)
         self.control = control          # rank0: runtime.control.CutControl (cuts from outside)
@@ -247,6 +254,10 @@ class RankInterpreter:
                 self.exit = (row.op.how, row.op.reason)
         else:
             self.pcs[t] = row.dst
+            end = self._committed[t].get(row.dst)
+            if end is not None and self.on_commit is not None:
+                self.on_commit, tell = None, self.on_commit
+                tell(*end)
         if self.role == "rank0":
             self._release(before, self.v)
         if self.trace.keeps(row):   # i numbers the thread's written step events

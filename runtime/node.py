@@ -102,6 +102,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     interp = RankInterpreter(model, rank, groups, work, tracer, abort_poll=wd.poll,
                              peer_left=side.peer_left,
                              opts=opts, parity=parity, control=control, outputs=outputs)
+    interp.on_commit = _record_commit(interp, side)
     interp_box.append(interp)
     tracer.snapshot = lambda: (tuple(interp.pcs), interp.v)   # called under interp.cv
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
@@ -174,21 +175,17 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     _mark_exit(side)            # this rank reads nothing more
     own = f"{interp.ctx()} {reason}{detail}"
     echo = _exit_label(model, rank, how, reason) in R.ECHO_EXIT_LABELS
-    kind = "table_refused" if how == "abort" else "error"
-    odd = re.search(r"differs on ranks \[(\d+)\]", interp.detail or "")
-    if odd:   # a mismatch every member detects at once: its origin is the odd rank
-        o = int(odd.group(1))
-        mine = R.cause(kind, o, side.peer_role(o), f"{reason}{detail}",
-                       **R.ids_from_ctx(interp.ctx()))
-    else:
-        mine = side.cause(kind, f"{reason}{detail}", **R.ids_from_ctx(interp.ctx()))
+    mine = _own_cause(interp, side, how, reason)
     from .sidechannel import abort_active
     # The cause is RECORDED now (an echo names it at once) but the flag is set only after
     # the linger below: the flag would release a peer that has not read our terminal
     # message yet (its watchdog fires before its receive), and exiting would reset it.
+    # (It may be recorded already: on_commit, when this process's way out began.)
     cause, via = abort_active(mine, echo=echo, release=False)
-    if odd and via == "abort_flag" and cause and cause["rank"] == mine["rank"]:
-        via = "own"           # the same first-hand detection, written by a peer first
+    if via == "abort_flag" and cause and (cause["kind"], cause["rank"]) == \
+            (mine["kind"], mine["rank"]):
+        via = "own"     # our own failure, recorded earlier (on_commit) or, for a mismatch
+                        # every member detects at once, by a peer first
     if echo and via == "echo":
         via = "terminal_message"
     print(cause_line("error", via, cause, own=own, ctx=f"rank={rank} role={role}"),
@@ -203,6 +200,36 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell anyone
         pass
     return 1
+
+
+def _own_cause(interp, side, how: str, reason: str) -> dict:
+    """This process's own failure as a root cause: the exit's reason, its ids; for a
+    mismatch every member detects at once (``differs on ranks [R]``), the odd rank."""
+    kind = "table_refused" if how == "abort" else "error"
+    detail = f"{reason} ({interp.detail})" if interp.detail else reason
+    ids = R.ids_from_ctx(interp.ctx())
+    odd = re.search(r"differs on ranks \[(\d+)\]", interp.detail or "")
+    if odd:
+        o = int(odd.group(1))
+        return R.cause(kind, o, side.peer_role(o), detail, **ids)
+    return side.cause(kind, detail, **ids)
+
+
+def _record_commit(interp, side):
+    """``on_commit`` for the interpreter: record (never release) this process's cause the
+    moment one of its threads is committed to an own failure, from a thread of its own
+    (a store call is never made under the interpreter's lock, and a dead store must not
+    hold the process). A peer exiting on our terminal message then reads it at once."""
+    def commit(how: str, reason: str) -> None:
+        mine = _own_cause(interp, side, how, reason)
+
+        def record():
+            try:
+                side.record_cause(mine)
+            except Exception:  # noqa: BLE001 - the exit path records it again, bounded
+                pass
+        threading.Thread(target=record, daemon=True, name="lockstep-commit").start()
+    return commit
 
 
 def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:

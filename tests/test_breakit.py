@@ -17,3 +17,19 @@ def test_breakit_case(name, tmp_path):
     if row["fault_to_all_exited_s"] is not None:
         assert row["fault_to_all_exited_s"] < 3.0, row
     assert row["conforms"] in (True, None), row["conforms"]
+
+
+def test_the_root_cause_is_named_when_its_way_out_is_slower_than_the_echo_grace(tmp_path):
+    """The leader rejects envelope 2 and broadcasts ERROR at once, but its own exit waits
+    on rank0 (the ERROR result, then rank0's exit mark), and rank0's main holds its rows in
+    a 1.5 s Phase A: longer than a worker's echo grace (lost_after_s + 0.1 = 1.1 s). The
+    leader's cause is recorded when its main is committed to that failure
+    (model.release.committed_exits), so every rank still names it; recorded only at its
+    exit, the workers claimed the root cause themselves (stress run, load 10)."""
+    import dataclasses
+    case = CASES["leader_throw"]
+    case = dataclasses.replace(case, opts={**case.opts, "costs": {"phase_a_ms": 1500.0}})
+    row = run_case(case, tmp_path, baseline=False, deadline_s=60)
+    assert row["signature"], "\n".join(row["problems"])
+    assert not row["children_left"]
+    assert row["conforms"] is True, row["conforms"]

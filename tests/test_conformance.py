@@ -802,3 +802,34 @@ def test_random_policy_schedules_differently_from_des(tmp_path):
         check(d)
         orders.append(order(d))
     assert any(o != des for o in orders)
+
+
+# ---------------------------------------------------------------- the root cause's ending
+
+def _verdict(rep, name):
+    return next(v for v in rep.verdicts if v.name == name)
+
+
+def test_a_root_released_while_committed_to_its_failure_is_an_ending_the_model_has():
+    """The leader recorded its cause at exit_err (committed to "envelope rejected") and was
+    released by the flag before its exit row: its cause names an ending the model has."""
+    rep = check(TESTDATA / "leader_throw_root_released")
+    assert "leader released by the abort flag" in _verdict(rep, "end").detail
+
+
+def test_a_release_naming_a_rank_that_was_not_failing_is_rejected(tmp_path):
+    """The same run with the cause moved to rank0, released in Phase A (committed to
+    nothing): rank0 cannot be the root cause of an error."""
+    d = conforming_copy(TESTDATA / "leader_throw_root_released", tmp_path)
+    f = d / "rank1.jsonl"
+    lines = f.read_text().splitlines()
+    for i, ln in enumerate(lines):
+        e = json.loads(ln)
+        if e.get("ev") == "release":
+            e["cause"] = dict(e["cause"], rank=0, role="rank0")
+            lines[i] = json.dumps(e)
+    f.write_text("\n".join(lines) + "\n")
+    rep = conform(d)
+    assert not rep.ok
+    assert "rank 1's release names rank 0 (error) as the root cause, but the model ends " \
+           "rank 0 aborted" in _verdict(rep, "end").detail
