@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from lockstep.model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
-from lockstep.model.release import committed_exits
+from lockstep.model.release import committed_exits, own_kind
 from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
 
 from .load import Run, TraceError, load_run
@@ -337,7 +337,7 @@ def _committed_kind(rt, model) -> str | None:
     for t, pc in last.items():
         end = committed_exits(model.tables[rt.rank][t]).get(pc)
         if end is not None:
-            return "table_refused" if end[0] == "abort" else "error"
+            return own_kind(end[0])
     return None
 
 

@@ -101,6 +101,11 @@ def committed_exits(thread_table: dict) -> dict:
     return out
 
 
+def own_kind(how: str) -> str:
+    """The cause kind of an own failure by its Exit row's ``how``."""
+    return "table_refused" if how == "abort" else "error"
+
+
 def role_of(rank: int) -> str:
     """The lockstep role convention: rank 0, then the mesh leader, then workers."""
     return "rank0" if rank == 0 else ("leader" if rank == 1 else "worker")

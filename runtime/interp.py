@@ -59,8 +59,7 @@ class WrongGroup(TableViolation):
 
 class RankInterpreter:
     def __init__(self, model: Model, p: int, groups, workload, tracer, *, abort_poll,
-                 opts, parity: dict, control=None, outputs=None, peer_left=None,
-                 on_commit=None):
+                 opts, parity: dict, control=None, outputs=None, peer_left=None):
         self.m, self.p, self.cfg = model, p, model.cfg
         self.groups, self.work, self.trace = groups, workload, tracer
         self.abort_poll, self.opts, self.parity = abort_poll, opts, parity
@@ -81,7 +80,7 @@ class RankInterpreter:
         # on_commit(how, reason): once, when a thread enters a state from which every path
         # is that own failure (model.release.committed_exits): the root cause is known
         # there, before the rest of the way out (terminal messages, joins) has run.
-        self.on_commit = on_commit
+        self.on_commit = None       # set by the caller (runtime/node.py)
         self._committed = [R.committed_exits(th) for th in self.table]
         self.deadline = opts.op_deadline_s
         self.policy = P.Policy.from_opts(opts.to_dict(), chunks=self.cfg.chunks)

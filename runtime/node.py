@@ -205,7 +205,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
 def _own_cause(interp, side, how: str, reason: str) -> dict:
     """This process's own failure as a root cause: the exit's reason, its ids; for a
     mismatch every member detects at once (``differs on ranks [R]``), the odd rank."""
-    kind = "table_refused" if how == "abort" else "error"
+    kind = R.own_kind(how)
     detail = f"{reason} ({interp.detail})" if interp.detail else reason
     ids = R.ids_from_ctx(interp.ctx())
     odd = re.search(r"differs on ranks \[(\d+)\]", interp.detail or "")
