@@ -514,8 +514,12 @@ def error_from_rank0(v: MeshVars, cfg) -> bool:
 
 
 def error_result(v: MeshVars, cfg) -> Msg:
+    """The leader's ERROR result: ids echo the envelope; calls = 0, because both ways
+    here (envelope rejected before its broadcast, counts differ before the first call)
+    stop before any generator call of this envelope (calls_done still counts the last
+    envelope's)."""
     e = v.env
-    return message(ERROR, e.call_id, e.chunk, e.epoch, v.calls_done)
+    return message(ERROR, e.call_id, e.chunk, e.epoch, 0)
 
 
 def result(v: MeshVars, cfg) -> Msg:

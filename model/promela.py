@@ -344,8 +344,7 @@ MAKES: dict = {
                                                    f"{c.v}.next_chunk, {c.v}.epoch, "
                                                    f"{c.cfg.calls}, {c.v}.init_cache, 0)"),
     "error_result": ("mesh", "msg", lambda c, d: f"msg_set({d}, ERROR, {c.v}.env.call_id, "
-                                                 f"{c.v}.env.chunk, {c.v}.env.epoch, "
-                                                 f"{c.v}.calls_done, 0)"),
+                                                 f"{c.v}.env.chunk, {c.v}.env.epoch, 0, 0)"),
     "outgoing_result": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.res_out)"),
     "envelope_in": ("mesh", "msg", lambda c, d: f"msg_cp({d}, {c.v}.env_in)"),
     "parity_key": ("any", "int", lambda c: f"{c.v}.flag"),
@@ -1391,7 +1390,7 @@ FINGERPRINTS: dict = {
     'guards.envelope_invalid': '687432a812',
     'guards.envelope_valid': 'ba0a0f8a04',
     'guards.error_from_rank0': '3374f2ecb2',
-    'guards.error_result': '47c7a85bfe',
+    'guards.error_result': '883ebbf453',
     'guards.error_result_sent': 'be82ccfb15',
     'guards.expecting_result': '27f2e71c9e',
     'guards.expecting_result_before_terminal': 'e0bef188dc',

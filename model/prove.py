@@ -956,10 +956,10 @@ UPDATES: dict = {
     "take_envelope_in": (None, {"env": ("inbox",), "inbox": ("inbox",),
                                 "rejected": ("const",)}),
     "queue_result": (None, {"outbox": ("outbox", "env", "calls_done", "bad_result")}),
-    "queue_error_result": (None, {"outbox": ("outbox", "env", "calls_done"),
-                                  "inbox": ("const",), "results_done": ("const",)}),
-    "queue_error_result_first": (None, {"outbox": ("outbox", "env", "calls_done"),
-                                        "inbox": ("const",), "results_done": ("const",)}),
+    "queue_error_result": (None, {"outbox": ("outbox", "env"), "inbox": ("const",),
+                                  "results_done": ("const",)}),
+    "queue_error_result_first": (None, {"outbox": ("outbox", "env"), "inbox": ("const",),
+                                        "results_done": ("const",)}),
     "finish_results": (None, {"results_done": ("const",)}),
 }
 # Variables the semantics initialises per rank (from that rank's faults / flags). The
