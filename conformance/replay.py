@@ -240,26 +240,35 @@ class Replayer:
                 return False
         return True
 
-    def _pending(self, r) -> int:
+    def _has_pending(self, r) -> bool:
+        """Rank r has an unreplayed event. The head skips replayed events, so this is
+        whether one is left at or after it (amortised O(1): the replayer asks at every
+        step, and a count of the rest would make the replay quadratic)."""
         evs, h = self.events[r], self.heads[r]
-        while h < len(evs) and evs[h].done:
+        ln = len(evs)
+        while h < ln and evs[h].done:
             h += 1
         self.heads[r] = h
-        return sum(1 for e in evs[h:] if not e.done)
+        return h < ln
+
+    def _pending(self, r) -> int:
+        """How many of rank r's events are unreplayed (for the result, once)."""
+        self._has_pending(r)
+        return sum(1 for e in self.events[r][self.heads[r]:] if not e.done)
 
     def _ended(self, q) -> bool:
         """Rank q's trace has nothing more, it ended without an exit step, and the
         model still has it live: the UNWRITTEN rule applies to it."""
         return self.s.procs[q].status == LIVE and \
-            self.run.ranks[q].ended in UNWRITTEN and self._pending(q) == 0
+            self.run.ranks[q].ended in UNWRITTEN and not self._has_pending(q)
 
     def _head(self, q):
         """Rank q's first unreplayed event, or None."""
-        return self.events[q][self.heads[q]] if self._pending(q) else None
+        return self.events[q][self.heads[q]] if self._has_pending(q) else None
 
     def _gone(self, q) -> str:
         rt = self.run.ranks[q]
-        if self._pending(q) or rt.ended == "exit":
+        if self._has_pending(q) or rt.ended == "exit":
             return ""
         last = rt.steps[-1].line if rt.steps else 0
         return (f"; {self.m.names[q]}'s trace ends at line {last} ({rt.ended}"
@@ -773,7 +782,7 @@ class Replayer:
                 heads[r] = h
             if progressed:
                 continue
-            if not any(self._pending(r) for r in range(n)):
+            if not any(self._has_pending(r) for r in range(n)):
                 if self._end_phase():
                     continue
                 if any(pr.status == LIVE for pr in self.s.procs):
@@ -803,7 +812,7 @@ class Replayer:
         try:
             # 1. crashed ranks, once their recorded events are replayed
             for r in run.crashed:
-                if s.procs[r].status == LIVE and self._pending(r) == 0:
+                if s.procs[r].status == LIVE and not self._has_pending(r):
                     self._step_env(Tr("crash", ((r, None, None),)))
                     return True
             # 2. an exit that sets the abort flag
@@ -817,7 +826,7 @@ class Replayer:
             live = [p for p, pr in enumerate(s.procs) if pr.status == LIVE]
             if not live:
                 return False
-            if any(self._pending(p) for p in live):
+            if any(self._has_pending(p) for p in live):
                 return False
             if not all(run.ranks[p].ended in ("released", "error_exit") for p in live):
                 return False

@@ -128,6 +128,11 @@ class Model:
         self.coll_groups = tuple(
             frozenset(r.op.group for th in table for rows in th.values() for r in rows)
             for table in self.coll_rows)
+        # the rows a recorded step names, per (process, thread, control state, label),
+        # and a process's collective rows per (process, control states): pure functions
+        # of the tables, looked up at every replayed step (enabled_as)
+        self._named_rows = {}
+        self._coll_rows_at = {}
         self._watchdog = self._watchdog_enabled()
         # Transitions and process states that recur in millions of states are built
         # once: the crash of each process, the watchdog per (gone process, status),
@@ -560,8 +565,13 @@ class Model:
         for q, pq in enumerate(s.procs):
             if pq.status != LIVE or groups.isdisjoint(self.coll_groups[q]):
                 continue
-            at = self.coll_rows[q]
-            rows = [(t, r) for t, pc in enumerate(pq.pcs) for r in at[t].get(pc, ())]
+            rows = self._coll_rows_at.get((q, pq.pcs))
+            if rows is None:
+                at = self.coll_rows[q]
+                rows = self._coll_rows_at[(q, pq.pcs)] = tuple(
+                    (t, r) for t, pc in enumerate(pq.pcs) for r in at[t].get(pc, ()))
+            if not rows:
+                continue
             for g, e in self._offers(q, pq, rows)[3]:
                 if g in groups:
                     entries = by_group.get(g)
@@ -592,7 +602,11 @@ class Model:
             pr = procs[p]
             if pr.status != LIVE:
                 return []
-            rows = [(t, r) for r in self.tables[p][t].get(pr.pcs[t], ()) if r.label == label]
+            key = (p, t, pr.pcs[t], label)
+            rows = self._named_rows.get(key)
+            if rows is None:
+                rows = self._named_rows[key] = tuple(
+                    (t, r) for r in self.tables[p][t].get(key[2], ()) if r.label == label)
             if not rows:
                 return []
             lo, se, re, co = self._offers(p, pr, rows)
