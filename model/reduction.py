@@ -274,11 +274,13 @@ class Ample:
         self.model = model
         self.n = model.n
         self.th = Threads(model)
-        self._summary = {}     # pid * n + p -> summary id
+        # pid * n + p -> summary id: [fine ids, coarse ids] (`summary`), _UNSEEN if not
+        # computed yet
+        self._ids = ([], [])
         self._summaries = {}   # summary -> id
         self._by_id = []
-        self._closed = {}      # (summary ids..., budget left) -> closed groups
-        self._picked = {}      # (that key, participants of each transition) -> choice
+        self._closed = {}      # (summary ids..., budget left) -> (key id, closed groups)
+        self._picked = {}      # (key id, participants of each transition) -> choice
 
     def crashes_unobservable(self) -> bool:
         """Whether the reduced search may leave every crash out: the watchdog is on
@@ -293,10 +295,12 @@ class Ample:
         with crash budget left (its threads are then together), so fewer distinct
         combinations need their groups computed."""
         key = pid * self.n + p
-        hit = self._summary.get(key, self)
-        if hit is self:
+        fine, coarse = self._ids
+        if key >= len(fine):
+            self._grow(key + 1)
+        if fine[key] is _UNSEEN:
             if pr.status != LIVE:
-                hit = None
+                fine[key] = coarse[key] = None
             else:
                 th, m = self.th, self.model
                 _local, sends, recvs, colls = m.posted(p, pr)
@@ -311,11 +315,10 @@ class Ample:
                 for grp, (_p, t, row) in colls:
                     per[t].append((grp, th.coll_threads.get(grp, 0)))
                 reach = tuple(tuple(sorted(set(x), key=repr)) for x in per)
-                hit = (self._intern((pr.pcs, reach, tuple(
-                    th.now_fp(p, t, pr) for t in range(th.nthreads[p])))),
-                    self._intern((None, reach, None)))
-            self._summary[key] = hit
-        return hit
+                fine[key] = self._intern((pr.pcs, reach, tuple(
+                    th.now_fp(p, t, pr) for t in range(th.nthreads[p]))))
+                coarse[key] = self._intern((None, reach, None))
+        return None if fine[key] is None else (fine[key], coarse[key])
 
     def _intern(self, val) -> int:
         hit = self._summaries.get(val)
@@ -378,41 +381,59 @@ class Ample:
     def __call__(self, s: State, trs: list, pids: list) -> list:
         """The transitions to expand in s (trs itself when no group qualifies); `pids`
         are the interned ids of s's process states (model.explore.Interner)."""
-        if s.abort or len(trs) < 2:
+        if s[3] or len(trs) < 2:    # the abort flag
             return trs
-        procs, summary, cache, n = s.procs, self.summary, self._summary, self.n
-        together = s.faults_left > 0 or not self.split_threads
-        key = []
-        for p, i in enumerate(pids):
-            hit = cache.get(i * n + p, cache)
-            if hit is cache:
-                hit = summary(p, procs[p], i)
-            key.append(None if hit is None else hit[together])
+        together = s[4] > 0 or not self.split_threads   # crash budget left
+        # The summary ids of (process, interned state): flat lists indexed by
+        # pid * n + p, one for each value of `together` (a list index instead of a
+        # probe of a dict of that size: this lookup was the largest line of the
+        # ample set's cost, docs/model-check.md).
+        which, n = self._ids[together], self.n
+        try:
+            key = [which[i * n + p] for p, i in enumerate(pids)]
+        except IndexError:
+            self._grow(max(pids) * n + n)
+            key = [which[i * n + p] for p, i in enumerate(pids)]
+        if _UNSEEN in key:
+            procs = s[0]
+            for p, i in enumerate(pids):
+                if key[p] is _UNSEEN:
+                    self.summary(p, procs[p], i)
+                    key[p] = which[i * n + p]
         key.append(together)
         key = tuple(key)
-        groups = self._closed.get(key)
-        if groups is None:
-            groups = self._closed[key] = self.groups(key)
+        closed = self._closed.get(key)
+        if closed is None:
+            closed = self._closed[key] = (len(self._closed), self.groups(key))
+        kid, groups = closed
         if not groups:
             return trs
         bit, procmask = self.th.bit, self.th.procmask
-        owner = []
+        owner = [kid]
         for tr in trs:
-            kind = tr.kind
+            kind, parts = tr[0], tr[1]
             if kind == "crash":
-                owner.append(-procmask[tr.parts[0][0]])   # negative: a crash
+                owner.append(-procmask[parts[0][0]])   # negative: a crash
                 continue
             m = 0
-            for p, t, _row in tr.parts:
-                m |= bit[p][t]
+            for part in parts:
+                m |= bit[part[0]][part[1]]
             owner.append(m)
         # The choice depends on the groups and on who takes part in each transition
         # only: states that share both share it (a few thousand of them in millions).
-        owner = (key, tuple(owner))
+        owner = tuple(owner)
         pick = self._picked.get(owner)
         if pick is None:
-            pick = self._picked[owner] = _smallest(groups, owner[1])
+            pick = self._picked[owner] = _smallest(groups, owner[1:])
         return trs if pick is None else [trs[i] for i in pick]
+
+    def _grow(self, size: int) -> None:
+        for ids in self._ids:
+            if len(ids) < size:
+                ids.extend([_UNSEEN] * (size - len(ids) + 4096))
+
+
+_UNSEEN = object()   # a summary not computed yet (None: the process is not live)
 
 
 def _smallest(groups: list, owner: tuple):
