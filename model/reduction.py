@@ -381,9 +381,9 @@ class Ample:
     def __call__(self, s: State, trs: list, pids: list) -> list:
         """The transitions to expand in s (trs itself when no group qualifies); `pids`
         are the interned ids of s's process states (model.explore.Interner)."""
-        if s[3] or len(trs) < 2:    # the abort flag
+        if s.abort or len(trs) < 2:
             return trs
-        together = s[4] > 0 or not self.split_threads   # crash budget left
+        together = s.faults_left > 0 or not self.split_threads
         # The summary ids of (process, interned state): flat lists indexed by
         # pid * n + p, one for each value of `together` (a list index instead of a
         # probe of a dict of that size: this lookup was the largest line of the
@@ -395,7 +395,7 @@ class Ample:
             self._grow(max(pids) * n + n)
             key = [which[i * n + p] for p, i in enumerate(pids)]
         if _UNSEEN in key:
-            procs = s[0]
+            procs = s.procs
             for p, i in enumerate(pids):
                 if key[p] is _UNSEEN:
                     self.summary(p, procs[p], i)
@@ -411,13 +411,12 @@ class Ample:
         bit, procmask = self.th.bit, self.th.procmask
         owner = [kid]
         for tr in trs:
-            kind, parts = tr[0], tr[1]
-            if kind == "crash":
-                owner.append(-procmask[parts[0][0]])   # negative: a crash
+            if tr.kind == "crash":
+                owner.append(-procmask[tr.parts[0][0]])   # negative: a crash
                 continue
             m = 0
-            for part in parts:
-                m |= bit[part[0]][part[1]]
+            for p, t, _row in tr.parts:
+                m |= bit[p][t]
             owner.append(m)
         # The choice depends on the groups and on who takes part in each transition
         # only: states that share both share it (a few thousand of them in millions).
