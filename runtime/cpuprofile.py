@@ -1,4 +1,4 @@
-"""Where a rank's CPU goes: per-thread CPU counters and, on request, a cProfile per thread.
+"""Where a rank's CPU goes: per-thread CPU counters and, on request, a cProfile.
 
 Switched on by the environment (the launcher passes it to every rank), so a run's
 options, parity and traces stay what they are:
@@ -8,9 +8,16 @@ options, parity and traces stay what they are:
                              from /proc, in clock ticks) and of the whole
                              process (every thread: gloo's, the completer's) from the
                              start of the interpreter threads to their end
-  LOCKSTEP_PROFILE=cprofile  the same, and rank{r}.{thread}.pstats per interpreter thread
-                             (cProfile roughly doubles the Python cost: use it for where,
-                             not for how much)
+  LOCKSTEP_PROFILE=cprofile  the same, and a cProfile (it roughly doubles the Python
+                             cost: use it for where, not for how much). Before Python
+                             3.12: rank{r}.{thread}.pstats per interpreter thread, timed
+                             by the thread's CPU clock. From 3.12 cProfile is built on
+                             sys.monitoring, one profiler per interpreter, which sees
+                             every thread (a second one refuses to start): one
+                             rank{r}.pstats for the whole rank, timed by the wall clock
+                             (a per-thread CPU clock read from whichever thread an event
+                             fires in would mix threads), written when the last
+                             interpreter thread ends.
 
 `python -m lockstep.runtime.cpuprofile RUN_DIR [--top N]` prints the counters per chunk
 and, where pstats exist, each thread's top functions by own time. Wall time says little
@@ -22,12 +29,15 @@ import argparse
 import json
 import os
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
 
 ENV = "LOCKSTEP_PROFILE"
 MODES = ("cpu", "cprofile")
+# cProfile on sys.monitoring: one profiler per interpreter, seeing every thread
+PROCESS_WIDE_PROFILER = sys.version_info >= (3, 12)
 
 
 def mode() -> str | None:
@@ -65,10 +75,16 @@ class RankProfile:
         self.threads: dict[str, float] = {}
         self.kernel: dict[str, float] = {}      # of which system time
         self.t0 = _process_cpu_s()
+        self._lock = threading.Lock()
+        self._shared = None        # the process-wide profiler (3.12+) while a body runs
+        self._running = 0
 
     def run(self, name: str, body, *args) -> None:
+        per_thread = self.how == "cprofile" and not PROCESS_WIDE_PROFILER
+        if self.how == "cprofile" and PROCESS_WIDE_PROFILER:
+            self._enter_shared()
         prof = None
-        if self.how == "cprofile":
+        if per_thread:
             import cProfile
             prof = cProfile.Profile(time.thread_time)   # CPU, not wall: what this thread spends
         c0, (_, k0) = time.thread_time(), _thread_user_sys_s()
@@ -82,6 +98,24 @@ class RankProfile:
             self.kernel[name] = _thread_user_sys_s()[1] - k0
             if prof is not None:
                 prof.dump_stats(self.run_dir / f"rank{self.rank}.{name}.pstats")
+            if self.how == "cprofile" and PROCESS_WIDE_PROFILER:
+                self._leave_shared()
+
+    def _enter_shared(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                import cProfile
+                self._shared = cProfile.Profile()
+                self._shared.enable()
+            self._running += 1
+
+    def _leave_shared(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                self._shared.disable()
+                self._shared.dump_stats(self.run_dir / f"rank{self.rank}.pstats")
+                self._shared = None
 
     def dump(self, chunks: int) -> None:
         out = {"rank": self.rank, "chunks": chunks, "process_s": _process_cpu_s() - self.t0,

@@ -1,6 +1,7 @@
 """runtime/cpuprofile.py: the per-rank CPU counters and cProfile switch."""
 import json
 import pstats
+import threading
 
 import pytest
 
@@ -37,11 +38,37 @@ def test_counters_measure_the_thread_body(tmp_path):
     assert not list(tmp_path.glob("*.pstats"))     # "cpu" mode writes no profile
 
 
-def test_cprofile_mode_writes_a_profile_per_thread(tmp_path):
+def _other(n):
+    return _spin(n)
+
+
+def test_cprofile_mode_profiles_every_interpreter_thread(tmp_path):
+    """Two threads run bodies at once, as a rank's main and comms threads do: each
+    body shows in the profile (per thread before 3.12, one per rank from 3.12, where a
+    second cProfile in the same interpreter refuses to start)."""
     prof = CP.RankProfile(tmp_path, 0, "cprofile")
+    started, release = threading.Event(), threading.Event()
+
+    def comms():
+        started.set()
+        release.wait(10)
+        _other(20_000)
+
+    t = threading.Thread(target=prof.run, args=("comms", comms))
+    t.start()
+    assert started.wait(10)
     prof.run("main", _spin, 50_000)
-    stats = pstats.Stats(str(tmp_path / "rank0.main.pstats"))
-    assert any(fn[2] == "_spin" for fn in stats.stats)
+    release.set()
+    t.join(10)
+    assert not t.is_alive()
+    if CP.PROCESS_WIDE_PROFILER:
+        files = {"rank0.pstats"}
+        names = {fn[2] for fn in pstats.Stats(str(tmp_path / "rank0.pstats")).stats}
+    else:
+        files = {"rank0.main.pstats", "rank0.comms.pstats"}
+        names = {fn[2] for f in files for fn in pstats.Stats(str(tmp_path / f)).stats}
+    assert {p.name for p in tmp_path.glob("*.pstats")} == files
+    assert {"_spin", "_other"} <= names
 
 
 def test_a_failing_body_is_still_counted(tmp_path):
