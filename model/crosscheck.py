@@ -78,8 +78,15 @@ class SpinResult:
         return self.t_spin + self.t_cc + self.t_pan
 
 
+class SpinTimeout(RuntimeError):
+    """A step of the SPIN run (spin -a, the C compile, pan) passed its time limit."""
+
+
 def _run(cmd, cwd, timeout):
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SpinTimeout(f"`{' '.join(cmd)}` did not finish within {timeout} s") from None
     return p.returncode, p.stdout + p.stderr
 
 
@@ -225,6 +232,13 @@ def shipped_configs() -> list:
     ]
 
 
+# Configurations SPIN can only build with the joint collective encoding: since the
+# leader's comms thread, pp1_full with split collectives did not finish in 600 s (pan
+# past 4.5 GB); joint: 5,104,034 states, 124 s (80 s of it the C compile), 3.8 GB. Their
+# row coverage is not compared: the coverage build needs split collectives.
+JOINT_ONLY = {"pp1_full"}
+
+
 def mutation_configs(base: Config = Config(mesh=2, chunks=2)) -> list:
     return [(f"mutation {n}", mutation_config(base, n)) for n in MUTATIONS
             if n not in UNEXPORTABLE]
@@ -335,8 +349,12 @@ def scale_table(meshes=(1, 2, 3, 4), chunks=(1, 2, 3, 4), spin_full: bool = True
                    f"{full.seconds:>13.2f} s  ({full.states_per_s:,.0f} states/s)")
         best = None
         for coll, nr in spin_variants:
-            sp = run_spin(PP1_FULL, collectives=coll, noreduce=nr, **spin_kw)
             what = f"SPIN {coll}, {'-DNOREDUCE' if nr else 'partial order'}"
+            try:
+                sp = run_spin(PP1_FULL, collectives=coll, noreduce=nr, **spin_kw)
+            except SpinTimeout as exc:
+                out.append(f"  {what:34} {'-':8} {'-':>10}  {exc}")
+                continue
             out.append(f"  {what:34} {sp.verdict:8} {sp.states:>10,}  {sp.t_total:>13.2f} s  "
                        f"= spin -a {sp.t_spin:.2f} + cc {sp.t_cc:.2f} + pan {sp.t_pan:.2f} "
                        f"({sp.states / max(sp.t_pan, 1e-9):,.0f} states/s, {sp.mem_mb:.0f} MB)")
@@ -377,13 +395,25 @@ def main(argv=None) -> int:
         [(n, c, MUTATIONS[c.mutation].expected) for n, c in mutation_configs(base)]
     configs = [x for x in configs if a.only in x[0]]
     rows = []
+    unfinished = []
     for n, c, e in configs:
-        rows.append(compare(n, c, e, coverage=not a.no_coverage, cc_opt=a.cc_opt,
-                            collectives=a.collectives, fault_budget=a.fault_budget))
+        joint = n in JOINT_ONLY
+        try:
+            rows.append(compare(n + (" (joint)" if joint and a.collectives != "joint" else ""),
+                                c, e, coverage=not a.no_coverage and not joint,
+                                cc_opt=a.cc_opt, fault_budget=a.fault_budget,
+                                collectives="joint" if joint else a.collectives))
+        except SpinTimeout as exc:
+            unfinished.append(f"  {n}: not compared: {exc}")
+            print(unfinished[-1], file=sys.stderr, flush=True)
+            continue
         print(f"  {n}: lockstep {rows[-1].lock.verdict}, SPIN {rows[-1].spin.verdict}",
               file=sys.stderr, flush=True)
     print(format_table(rows))
-    return 0 if all(r.outcome_agrees for r in rows) else 1
+    if unfinished:
+        print(f"{len(unfinished)} configuration(s) not compared (SPIN did not finish):")
+        print("\n".join(unfinished))
+    return 0 if rows and all(r.outcome_agrees for r in rows) and not unfinished else 1
 
 
 if __name__ == "__main__":

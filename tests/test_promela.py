@@ -158,3 +158,34 @@ def test_a_smaller_fault_budget_exposes_hangs_a_crash_would_release():
     assert explore(model_for(cfg)).verdict == "deadlock"
     assert run_spin(cfg, cc_opt="-O0", fault_budget="upto").verdict == "deadlock"
     assert run_spin(cfg, cc_opt="-O0", fault_budget="exact").verdict == "clean"
+
+
+
+def test_a_spin_step_past_its_limit_names_the_command(tmp_path):
+    from lockstep.model import crosscheck as X
+    with pytest.raises(X.SpinTimeout, match=r"`sleep 5` did not finish within 0.2 s"):
+        X._run(["sleep", "5"], tmp_path, 0.2)
+
+
+@needs_spin
+def test_a_configuration_spin_cannot_finish_is_reported_not_a_traceback(monkeypatch,
+                                                                         capsys):
+    """pp1_full with split collectives outgrew SPIN (over 600 s, 4.5 GB): the other
+    configurations are still compared, the one not finished is named with its reason,
+    and the cross-check exits 1 (a configuration not compared is not an agreement)."""
+    from lockstep.model import crosscheck as X
+    slow = dict(X.shipped_configs())["inject_cond_flag"]
+    real = X.run_spin
+
+    def run_spin(cfg, **kw):
+        if cfg == slow:
+            raise X.SpinTimeout("`./pan -m1000000 -w22` did not finish within 600 s")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(X, "run_spin", run_spin)
+    rc = X.main(["--only", "inject_c", "--no-coverage", "--cc-opt=-O0"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "inject_count_mismatch" in out and "yes" in out          # still compared
+    assert "1 configuration(s) not compared (SPIN did not finish):" in out
+    assert "inject_cond_flag: not compared: `./pan -m1000000 -w22` did not finish" in out
