@@ -14,6 +14,8 @@ run (ratios on CPU; absolute times only count on a GPU machine).
   tracing           the balanced depth-2 run and the control-plane-bound run again with
                     RunOptions.trace="emits" (only rank0's emitting steps written: the
                     rows are the same): the cost of tracing as a fraction of the period.
+  timeline          the round trip's chunk row by row: every rank's steps as offsets in
+                    the leader's window between two Phase B ends (conformance/timeline.py).
   mesh idle         the control-plane-bound run's per-chunk breakdown of the leader's
                     gap between Phase B k-1 and k, by the steps of which rank it waits on
                     (conformance/idle.py).
@@ -135,7 +137,9 @@ def round_trip(tmp: Path, chunks: int, mesh: int, steps: int = 2) -> dict:
          tmp / "round_trip_short", cpu=True)
     cpu, interp = _cpu_s(tmp / "round_trip"), _cpu_s(tmp / "round_trip_short")
     per = 1e3 / (chunks - short)
-    return {"raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
+    from lockstep.conformance.load import load_run
+    from lockstep.conformance.timeline import chunk_timeline
+    return {"timeline": chunk_timeline(load_run(tmp / "round_trip")), "raw_ms": raw, "lockstep_ms": ov.period_ms, "ratio": ov.period_ms / raw,
             "steps": steps, "raw_cpu_ms": raw_cpu / (chunks - 5) * 1e3,
             "cpu_ms": (cpu[0] - interp[0]) * per, "interp_cpu_ms": (cpu[1] - interp[1]) * per}
 
@@ -175,6 +179,10 @@ def main(argv=None) -> int:
         print(f"  CPU per chunk, every rank: raw floor {rt['raw_cpu_ms']:.3f} ms, lockstep "
               f"{rt['cpu_ms']:.3f} ms (its interpreter threads {rt['interp_cpu_ms']:.3f} ms; "
               f"the rest is gloo's and the completers' threads; after the start)")
+        from lockstep.conformance.timeline import lines
+        print("\nthe round trip's chunk row by row (after the leader's Phase B k-1 ends; "
+              "one host, so one clock):")
+        print("\n".join(lines(rt["timeline"])))
         if a.skip_overlap:
             return 0
         print(f"\noverlap, balanced stages ({a.stage_ms:g} ms each), {a.balanced_chunks} "
