@@ -81,8 +81,8 @@ def test_the_build_of_the_current_source_is_loaded(copy):
     out = _probe(copy)
     for name, f in out["files"].items():
         assert f == str(copy[0] / "cache" / Path(f).name) and f.endswith(accel.SUFFIX), name
-    assert out["describe"].startswith("compiled: semantics, explore, reduction, replay "
-                                      "(Cython "), out["describe"]
+    assert out["describe"].startswith("compiled: semantics, explore, reduction, replay, "
+                                      "load (Cython "), out["describe"]
     assert out["answer"] == "lockstep.model.semantics"       # the full module name
 
 
@@ -98,7 +98,8 @@ def test_an_edited_source_runs_as_python_until_the_next_build(copy):
     out = _probe(copy)
     assert out["files"]["lockstep.model.explore"] == str(src)
     assert out["files"]["lockstep.model.semantics"].endswith(accel.SUFFIX)
-    assert out["describe"].startswith("compiled: semantics, reduction, replay (Cython ")
+    assert out["describe"].startswith("compiled: semantics, reduction, replay, load "
+                                      "(Cython ")
     assert out["describe"].endswith("; pure: explore (no build of its current source)")
 
 
