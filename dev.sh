@@ -5,6 +5,8 @@
 #   bash dev.sh <any lockstep subcommand and options>
 set -euo pipefail
 here=$PWD
+cmd=${1:-demo}; shift || true
+cmd_is_accel=0; [ "$cmd" = accel ] && cmd_is_accel=1
 cd "$(dirname "$0")"
 VENV=.venv
 stamp=$VENV/.lockstep-installed
@@ -22,7 +24,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   $VENV/bin/python -c "import torch, z3, networkx, hypothesis" || { echo "dev.sh: install failed" >&2; exit 1; }
   touch "$stamp"
 fi
-cmd=${1:-demo}; shift || true
+# The compiled build of the driver modules (lockstep/accel.py): rebuilds only what has no
+# build of its current source; without Cython or a C compiler it says so and all runs as
+# Python. LOCKSTEP_PURE=1 skips it (and runs pure).
+if [ "${LOCKSTEP_PURE:-0}" = 0 ] && [ "$cmd_is_accel" = 0 ]; then
+  $VENV/bin/lockstep accel build >&2 || echo "dev.sh: compiled build failed; running pure" >&2
+fi
 case "$cmd" in
   test)
     set +e

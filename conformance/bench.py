@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lockstep import accel
 from lockstep.model.config import Config
 
 from . import cache
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
               f"(wall {t_load + t_replay:.3f} s; second load + replay; target: 1,000,000 "
               f"events < 3 CPU s; with the first load {c_first + c_replay:.3f} CPU s)")
         print(f"verdict     {'conforms' if res.ok else 'DIVERGES'}")
+        print(f"build       {accel.describe()}")
         if res.divergence:
             print(res.divergence.text())
         return 0 if res.ok else 1

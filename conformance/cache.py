@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from lockstep.accel import source_file
+
 ENV = "LOCKSTEP_TRACE_CACHE"
 SUBDIR = ".lockstep-cache"
 MIN_BYTES = 1 << 20          # default location only: smaller traces are not cached
@@ -52,8 +54,9 @@ def _code() -> bytes:
     """SHA-256 of the source that decides what a load produces."""
     global _code_digest
     if _code_digest is None:
-        here = Path(__file__).resolve().parent
-        model = here.parent / "model"
+        # The .py files (the truth), wherever the modules were loaded from (accel.py).
+        here = source_file(__name__).resolve().parent
+        model = source_file("lockstep.model.semantics").resolve().parent
         h = hashlib.sha256()
         for p in [here / "load.py", here / "segments.py", here / "cache.py",
                   *sorted(model.glob("*.py"))]:

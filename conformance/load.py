@@ -315,7 +315,7 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
     if not rt.checkpoints and not rt.steps:
         rt.prev_of = [None] * len(threads)
         rt.next_i = [0] * len(threads)
-    next_i, last = rt.next_i, rt.prev_of
+    next_i, prev_of = rt.next_i, rt.prev_of
     steps = rt.steps
     fname = path.name
     compact = False
@@ -372,8 +372,8 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
                                  f"(expected i={next_i[t]}: per-thread numbering from 0, "
                                  f"no gaps)")
             next_i[t] += 1
-            ev.prev = last[t]
-            last[t] = ev
+            ev.prev = prev_of[t]
+            prev_of[t] = ev
             ev.pos = len(steps)
             steps.append(ev)
             if ev.op == "exit":

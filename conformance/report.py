@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from lockstep import accel
 from lockstep.model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
 from lockstep.model.release import committed_exits, own_kind
 from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
@@ -65,6 +66,7 @@ class Report:
     steps: int = 0                # model transitions
     load_s: float = 0.0
     cache_note: str = ""          # what the load cache did (conformance/cache.py)
+    build: str = ""               # compiled or pure Python (lockstep/accel.py)
     replay_s: float = 0.0
     events_per_s: float = 0.0     # replay throughput
     divergence: Optional[str] = None
@@ -88,7 +90,7 @@ class Report:
         return {"run_dir": self.run_dir, "ok": self.ok, "config": self.config,
                 "events": self.events, "replayed": self.replayed, "steps": self.steps,
                 "load_s": round(self.load_s, 4), "cache": self.cache_note,
-                "replay_s": round(self.replay_s, 4),
+                "replay_s": round(self.replay_s, 4), "build": self.build,
                 "events_per_s": round(self.events_per_s), "divergence": self.divergence,
                 "verdicts": {v.name: {"status": v.status, "detail": v.detail}
                              for v in self.verdicts},
@@ -119,6 +121,7 @@ def conform(run_dir, verify: bool = False, last: int = 0) -> Report:
     rep.warnings = list(run.warnings)
     rep.per_rank = [len(rt.steps) for rt in run.ranks]
     res = Replayer(run, verify=verify).replay()
+    rep.build = accel.describe()
     rep.result = res
     rep.replayed, rep.steps = res.replayed, res.steps
     rep.replay_s, rep.events_per_s = res.seconds, res.events_per_s
@@ -412,6 +415,7 @@ def format_report(r: Report) -> str:
              f"{r.replayed:,} replayed in {r.steps:,} model steps",
              f"time         load {r.load_s:.3f} s, replay {r.replay_s:.3f} s "
              f"({r.events_per_s:,.0f} events/s); {r.cache_note or 'load cache: -'}",
+             f"build        {r.build or '-'}",
              f"end          {r.ended}",
              f"failure mode {r.failure_mode or '-'}",
              f"outputs      {r.emitted} emitted",

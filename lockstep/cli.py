@@ -138,6 +138,7 @@ def _show(v):
 # ------------------------------------------------------------------ subcommands
 
 def cmd_check(a) -> int:
+    from lockstep import accel
     from lockstep.model import check as chk
     from lockstep.model.mutations import MUTATIONS
     cfg, explicit = _config(a)
@@ -148,7 +149,8 @@ def cmd_check(a) -> int:
                                           por=not a.no_por)
         table, ok = chk.mutation_table(shipped, rows)
         if a.json:
-            print(json.dumps({"shipped": shipped.as_dict(), "ok": ok, "mutations": [
+            print(json.dumps({"shipped": shipped.as_dict(), "ok": ok,
+                              "build": accel.describe(), "mutations": [
                 dict(r.as_dict(), mutation=m.name, failure_mode=m.failure_mode,
                      expected=m.expected, caught=r.verdict == m.expected)
                 for m, r in rows]}, indent=1))
@@ -158,6 +160,7 @@ def cmd_check(a) -> int:
                 for m, r in rows:
                     print(f"\n== {m.name}: {m.summary}")
                     print("\n".join(r.steps))
+            print(f"build    {accel.describe()}")
         return EXIT_OK if ok else EXIT_VIOLATION
     if a.mutation:
         if a.mutation not in MUTATIONS:
@@ -166,7 +169,8 @@ def cmd_check(a) -> int:
         cfg = _with_mutation(cfg, a.mutation, explicit, "check")
     r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
                   por=not a.no_por, workers=a.workers)
-    print(json.dumps(r.as_dict(), indent=1) if a.json else chk.format_result(r))
+    print(json.dumps(dict(r.as_dict(), build=accel.describe()), indent=1) if a.json
+          else f"{chk.format_result(r)}\nbuild    {accel.describe()}")
     return EXIT_OK if r.verdict == "clean" else EXIT_VIOLATION
 
 
@@ -309,6 +313,17 @@ def cmd_docs(a) -> int:
     print(f"lockstep docs: {'checking' if a.check else 'writing into'} {out}",
           file=sys.stderr)
     return cli_docs(a.check, out)
+
+
+def cmd_accel(a) -> int:
+    from lockstep import accel
+    if a.what == "build":
+        accel.build(a.jobs)      # a module that fails runs as Python (said): not an error
+        return EXIT_OK
+    for name in accel.COMPILED:
+        __import__(name)
+    print(accel.describe())
+    return EXIT_OK
 
 
 def cmd_conform(a) -> int:
@@ -482,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="docs directory (default: docs/ of the checkout lockstep runs from)")
     p.set_defaults(fn=cmd_docs)
+
+    p = _parser(sub, "accel", "compile the checker's and replayer's driver modules with "
+                "Cython (optional; lockstep/accel.py), or say which run compiled")
+    p.add_argument("what", nargs="?", choices=("status", "build"), default="status",
+                   help="build: compile what has no build of its current source; status: "
+                        "say which modules run compiled")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="parallel compiles, count (0: every core)")
+    p.set_defaults(fn=cmd_accel)
 
     p = _parser(sub, "conform", "replay a run's traces through the model")
     p.add_argument("run_dir", help="run directory (run.json + rank*.jsonl)")

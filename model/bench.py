@@ -25,6 +25,8 @@ import os
 import resource
 import time
 
+from lockstep import accel
+
 from .check import check
 from .config import Config
 from .reduction import Ample
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
                          "the leader's comms thread)")
     a = ap.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}; full PP1: {FULL_PP1.describe()}")
+          f"{os.getloadavg()[0]:.1f}; full PP1: {FULL_PP1.describe()}; "
+          f"{accel.describe()}")
     print(f"{'config':12} {'symmetry':8} {'por':5} {'wk':>3} {'verdict':8} "
           f"{'states':>10} {'transitions':>12} {'wall':>9} {'cpu':>8} "
           f"{'states/cpu-s':>10} {'peak MB':>8}")

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lockstep.accel import source_file
+
 from .config import Config, config_from_dict, config_to_dict  # noqa: F401 (public path)
 from .explore import Result, explore
 from .mutations import MUTATIONS, model_for, mutation_config
 
-MANIFEST = Path(__file__).with_name("manifest.json")
+# Beside the .py file, not __file__ (a compiled module's is its build: accel.py).
+MANIFEST = source_file(__name__).with_name("manifest.json")
 
 
 def check(cfg: Config, symmetry: bool = True, progress: bool = False, por: bool = True,

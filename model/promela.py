@@ -61,11 +61,12 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import inspect
 import re
 import textwrap
 import warnings
 from typing import NamedTuple, Optional
+
+from lockstep.accel import definition_source
 
 from .config import INJECTABLE, Config
 from .contract import Action
@@ -1287,7 +1288,8 @@ def proctype_names(cfg: Config) -> list:
 # prints the new values to paste below once the translation is updated.
 
 def _fingerprint(obj) -> str:
-    src = textwrap.dedent(inspect.getsource(obj))
+    # Read from the .py file: semantics runs compiled where a build exists (accel.py).
+    src = textwrap.dedent(definition_source(obj))
     tree = ast.parse(src)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)

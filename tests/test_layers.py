@@ -1,7 +1,9 @@
 """The dependency rules of ARCHITECTURE.md, read from the import statements (ast, no import
 is executed): the spec imports no tooling; runtime/ and conformance/ import only the spec
 (never each other, never the tooling); model/ and conformance/ import neither torch nor
-runtime/; only the `lockstep` CLI package ties them together. Imports inside functions
+runtime/; only the `lockstep` CLI package ties them together. Below every layer, the
+package itself and `lockstep.accel` (the loader of the compiled build, which every module
+runs under) may be imported by any module, and import nothing of the project. Imports inside functions
 count: a deferred import is still a dependency."""
 import ast
 from pathlib import Path
@@ -15,6 +17,7 @@ PACKAGES = frozenset(FOLDERS.values())
 SPEC = frozenset(f"lockstep.model.{m}" for m in (
     "ops", "guards", "tables", "semantics", "properties", "config", "events", "contract",
     "messages", "policy", "release", "runopts", "tracefmt"))
+BASE = frozenset({"lockstep", "lockstep.accel"})
 
 RULES = {
     "spec": "a spec module imports only the spec (no explorer, mutations, checks, "
@@ -22,6 +25,7 @@ RULES = {
     "driver": "runtime/ and conformance/ import only the spec of model/, never each "
               "other, never the tooling or the CLI package",
     "no_torch": "model/ and conformance/ import neither torch nor runtime/",
+    "base": "lockstep.accel imports nothing of the project (every module may import it)",
 }
 
 
@@ -66,13 +70,15 @@ def layer_violations(modules: dict) -> list:
             for pkg in ("lockstep.runtime", "lockstep.conformance"):
                 if not _within(module, pkg) or not _within(name, "lockstep"):
                     continue
-                if _within(name, pkg) or name in SPEC or name in ("lockstep",
-                                                                     "lockstep.model"):
+                if _within(name, pkg) or name in SPEC or name in BASE \
+                        or name == "lockstep.model":
                     continue
                 broken.append("driver")
             if (_within(module, "lockstep.model") or _within(module, "lockstep.conformance")) \
                     and (_within(name, "torch") or _within(name, "lockstep.runtime")):
                 broken.append("no_torch")
+            if module in BASE - {"lockstep"} and _within(name, "lockstep"):
+                broken.append("base")
             out += [f"{module}:{line} imports {name}: {RULES[r]}" for r in broken]
     return out
 
@@ -104,6 +110,7 @@ def test_the_tree_keeps_the_layers():
     ("lockstep.conformance.replay", "import torch\n", "no_torch"),
     ("lockstep.model.render", "import torch.distributed as dist\n", "no_torch"),
     ("lockstep.runtime.interp", "from lockstep import cli\n", "driver"),
+    ("lockstep.accel", "from lockstep.model.ops import MESH\n", "base"),
 ])
 def test_a_violating_module_is_named_with_its_rule(module, source, rule):
     bad = layer_violations({module: source})
@@ -115,6 +122,7 @@ def test_a_violating_module_is_named_with_its_rule(module, source, rule):
     ("lockstep.runtime.node", "from lockstep.model.semantics import Model\n"
                               "from .interp import RankInterpreter\nimport torch\n"),
     ("lockstep.model.check", "from .mutations import model_for\n"),
+    ("lockstep.conformance.cache", "from lockstep.accel import source_file\n"),
     ("lockstep.cli", "from lockstep.runtime import run\nfrom lockstep.conformance "
                      "import report\nfrom lockstep.model import explore\n"),
 ])

@@ -120,6 +120,16 @@ def test_segment_0_must_be_the_models_initial_state(rolled, tmp_path):
     _expect(d, p.name, 1, "v.planned", "initial state")
 
 
+def test_a_cut_last_line_is_a_crash_only_in_the_newest_segment(rolled, tmp_path):
+    """An older segment was closed by a rollover: its last line is whole. (The loader
+    once shadowed its `last` flag with a local list, which accepted this cut.)"""
+    d = _copy(rolled, tmp_path / "d")
+    p = _segments(d, 1)[0]
+    text = p.read_text()
+    p.write_text(text[:-8])                        # the last line cut, no newline
+    _expect(d, p.name, text.count("\n"), "json", "not a JSON object")
+
+
 def test_a_missing_segment_in_the_middle_of_a_tail_is_caught(rolled, tmp_path):
     d = _copy(rolled, tmp_path / "d")
     segs = _segments(d, 1)
