@@ -26,6 +26,10 @@ Reductions (each can be switched off; docs/model-check.md has the figures)
              budget when the watchdog is modelled: a crash is observable only as steps
              the process no longer takes and as the watchdog's abort flag, whose
              release ends cleanly; model.reduction says why no verdict is lost.
+  lone steps (with `por`, no crash budget)   where a closed group has exactly one
+             transition (one local row, or one collective), it is found from the
+             state's summaries and expanded without `Model.enabled` (model.reduction
+             says why a violation enabled elsewhere is still found).
   abort chain (with `por`)   once the abort flag is set, the only transition is the
              release of every live process; the search follows it without storing the
              state in between (judging it on the way).
@@ -363,13 +367,25 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                 c = (c << field) | i
         return s2, ps, r, c
 
+    lone = ample.lone_step if ample is not None and compress else None
     while frontier and found is None:
         nxt = []
         fresh = set() if por else None
         skip, skip_next = skip_next, {}
         for k, r, base in frontier:
             s = new_state(State, (tuple([pool[i] for i in base]), *rests[r]))
-            trs = enabled(s)
+            trs = succ = None
+            if lone is not None:
+                tr = lone(s, base)
+                if tr is not None:
+                    s2, ps, r2, c = successor(s, k, base, r, tr)
+                    # Not a step that sets the abort flag: it would disable a violation
+                    # enabled in s, which the ample rule sees (model.reduction, "Lone
+                    # steps"). The cycle proviso as below.
+                    if not s2.abort and (c not in parent or c in fresh):
+                        trs, succ = (tr,), [(tr, s2, ps, r2, c)]
+            if trs is None:
+                trs = enabled(s)
             if not trs or trs[0].kind == "crash" and all(tr.kind == "crash" for tr in trs):
                 # Only crashes left: the run is stuck unless someone dies. Judge it as a
                 # terminal state too, or a crash budget would hide every fault-free hang
@@ -386,8 +402,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                 if gone:
                     trs = [tr for tr in trs if tr.kind != "crash" or
                            not gone >> tr.parts[0][0] & 1]
-            succ = None
-            if ample is not None:
+            if ample is not None and succ is None:
                 for tr in trs:
                     if tr.kind == "violation":
                         break

@@ -125,6 +125,41 @@ Crashes with the watchdog on: no crash is expanded (`Ample.crashes_unobservable`
   are: a crash observable other than through missing steps and the abort flag (a
   peer's timeout row, a property that reads crash markers) would break it.
 
+Lone steps: an ample set found without computing enabled(s) (`Ample.lone_step`)
+  With no crash budget and no abort flag, if a closed group G's threads have posted
+  either exactly one row between them, a local or exit row, or only collective rows,
+  all on one group, that the collective rule (Model._collective, on those entries)
+  makes into exactly one transition, that transition is G's only enabled one: the
+  explorer expands it alone, from the state's summaries (G, as above) and the
+  posted rows of G's processes, without `Model.enabled(s)` and without choosing among
+  the other groups. It is the ample set of the rule above for G, of size one, so the
+  smallest there is (the rule above would pick a set of the same size; in practice
+  the very same one: every manifest count and `big`'s are unchanged). C1, the
+  properties and the cycle proviso (the explorer applies it to this step as to any
+  ample set) hold as above. What the rule above has that this one skips is the look
+  at the other transitions: it expands s fully when a violation transition (framing,
+  collective mismatch) is enabled. That is not lost, only put off. A violation
+  transition v is made from posted send, receive or collective rows, so none of G's
+  threads takes part in v (G posted a local row only, or took part in the one
+  collective that is not a violation); by C1 the lone step neither disables v nor
+  changes its participants, so v is enabled in the successor too, and in each state
+  after it that is reached by lone steps. The state graph is acyclic and finite, so
+  such a path reaches a state with no lone step (or an already visited one: the same
+  argument applies to where it was reached first); there `enabled` is computed, v
+  is seen, and the state is expanded fully, so v is found. The one step that could
+  disable v is one that sets the abort flag (every live process is then released):
+  the explorer does not take a lone step whose successor has the flag set, and
+  expands that state by the rule above. A lone step is not a terminal state, so no
+  stuck state is missed. The collective's outcome is cached per (candidate group,
+  its processes' interned states): the rule reads only the entries and the members'
+  states (the sequence number appears only in a violation's text, and a violation
+  is never a lone step).
+  Cost (docs/model-check.md): half of `big`'s states are expanded this way; the
+  lone step costs about a fifth of `enabled` plus the choice of the ample set there.
+  tests/test_model_reduction.py checks that lone steps change no count, that they are
+  taken, and that a variant taking a thread's single local row whether or not its
+  group is closed misses `unbounded_decode_queue` under the agreement check.
+
 Designs considered and rejected
   Process granularity (a process's threads always together, the reduction before the
   leader's comms thread): sound, but with the comms thread the leader has a receive
@@ -144,7 +179,7 @@ from __future__ import annotations
 
 from .footprint import field_mask, reads_of, row_footprint
 from .ops import Coll, Exit, Recv, Send
-from .semantics import LIVE, Model, State
+from .semantics import LIVE, Model, State, Tr
 
 
 class Threads:
@@ -182,6 +217,11 @@ class Threads:
         self.member_mask = {grp: sum(1 << q for q in members)
                             for grp, members in model.members.items()}
         self._row_fp, self._future, self._guard = {}, {}, {}
+
+    def agents(self, mask: int) -> tuple:
+        """The (process, thread) of each agent in `mask`, in process and thread order."""
+        return tuple((p, t) for p in range(self.n) for t in range(self.nthreads[p])
+                     if mask & self.bit[p][t])
 
     def row_fp(self, p, t, row) -> tuple:
         hit = self._row_fp.get(id(row))
@@ -278,9 +318,16 @@ class Ample:
         # computed yet
         self._ids = ([], [])
         self._summaries = {}   # summary -> id
+        self._by_offer = {}    # (p, control states, id(offer set)) -> (offer set, ids)
         self._by_id = []
-        self._closed = {}      # (summary ids..., budget left) -> (key id, closed groups)
+        # (summary ids..., budget left) -> (key id, closed groups, `_lone_candidates`)
+        self._closed = {}
         self._picked = {}      # (key id, participants of each transition) -> choice
+        self._kinds = []       # pid * n + p -> `_posted_kinds`, _UNSEEN if not computed
+        self._kinds_by_offer = {}   # (p, id(offer set)) -> (offer set, `_posted_kinds`)
+        self._last = (None, None)   # (state, `_combination`) of the last `lone_step`
+        # (id of a candidate's agents, its processes' ids) -> its lone collective or None
+        self._coll_outcome = {}
 
     def crashes_unobservable(self) -> bool:
         """Whether the reduced search may leave every crash out: the watchdog is on
@@ -302,23 +349,35 @@ class Ample:
             if pr.status != LIVE:
                 fine[key] = coarse[key] = None
             else:
-                th, m = self.th, self.model
-                _local, sends, recvs, colls = m.posted(p, pr)
-                per = [[] for _ in range(th.nthreads[p])]
-                role = m.roles[p]
-                for _p, t, row in sends:
-                    q = m.index[row.op.peer]
-                    per[t].append((q, th.recv_threads.get((q, role), 0)))
-                for _p, t, row in recvs:
-                    q = m.index[row.op.peer]
-                    per[t].append((q, th.send_threads.get((q, role), 0)))
-                for grp, (_p, t, row) in colls:
-                    per[t].append((grp, th.coll_threads.get(grp, 0)))
-                reach = tuple(tuple(sorted(set(x), key=repr)) for x in per)
-                fine[key] = self._intern((pr.pcs, reach, tuple(
-                    th.now_fp(p, t, pr) for t in range(th.nthreads[p]))))
-                coarse[key] = self._intern((None, reach, None))
+                # A function of the control states and the rows posted (one offer
+                # set stands for thousands of process states, model.explore): keyed
+                # by those, the offer set kept alive beside its id.
+                posted = self.model.posted(p, pr)
+                by = (p, pr.pcs, id(posted))
+                hit = self._by_offer.get(by)
+                if hit is None or hit[0] is not posted:
+                    hit = self._by_offer[by] = (posted, *self._summarise(p, pr, posted))
+                fine[key], coarse[key] = hit[1], hit[2]
         return None if fine[key] is None else (fine[key], coarse[key])
+
+    def _summarise(self, p, pr, posted) -> tuple:
+        """(fine, coarse) summary ids of live process p in state pr (`summary`)."""
+        th, m = self.th, self.model
+        _local, sends, recvs, colls = posted
+        per = [[] for _ in range(th.nthreads[p])]
+        role = m.roles[p]
+        for _p, t, row in sends:
+            q = m.index[row.op.peer]
+            per[t].append((q, th.recv_threads.get((q, role), 0)))
+        for _p, t, row in recvs:
+            q = m.index[row.op.peer]
+            per[t].append((q, th.send_threads.get((q, role), 0)))
+        for grp, (_p, t, row) in colls:
+            per[t].append((grp, th.coll_threads.get(grp, 0)))
+        reach = tuple(tuple(sorted(set(x), key=repr)) for x in per)
+        return (self._intern((pr.pcs, reach, tuple(
+            th.now_fp(p, t, pr) for t in range(th.nthreads[p])))),
+                self._intern((None, reach, None)))
 
     def _intern(self, val) -> int:
         hit = self._summaries.get(val)
@@ -378,11 +437,10 @@ class Ample:
                                 todo.append((q, u))
         return group
 
-    def __call__(self, s: State, trs: list, pids: list) -> list:
-        """The transitions to expand in s (trs itself when no group qualifies); `pids`
-        are the interned ids of s's process states (model.explore.Interner)."""
-        if s.abort or len(trs) < 2:
-            return trs
+    def _combination(self, s: State, pids: list) -> tuple:
+        """(key id, closed groups, one-thread groups as (process, thread)) of the
+        combination of s's summaries; `pids` are the interned ids of s's process
+        states (model.explore.Interner)."""
         together = s.faults_left > 0 or not self.split_threads
         # The summary ids of (process, interned state): flat lists indexed by
         # pid * n + p, one for each value of `together` (a list index instead of a
@@ -404,8 +462,33 @@ class Ample:
         key = tuple(key)
         closed = self._closed.get(key)
         if closed is None:
-            closed = self._closed[key] = (len(self._closed), self.groups(key))
-        kid, groups = closed
+            groups = self.groups(key)
+            closed = self._closed[key] = (len(self._closed), groups,
+                                          self._lone_candidates(key, groups))
+        return closed
+
+    def _lone_candidates(self, key: tuple, groups: list) -> tuple:
+        """The groups that may hold a lone step (`lone_step`), as ((process, thread),
+        ...), the group of their collective (None: a local step) and their processes:
+        those whose threads' posted rows reach nothing, or one group only."""
+        ids, out = key[:-1], []
+        for g in groups:
+            agents = self.th.agents(g)
+            reach = {x for p, t in agents for x, _answer in self._by_id[ids[p]][1][t]}
+            if not reach or len(reach) == 1 and type(next(iter(reach))) is not int:
+                out.append((agents, next(iter(reach)) if reach else None,
+                            tuple(sorted({p for p, _t in agents}))))
+        return tuple(out)
+
+    def __call__(self, s: State, trs: list, pids: list) -> list:
+        """The transitions to expand in s (trs itself when no group qualifies); `pids`
+        are the interned ids of s's process states (model.explore.Interner)."""
+        if s.abort or len(trs) < 2:
+            return trs
+        last, closed = self._last
+        if last is not s:
+            closed = self._combination(s, pids)
+        kid, groups, _lone = closed
         if not groups:
             return trs
         bit, procmask = self.th.bit, self.th.procmask
@@ -426,6 +509,76 @@ class Ample:
             pick = self._picked[owner] = _smallest(groups, owner[1:])
         return trs if pick is None else [trs[i] for i in pick]
 
+    def lone_step(self, s: State, pids: list):
+        """The one transition of a closed group whose threads have posted one row
+        between them (a local or exit row), or collective rows on one group only that
+        the collective rule makes into one transition; in a state with no crash budget
+        and no abort flag. An ample set found without `enabled(s)` (module
+        docstring, "Lone steps"); None if no group qualifies."""
+        if s.abort or s.faults_left:
+            return None
+        closed = self._combination(s, pids)
+        self._last = (s, closed)
+        kinds, n, procs = self._kinds, self.n, s.procs
+        for agents, grp, members in closed[2]:
+            one, entries = None, []
+            for p, t in agents:
+                i = pids[p] * n + p
+                if i >= len(kinds):
+                    kinds.extend([_UNSEEN] * (i - len(kinds) + 4096))
+                mine = kinds[i]
+                if mine is _UNSEEN:
+                    posted = self.model.posted(p, procs[p])
+                    hit = self._kinds_by_offer.get((p, id(posted)))
+                    if hit is None or hit[0] is not posted:
+                        hit = self._kinds_by_offer[(p, id(posted))] = (
+                            posted, self._posted_kinds(p, posted))
+                    mine = kinds[i] = hit[1]
+                mine = mine[t]
+                if mine is None:
+                    continue
+                if grp is None and type(mine) is Tr and one is None:
+                    one = mine
+                elif grp is not None and type(mine) is tuple and mine[0] == grp:
+                    entries += mine[1]
+                else:
+                    break
+            else:
+                if one is not None:
+                    return one
+                if entries:
+                    # The collective rule reads the entries and the members' states
+                    # only: its outcome is a function of these processes' states.
+                    key = (id(agents), *[pids[p] for p in members])
+                    hit = self._coll_outcome.get(key, _UNSEEN)
+                    if hit is _UNSEEN:
+                        out = []
+                        self.model._collective(s, grp, entries, out)
+                        hit = self._coll_outcome[key] = \
+                            out[0] if len(out) == 1 and out[0].kind == "coll" else None
+                    if hit is not None:
+                        return hit
+        return None
+
+    def _posted_kinds(self, p, posted) -> tuple:
+        """Per thread of live process p with these posted rows, what it has posted:
+        None (nothing), its transition (one row, a local or exit row), (group,
+        entries) (collective rows on one group only), or _BUSY (anything else)."""
+        local, sends, recvs, colls = posted
+        out = []
+        for t in range(self.th.nthreads[p]):
+            mine = [tr for tr in local if tr.parts[0][1] == t]
+            comm = [e for e in sends + recvs if e[1] == t]
+            coll = [(g, e) for g, e in colls if e[1] == t]
+            groups = {g for g, _e in coll}
+            if comm or mine and (coll or len(mine) > 1) or len(groups) > 1:
+                out.append(_BUSY)
+            elif mine:
+                out.append(mine[0])
+            else:
+                out.append((coll[0][0], tuple(e for _g, e in coll)) if coll else None)
+        return tuple(out)
+
     def _grow(self, size: int) -> None:
         for ids in self._ids:
             if len(ids) < size:
@@ -433,6 +586,7 @@ class Ample:
 
 
 _UNSEEN = object()   # a summary not computed yet (None: the process is not live)
+_BUSY = object()     # a thread that has posted more than one row, or a send or receive
 
 
 def _smallest(groups: list, owner: tuple):

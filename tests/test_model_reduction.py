@@ -12,6 +12,7 @@ from lockstep.model.config import Config
 from lockstep.model.crosscheck import compare, spin_available
 from lockstep.model.explore import _search, explore
 from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
+from lockstep.model.semantics import Model
 
 ENTRIES = manifest_entries() + [
     (f"{n}_faults1", mutation_config(Config(mesh=2, chunks=2, faults=1), n))
@@ -89,6 +90,52 @@ def test_an_unsound_reduction_is_caught_by_the_agreement_check(monkeypatch):
     monkeypatch.setattr(reduction.Ample, "__call__", unsound)
     cfg = mutation_config(Config(mesh=2, chunks=2), "unbounded_decode_queue")
     assert _raw(cfg, False).verdict == "queue_bound"
+    assert _raw(cfg, True).verdict == "clean"
+
+
+@pytest.mark.parametrize("cfg", [Config(mesh=4, d_in=2, d_out=2, chunks=3, hard_cut=True,
+                                        faults=1),
+                                 Config(mesh=2, chunks=2, p2p="buffered", noops=1),
+                                 mutation_config(Config(mesh=2, chunks=2),
+                                                 "unbounded_decode_queue")],
+                         ids=lambda c: c.describe())
+def test_lone_steps_change_no_count_and_spare_enabled(cfg, monkeypatch):
+    """A lone step is the ample set the ordinary choice would make (a closed group
+    with one transition), found without `enabled`: the same states, transitions and
+    verdict, with `enabled` computed in far fewer states."""
+    calls = []
+    enabled = Model.enabled
+    monkeypatch.setattr(Model, "enabled", lambda self, s: calls.append(1) or enabled(self, s))
+    fast = _raw(cfg, True)
+    with_lone = len(calls)
+    monkeypatch.setattr(reduction.Ample, "lone_step", lambda self, s, pids: None)
+    calls.clear()
+    slow = _raw(cfg, True)
+    assert (fast.verdict, fast.states, fast.transitions) == \
+        (slow.verdict, slow.states, slow.transitions)
+    assert with_lone < 0.7 * len(calls), (with_lone, len(calls))
+
+
+def test_a_lone_step_of_a_group_that_is_not_closed_is_caught(monkeypatch):
+    """Taking a thread's one posted local row without `enabled` is sound only when its
+    group is closed: taking it whenever a thread has one (rank0's main thread decodes
+    ahead of its comms thread's queue_result) misses a real violation, and the
+    agreement check sees it."""
+    def any_thread(self, s, pids):
+        if s.abort or s.faults_left:
+            return None
+        for p, pr in enumerate(s.procs):
+            if pr.status == "live":
+                local, sends, recvs, colls = self.model.posted(p, pr)
+                busy = {e[1] for e in sends + recvs} | {e[1] for _g, e in colls}
+                for t in range(len(pr.pcs)):
+                    mine = [tr for tr in local if tr.parts[0][1] == t]
+                    if len(mine) == 1 and t not in busy:
+                        return mine[0]
+        return None
+    cfg = mutation_config(Config(mesh=2, chunks=2), "unbounded_decode_queue")
+    assert _raw(cfg, True).verdict == _raw(cfg, False).verdict == "queue_bound"
+    monkeypatch.setattr(reduction.Ample, "lone_step", any_thread)
     assert _raw(cfg, True).verdict == "clean"
 
 
