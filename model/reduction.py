@@ -326,8 +326,10 @@ class Ample:
         self._kinds = []       # pid * n + p -> `_posted_kinds`, _UNSEEN if not computed
         self._kinds_by_offer = {}   # (p, id(offer set)) -> (offer set, `_posted_kinds`)
         self._last = (None, None)   # (state, `_combination`) of the last `lone_step`
-        # (id of a candidate's agents, its processes' ids) -> its lone collective or None
+        # a candidate's number and its processes' ids, packed into one int
+        # (_PID_BITS each) -> its lone collective or None
         self._coll_outcome = {}
+        self._candidates = {}  # (agent mask, group) -> `_lone_candidates` entry
 
     def crashes_unobservable(self) -> bool:
         """Whether the reduced search may leave every crash out: the watchdog is on
@@ -469,15 +471,22 @@ class Ample:
 
     def _lone_candidates(self, key: tuple, groups: list) -> tuple:
         """The groups that may hold a lone step (`lone_step`), as ((process, thread),
-        ...), the group of their collective (None: a local step) and their processes:
-        those whose threads' posted rows reach nothing, or one group only."""
+        ...), the group of their collective (None: a local step), their processes and
+        a number: those whose threads' posted rows reach nothing, or one group
+        only."""
         ids, out = key[:-1], []
         for g in groups:
             agents = self.th.agents(g)
             reach = {x for p, t in agents for x, _answer in self._by_id[ids[p]][1][t]}
             if not reach or len(reach) == 1 and type(next(iter(reach))) is not int:
-                out.append((agents, next(iter(reach)) if reach else None,
-                            tuple(sorted({p for p, _t in agents}))))
+                grp = next(iter(reach)) if reach else None
+                # one copy of each candidate: thousands of combinations share it
+                hit = self._candidates.get((g, grp))
+                if hit is None:
+                    hit = self._candidates[(g, grp)] = (
+                        agents, grp, tuple(sorted({p for p, _t in agents})),
+                        len(self._candidates))
+                out.append(hit)
         return tuple(out)
 
     def __call__(self, s: State, trs: list, pids: list) -> list:
@@ -520,7 +529,7 @@ class Ample:
         closed = self._combination(s, pids)
         self._last = (s, closed)
         kinds, n, procs = self._kinds, self.n, s.procs
-        for agents, grp, members in closed[2]:
+        for agents, grp, members, number in closed[2]:
             one, entries = None, []
             for p, t in agents:
                 i = pids[p] * n + p
@@ -549,7 +558,9 @@ class Ample:
                 if entries:
                     # The collective rule reads the entries and the members' states
                     # only: its outcome is a function of these processes' states.
-                    key = (id(agents), *[pids[p] for p in members])
+                    key = number
+                    for p in members:
+                        key = key << _PID_BITS | pids[p]
                     hit = self._coll_outcome.get(key, _UNSEEN)
                     if hit is _UNSEEN:
                         out = []
@@ -587,6 +598,9 @@ class Ample:
 
 _UNSEEN = object()   # a summary not computed yet (None: the process is not live)
 _BUSY = object()     # a thread that has posted more than one row, or a send or receive
+# Bits of an interned process state id in a packed key: the explorer's keys pack them
+# in as many (model.explore.Interner.FIELD), so every id fits.
+_PID_BITS = 24
 
 
 def _smallest(groups: list, owner: tuple):
