@@ -151,7 +151,7 @@ def run_case(case: Case, out: Path, baseline: bool = True, deadline_s: float = 6
            "signature": not problems, "problems": problems,
            "fault_to_all_exited_s": None if t_all is None else round(t_all, 3),
            "children_left": res.alive_at_deadline, "run_dir": str(run_dir),
-           "conforms": _conforms(run_dir)}
+           **_conformance(run_dir)}
     if baseline and case.baseline:
         row["baseline_s"], row["baseline_note"] = run_baseline(case, out)
     return row
@@ -171,15 +171,19 @@ def _outputs(run_dir):
         return []
 
 
-def _conforms(run_dir):
+def _conformance(run_dir) -> dict:
+    """{"conforms": True / False / None (no checker) / "checker error: ...",
+    "divergence": the first divergence's text when it does not conform}: a failed case
+    says where its trace left the model, not only that it did."""
     try:
         from lockstep.conformance.report import conform
     except ImportError:
-        return None
+        return {"conforms": None, "divergence": None}
     try:
-        return bool(conform(run_dir).ok)
+        rep = conform(run_dir)
     except Exception as e:  # noqa: BLE001 - a checker crash is reported, not hidden
-        return f"checker error: {type(e).__name__}: {e}"
+        return {"conforms": f"checker error: {type(e).__name__}: {e}", "divergence": None}
+    return {"conforms": bool(rep.ok), "divergence": None if rep.ok else rep.divergence}
 
 
 def run_baseline(case: Case, out: Path, timeout_s: float = 5.0, deadline_s: float = 30.0):
@@ -217,4 +221,6 @@ def format_table(rows) -> str:
                    f"{'ok' if r['signature'] else 'MISMATCH':9} {t:>17} {bt:>22} {conf:>8}")
         for p in r["problems"]:
             out.append(f"    ! {p}")
+        if r.get("divergence"):
+            out.append(f"    ! trace diverges: {r['divergence']}")
     return "\n".join(out)

@@ -16,7 +16,8 @@ def test_breakit_case(name, tmp_path):
     # bound only separates a fast release from a backend timeout on a loaded CI box.
     if row["fault_to_all_exited_s"] is not None:
         assert row["fault_to_all_exited_s"] < 3.0, row
-    assert row["conforms"] in (True, None), row["conforms"]
+    assert row["conforms"] in (True, None), (row["conforms"], row["divergence"],
+                                             row["run_dir"])
 
 
 def test_the_root_cause_is_named_when_its_way_out_is_slower_than_the_echo_grace(tmp_path):
@@ -32,4 +33,28 @@ def test_the_root_cause_is_named_when_its_way_out_is_slower_than_the_echo_grace(
     row = run_case(case, tmp_path, baseline=False, deadline_s=60)
     assert row["signature"], "\n".join(row["problems"])
     assert not row["children_left"]
-    assert row["conforms"] is True, row["conforms"]
+    assert row["conforms"] is True, (row["conforms"], row["divergence"], row["run_dir"])
+
+
+def test_a_case_whose_trace_diverges_says_where(tmp_path):
+    """A non-conforming case carries the first divergence (what the test and the
+    `lockstep breakit` table print), not only conforms=False."""
+    import shutil
+    from pathlib import Path
+    from lockstep.breakit import _conformance, format_table
+    src = Path(__file__).resolve().parent.parent / "conformance" / "testdata" / \
+        "breakit_leader_throw"
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    assert _conformance(run) == {"conforms": True, "divergence": None}
+    lines = (run / "rank1.jsonl").read_text().splitlines(keepends=True)
+    i = next(k for k, ln in enumerate(lines) if '"label":"parity_ok"' in ln)
+    lines[i] = lines[i].replace('"label":"parity_ok"', '"label":"parity_bad"')
+    (run / "rank1.jsonl").write_text("".join(lines))
+    got = _conformance(run)
+    assert got["conforms"] is False
+    assert "parity_bad" in got["divergence"] and "leader" in got["divergence"]
+    row = {"case": "leader_throw", "failure_mode": "-", "model": "m", "model_verdict": "v",
+           "signature": True, "problems": [], "fault_to_all_exited_s": None,
+           "conforms": False, "divergence": got["divergence"]}
+    assert "! trace diverges: " in format_table([row])
