@@ -591,10 +591,7 @@ class RankInterpreter:
         applied (traced) first. gloo completes small sends eagerly and the peer records
         receiving them; the order taken (the send, then the receive, both enabled in the
         pair state) is one the tables allow."""
-        end = time.monotonic() + self.EXIT_GRACE_S
-        while not op.done and time.monotonic() < end:
-            time.sleep(0.002)
-        return op.done and op.error is None
+        return self.comm.settle(op, self.EXIT_GRACE_S)
 
     def _completed(self, t) -> bool:
         """Thread t has a p2p job whose backend work has completed, not yet applied."""

@@ -349,6 +349,30 @@ class Transport:
             raise
         return ops.index(done), done.value()
 
+    def settle(self, op: Op, within_s: float) -> bool:
+        """Give ``op`` up to ``within_s`` to complete, without raising: True when it
+        completed without error. A gloo p2p work completes only once someone waits on it
+        (``is_completed()`` stays false until ``wait()``), and ``wait_any`` returns an op
+        found done without submitting the others it was given; so an op nobody waits on
+        yet goes to the completer here. (Polling ``op.done`` alone left rank0's envelope
+        header, which the leader had received, "not landed" for the whole grace: the
+        receive of the ERROR result had completed first, and the trace lost the send.)"""
+        if not op.done and not op.submitted and not op.cuda:
+            self.completer.submit(op, self._reply_queue())
+        end = time.monotonic() + within_s
+        while not op.done:
+            if op.cuda and op.work.is_completed():
+                try:
+                    op.work.wait()
+                except Exception as e:  # noqa: BLE001
+                    op.error = e
+                op.done = True
+                break
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.002)
+        return op.done and op.error is None
+
     def _wait_direct(self, op: Op, limit: float, t0: float) -> Op:
         try:
             op.work.wait(timedelta(seconds=limit))

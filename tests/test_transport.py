@@ -183,3 +183,29 @@ def test_a_completed_op_is_returned_before_new_work_interrupts():
     while not recv.done and time.monotonic() < deadline:
         time.sleep(0.01)
     assert tp.wait_any([recv], interrupt=lambda: True) == (0, "recv")
+
+
+def test_settle_waits_on_a_send_that_wait_any_left_unsubmitted():
+    """gloo p2p: a work completes only once someone waits on it. wait_any returns a
+    receive already done without submitting the send beside it (rank0 at hdr/idle: the
+    ERROR result came in before the envelope header's send was waited on), so polling
+    the send's `done` never sees it land; settle submits it and sees it."""
+    tp = T.Transport(_groups(0), 0)
+    recv = _op(Work(), op="recv")
+    recv.done = True                          # completed during an earlier, interrupted wait
+    send = _op(Work(after_s=0.05), op="send")
+    assert tp.wait_any([send, recv])[0] == 1
+    time.sleep(0.1)
+    assert not send.done and send.work.waits == 0     # nobody waits on it: never lands
+    assert tp.settle(send, 2.0) and send.work.waits == 1
+
+
+def test_settle_gives_up_without_raising_and_reports_a_failed_op():
+    tp = T.Transport(_groups(0), 0)
+    t0 = time.monotonic()
+    assert not tp.settle(_op(Work(after_s=None), op="send"), 0.1)    # never completes
+    assert 0.1 <= time.monotonic() - t0 < 1.0
+    assert not tp.settle(_op(Work(error=RuntimeError("Connection closed by peer")),
+                             op="send"), 2.0)
+    cuda = _op(Work(cuda_done=time.monotonic() + 0.05), op="send", cuda=True)
+    assert tp.settle(cuda, 2.0) and cuda.done
