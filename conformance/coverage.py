@@ -10,6 +10,7 @@ corpora judged by the rows they exercise).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from lockstep.model.tables import shipped_rows
@@ -68,7 +69,12 @@ def format_coverage(cov: dict) -> str:
 
 
 def cli_coverage(run_dirs) -> int:
-    """`lockstep coverage RUN_DIR...`: 0 when every shipped row was exercised."""
+    """`lockstep coverage RUN_DIR...`: 0 when every shipped row was exercised; 2 when a
+    directory holds no trace (a typo would otherwise read as "nothing ran")."""
+    for d in run_dirs:
+        if not any(Path(d).glob("rank*.jsonl")):
+            print(f"lockstep coverage: {d}: no rank traces (rank*.jsonl) here", file=sys.stderr)
+            return 2
     cov = coverage(run_dirs)
     print(format_coverage(cov))
     return 0 if not any(c["never"] for c in cov.values()) else 1

@@ -239,11 +239,19 @@ def cmd_run(a) -> int:
 
 
 def cmd_cut(a) -> int:
-    from lockstep.runtime.control import CutRefused, request_cut_file
+    from lockstep.runtime.control import CONTROL_DIR, CutRefused, request_cut_file
+    run_dir = Path(a.run_dir)
+    if not (run_dir / "run.json").is_file():   # a typo would leave a request nobody reads
+        raise ValueError(f"{run_dir}: no run here (no run.json; `lockstep run --out "
+                         f"{run_dir}` writes it before any rank starts)")
     try:
-        got = request_cut_file(Path(a.run_dir), a.reason, wait_s=a.wait_s)
+        got = request_cut_file(run_dir, a.reason, wait_s=a.wait_s)
     except CutRefused as e:
         raise ValueError(str(e)) from None
+    if got == "pending":
+        got += (f": rank0 did not take it within {a.wait_s:g} s; the request stays in "
+                f"{run_dir / CONTROL_DIR} (a running run takes it later; is the run "
+                "there still running? `--wait-s` waits longer)")
     print(f"lockstep cut: {got}")
     return EXIT_OK if got == "taken" else EXIT_RUN_FAILED
 

@@ -6,10 +6,13 @@ never does (counters grow without bound, so the replayer can run thousands of ch
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 
-from .contract import expected_generator_calls
+from .contract import ENVELOPE_FIELDS, expected_generator_calls
+
+# steps is the envelope's num_denoise_steps: the contract's bounds are the config's
+STEPS_BOUNDS = next(f.bounds for f in ENVELOPE_FIELDS if f.name == "num_denoise_steps")
 
 # Faults the *runtime* can inject (its fault-injection switches). In the model,
 # rank0_preflight and leader_reject need no switch: a preflight or a validation can
@@ -59,11 +62,33 @@ class Config:
     mutation: str = ""            # name from model.mutations, "" = shipped protocol
 
     def __post_init__(self):
+        # A value out of range is refused here, by name: the checker would otherwise
+        # explore a configuration the runtime cannot mean (steps=0 "finds" a stranding,
+        # faults=-1 silently checks no crash) and report it as a verdict on the tables.
+        for name in _INTS:
+            value = getattr(self, name)
+            if type(value) is not int and not (name == "hard_cut" and type(value) is bool):
+                raise ValueError(f"{name} must be an integer, not {value!r:.40}")
         if self.mesh < 1:
             raise ValueError("mesh must be >= 1 (the leader alone is PP0)")
         if int(self.hard_cut) < 0:
             raise ValueError(f"hard_cut must be >= 0 cuts, not {self.hard_cut!r}")
         object.__setattr__(self, "hard_cut", int(self.hard_cut))
+        for name in ("chunks", "faults", "noops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.eager < 1:
+            raise ValueError(f"eager must be >= 1 message, not {self.eager}")
+        lo, hi = STEPS_BOUNDS
+        if not lo <= self.steps <= hi:
+            raise ValueError(f"steps must be in [{lo}, {hi}] (the contract's "
+                             f"num_denoise_steps), not {self.steps}")
+        for name in ("watchdog", "cond_flag_all"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be true or false, not "
+                                 f"{getattr(self, name)!r:.40}")
+        if not isinstance(self.mutation, str):
+            raise ValueError(f"mutation must be a name, not {self.mutation!r:.40}")
         if min(self.d_in, self.d_out, self.leader_in, self.leader_out) < 1:
             raise ValueError("queue depths must be >= 1")
         if self.p2p not in ("rendezvous", "buffered"):
@@ -112,6 +137,10 @@ class Config:
         return " ".join(parts)
 
 
+_INTS = ("mesh", "d_in", "d_out", "leader_in", "leader_out", "chunks", "hard_cut",
+         "faults", "eager", "steps", "noops")
+
+
 def config_to_dict(cfg: Config) -> dict:
     d = asdict(cfg)
     d["inject"] = sorted(cfg.inject)
@@ -120,5 +149,9 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     d = dict(d)
+    unknown = sorted(set(map(str, d)) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0][:40]!r}; a Config has "
+                         f"{', '.join(f.name for f in fields(Config))}")
     d["inject"] = frozenset(d.get("inject", ()))
     return Config(**d)

@@ -74,6 +74,36 @@ def test_usage_errors_exit_2_naming_the_option(capsys):
     assert "unknown case(s) ['leader_reject']; known: wrong_group" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,field", [
+    (["check", "--steps", "0"], "steps must be in [1, 1000]"),
+    (["check", "--faults", "-1"], "faults must be >= 0"),
+    (["check", "--chunks", "-3"], "chunks must be >= 0"),
+    (["check", "--noops", "-2"], "noops must be >= 0"),
+    (["run", "--mesh", "2", "--chunks", "-1"], "chunks must be >= 0"),
+])
+def test_a_configuration_out_of_range_is_a_usage_error_naming_the_field(argv, field,
+                                                                       capsys):
+    """Before, `check --steps 0` reported a stranding of the shipped tables and `run
+    --chunks -1` ran and exited 0: a verdict on a configuration nobody can mean."""
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"mesh": "2"}, "mesh must be an integer"),
+    ({"steps": True}, "steps must be an integer"),
+    ({"eager": 0}, "eager must be >= 1"),
+    ({"steps": 1001}, "steps must be in [1, 1000]"),
+    ({"watchdog": 1}, "watchdog must be true or false"),
+    ({"bogus": 1}, "unknown field 'bogus'"),
+])
+def test_a_config_read_from_json_names_the_bad_field(kw, field):
+    from lockstep.model.config import config_from_dict
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict({"mesh": 2, **kw})
+    assert config_from_dict({"mesh": 2, "hard_cut": True, "chunks": 0}).hard_cut == 1
+
+
 @pytest.mark.parametrize("opts,field", [
     ({"costs": {"phase_b_ms": -1}}, "opts.costs.phase_b_ms"),
     ({"fault": {"name": "wrong_group", "at_chunk": "2"}}, "opts.fault.at_chunk"),
@@ -94,3 +124,14 @@ def test_run_options_round_trip_through_json():
                    fault=parse_fault("leader_reject@2"), lost_after_s=0.25)
     back = RunOptions.from_dict(json.loads(json.dumps(o.to_dict())))
     assert back == o and back.fault == FaultSwitch("leader_reject", 2)
+
+
+def test_cut_of_a_directory_with_no_run_is_refused_and_pending_says_why(tmp_path, capsys):
+    """A mistyped run directory used to get a request nobody would read ("pending")."""
+    assert cli.main(["cut", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "no run here (no run.json" in capsys.readouterr().err
+    assert not (tmp_path / "control").exists()
+    (tmp_path / "run.json").write_text("{}")          # a run that is not running
+    assert cli.main(["cut", str(tmp_path), "--wait-s", "0.05"]) == cli.EXIT_RUN_FAILED
+    out = capsys.readouterr().out
+    assert "pending: rank0 did not take it within 0.05 s" in out and "control" in out

@@ -39,3 +39,11 @@ def test_coverage_reports_rows_that_never_ran(tmp_path):
     cov = coverage([RUNS[0]] if RUNS else [])
     assert any(c["never"] for c in cov.values())     # one run cannot exercise every row
     assert coverage([tmp_path])[("rank0", "main")]["run"] == []
+
+
+def test_coverage_of_a_directory_with_no_trace_is_a_usage_error(tmp_path, capsys):
+    """A mistyped run directory used to read as "0 / 81 rows ran" (exit 1)."""
+    from lockstep import cli
+    assert cli.main(["coverage", str(tmp_path / "nosuch")]) == cli.EXIT_USAGE
+    assert "no rank traces (rank*.jsonl)" in capsys.readouterr().err
+    assert cli.main(["coverage", str(RUNS[0])]) == cli.EXIT_VIOLATION   # one run: rows left
