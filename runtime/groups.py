@@ -52,6 +52,10 @@ def init_world(backend: str, rank: int, world_size: int, master_addr: str, maste
     """
     kw = {}
     if "nccl" in backend:
+        if not torch.cuda.is_available():   # else an AttributeError deep in set_device
+            raise RuntimeError(f"backend {backend!r} needs CUDA and this torch "
+                               f"({torch.__version__}) sees no GPU "
+                               "(torch.cuda.is_available() is False); on CPU use gloo")
         if device is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))
                                   % max(1, torch.cuda.device_count()))

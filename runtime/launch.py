@@ -205,9 +205,21 @@ class LaunchResult:
         out = []
         for r in self.ranks:
             dt = "" if r.exit_time is None else f" t=+{r.exit_time - self.start_time:.3f}s"
+            line = r.reason_line()
+            if line is None and r.killed_at_deadline:   # where was it, then
+                trace = Path(self.run_dir) / f"rank{r.rank}.jsonl"
+                step = _last_step(trace)
+                ids = _last_ids(trace)
+                line = (f"no exit line; last step {step}" + "".join(
+                    f" {k}={v}" for k, v in ids.items()) if step else
+                    "no exit line and no step traced (killed while starting up)")
             out.append(f"rank {r.rank}: rc={r.returncode}{dt}"
                        f"{' KILLED-AT-DEADLINE' if r.killed_at_deadline else ''}"
-                       f" | {r.reason_line() or ''}")
+                       f" | {line or ''}")
+        if self.deadline_hit:
+            out.append(f"hard deadline hit after {self.end_time - self.start_time:.1f} s: "
+                       "the ranks above were killed (a longer run needs a larger deadline; "
+                       "a rank that waited there without crashing is a hang to report)")
         return "\n".join(out)
 
 
@@ -224,26 +236,38 @@ def _pdeathsig():  # runs in the child between fork and exec
         _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent thread
 
 
-def _last_ids(trace: Path) -> dict:
-    """Where a killed rank was: call_id / chunk_index / cache_epoch of the last message it
-    traced and the group of its last op (read from the tail of its rank{R}.jsonl)."""
-    out: dict = {}
+def _tail_events(trace: Path):
+    """The events of the tail of a rank{R}.jsonl, newest first, format-2 steps in their
+    long view (a cut or unreadable line is skipped)."""
     try:
         with open(trace, "rb") as f:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - 16384))
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return out
+        return
     for ln in reversed(lines):
         try:
             e = json.loads(ln)
         except ValueError:
             continue
-        if not isinstance(e, dict):
-            continue
-        if "ev" not in e:        # a format-2 step (model/tracefmt.py): the row says the op
-            e = F.long_view(e)
+        if isinstance(e, dict):  # a format-2 step (model/tracefmt.py): the row says the op
+            yield e if "ev" in e else F.long_view(e)
+
+
+def _last_step(trace: Path) -> str | None:
+    """"thread.label" of the last step a rank traced, or None (none yet)."""
+    for e in _tail_events(trace):
+        if e.get("label") and e.get("ev", "step") == "step":
+            return f"{e.get('thread')}.{e['label']}"
+    return None
+
+
+def _last_ids(trace: Path) -> dict:
+    """Where a killed rank was: call_id / chunk_index / cache_epoch of the last message it
+    traced and the group of its last op (read from the tail of its rank{R}.jsonl)."""
+    out: dict = {}
+    for e in _tail_events(trace):
         if "group" not in out and e.get("op") in ("send", "recv", "coll"):
             out["group"] = e.get("group") or "world_pg(p2p)"
         m = e.get("msg")

@@ -20,8 +20,11 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     if not isinstance(opts, RunOptions):
         opts = RunOptions.from_dict(opts)
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # refused before any rank starts
+    _check_local_devices(opts.backend, cfg.mesh + 1)
     opts = opts.to_dict()
     run_dir = Path(run_dir).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file, not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     for old in run_dir.glob("rank*"):
         old.unlink()
@@ -34,3 +37,18 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
                        {"config": config_to_dict(cfg), "opts": opts},
                        deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)
+
+
+def _check_local_devices(backend: str, world: int) -> None:
+    """All ranks of a local run share this host's GPUs: refused before any rank starts
+    when NCCL cannot run (FACTS.md: no CUDA, or two ranks of one communicator on one GPU,
+    which NCCL refuses; the mixed "cpu:gloo,cuda:nccl" variant may share a GPU)."""
+    if "nccl" not in backend:
+        return
+    import torch
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    need = world if backend == "nccl" else 1
+    if seen < need:
+        raise ValueError(f"backend {backend!r} on one host needs {need} GPU(s) "
+                         f"({world} ranks, one GPU each for NCCL), {seen} visible to torch "
+                         f"{torch.__version__}; on CPU use gloo")

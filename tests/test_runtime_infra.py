@@ -206,3 +206,44 @@ def test_op_deadline_turns_a_silent_live_peer_into_an_error(tmp_path):
     print(f"\n[op-deadline] rank 0 released "
           f"{(res.ranks[0].exit_time - res.ranks[1].exit_time) * 1e3:.0f} ms after rank 1")
 
+
+
+def test_a_rank_killed_at_the_deadline_says_where_it_was(tmp_path):
+    """Killed ranks write no exit line: the summary reads the tail of each trace (format
+    2, a cut last line skipped) and says where it was, or that it never got going."""
+    from lockstep.runtime.launch import RankResult
+    (tmp_path / "rank1.jsonl").write_text(
+        '{"c":"recv_envelope_payload","d":1521,"m":[1,51,51,0,2,0],"t":1609}\n'
+        '{"d":22903,"l":"generator_call","t":20036}\n{"d":12,"l":"gen')
+    res = LaunchResult(world_size=2, run_dir=str(tmp_path), run_id="x", master_port=0,
+                       side_port=0, start_time=0.0, end_time=8.1, deadline_hit=True,
+                       ranks=[RankResult(r, 0, -9, 8.1, True, "", str(tmp_path / "none"))
+                              for r in range(2)])
+    lines = res.summary().splitlines()
+    assert "no exit line and no step traced (killed while starting up)" in lines[0]
+    assert "no exit line; last step main.generator_call group=mesh_pg call_id=51" \
+        in lines[1], lines[1]
+    assert lines[2].startswith("hard deadline hit after 8.1 s")
+
+
+def test_a_local_nccl_run_without_a_gpu_per_rank_is_refused_before_any_rank(
+        tmp_path, monkeypatch):
+    import torch
+    from lockstep.model.config import Config
+    from lockstep.runtime.run import run_local
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'nccl' on one host needs 3 GPU\(s\).*1 visible"):
+        run_local(Config(mesh=2), {"backend": "nccl"}, tmp_path)
+    assert not list(tmp_path.glob("rank*"))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        run_local(Config(mesh=2), {}, tmp_path / "afile")
+
+
+def test_init_world_on_nccl_without_cuda_names_the_cause(monkeypatch):
+    import torch
+    from lockstep.runtime.groups import init_world
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs CUDA and this torch .* sees no GPU"):
+        init_world("nccl", 0, 2, "127.0.0.1", 1, 1.0)
