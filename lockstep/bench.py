@@ -157,13 +157,24 @@ def balanced(stage_ms: float) -> dict:
                       "phase_b_ms": stage_ms}}
 
 
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    return parse
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.bench")
-    ap.add_argument("--chunks", type=int, default=200,
-                    help="chunks of the round-trip and control-plane-bound runs")
-    ap.add_argument("--mesh", type=int, default=3)
+    # The medians skip 5 warm-up chunks and the CPU figure subtracts a run of chunks/5:
+    # fewer chunks leave nothing to measure.
+    ap.add_argument("--chunks", type=_at_least(20), default=200,
+                    help="chunks of the round-trip and control-plane-bound runs (>= 20)")
+    ap.add_argument("--mesh", type=_at_least(1), default=3)
     ap.add_argument("--stage-ms", type=float, default=50.0)
-    ap.add_argument("--balanced-chunks", type=int, default=40)
+    ap.add_argument("--balanced-chunks", type=_at_least(10), default=40)
     ap.add_argument("--skip-overlap", action="store_true",
                     help="the round trip only")
     a = ap.parse_args(argv)

@@ -135,3 +135,12 @@ def test_cut_of_a_directory_with_no_run_is_refused_and_pending_says_why(tmp_path
     assert cli.main(["cut", str(tmp_path), "--wait-s", "0.05"]) == cli.EXIT_RUN_FAILED
     out = capsys.readouterr().out
     assert "pending: rank0 did not take it within 0.05 s" in out and "control" in out
+
+
+def test_the_runtime_bench_refuses_too_few_chunks_to_measure(capsys):
+    """`python -m lockstep.bench --chunks 5` used to start every rank and die in each
+    of them with a TypeError (no chunk after the warm-up to take the CPU from)."""
+    from lockstep import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--chunks", "5"])
+    assert e.value.code == 2 and "--chunks: must be >= 20, got 5" in capsys.readouterr().err
