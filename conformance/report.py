@@ -378,6 +378,16 @@ FAILURES = (
 )
 
 
+def _launch_record(run: Run) -> dict:
+    """The local launcher's RUN_DIR/launch.json (runtime/launch.py), {} if none (torchrun,
+    an older run) or unreadable: it only names who killed a rank, it decides nothing."""
+    try:
+        rec = json.loads((Path(run.path) / "launch.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
 def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     """The failure-mode name (PROTOCOL.md taxonomy) if the run ended by a fault."""
     what = {f["what"] for rt in run.ranks for f in rt.faults}
@@ -388,8 +398,15 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
             names.append(name)
     def who(r):
         return run.ranks[r].role + (f" (rank {r})" if run.ranks[r].role == "worker" else "")
-    if run.killed:
-        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in run.killed))
+    at_deadline = set(_launch_record(run).get("killed_at_deadline") or ())
+    orphans = [r for r in run.killed if r not in at_deadline]
+    if orphans:
+        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
+    if at_deadline & set(run.killed):
+        names.append(f"the launcher's hard deadline "
+                     f"({_launch_record(run).get('deadline_s'):g} s) killed "
+                     + ", ".join(who(r) for r in run.killed if r in at_deadline)
+                     + " (a run still going, or a hang: see each rank's last step)")
     for r in run.failed:
         c = run.ranks[r].releases[-1]["cause"]
         names.append(f"failure outside the table of {who(r)} ({c.get('kind')}: "

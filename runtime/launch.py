@@ -277,6 +277,9 @@ def _last_ids(trace: Path) -> dict:
     return out
 
 
+LAUNCH_RECORD = "launch.json"
+
+
 class LocalRun:
     """Handle on running ranks: ``wait()``, ``kill_rank()``, ``kill_all()``; a context
     manager whose exit SIGKILLs anything left. Create it from the thread that will live as
@@ -304,6 +307,7 @@ class LocalRun:
         master_port = free_port()
         while master_port == side_port:
             master_port = free_port()
+        (self.run_dir / LAUNCH_RECORD).unlink(missing_ok=True)   # an earlier run's
         args_file = self.run_dir / "args.json"
         args_file.write_text(json.dumps(args, sort_keys=True))
         self.result = LaunchResult(world_size, str(self.run_dir), run_id, master_port,
@@ -471,7 +475,24 @@ class LocalRun:
             self.result.cause = self.abort_cause()
         except Exception:  # noqa: BLE001
             pass
+        self._write_record(deadline_s)
         return self.result
+
+    def _write_record(self, deadline_s: float) -> None:
+        """RUN_DIR/launch.json: what the launcher did to the ranks, which their traces
+        cannot say (a rank killed at the hard deadline or by fault injection writes no
+        exit line); the conformance report names it (conformance/report.py)."""
+        res = self.result
+        rec = {"deadline_s": deadline_s, "deadline_hit": res.deadline_hit,
+               "killed_at_deadline": res.alive_at_deadline,
+               "signalled": [{"rank": r, "signal": sig, "t_s": round(t - res.start_time, 3)}
+                             for r, sig, t in res.faults],
+               "returncodes": res.returncodes,
+               "wall_s": round(res.end_time - res.start_time, 3)}
+        try:
+            (self.run_dir / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
+        except OSError:
+            pass
 
     def __enter__(self) -> "LocalRun":
         return self

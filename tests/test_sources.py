@@ -70,3 +70,29 @@ def test_missing_rank_file_is_the_headline(tmp_path):
     assert rep.headline.startswith("MISSING TRACE rank1.jsonl")
     from lockstep.conformance.report import format_report
     assert format_report(rep).startswith("MISSING TRACE")
+
+
+def test_the_launchers_record_names_a_deadline_kill_and_decides_nothing(tmp_path):
+    """A rank killed at the hard deadline writes nothing: RUN_DIR/launch.json (the local
+    launcher's) names it in the failure mode; the verdict is the traces' alone."""
+    d = copy(tmp_path, "cpu_gloo_kill_worker")
+    before = conform(d)
+    assert before.failure_mode == "orphan: kill -9 of worker (rank 3)"
+    (d / "launch.json").write_text(json.dumps({"deadline_s": 8.0, "deadline_hit": True,
+                                               "killed_at_deadline": [3]}))
+    after = conform(d)
+    assert after.ok == before.ok and "orphan" not in after.failure_mode
+    assert "the launcher's hard deadline (8 s) killed worker (rank 3)" in after.failure_mode
+    (d / "launch.json").write_text("{not json")               # unreadable: ignored
+    assert conform(d).failure_mode == before.failure_mode
+
+
+def test_a_local_run_writes_its_launch_record(tmp_path):
+    from lockstep.model.config import Config
+    from lockstep.runtime.run import run_local
+    (tmp_path / "launch.json").write_text('{"killed_at_deadline": [0, 1]}')   # stale
+    res = run_local(Config(mesh=1, chunks=2), {}, tmp_path, deadline_s=60)
+    assert res.ok, res.summary()
+    rec = json.loads((tmp_path / "launch.json").read_text())
+    assert rec["deadline_hit"] is False and rec["killed_at_deadline"] == []
+    assert rec["returncodes"] == [0, 0] and rec["deadline_s"] == 60
