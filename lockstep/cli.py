@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,12 +14,14 @@ EXIT_OK = 0          # clean: no violation, the trace conforms, the run succeede
 EXIT_VIOLATION = 1   # a property violated, a trace diverges, a manifest or doc is stale
 EXIT_USAGE = 2       # bad command line or option value
 EXIT_RUN_FAILED = 3  # a real run failed: a rank exited with an error or a deadline hit
+EXIT_PIPE = 141      # stdout's reader left (`| head`): a shell's code for SIGPIPE
 
 EPILOG = f"""exit codes:
   {EXIT_OK}  clean (no violation / the trace conforms / every rank exited ok)
   {EXIT_VIOLATION}  violation found (a property, a diverging trace, a stale manifest or doc)
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit)
+  {EXIT_PIPE}  the output's reader left early (`| head`): the command did not finish
 """
 
 
@@ -566,6 +569,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"lockstep {a.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # `lockstep conform RUN | head`: the reader left; no traceback, and no second
+        # one when the interpreter flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

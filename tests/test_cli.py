@@ -144,3 +144,15 @@ def test_the_runtime_bench_refuses_too_few_chunks_to_measure(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--chunks", "5"])
     assert e.value.code == 2 and "--chunks: must be >= 20, got 5" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`lockstep conform RUN | head` printed a BrokenPipeError traceback. The reader here
+    (`true`) is gone before lockstep has imported torch, so the first write breaks."""
+    from pathlib import Path
+    run = Path(__file__).resolve().parent.parent / "traces" / "cpu_gloo_depth1"
+    p = subprocess.run(f"set -o pipefail; '{sys.executable}' -m lockstep conform '{run}' "
+                       "| true", shell=True, executable="/bin/bash", capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.returncode == cli.EXIT_PIPE, (p.returncode, p.stderr)
