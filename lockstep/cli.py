@@ -3,6 +3,7 @@ and conformance/ together; each subcommand lives with the part it drives."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -562,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EACCES,
+                errno.EROFS}
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
@@ -574,6 +579,13 @@ def main(argv=None) -> int:
         # one when the interpreter flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except OSError as e:
+        # a path the user gave that cannot be written or read (--out naming a file, a
+        # missing or read-only directory): one line naming it, not a traceback
+        if e.errno not in _PATH_ERRNOS or e.filename is None:
+            raise
+        print(f"lockstep {a.cmd}: {e.filename}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

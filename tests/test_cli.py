@@ -156,3 +156,17 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
                        text=True, timeout=120)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
     assert p.returncode == cli.EXIT_PIPE, (p.returncode, p.stderr)
+
+
+@pytest.mark.parametrize("argv", [["export", "--out", "{f}/x.pml"], ["render", "--out", "{f}"],
+                                  ["overlap", "{run}", "--out", "{f}"]])
+def test_an_output_path_that_cannot_be_written_is_one_line(argv, tmp_path, capsys):
+    """--out naming a file used to end in a FileExistsError / NotADirectoryError traceback."""
+    from pathlib import Path
+    f = tmp_path / "afile"
+    f.write_text("")
+    run = Path(__file__).resolve().parent.parent / "traces" / "cpu_gloo_depth1"
+    argv = [a.format(f=f, run=run) for a in argv]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(f) in err and ("File exists" in err or "Not a directory" in err), err
