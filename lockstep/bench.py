@@ -13,7 +13,9 @@ run (ratios on CPU; absolute times only count on a GPU machine).
   bound             workload's real TP collectives), depth 2: period against stage1.
   tracing           the balanced depth-2 run and the control-plane-bound run again with
                     RunOptions.trace="emits" (only rank0's emitting steps written: the
-                    rows are the same): the cost of tracing as a fraction of the period.
+                    rows are the same): the cost of tracing as a fraction of the period,
+                    the median over --tracing-pairs alternated on/off pairs (one pair's
+                    difference is within the spread between two runs of one side).
   timeline          the round trip's chunk row by row: every rank's steps as offsets in
                     the leader's window between two Phase B ends (conformance/timeline.py).
   mesh idle         the control-plane-bound run's per-chunk breakdown of the leader's
@@ -175,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", type=_at_least(1), default=3)
     ap.add_argument("--stage-ms", type=float, default=50.0)
     ap.add_argument("--balanced-chunks", type=_at_least(10), default=40)
+    ap.add_argument("--tracing-pairs", type=_at_least(1), default=3,
+                    help="tracing on/off run pairs per configuration (one pair's "
+                         "difference is within the spread between two runs)")
     ap.add_argument("--skip-overlap", action="store_true",
                     help="the round trip only")
     a = ap.parse_args(argv)
@@ -219,17 +224,26 @@ def main(argv=None) -> int:
               f"{bound.period_ms / bound.stage1_ms:.2f} x   (target <= {TARGETS['bound']} x)")
         print(f"  {bound.verdict}, OverlapScore {bound.overlap_score:.2f}, mesh idle "
               f"{bound.mesh_idle_ms:.3f} ms per chunk (the leader's own measure)")
-        print("\ntracing on vs off (trace=\"emits\": only rank0's emitting steps written):")
-        print(f"  {'run':<22} {'on':>9} {'off':>9} {'cost':>9} {'of period':>10}")
-        for name, cfg_, opts, on in (
+        print(f"\ntracing on vs off (trace=\"emits\": only rank0's emitting steps written; "
+              f"{a.tracing_pairs} on/off pair(s) each, alternated: the cost is the median "
+              f"of the pairs' differences, each pair listed):")
+        print(f"  {'run':<22} {'on':>9} {'off':>9} {'cost':>9} {'of period':>10}  pairs (ms)")
+        for name, cfg_, opts, first in (
                 ("balanced depth 2", Config(mesh=a.mesh, d_in=2, d_out=2,
                                             chunks=a.balanced_chunks, steps=1),
                  balanced(a.stage_ms), runs[2]),
                 ("control-plane bound", cfg, {}, bound)):
-            off, _ = _run(cfg_, {**opts, "trace": "emits"}, tmp / f"notrace_{name[:3]}")
-            cost = on.period_ms - off.period_ms
-            print(f"  {name:<22} {on.period_ms:8.3f}ms {off.period_ms:8.3f}ms "
-                  f"{cost:8.3f}ms {cost / on.period_ms:9.1%}")
+            on_ms, off_ms = [], []
+            for i in range(a.tracing_pairs):
+                on = first if i == 0 else _run(cfg_, opts, tmp / f"trace_{name[:3]}{i}")[0]
+                off, _ = _run(cfg_, {**opts, "trace": "emits"}, tmp / f"notrace_{name[:3]}{i}")
+                on_ms.append(on.period_ms)
+                off_ms.append(off.period_ms)
+            diffs = [x - y for x, y in zip(on_ms, off_ms)]
+            cost, period = statistics.median(diffs), statistics.median(on_ms)
+            print(f"  {name:<22} {period:8.3f}ms {statistics.median(off_ms):8.3f}ms "
+                  f"{cost:8.3f}ms {cost / period:9.1%}  "
+                  + " ".join(f"{d:+.3f}" for d in diffs))
         print(f"  (target: tracing <= {TARGETS['tracing']:.0%} of the balanced period)")
         print("\nwhere the mesh waits (control-plane-bound run; one host, so one clock):")
         print("\n".join(idle.lines()))
