@@ -37,6 +37,7 @@ import marshal
 import os
 import sys
 import tempfile
+from array import array
 from pathlib import Path
 from typing import Optional
 
@@ -196,10 +197,35 @@ def clear(run_dir, cache=None) -> None:
 
 
 # ---------------------------------------------------------------------- a rank's payload
-# One tuple per step event: the fields `load.py` parsed and the index of its file; the
-# rest of an `Ev` (rank, thread, pos, prev, the replayer's links) follows from the rank
-# and the order.
-VERSION = 1
+# The step events column by column: the integer fields as machine-integer arrays (one
+# bytes object each: unmarshalling a million small tuples cost more than the rest of a
+# cached load), the strings as one index per event into the rank's distinct
+# (src, label, dst, op, peer, group), the messages and measurements as lists. The rest of
+# an `Ev` (rank, thread, pos, prev, the replayer's links) follows from the rank and the
+# order.
+VERSION = 2
+_INT_COLUMNS = ("t", "i", "t_ns", "dur_ns", "line")
+_WIDE = "q"                  # signed 64-bit; a column that does not fit stays a list
+
+
+def _ints(values):
+    """A column of ints as array bytes, or the list itself when one does not fit (or
+    is not exactly an int: a value must come back as the type it was)."""
+    for x in values:
+        if type(x) is not int:
+            return list(values)
+    try:
+        return array(_WIDE, values).tobytes()
+    except (OverflowError, TypeError):
+        return list(values)
+
+
+def _unints(col):
+    if type(col) is bytes:
+        out = array(_WIDE)
+        out.frombytes(col)
+        return out
+    return col
 
 
 def rank_payload(rt, warnings: list):
@@ -207,46 +233,47 @@ def rank_payload(rt, warnings: list):
     from lockstep.model import tracefmt as F
     names = [p.name for p in rt.files]
     k_of = {n: k for k, n in enumerate(names)}
-    rows = [(e.t, e.i, e.src, e.label, e.dst, e.op, e.peer, e.chan_i, e.group, e.gseq,
-             e.msg, e.has_msg, e.t_ns, e.dur_ns, e.meas, e.line, k_of[e.file])
-            for e in rt.steps]
+    steps = rt.steps
+    sigs, sig_of = [], {}
+    codes = []
+    for e in steps:
+        sig = (e.src, e.label, e.dst, e.op, e.peer, e.group)
+        j = sig_of.get(sig)
+        if j is None:
+            j = sig_of[sig] = len(sigs)
+            sigs.append(sig)
+        codes.append(j)
+    cols = {f: _ints([getattr(e, f) for e in steps]) for f in _INT_COLUMNS}
+    cols["sig"] = _ints(codes)
+    cols["file"] = _ints([k_of[e.file] for e in steps])
+    cols["chan_i"] = [e.chan_i for e in steps]
+    cols["gseq"] = [e.gseq for e in steps]
+    cols["msg"] = [e.msg for e in steps]
+    cols["has_msg"] = [e.has_msg for e in steps]
+    cols["meas"] = [e.meas for e in steps]
     cps = [(pos, name, dict(d, v=F.vars_to_json(d["v"]))) for pos, name, d in rt.checkpoints]
-    return (VERSION, rows, names, rt.start, rt.releases, rt.faults, rt.truncated,
-            rt.has_exit, cps, list(rt.next_i), list(warnings))
+    return (VERSION, len(steps), sigs, cols, names, rt.start, rt.releases, rt.faults,
+            rt.truncated, rt.has_exit, cps, list(rt.next_i), list(warnings))
 
 
 def restore(rt, payload, warnings: list) -> bool:
     """Fill `rt` from a payload; False (and `rt` untouched) if it does not decode."""
     from lockstep.model import tracefmt as F
-    from .load import THREAD_NAMES, Ev
+    from .load import THREAD_NAMES, events_from_columns
     try:
-        (version, rows, names, start, releases, faults, truncated, has_exit, cps, next_i,
-         warns) = payload
+        (version, n, sigs, cols, names, start, releases, faults, truncated, has_exit, cps,
+         next_i, warns) = payload
         if version != VERSION or names != [p.name for p in rt.files]:
             return False
         cps = [(pos, name, dict(d, v=F.vars_from_json(rt.role, d["v"])))
                for pos, name, d in cps]
-        threads = THREAD_NAMES[rt.role]
-        rank, new = rt.rank, object.__new__
-        prev = [None] * len(threads)
-        steps = []
-        append = steps.append
-        pos = 0
-        for (t, i, src, label, dst, op, peer, ci, group, gseq, msg, has_msg, t_ns, dur,
-             meas, line, k) in rows:
-            ev = new(Ev)
-            ev.rank, ev.t, ev.thread, ev.i, ev.src, ev.label, ev.dst, ev.op = \
-                rank, t, threads[t], i, src, label, dst, op
-            ev.peer, ev.chan_i, ev.group, ev.gseq = peer, ci, group, gseq
-            ev.msg, ev.has_msg, ev.t_ns, ev.dur_ns, ev.meas, ev.line = \
-                msg, has_msg, t_ns, dur, meas, line
-            ev.file, ev.pos, ev.prev = names[k], pos, prev[t]
-            ev.done = False
-            ev.partner = ev.inst = ev.dup = ev.lane = None
-            ev.deps = ()
-            prev[t] = ev
-            append(ev)
-            pos += 1
+        columns = [_unints(cols[f]) for f in ("t", "i", "sig", "chan_i", "gseq", "msg",
+                                              "has_msg", "t_ns", "dur_ns", "meas", "line",
+                                              "file")]
+        if any(len(c) != n for c in columns):
+            return False
+        steps, prev = events_from_columns(rt.rank, THREAD_NAMES[rt.role], names,
+                                          [tuple(x) for x in sigs], columns)
     except (ValueError, TypeError, IndexError, KeyError):
         return False
     rt.steps, rt.start, rt.releases, rt.faults = steps, start, releases, faults
@@ -254,4 +281,3 @@ def restore(rt, payload, warnings: list) -> bool:
     rt.next_i, rt.prev_of = next_i, prev
     warnings += warns
     return True
-

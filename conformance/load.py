@@ -485,6 +485,33 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
     return ev
 
 
+def events_from_columns(rank: int, threads: tuple, names: list, sigs: list, columns):
+    """A rank's `Ev` list rebuilt from the load cache's columns (conformance/cache.py:
+    t, i, index into `sigs`, chan_i, gseq, msg, has_msg, t_ns, dur_ns, meas, line, index
+    into `names`), with each event's `prev` on its thread; (steps, last per thread).
+    Here rather than in cache.py because this module is compiled (lockstep/accel.py):
+    the loop is most of a cached load."""
+    new = _new_ev
+    prev = [None] * len(threads)
+    steps = []
+    append = steps.append
+    pos = 0
+    for (t, i, j, ci, gseq, msg, has_msg, t_ns, dur, meas, line, k) in zip(*columns):
+        ev = new(Ev)
+        ev.src, ev.label, ev.dst, ev.op, ev.peer, ev.group = sigs[j]
+        ev.rank, ev.t, ev.thread, ev.i, ev.chan_i, ev.gseq = rank, t, threads[t], i, ci, gseq
+        ev.msg, ev.has_msg, ev.t_ns, ev.dur_ns, ev.meas, ev.line = \
+            msg, has_msg, t_ns, dur, meas, line
+        ev.file, ev.pos, ev.prev = names[k], pos, prev[t]
+        ev.done = False
+        ev.partner = ev.inst = ev.dup = ev.lane = None
+        ev.deps = ()
+        prev[t] = ev
+        append(ev)
+        pos += 1
+    return steps, prev
+
+
 def parse_msg(m, path, ln: int, field: str = "msg"):
     """dict -> 7-tuple comparable with model.messages.Msg; list -> tuple of items.
     `init_cache` defaults to False and `valid` (the receiver's contract verdict) to True,
