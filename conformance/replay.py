@@ -181,31 +181,48 @@ class Replayer:
         self.unwritten_sends = set()
         self.end_phase = False
         self._idx_s = self._idx_p = self._idx = None
-        self._link()
+        self._checked_r0 = self._checked_viol = None
+        gc_was = gc.isenabled()
+        gc.disable()      # _link makes a few tuples per event, all acyclic: as in replay()
+        try:
+            self._link()
+        finally:
+            if gc_was:
+                gc.enable()
 
     # ------------------------------------------------------------------ coordinates
     def _link(self):
         m, run = self.m, self.run
         p2p, colls = {}, {}
         self.events = [rt.steps for rt in run.ranks]
+        lanes = {}            # (src, dst) -> _lane: a few hundred distinct pairs
         for rt in run.ranks:
             r = rt.rank
             latest = {}       # (thread, lane) -> the rank's latest event there
             sends = {}        # (thread, lane) -> the latest send there
+            own_sends = {}    # (thread, lane) -> ev.sends there, until the next send
             for ev in rt.steps:
                 ev.done = False               # a Run may be replayed more than once
                 ev.partner = ev.dup = None
-                t, lane = ev.t, _lane(ev.src, ev.dst)
+                t, op = ev.t, ev.op
+                pair = (ev.src, ev.dst)
+                lane = lanes.get(pair, 0)
+                if lane == 0 and pair not in lanes:
+                    lane = lanes[pair] = _lane(*pair)
                 ev.lane = lane
                 ev.deps = tuple(latest.values())          # every earlier line of the rank
                 key = (t, lane)
                 latest[key] = ev
-                if ev.op == "send":
+                if op == "send":
                     sends[key] = ev
+                    own_sends.clear()
                 # the sends its own side (a whole thread: both sides) completed before it
-                ev.sends = tuple(x for k, x in sends.items() if k[0] == t and
-                                 (lane is None or k[1] is None or k[1] == lane))
-                op = ev.op
+                mine = own_sends.get(key)
+                if mine is None:
+                    mine = own_sends[key] = tuple(
+                        x for k, x in sends.items() if k[0] == t and
+                        (lane is None or k[1] is None or k[1] == lane))
+                ev.sends = mine
                 if op == "send" or op == "recv":
                     q = m.index.get(ev.peer)
                     key = (r, q, ev.chan_i) if op == "send" else (q, r, ev.chan_i)
@@ -395,9 +412,9 @@ class Replayer:
             return BAD, lambda: (f"a second event for the same "
                                  f"{'channel message' if ev.op != 'coll' else 'collective'}"
                                  f" ({_coord(ev)}; the first is at {ev.dup.where()})")
-        bad = self._chain(ev)
-        if bad is not None:
-            return BAD, bad
+        prev = ev.prev          # `_chain`, inline: it runs at every attempt
+        if ev.src != (prev.dst if prev is not None else self.init_pcs[ev.rank][ev.t]):
+            return BAD, self._chain(ev)
         row = self._row_at(ev, s)
         if row is not None:
             bad = self._fields(ev, row)
@@ -408,9 +425,10 @@ class Replayer:
             return g
         s = self.s                  # an UNWRITTEN completion may have been taken
         evs, unw = g
-        for e in evs:
-            if e is not ev and self._chain(e) is not None:
-                return BAD, Blame(e, self._chain(e))
+        if len(evs) > 1:
+            for e in evs:
+                if e is not ev and self._chain(e) is not None:
+                    return BAD, Blame(e, self._chain(e))
         byk = {(e.rank, e.t): e for e in evs}
         if unw is EAGER:
             unw = ()
@@ -423,9 +441,10 @@ class Replayer:
                 # matches), which stays for the diagnosis when none does
                 for tr in self._exact(s, evs):
                     if self._mismatch(tr, byk, unw, s) is None:
-                        code, why = self._schedule(tr, ev)
-                        if code != FIRED:
-                            return code, why
+                        if tr.kind == "exit":        # `_schedule` places only exits
+                            code, why = self._schedule(tr, ev)
+                            if code != FIRED:
+                                return code, why
                         return self._commit(tr, evs, s, unw)
             cands = self._candidates(s, ev)
         while not cands and unw and self._unwritten_route(unw, s):
@@ -689,8 +708,9 @@ class Replayer:
             if part[2].tags:
                 tagged = True
                 break
-        viol = (tagged and (check_transition(m, s, tr, s2) or
-                            check_progress_at_exit(m, s, tr))) or check_state(m, s2)
+        viol = tagged and (check_transition(m, s, tr, s2) or check_progress_at_exit(m, s, tr))
+        if not viol:
+            viol = self._state_check(s2)
         self.s = s2
         res.steps += 1
         if viol is not None:
@@ -724,6 +744,14 @@ class Replayer:
             res.lost.append((q, text))
             res.notes.append(text)
         return FIRED, None
+
+    def _state_check(self, s2):
+        """`check_state(m, s2)`, which reads rank0's process state only (its docstring):
+        judged again only when that state is another object (most steps leave it)."""
+        r0 = s2.procs[0]
+        if r0 is not self._checked_r0:
+            self._checked_r0, self._checked_viol = r0, check_state(self.m, s2)
+        return self._checked_viol
 
     def _queue_moves(self, tr, v, v2):
         res = self.res
