@@ -1478,7 +1478,7 @@ FINGERPRINTS: dict = {
     'properties.check_state': '3839daab2e',
     'properties.check_terminal': '570a11a71c',
     'properties.check_transition': 'bc1fafa124',
-    'semantics.Model._apply': '604653a47b',
+    'semantics.Model._apply': '8726f9bf94',
     'semantics.Model._buffered': '85e9058544',
     'semantics.Model._collective': 'cb49c9d910',
     'semantics.Model._compile': '18b412d84a',

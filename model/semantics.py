@@ -133,6 +133,7 @@ class Model:
         # of the tables, looked up at every replayed step (enabled_as)
         self._named_rows = {}
         self._coll_rows_at = {}
+        self._local_trs = {}
         self._watchdog = self._watchdog_enabled()
         # Transitions and process states that recur in millions of states are built
         # once: the crash of each process, the watchdog per (gone process, status),
@@ -264,8 +265,18 @@ class Model:
                     for u, q in enumerate(pr.pcs) if u != t):
                 continue
             else:
-                local.append(Tr("exit" if cls is Exit else "local", ((p, t, row),)))
+                local.append(self._local_tr(p, t, row))
         return tuple(local), tuple(sends), tuple(recvs), tuple(colls)
+
+    def _local_tr(self, p, t, row):
+        """The local or exit transition of one row: a pure function of (p, t, row), so
+        each is built once (every driver offers the same few hundred)."""
+        key = (p, t, id(row))
+        hit = self._local_trs.get(key)
+        if hit is None or hit.parts[0][2] is not row:    # (an id is reused only if freed)
+            hit = self._local_trs[key] = Tr("exit" if type(row.op) is Exit else "local",
+                                            ((p, t, row),))
+        return hit
 
     def watchdog_enabled(self) -> bool:
         return self._watchdog
@@ -437,11 +448,13 @@ class Model:
         op = row.op
         if type(op) is Exit:
             if op.how == "thread_die":
-                return Proc(pr.status, _set(pr.pcs, t, DEAD_THREAD), v), ""
+                return _new(Proc, (pr.status, _set(pr.pcs, t, DEAD_THREAD), v, "")), ""
             status = OK if op.how in ("ok", "vanish") else ERROR
-            return Proc(status, (), None, op.reason), \
+            return _new(Proc, (status, (), None, op.reason)), \
                 (op.reason if op.how == "abort" else "")
-        return Proc(pr.status, _set(pr.pcs, t, row.dst), v, pr.reason), ""
+        pcs = pr.pcs
+        return _new(Proc, (pr.status, (row.dst,) if len(pcs) == 1 else _set(pcs, t, row.dst),
+                           v, pr.reason)), ""
 
     # ------------------------------------------------------------------ replay index
     def _gather(self, procs, local_of):
@@ -561,6 +574,7 @@ class Model:
         """`enabled`'s collective rule on `groups`: every live process's posted entries
         on them (the collective rows at its control states, whose guards hold: the
         entries `posted` has), in `_gather`'s order."""
+        cfg = self.cfg
         by_group = {}
         for q, pq in enumerate(s.procs):
             if pq.status != LIVE or groups.isdisjoint(self.coll_groups[q]):
@@ -572,13 +586,17 @@ class Model:
                     (t, r) for t, pc in enumerate(pq.pcs) for r in at[t].get(pc, ()))
             if not rows:
                 continue
-            for g, e in self._offers(q, pq, rows)[3]:
+            v = pq.v
+            for t, r in rows:       # `_offers(q, pq, rows)[3]`: all of them are Coll rows
+                if r.guard is not None and not r.guard(v, cfg):
+                    continue
+                g = r.op.group
                 if g in groups:
                     entries = by_group.get(g)
                     if entries is None:
-                        by_group[g] = [e]
+                        by_group[g] = [(q, t, r)]
                     else:
-                        entries.append(e)
+                        entries.append((q, t, r))
         for grp, entries in by_group.items():
             self._collective(s, grp, entries, out)
 
