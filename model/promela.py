@@ -1480,7 +1480,7 @@ FINGERPRINTS: dict = {
     'properties.check_transition': 'bc1fafa124',
     'semantics.Model._apply': '8726f9bf94',
     'semantics.Model._buffered': '85e9058544',
-    'semantics.Model._collective': 'cb49c9d910',
+    'semantics.Model._collective': '09f1aef87f',
     'semantics.Model._compile': '18b412d84a',
     'semantics.Model._rendezvous': '4c1784bc96',
     'semantics.Model._start_pcs': 'aad3bfd363',

@@ -362,8 +362,14 @@ class Model:
                 mine.append(e)
         if len(by_member) < len(members):
             return
-        sig = {(e[2].op.op, e[2].op.root, e[2].op.kind) for es in by_member.values()
-               for e in es}
+        op = entries[0][2].op
+        for e in entries:
+            if e[2].op != op:       # rows of one group that differ: compare (op, root, kind)
+                sig = {(e[2].op.op, e[2].op.root, e[2].op.kind) for es in by_member.values()
+                       for e in es}
+                break
+        else:
+            sig = ()                # every entry the same op: one signature
         if len(sig) > 1:
             detail = "; ".join(f"{self._who(p, es[0][1])} in {op_text(es[0][2].op)}"
                                for p, es in sorted(by_member.items()))
@@ -371,7 +377,6 @@ class Model:
                 "collective_mismatch", f"{grp} seq {s.seq[GROUPS.index(grp)]}: {detail}",
                 tuple(es[0] for es in by_member.values())))
             return
-        op = entries[0][2].op
         if op.op == "broadcast":
             root = members[op.root]
             options = [(e, e[2].make(s.procs[root].v, cfg)) for e in by_member[root]]
