@@ -206,14 +206,14 @@ def clear(run_dir, cache=None) -> None:
 VERSION = 2
 _INT_COLUMNS = ("t", "i", "t_ns", "dur_ns", "line")
 _WIDE = "q"                  # signed 64-bit; a column that does not fit stays a list
+_INT_ONLY = {int}
 
 
 def _ints(values):
     """A column of ints as array bytes, or the list itself when one does not fit (or
     is not exactly an int: a value must come back as the type it was)."""
-    for x in values:
-        if type(x) is not int:
-            return list(values)
+    if not set(map(type, values)) <= _INT_ONLY:
+        return list(values)
     try:
         return array(_WIDE, values).tobytes()
     except (OverflowError, TypeError):
@@ -231,26 +231,12 @@ def _unints(col):
 def rank_payload(rt, warnings: list):
     """What loading `rt` produced, as plain values (marshal refuses anything else)."""
     from lockstep.model import tracefmt as F
+    from .load import event_columns
     names = [p.name for p in rt.files]
-    k_of = {n: k for k, n in enumerate(names)}
     steps = rt.steps
-    sigs, sig_of = [], {}
-    codes = []
-    for e in steps:
-        sig = (e.src, e.label, e.dst, e.op, e.peer, e.group)
-        j = sig_of.get(sig)
-        if j is None:
-            j = sig_of[sig] = len(sigs)
-            sigs.append(sig)
-        codes.append(j)
-    cols = {f: _ints([getattr(e, f) for e in steps]) for f in _INT_COLUMNS}
-    cols["sig"] = _ints(codes)
-    cols["file"] = _ints([k_of[e.file] for e in steps])
-    cols["chan_i"] = [e.chan_i for e in steps]
-    cols["gseq"] = [e.gseq for e in steps]
-    cols["msg"] = [e.msg for e in steps]
-    cols["has_msg"] = [e.has_msg for e in steps]
-    cols["meas"] = [e.meas for e in steps]
+    sigs, cols = event_columns(steps, {n: k for k, n in enumerate(names)})
+    for f in _INT_COLUMNS + ("sig", "file"):
+        cols[f] = _ints(cols[f])
     cps = [(pos, name, dict(d, v=F.vars_to_json(d["v"]))) for pos, name, d in rt.checkpoints]
     return (VERSION, len(steps), sigs, cols, names, rt.start, rt.releases, rt.faults,
             rt.truncated, rt.has_exit, cps, list(rt.next_i), list(warnings))

@@ -485,6 +485,36 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
     return ev
 
 
+def event_columns(steps: list, file_index: dict) -> tuple:
+    """The load cache's columns of a rank's events (conformance/cache.py), the inverse of
+    `events_from_columns`: (the distinct (src, label, dst, op, peer, group), a dict of
+    one list per field, `sig` and `file` as indexes)."""
+    sigs, sig_of, codes = [], {}, []
+    t, i, t_ns, dur, line, files = [], [], [], [], [], []
+    chan_i, gseq, msg, has_msg, meas = [], [], [], [], []
+    for e in steps:
+        sig = (e.src, e.label, e.dst, e.op, e.peer, e.group)
+        j = sig_of.get(sig)
+        if j is None:
+            j = sig_of[sig] = len(sigs)
+            sigs.append(sig)
+        codes.append(j)
+        t.append(e.t)
+        i.append(e.i)
+        t_ns.append(e.t_ns)
+        dur.append(e.dur_ns)
+        line.append(e.line)
+        files.append(file_index[e.file])
+        chan_i.append(e.chan_i)
+        gseq.append(e.gseq)
+        msg.append(e.msg)
+        has_msg.append(e.has_msg)
+        meas.append(e.meas)
+    return sigs, {"t": t, "i": i, "t_ns": t_ns, "dur_ns": dur, "line": line, "sig": codes,
+                  "file": files, "chan_i": chan_i, "gseq": gseq, "msg": msg,
+                  "has_msg": has_msg, "meas": meas}
+
+
 def events_from_columns(rank: int, threads: tuple, names: list, sigs: list, columns):
     """A rank's `Ev` list rebuilt from the load cache's columns (conformance/cache.py:
     t, i, index into `sigs`, chan_i, gseq, msg, has_msg, t_ns, dur_ns, meas, line, index
