@@ -13,6 +13,7 @@ and replayed in under 3 CPU seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import tempfile
 import time
@@ -38,6 +39,41 @@ def generate(events: int, out: Path, mesh: int = 3, seed: int = 0) -> tuple:
     return cfg, res, time.perf_counter() - t0
 
 
+def model_floor(run) -> str:
+    """The model's own part of a replay, without the replayer: replay once with a hook
+    that keeps each (state, transition) committed, then time `Model.step` alone on each
+    and `Model.enabled_as` alone on each one's rows at its state. No driver of the model
+    can replay the trace for less than their sum."""
+    rep = Replayer(run)
+    m = rep.m
+    step = m.step
+    taken = []
+
+    def keep(s, tr):
+        taken.append((s, tr))
+        return step(s, tr)
+    m.step = keep
+    gc_was = gc.isenabled()
+    gc.disable()          # as replay() does: the kept states are acyclic tuples
+    try:
+        rep.replay()
+        c0 = time.process_time()
+        for s, tr in taken:
+            step(s, tr)
+        c_step = time.process_time() - c0
+        named = [(s, [(p, t, row.label) for p, t, row in tr.parts]) for s, tr in taken
+                 if tr.parts and tr.parts[0][2] is not None]
+        c0 = time.process_time()
+        for s, rows in named:
+            m.enabled_as(s, rows)
+        c_as = time.process_time() - c0
+    finally:
+        if gc_was:
+            gc.enable()
+    return (f"model floor {len(taken):,} transitions: Model.step alone {c_step:.3f} CPU s, "
+            f"Model.enabled_as alone {c_as:.3f} CPU s, sum {c_step + c_as:.3f} CPU s")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.conformance.bench")
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -45,6 +81,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="", help="reuse/keep the generated run here")
     ap.add_argument("--verify", action="store_true",
                     help="also check every step against Model.enabled (slow)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the model's part alone (Model.step and "
+                         "Model.enabled_as on the replay's transitions)")
     a = ap.parse_args(argv)
     keep = bool(a.dir)
     out = Path(a.dir) if keep else Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
@@ -88,6 +127,8 @@ def main(argv=None) -> int:
               f"with the link {c_all + c_link:.3f} CPU s)")
         print(f"verdict     {'conforms' if res.ok else 'DIVERGES'}")
         print(f"build       {accel.describe()}")
+        if a.floor:
+            print(model_floor(run))
         if res.divergence:
             print(res.divergence.text())
         return 0 if res.ok else 1
