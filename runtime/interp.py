@@ -263,7 +263,11 @@ class RankInterpreter:
             self.trace.write(step_event(self.p, self.role, self.threads[t], self.i[t], row,
                                         msg=msg, t_ns=now, dur_ns=now - (t0 or now), **ev))
             self.i[t] += 1
-            if self.trace.full():   # between two steps, under the lock: a checkpoint
+            # between two steps, under the lock: a checkpoint. Not after the process's
+            # exit step: nothing follows it, and pcs stay where the exit row found them
+            # while the closed segment's lines imply its dst (a checkpoint then would
+            # contradict the segment it follows).
+            if self.exit is None and self.trace.full():
                 self.trace.roll()
         self.last_step[t] = now / 1e9      # the same clock as time.monotonic()
         self.cv.notify_all()

@@ -249,3 +249,19 @@ def test_keep_without_a_rollover_is_refused():
     assert RunOptions.from_dict({"trace_segment_s": 60, "trace_keep": 3}).trace_keep == 3
     with pytest.raises(ValueError, match="trace_keep"):
         RunOptions.from_dict({"trace_keep": 3})
+
+
+def test_a_segment_full_at_the_exit_step_opens_no_segment_after_it(tmp_path):
+    """Every step fills a segment (1-byte segments), so one is full right after each
+    rank's exit step. The interpreter leaves its control states where an exit row found
+    them, the segment's lines imply the row's dst: a checkpoint written then would
+    disagree with the segment it follows, and the load would reject the run. Nothing is
+    written after a process's exit step, so no segment opens after it."""
+    cfg = Config(mesh=2, d_in=2, d_out=2, chunks=2, hard_cut=0, steps=2)
+    res = run_local(cfg, {"trace_segment_mb": 1 / 2 ** 20}, tmp_path / "run",
+                    deadline_s=DEADLINE_S)
+    assert res.ok, res.summary()
+    rep = conform(tmp_path / "run")
+    assert rep.ok, rep.divergence
+    for r in range(3):
+        assert len(_segments(tmp_path / "run", r)) > 10
