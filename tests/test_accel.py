@@ -153,16 +153,24 @@ def test_definition_source_is_what_inspect_reads_of_a_python_function():
             assert accel.definition_source(obj) == inspect.getsource(obj), key
 
 
+FINGERPRINTS = """
+import inspect, json
+from lockstep.model import promela, semantics
+from lockstep import accel
+print(json.dumps([inspect.isfunction(semantics.Model.step),
+                  accel.definition_source(semantics.Model.step).lstrip().splitlines()[0],
+                  promela.current_fingerprints()]))
+"""
+
+
 @needs_build
 def test_promela_fingerprints_read_the_source_of_compiled_methods(built):
-    from lockstep.model import promela, semantics
-    assert not inspect.isfunction(semantics.Model.step)     # a compiled method
-    assert accel.definition_source(semantics.Model.step).lstrip().startswith(
-        "def step(self, s: State, tr: Tr) -> State:")
-    fps = promela.current_fingerprints()
-    pure = json.loads(_python(
-        "import json; from lockstep.model import promela; "
-        "print(json.dumps(promela.current_fingerprints()))", {accel.PURE_ENV: "1"}, ROOT))
+    """Both builds in their own process, whichever this one runs (LOCKSTEP_PURE=1 too)."""
+    is_fn, first, fps = json.loads(_python(FINGERPRINTS, {accel.PURE_ENV: "0"}, ROOT))
+    assert not is_fn                                          # a compiled method
+    assert first == "def step(self, s: State, tr: Tr) -> State:"
+    is_fn, first_pure, pure = json.loads(_python(FINGERPRINTS, {accel.PURE_ENV: "1"}, ROOT))
+    assert is_fn and first_pure == first
     assert fps == pure
 
 
