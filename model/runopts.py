@@ -50,6 +50,16 @@ class FaultSwitch:
     def label(self) -> str:
         return f"{self.name}@{self.at_chunk}"
 
+    def check_bound(self, chunks: int, world: int) -> None:
+        """A switch aimed past the stream or at no rank would never fire: the run would
+        pass as if the fault had been injected (model/policy.py `fires`)."""
+        if self.at_chunk >= chunks:
+            raise ValueError(f"fault.at_chunk: {self.at_chunk} is beyond the stream's "
+                             f"{chunks} chunks (0..{chunks - 1}): it would never fire")
+        if self.rank is not None and not 0 <= self.rank < world:
+            raise ValueError(f"fault.rank: {self.rank} is not a rank of this run "
+                             f"(0..{world - 1}): it would never fire")
+
 
 @dataclass(frozen=True)
 class DriftSwitch:

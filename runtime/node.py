@@ -40,6 +40,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     cfg = config_from_dict(args["config"])
     opts = RunOptions.from_dict(args.get("opts"))
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # every rank alike, before any group
+    if opts.fault is not None:
+        opts.fault.check_bound(cfg.chunks, world_size)
     torch.set_num_threads(opts.torch_threads)
     model = Model(cfg, shipped_tables())
     if world_size != model.n:

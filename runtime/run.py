@@ -20,6 +20,8 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     if not isinstance(opts, RunOptions):
         opts = RunOptions.from_dict(opts)
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # refused before any rank starts
+    if opts.fault is not None:
+        opts.fault.check_bound(cfg.chunks, cfg.world)
     _check_local_devices(opts.backend, cfg.mesh + 1)
     opts = opts.to_dict()
     run_dir = Path(run_dir).resolve()

@@ -170,3 +170,18 @@ def test_an_output_path_that_cannot_be_written_is_one_line(argv, tmp_path, capsy
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert str(f) in err and ("File exists" in err or "Not a directory" in err), err
+
+
+def test_a_fault_switch_that_would_never_fire_is_refused(tmp_path):
+    """`run --chunks 5 --fault leader_reject@99` ran clean and exited 0: the switch never
+    fired and the run read as a fault injected and survived."""
+    from lockstep.model.config import Config
+    from lockstep.runtime.run import run_local
+    with pytest.raises(ValueError, match=r"fault.at_chunk: 99 is beyond the stream's 5 "
+                                         r"chunks \(0\.\.4\): it would never fire"):
+        run_local(Config(mesh=2, chunks=5), {"fault": {"name": "leader_reject",
+                                                       "at_chunk": 99}}, tmp_path)
+    with pytest.raises(ValueError, match=r"fault.rank: 7 is not a rank of this run \(0\.\.2\)"):
+        run_local(Config(mesh=2, chunks=5), {"fault": {"name": "wrong_group", "at_chunk": 1,
+                                                       "rank": 7}}, tmp_path)
+    assert not list(tmp_path.glob("rank*"))
