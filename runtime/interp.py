@@ -281,7 +281,18 @@ class RankInterpreter:
         return any(u != t and (js[0] is not None or js[1] is not None) and self._new_work(u)
                    for u, js in enumerate(self._comms_jobs))
 
-    def _let_ops_land(self, t) -> None:
+    def let_sends_land(self, t) -> None:
+        """Under the lock, before thread t's exception ends the process outside the
+        tables (a backend error, a release): a send another thread has in flight is
+        given EXIT_GRACE_S to complete and be applied (traced) by its own thread. Its
+        peer may have received it: the leader's result payload landed at rank0 while the
+        leader's main failed on a broadcast to a killed worker, and the leader's trace
+        lost the send rank0 recorded receiving. A receive posted meanwhile is not waited
+        for (nothing may come)."""
+        if self.exit is None:
+            self._let_ops_land(t, sends_only=True)
+
+    def _let_ops_land(self, t, sends_only: bool = False) -> None:
         """Under the lock, before thread t's exit ends the process: a send or receive
         another thread has in flight is given EXIT_GRACE_S to complete and be applied
         (traced) first. gloo completes sends eagerly and the peer records its side, so
@@ -289,9 +300,10 @@ class RankInterpreter:
         order taken (the op, then the exit) is one the tables allow. Only exits that do
         not join the comms thread get here with ops in flight (abort, parity)."""
         others = [u for u in range(len(self.threads)) if u != t]
+        jobs = 1 if sends_only else 2    # [send job, recv job, ...] of each thread
 
         def in_flight():
-            return any(j is not None for u in others for j in self._comms_jobs[u][:2])
+            return any(j is not None for u in others for j in self._comms_jobs[u][:jobs])
         if not in_flight():
             return
         self._exiting = t

@@ -122,10 +122,11 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
             else:
                 prof.run(interp.threads[t], interp.run_thread, t)
         except BaseException as e:  # noqa: BLE001 - recorded, then the process exits
-            errors.append(e)
-            with interp.cv:
+            with interp.cv:   # before the rank's exit path sees the error (errors)
+                interp.let_sends_land(t)
                 interp.exit = interp.exit or ("raise", f"{type(e).__name__}: {e}")
                 interp.cv.notify_all()
+            errors.append(e)
 
     threads = [threading.Thread(target=body, args=(t,), name=f"lockstep-{th}", daemon=True)
                for t, th in enumerate(interp.threads)]
