@@ -398,14 +398,16 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
             names.append(name)
     def who(r):
         return run.ranks[r].role + (f" (rank {r})" if run.ranks[r].role == "worker" else "")
-    at_deadline = set(_launch_record(run).get("killed_at_deadline") or ())
+    launch = _launch_record(run)
+    at_deadline = set(launch.get("killed_at_deadline") or ())
     orphans = [r for r in run.killed if r not in at_deadline]
     if orphans:
         names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
     if at_deadline & set(run.killed):
-        names.append(f"the launcher's hard deadline "
-                     f"({_launch_record(run).get('deadline_s'):g} s) killed "
-                     + ", ".join(who(r) for r in run.killed if r in at_deadline)
+        limit = launch.get("deadline_s")
+        names.append("the launcher's hard deadline"
+                     + (f" ({limit:g} s)" if isinstance(limit, (int, float)) else "")
+                     + " killed " + ", ".join(who(r) for r in run.killed if r in at_deadline)
                      + " (a run still going, or a hang: see each rank's last step)")
     for r in run.failed:
         c = run.ranks[r].releases[-1]["cause"]

@@ -251,7 +251,7 @@ def _tail_events(trace: Path):
             e = json.loads(ln)
         except ValueError:
             continue
-        if isinstance(e, dict):  # a format-2 step (model/tracefmt.py): the row says the op
+        if isinstance(e, dict):  # a format-2 step (no "ev"): the row says the op
             yield e if "ev" in e else F.long_view(e)
 
 

@@ -22,7 +22,7 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # refused before any rank starts
     if opts.fault is not None:
         opts.fault.check_bound(cfg.chunks, cfg.world)
-    _check_local_devices(opts.backend, cfg.mesh + 1)
+    _check_local_devices(opts.backend, cfg.world)
     opts = opts.to_dict()
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
