@@ -20,7 +20,9 @@ Decided here, once (the contract states it, docs/schema.md shows it):
   epoch, no chunk).
 * Only INFER carries a call count and `init_cache`; a header-only message's count is 0.
 * A receiver of a *header* knows only the header's ids: `header_view` is what it
-  records (no count: -1, chunk only for INFER); the payload completes the summary.
+  records (no count: -1, chunk only for INFER); the payload completes the summary. A
+  payload the contract refused whose count is unreadable completes it with no count
+  (`refused_summary`).
 * `valid` is the contract validator's verdict on the message as its receiver decoded it
   (model.contract.validate_envelope / validate_result at the receiving place): never on
   the wire, set by the receiver's codec from the validator, and in the model by the
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
-from .contract import PP_ENVELOPE_VERSION, PP_RESULT_VERSION, Action
+from .contract import INT64_MAX, INT64_MIN, PP_ENVELOPE_VERSION, PP_RESULT_VERSION, Action
 
 INFER, NOOP, SHUTDOWN, ERROR = Action.INFER, Action.NOOP, Action.SHUTDOWN, Action.ERROR
 _NEW = tuple.__new__
@@ -101,6 +103,24 @@ def summary(kind: str, meta: Mapping, valid: bool = True) -> Msg:
                        meta["expected_generator_calls"], meta["init_cache"], valid)
     return message(action, meta["call_id"], meta["chunk_index"], meta["cache_epoch"],
                    meta["observed_generator_calls"], valid=valid)
+
+
+def refused_summary(kind: str, meta: Mapping) -> Msg:
+    """`summary` of a message the receiver's contract check refused (`valid=False`). Its
+    ids are the header's (the codec checked the metadata against them); a count that is
+    missing or not an int64 integer reads as a header's does, no count (-1), and an
+    init_cache that is not a boolean as False. The guards refuse the message on `valid`
+    whatever its count (`envelope_invalid`, `head_rejected`), so the receiver takes its
+    table's refusal row instead of failing outside its table, and the message it records
+    has the model's types (a list as the count would make its trace unreadable)."""
+    fixed = dict(meta)
+    count = "expected_generator_calls" if kind == "envelope" else "observed_generator_calls"
+    c = fixed.get(count)
+    if type(c) is not int or not INT64_MIN <= c <= INT64_MAX:
+        fixed[count] = -1
+    if type(fixed.get("init_cache")) is not bool:
+        fixed["init_cache"] = False
+    return summary(kind, fixed, valid=False)
 
 
 def header_view(m) -> Msg:

@@ -218,16 +218,13 @@ def encode_unchecked(kind: str, meta: Mapping, tensors: Mapping) -> Frames:
 def decode_verdict(decode, kind: str, header: Header, meta: Mapping, *args, **kw):
     """(Message or None, Msg, ContractError or None): run `decode` (decode_envelope /
     decode_result); a contract refusal is not raised but returned as the verdict, with
-    the message's identity marked `valid=False` (model.messages: the guards read it).
-    A message whose identity cannot be read is not judged here: that error is raised."""
+    the message's identity marked `valid=False` (model.messages.refused_summary: the
+    guards read it; a count the contract refused reads as no count). Framing errors
+    (CodecError: the metadata disagrees with the header) are raised."""
     try:
         m = decode(header, meta, *args, **kw)
     except ContractError as e:
-        try:
-            msg = M.summary(kind, meta, valid=False)
-        except (KeyError, ValueError, TypeError):
-            raise e from None
-        return None, msg, e
+        return None, M.refused_summary(kind, meta), e
     return m, m.msg, None
 
 

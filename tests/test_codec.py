@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lockstep.model import contract as C
+from lockstep.model import tracefmt as F
 from lockstep.model.contract import Action, ContractError, make_envelope_meta, make_result_meta
 from lockstep.runtime import codec
 from lockstep.runtime.codec import (HEADER_WORDS, MAGIC_ENVELOPE, MAGIC_RESULT, Caps, CodecError,
@@ -528,3 +529,40 @@ def test_the_leader_checks_what_every_mesh_rank_checks():
                 for s in table if where in s.validated_at]
     assert at(C.LEADER_BEFORE_BROADCAST) == at(C.MESH_BEFORE_PHASE_B)
     assert at(C.LEADER_BEFORE_BROADCAST)
+
+
+# ---- the receiver's verdict on a refused message ----------------------------------------
+
+def _envelope_wire(**changes):
+    """An INFER envelope as received, its metadata changed after the preflight (what a
+    sender whose preflight missed a field would send: codec.encode_unchecked)."""
+    meta = C.make_envelope_meta()
+    descs = C.example_tensor_descs(meta, latent_shape=(1, 2, 4, 3, 3), embed_shape=(1, 5, 8))
+    tensors = {n: torch.zeros(d.shape, dtype=getattr(torch, d.dtype))
+               for n, d in descs.items()}
+    meta.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del meta[k]
+    w = codec.wire(codec.encode_unchecked("envelope", meta, tensors))
+    h = codec.decode_header(w.header)
+    return h, codec.unpack_payload(w.payload, h)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("expected_generator_calls", 1.5), ("expected_generator_calls", 2**70),
+    ("expected_generator_calls", "4"), ("expected_generator_calls", None),
+    ("init_cache", 1), ("init_cache", None),
+])
+def test_refused_count_is_recorded_as_no_count(field, value):
+    """A refused envelope whose count is not an int64 (or is missing) was recorded by
+    the leader with that value as the message's count: its trace line could not be read
+    back (or, missing, the refusal escaped the table). Now it is the refusal the table
+    takes, with no count, and its trace line reads back."""
+    h, (meta, manifest, tensors) = _envelope_wire(**{field: value})
+    m, msg, err = codec.decode_verdict(codec.decode_envelope, "envelope", h, meta, manifest,
+                                       tensors, where=C.LEADER_BEFORE_BROADCAST)
+    assert m is None and err is not None and err.field == field
+    assert not msg.valid and type(msg.calls) is int and type(msg.init_cache) is bool
+    assert C.INT64_MIN <= msg.calls <= C.INT64_MAX
+    line = json.loads(json.dumps(F.msg_list(msg)))
+    assert F.msg_of_list(line) == msg
