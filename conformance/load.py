@@ -394,6 +394,7 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
                 if not isinstance(d.get("reason"), str):
                     raise TraceError(path, ln, "reason", "a release event needs a "
                                      "string reason")
+                _check_release(d, path, ln)
                 rt.releases.append(d)
             elif kind == FAULT:
                 if not isinstance(d.get("what"), str):
@@ -406,11 +407,32 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
                 if "world" in d and d["world"] != world:
                     raise TraceError(path, ln, "world", f"{d['world']!r}: run.json "
                                      f"configures a world of {world}")
+                if not isinstance(d.get("backend", ""), str):
+                    raise TraceError(path, ln, "backend", f"{d['backend']!r:.40} is not a "
+                                     "backend name (a string)")
                 rt.start = d
         else:
             raise TraceError(path, ln, "ev", f"unknown event kind {kind!r} (expected "
                              f"one of {STEP}, {START}, {RELEASE}, {FAULT}; "
                              f"{S.CHECKPOINT} on line 1 only)")
+
+
+def _check_release(d: dict, path, ln: int) -> None:
+    """A release event's `via` and structured `cause` (model/events.py), where present,
+    have the types their readers take (conformance/report.py judges them). A cause that
+    is absent or null is an older trace's release: not judged, not an error."""
+    if not isinstance(d.get("via", ""), str):
+        raise TraceError(path, ln, "via", f"{d['via']!r:.40} is not a string")
+    c = d.get("cause")
+    if c is None:
+        return
+    if type(c) is not dict:
+        raise TraceError(path, ln, "cause", f"{c!r:.40} is not an object")
+    if "rank" in c and type(c["rank"]) is not int:
+        raise TraceError(path, ln, "cause.rank", f"{c['rank']!r:.40} is not an integer")
+    for f in ("kind", "detail", "role"):
+        if not isinstance(c.get(f, ""), str):
+            raise TraceError(path, ln, f"cause.{f}", f"{c[f]!r:.40} is not a string")
 
 
 _GET = itemgetter("rank", "thread", "i", "src", "label", "dst", "op", "t_ns", "role")
@@ -430,7 +452,7 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
     if r_role != role:
         raise TraceError(path, ln, "role", f"{r_role!r}, but rank {rank} is the {role} "
                          f"in this configuration")
-    t = tindex.get(thread)
+    t = tindex.get(thread) if type(thread) is str else None
     if t is None:
         raise TraceError(path, ln, "thread", f"{thread!r}: the {role} has threads "
                          f"{sorted(tindex)}")
@@ -446,8 +468,9 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
             raise TraceError(path, ln, "chan_i", f"{ci!r}: a {op} needs its index on "
                              f"the channel (int >= 0)")
         group = gseq = None
-        if "msg" not in d:
-            raise TraceError(path, ln, "msg", f"missing: a {op} records its message")
+        if type(d.get("msg")) is not dict:
+            raise TraceError(path, ln, "msg", f"{'missing' if 'msg' not in d else 'not an object'}:"
+                             f" a {op} records its message")
     elif op == "coll":
         group, gseq = d.get("group"), d.get("gseq")
         if group not in GROUP_NAMES:
@@ -460,7 +483,7 @@ def _step(d: dict, path, ln: int, rank: int, role: str, tindex: dict) -> Ev:
     elif op == "local" or op == "exit":
         peer = ci = group = gseq = None
     else:
-        raise TraceError(path, ln, "op", f"{op!r}: one of {', '.join(OPS)}")
+        raise TraceError(path, ln, "op", f"{op!r:.40}: one of {', '.join(OPS)}")
     # the strings are shared through one table (a million events hold a few hundred
     # distinct strings, not millions)
     sig = (src, label, dst, op, peer, group)
@@ -578,15 +601,18 @@ def parse_msg(m, path, ln: int, field: str = "msg"):
                              "field")
         return vals + tuple(flags)
     if type(m) is list:
-        return tuple(parse_msg(x, path, ln, f"{field}[{k}]") if type(x) in (dict, list)
-                     else _scalar(x, path, ln, f"{field}[{k}]") for k, x in enumerate(m))
-    return _scalar(m, path, ln, field)
+        return tuple(parse_msg(x, path, ln, f"{field}[{k}]") if type(x) is dict
+                     else _item(x, path, ln, f"{field}[{k}]") for k, x in enumerate(m))
+    raise TraceError(path, ln, field, f"{m!r:.40} is not a message (an object) or a "
+                     "gathered vector (a list)")
 
 
-def _scalar(x, path, ln, field):
-    if type(x) in (int, bool, str, float):
+def _item(x, path, ln, field):
+    """A gathered vector's item that is not a message: a count or a flag (what the
+    model's all_gather rows gather, model/tracefmt.py vector_of_json)."""
+    if type(x) is int or type(x) is bool:
         return x
-    raise TraceError(path, ln, field, f"{x!r} is not a message value")
+    raise TraceError(path, ln, field, f"{x!r:.40} is not a count, a flag or a message")
 
 
 def _diagnose(d: dict, path, ln: int):

@@ -125,7 +125,7 @@ class SegmentReader:
 
     # ------------------------------------------------------------------ steps
     def step(self, d: dict, path, ln: int):
-        from .load import Ev, _SIGS, parse_msg
+        from .load import Ev, _SIGS
         c, rt = self.c, self.rt
         key = "l" if "l" in d else "c" if "c" in d else None
         if key is None:
@@ -137,7 +137,10 @@ class SegmentReader:
         t = self.threads.index(thread)
         label = d[key]
         src = d.get("s", c.pcs[t])
-        rows = self.rows.get((t, src, label))
+        try:
+            rows = self.rows.get((t, src, label))
+        except TypeError:       # a label or state that is not a string (a list, an object)
+            rows = None
         if rows is None:
             raise _err(path, ln, key, f"{label!r}: the {rt.role}'s {thread} thread has no "
                        f"such row from state {src!r}" + ("" if "s" in d else
@@ -158,14 +161,22 @@ class SegmentReader:
         if type(row.op) in (Send, Recv):
             peer = row.op.peer
             ci = d.get("ci", c.chan[op])
+            if type(ci) is not int or ci < 0:
+                raise _err(path, ln, "ci", f"{ci!r:.40}: the index on the channel is an "
+                           "int >= 0")
             c.chan[op] = ci + 1
         elif type(row.op) is Coll:
             group = row.op.group
             gseq = d.get("g", c.gseq[group])
+            if type(gseq) is not int or gseq < 0:
+                raise _err(path, ln, "g", f"{gseq!r:.40}: the group's sequence number is "
+                           "an int >= 0")
             c.gseq[group] = gseq + 1
         c.pcs[t] = row.dst
         i = d.get("i", rt.next_i[t])
-        c.i[t] = i + 1 if type(i) is int else c.i[t]
+        if type(i) is not int or i < 0:
+            raise _err(path, ln, "i", f"{i!r:.40}: the thread's step number is an int >= 0")
+        c.i[t] = i + 1
         sig = (src, label, row.dst, op, peer, group)
         shared = _SIGS.get(sig)
         if shared is None:
@@ -184,14 +195,13 @@ class SegmentReader:
         try:
             if "m" in d:
                 ev.msg, ev.has_msg = tuple(F.msg_of_list(d["m"])), True
-            elif "v" in d:
-                x = d["v"]
-                ev.msg = F.vector_of_json(x) if type(x) is list else parse_msg(x, path, ln)
-                ev.has_msg = True
+            elif "v" in d:      # a gathered vector: a list (model/tracefmt.py)
+                ev.msg, ev.has_msg = F.vector_of_json(d["v"]), True
         except ValueError as e:
             raise _err(path, ln, "m" if "m" in d else "v", str(e)) from None
-        if (op == "send" or op == "recv") and not ev.has_msg:
-            raise _err(path, ln, "m", f"missing: a {op} records its message")
+        if (op == "send" or op == "recv") and "m" not in d:
+            raise _err(path, ln, "m", f"missing: a {op} records its message"
+                       + (" (\"m\"), not a gathered vector (\"v\")" if ev.has_msg else ""))
         ev.done = False
         ev.partner = ev.inst = ev.dup = ev.prev = ev.lane = None
         ev.deps = ()

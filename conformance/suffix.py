@@ -52,7 +52,7 @@ from lockstep.model.messages import Msg
 from lockstep.model.semantics import LIVE, Proc, State
 from lockstep.model.tracefmt import GROUP_NAMES
 
-from .load import Run, TraceError
+from .load import Run, TraceError, fmt_msg
 
 
 class Start(NamedTuple):
@@ -83,8 +83,15 @@ def _row(model, ev):
 
 def apply_line(model, proc: Proc, ev, row) -> Proc:
     """Rule 2: the line applied to its own rank's state by its row, with the recorded
-    message (the message the runtime's update was given)."""
-    return model._apply(proc, ev.t, row, _as_msg(ev.msg) if ev.has_msg else None)[0]  # noqa: SLF001
+    message (the message the runtime's update was given). A recorded value no update
+    could have been given (a vector of the wrong length, a count that is not one) is the
+    trace's fault, named at its line: the loader checks types, not what a row takes."""
+    try:
+        return model._apply(proc, ev.t, row, _as_msg(ev.msg) if ev.has_msg else None)[0]  # noqa: SLF001
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise TraceError(ev.file, ev.line, "msg", f"{fmt_msg(ev.msg)[:80]}: row "
+                         f"{row.label}'s update cannot take the recorded message "
+                         f"({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def check_checkpoints(run: Run, model) -> None:

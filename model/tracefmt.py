@@ -54,7 +54,7 @@ def msg_of_list(x) -> Msg:
     if type(x) is not list or len(x) not in (6, 7) or \
             not all(type(a) is int for a in x) or x[5] not in (0, 1) or \
             (len(x) == 7 and x[6] != 0):
-        raise ValueError(f"{x!r} is not a message [action, call_id, chunk, epoch, calls, "
+        raise ValueError(f"{x!r:.60} is not a message [action, call_id, chunk, epoch, calls, "
                          f"init_cache(, 0)]")
     return Msg(x[0], x[1], x[2], x[3], x[4], bool(x[5]), len(x) == 6)
 
@@ -217,10 +217,17 @@ def restore_meas(meas: dict, t0_ns: int) -> dict:
 
 
 def vector_of_json(x) -> Optional[tuple]:
-    """A format-2 "v": a list whose list items are messages."""
+    """A format-2 "v": a list of what the members gave (a count, a flag, or a message:
+    a list); ValueError on anything else, which no row's update could take."""
     if type(x) is not list:
-        raise ValueError(f"{x!r} is not a list")
+        raise ValueError(f"{x!r:.60} is not a list")
+    for k, a in enumerate(x):
+        if type(a) not in _VECTOR_ITEMS:
+            raise ValueError(f"item {k}, {a!r:.40}, is not a count, a flag or a message")
     return tuple(msg_of_list(a) if type(a) is list else a for a in x)
+
+
+_VECTOR_ITEMS = (int, bool, list)
 
 
 def long_view(line: dict) -> dict:

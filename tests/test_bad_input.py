@@ -1,0 +1,110 @@
+"""Bad input to every reader of a run directory: a clear error
+naming the file, line and field (exit 1), or the path (exit 2), never a traceback, never
+a wrong "conforms". Each hand-made case below raised a Python exception (or exited 1 for
+a directory that is not a run) before its fix; the fuzz tests draw line and field edits
+of a recorded segmented run and of a long-form one."""
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lockstep import cli
+
+TESTDATA = Path(__file__).resolve().parent.parent / "conformance" / "testdata"
+SEGMENTED = TESTDATA / "gloo_mesh2_segments"     # format 2, rolled into segments
+LONG = TESTDATA / "breakit_wrong_group"          # format 1, releases, .err exit lines
+
+
+def lockstep(*argv) -> tuple:
+    """(exit code, stdout, stderr) of `lockstep ARGV` run in this process, as a user
+    runs it: an exception escaping main is the defect these tests look for."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_line(p: Path, n: int, edit) -> None:
+    """Line n (1-based) of p, parsed, edited in place by `edit`, written back."""
+    lines = p.read_text().split("\n")
+    d = json.loads(lines[n - 1])
+    edit(d)
+    lines[n - 1] = json.dumps(d)
+    p.write_text("\n".join(lines))
+
+
+def _set(**kv):
+    return lambda d: d.update(kv)
+
+
+def _diverges_at(rc, out, err, where: str, field: str):
+    assert rc == 1, (rc, out, err)
+    assert err == "" and "Traceback" not in out
+    assert f"TRACE ERROR {where}: field '{field}'" in out, out
+
+
+# ---------------------------------------------------------------- format-2 lines
+
+@pytest.mark.parametrize("fname, line, edit, field", [
+    ("rank2.000001.jsonl", 2, _set(l={}), "l"),           # a label that is an object
+    ("rank2.000001.jsonl", 2, _set(s=[1]), "l"),          # a state that is a list
+    ("rank2.000001.jsonl", 2, _set(i="x"), "i"),          # a step number not an int
+    ("rank2.000001.jsonl", 2, _set(g=None), "g"),         # a gseq not an int
+    ("rank0.000001.jsonl", 4, _set(ci="0"), "ci"),        # a chan_i not an int
+    ("rank0.000001.jsonl", 4, _set(ci=-3), "ci"),
+    ("rank2.000001.jsonl", 2, _set(v=-1), "v"),           # a gathered vector not a list
+    ("rank2.000001.jsonl", 2, _set(v=[{}, 2]), "v"),      # ... with an item no row gathers
+    ("rank2.000001.jsonl", 2, _set(v=[]), "msg"),         # ... that no update can take
+    ("rank0.000001.jsonl", 4, lambda d: d.update(v=d.pop("m")), "m"),   # a send's vector
+])
+def test_format2_line_of_the_wrong_shape_is_named(tmp_path, fname, line, edit, field):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    _edit_line(run / fname, line, edit)
+    _diverges_at(*lockstep("conform", run), f"{fname} line {line}", field)
+
+
+# ---------------------------------------------------------------- long-form lines
+
+def _first(p: Path, pred) -> int:
+    return next(n for n, x in enumerate(p.read_text().splitlines(), 1)
+                if pred(json.loads(x)))
+
+
+def _coll(d):
+    return d.get("op") == "coll" and "msg" in d
+
+
+def _send(d):
+    return d.get("op") == "send"
+
+
+def _release(d):
+    return d.get("ev") == "release"
+
+
+@pytest.mark.parametrize("fname, pred, edit, field", [
+    ("rank2.jsonl", _coll, _set(thread={}), "thread"),
+    ("rank2.jsonl", _coll, _set(msg=0), "msg"),           # a message that is a number
+    ("rank2.jsonl", _coll, _set(msg=[1.5]), "msg[0]"),
+    ("rank0.jsonl", _send, _set(msg=[1, 2]), "msg"),      # a send's message is an object
+    ("rank0.jsonl", _release, _set(cause=[1]), "cause"),
+    ("rank0.jsonl", _release, lambda d: d["cause"].update(detail=7), "cause.detail"),
+    ("rank0.jsonl", _release, lambda d: d["cause"].update(rank="3"), "cause.rank"),
+    ("rank0.jsonl", _release, _set(via=1), "via"),
+    ("rank0.jsonl", lambda d: d.get("ev") == "start", _set(backend=["gloo"]), "backend"),
+])
+def test_long_form_line_of_the_wrong_shape_is_named(tmp_path, fname, pred, edit, field):
+    run = _copy(LONG, tmp_path / "run")
+    n = _first(run / fname, pred)
+    _edit_line(run / fname, n, edit)
+    _diverges_at(*lockstep("conform", run), f"{fname} line {n}", field)
