@@ -27,25 +27,39 @@ def shipped() -> dict:
 
 
 def exercised(run_dirs) -> set:
-    """{(role, thread, label)} of every step event in the runs' rank*.jsonl files."""
+    """{(role, thread, label)} of every step event in the runs' rank*.jsonl files. A
+    line that is JSON of another shape (not an object, a step without its role, thread
+    or label as strings) is a ValueError naming its file and line: counted, it would
+    name a row that never ran."""
     seen = set()
     for d in run_dirs:
         for f in sorted(Path(d).glob("rank*.jsonl")):
             role = None
-            for line in f.read_text().splitlines():
+            for ln, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
                 try:
                     ev = json.loads(line)
                 except ValueError:
                     continue          # a last line cut by kill -9
+                if type(ev) is not dict:
+                    raise ValueError(f"{f} line {ln}: not a JSON object")
                 kind = ev.get("ev")
                 if kind == "step":
-                    seen.add((ev["role"], ev["thread"], ev["label"]))
+                    row = (ev.get("role"), ev.get("thread"), ev.get("label"))
                 elif kind == CHECKPOINT:          # format 2: the role is the file's
                     role = ev.get("role")
+                    continue
                 elif kind is None:
-                    for key, thread in KEY_THREADS.items():
-                        if key in ev:
-                            seen.add((role, thread, ev[key]))
+                    key = next((k for k in KEY_THREADS if k in ev), None)
+                    if key is None:
+                        raise ValueError(f"{f} line {ln}: a format-2 step names its "
+                                         "row's label (\"l\" or \"c\")")
+                    row = (role, KEY_THREADS[key], ev[key])
+                else:
+                    continue
+                if not all(type(x) is str for x in row):
+                    raise ValueError(f"{f} line {ln}: role, thread and label of a step "
+                                     f"are strings, got {row!r:.80}")
+                seen.add(row)
     return seen
 
 

@@ -380,12 +380,19 @@ FAILURES = (
 
 def _launch_record(run: Run) -> dict:
     """The local launcher's RUN_DIR/launch.json (runtime/launch.py), {} if none (torchrun,
-    an older run) or unreadable: it only names who killed a rank, it decides nothing."""
+    an older run) or unreadable (not an object, or a killed_at_deadline that is not a list
+    of ranks): it only names who killed a rank, it decides nothing."""
     try:
         rec = json.loads((Path(run.path) / "launch.json").read_text())
     except (OSError, ValueError):
         return {}
-    return rec if isinstance(rec, dict) else {}
+    if not isinstance(rec, dict):
+        return {}
+    killed = rec.get("killed_at_deadline")
+    if killed is not None and not (type(killed) is list and
+                                   all(type(r) is int for r in killed)):
+        return {}
+    return rec
 
 
 def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:

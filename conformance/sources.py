@@ -65,7 +65,10 @@ def check_sources(run, res=None) -> list:
         elif rt.truncated and rt.ended != "crashed":
             out.append(f"rank{r}.jsonl: last line cut short (after {where}), but the rank "
                        f"was not killed (it ended {rt.ended}): only kill -9 cuts a line")
-        backend = (run.meta.get("opts") or {}).get("backend")
+        opts = run.meta.get("opts")
+        backend = opts.get("backend") if isinstance(opts, dict) else None
+        if not isinstance(backend, str):
+            backend = None          # not written by this runtime: nothing to compare
         if rt.start is not None and backend and rt.start.get("backend") not in (None, backend):
             out.append(f"{rt.start['_file']} line {rt.start['_line']}: backend "
                        f"{rt.start.get('backend')!r}, but run.json says {backend!r}")

@@ -108,3 +108,53 @@ def test_long_form_line_of_the_wrong_shape_is_named(tmp_path, fname, pred, edit,
     n = _first(run / fname, pred)
     _edit_line(run / fname, n, edit)
     _diverges_at(*lockstep("conform", run), f"{fname} line {n}", field)
+
+
+# ---------------------------------------------------------------- the other files
+
+@pytest.mark.parametrize("name, value", [
+    ("launch.json", {"killed_at_deadline": -1}),
+    ("launch.json", {"killed_at_deadline": [[1]]}),
+    ("launch.json", [1, 2]),
+    ("outputs.json", [1, 2]),
+    ("outputs.json", {"a": 1}),
+])
+def test_side_files_of_the_wrong_shape_do_not_crash(tmp_path, name, value):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    (run / name).write_text(json.dumps(value))
+    rc, out, err = lockstep("conform", run)
+    assert rc in (0, 1) and "Traceback" not in out + err and "verdict" in out, (out, err)
+    if name == "outputs.json":
+        assert rc == 1 and "outputs.json" in out
+
+
+@pytest.mark.parametrize("opts", [[1], "gloo", {"backend": ["gloo"]}])
+def test_run_json_opts_of_the_wrong_shape_are_not_compared(tmp_path, opts):
+    """run.json's opts is what the launcher wrote; one of another shape names no
+    backend to compare with the traces' (it crashed sources.py)."""
+    run = _copy(SEGMENTED, tmp_path / "run")
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(meta, opts=opts)))
+    rc, out, err = lockstep("conform", run)
+    assert rc == 0 and "CONFORMS" in out, (out, err)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[1, 2]\n", "line 1: not a JSON object"),
+    ('{"ev": "step", "role": "worker", "thread": "main", "label": []}\n', "line 1: role"),
+    ('{"ev": "step", "thread": "main", "label": "x"}\n', "line 1: role"),
+    ('{"ev": "checkpoint", "role": "worker"}\n{"d": 1}\n', "line 2: a format-2 step"),
+])
+def test_coverage_names_a_line_of_the_wrong_shape(tmp_path, text, says):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    (run / "rank2.jsonl").write_text(text)
+    rc, out, err = lockstep("coverage", run)
+    assert rc == 2 and out == "" and f"rank2.jsonl {says}" in err, (rc, out, err)
+
+
+def test_coverage_reads_a_file_that_is_not_utf8(tmp_path):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    with open(run / "rank2.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage cut by a full disk")
+    rc, out, err = lockstep("coverage", run)
+    assert rc in (0, 1) and "row coverage" in out, (rc, out, err)
