@@ -21,8 +21,12 @@ def cli_conform(run_dir, as_json: bool = False, reference=None, last: int = 0,
                 suffixes: bool = False) -> int:
     """`lockstep conform RUN_DIR [--json] [--reference FILE] [--last K] [--suffixes]`: 0
     when the trace conforms (and, with a reference stream, the outputs and state agree
-    with it), 1 otherwise. `--suffixes`: also every suffix of the retained segments."""
+    with it), 1 otherwise, 2 when RUN_DIR is not a run directory (`not_a_run`).
+    `--suffixes`: also every suffix of the retained segments."""
     from .report import conform, format_report
+    bad = not_a_run("conform", run_dir)
+    if bad:
+        return bad
     if suffixes:
         return cli_suffixes(run_dir)
     rep = conform(run_dir, last=last)
@@ -34,6 +38,19 @@ def cli_conform(run_dir, as_json: bool = False, reference=None, last: int = 0,
         print(text)
         ok = ok and same
     return 0 if ok else 1
+
+
+def not_a_run(cmd: str, run_dir) -> int:
+    """2 (said in one line naming the path) when `run_dir` is not a run directory or its
+    run.json is unreadable, else 0: such a directory is a usage error, not a run that
+    does not conform."""
+    from .load import RunDirError, open_run_dir
+    try:
+        open_run_dir(run_dir)
+    except RunDirError as e:
+        print(f"lockstep {cmd}: {e.file}: {e.detail}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cli_suffixes(run_dir) -> int:
@@ -58,10 +75,13 @@ def cli_suffixes(run_dir) -> int:
 
 def cli_overlap(run_dir, out_dir) -> int:
     """`lockstep overlap RUN_DIR --out DIR`: writes overlap.txt/.json, timeline.json
-    (Perfetto) and overlap.png (if matplotlib). 0 unless the trace is unreadable or
-    shows the send-after-decode scheduling bug."""
+    (Perfetto) and overlap.png (if matplotlib). 0 unless the trace is malformed (1), or
+    shows the send-after-decode scheduling bug (1), or RUN_DIR is not a run (2)."""
     from .load import TraceError
     from .overlap import format_overlap, overlap_report
+    bad = not_a_run("overlap", run_dir)
+    if bad:
+        return bad
     try:
         ov = overlap_report(run_dir, out_dir)
     except TraceError as e:

@@ -58,6 +58,11 @@ class TraceError(Exception):
         super().__init__(f"{where}: field '{field}': {detail}")
 
 
+class RunDirError(TraceError):
+    """Not a run directory, or its run.json unreadable: there is no run to judge (the
+    CLI exits 2 naming the path, not 1 as for a run that does not conform)."""
+
+
 class Ev:
     """One step event. `rank`/`t` (thread index)/`i` identify it; `pos` is its position
     in the rank's file order; `line` its line number. The replayer adds links."""
@@ -185,24 +190,32 @@ def fmt_msg(m) -> str:
 
 # ------------------------------------------------------------------ run.json
 
+def open_run_dir(run_dir) -> tuple:
+    """(Config, run.json's dict) of a run directory; RunDirError if it is not one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(run_dir, 0, "run_dir", "not a directory")
+    return load_config(run_dir)
+
+
 def load_config(run_dir: Path) -> tuple:
     p = Path(run_dir) / "run.json"
     try:
         meta = json.loads(p.read_text())
     except FileNotFoundError:
-        raise TraceError(p, 0, "run.json", "missing: the run directory needs the model "
-                         "configuration (model.config.config_to_dict)") from None
-    except ValueError as e:
-        raise TraceError(p, 0, "run.json", f"not JSON: {e}") from None
+        raise RunDirError(p, 0, "run.json", "missing: the run directory needs the model "
+                          "configuration (model.config.config_to_dict)") from None
+    except (ValueError, OSError) as e:      # not UTF-8 / JSON; a directory, unreadable
+        raise RunDirError(p, 0, "run.json", f"not readable JSON: {e}") from None
     if not isinstance(meta, dict):
-        raise TraceError(p, 0, "run.json", "not a JSON object")
+        raise RunDirError(p, 0, "run.json", "not a JSON object")
     d = meta.get("config", meta)
     if not isinstance(d, dict):
-        raise TraceError(p, 0, "config", "not a JSON object")
+        raise RunDirError(p, 0, "config", "not a JSON object")
     try:
         cfg = config_from_dict(d)
     except (TypeError, ValueError) as e:
-        raise TraceError(p, 0, "config", f"not a model Config: {e}") from None
+        raise RunDirError(p, 0, "config", f"not a model Config: {e}") from None
     return cfg, meta
 
 
@@ -216,11 +229,11 @@ def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0, cache=None) -
     (None: the default or LOCKSTEP_TRACE_CACHE; a directory; False: none), see
     conformance/cache.py; `run.cache_note` says what it did."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TraceError(run_dir, 0, "run_dir", "not a directory")
     meta = {}
     if cfg is None:
-        cfg, meta = load_config(run_dir)
+        cfg, meta = open_run_dir(run_dir)
+    elif not run_dir.is_dir():
+        raise RunDirError(run_dir, 0, "run_dir", "not a directory")
     from lockstep.model.semantics import Model
     model = Model(cfg, shipped_tables())
     world = model.n

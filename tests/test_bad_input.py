@@ -10,12 +10,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lockstep import cli
 
 TESTDATA = Path(__file__).resolve().parent.parent / "conformance" / "testdata"
 SEGMENTED = TESTDATA / "gloo_mesh2_segments"     # format 2, rolled into segments
 LONG = TESTDATA / "breakit_wrong_group"          # format 1, releases, .err exit lines
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow,
+                                       HealthCheck.function_scoped_fixture])
 
 
 def lockstep(*argv) -> tuple:
@@ -139,6 +143,27 @@ def test_run_json_opts_of_the_wrong_shape_are_not_compared(tmp_path, opts):
     assert rc == 0 and "CONFORMS" in out, (out, err)
 
 
+@pytest.mark.parametrize("make, says", [
+    (lambda d: None, "not a directory"),
+    (lambda d: d.mkdir(), "run.json: missing"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_text("{garbage")), "not readable JSON"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_bytes(b"\xff\xfe{")), "not readable JSON"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_text("[1]")), "not a JSON object"),
+    (lambda d: (d.mkdir(), (d / "run.json").write_text('{"config": {"mesh": "x"}}')),
+     "not a model Config"),
+    (lambda d: (d.mkdir(), (d / "run.json").mkdir()), "run.json: not readable JSON"),
+])
+@pytest.mark.parametrize("cmd", [("conform",), ("conform", "--suffixes"), ("overlap",)])
+def test_not_a_run_directory_exits_2_naming_the_path(tmp_path, make, says, cmd):
+    d = tmp_path / "x"
+    make(d)
+    rc, out, err = lockstep(*cmd, d)
+    assert rc == 2 and out == "", (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lockstep {cmd[0]}: {d}"), err
+    assert says in lines[0], err
+
+
 @pytest.mark.parametrize("text, says", [
     ("[1, 2]\n", "line 1: not a JSON object"),
     ('{"ev": "step", "role": "worker", "thread": "main", "label": []}\n', "line 1: role"),
@@ -158,3 +183,53 @@ def test_coverage_reads_a_file_that_is_not_utf8(tmp_path):
         f.write(b"\xff\xfe garbage cut by a full disk")
     rc, out, err = lockstep("coverage", run)
     assert rc in (0, 1) and "row coverage" in out, (rc, out, err)
+
+
+# ---------------------------------------------------------------- fuzz
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                 max_size=3),
+    max_leaves=6)
+STEP_KEYS = ["l", "c", "s", "to", "i", "ci", "g", "m", "v", "t", "d", "meas", "ev",
+             "label", "thread", "src", "dst", "op", "msg", "chan_i", "gseq", "cause",
+             "via", "reason", "what", "rank", "role", "segment", "pcs", "send", "recv"]
+
+
+def _fuzz_edit(run: Path, data) -> str:
+    files = sorted(p for p in run.iterdir() if p.suffix in (".jsonl", ".json", ".err"))
+    p = data.draw(st.sampled_from(files), label="file")
+    if p.suffix == ".json":
+        p.write_text(json.dumps(data.draw(JSON_VALUES, label="whole")))
+        return p.name
+    lines = p.read_text().split("\n")
+    n = data.draw(st.integers(0, max(0, len(lines) - 2)), label="line")
+    how = data.draw(st.sampled_from(["field", "field", "drop", "garbage", "truncate"]))
+    if how == "field" and lines[n].startswith("{"):
+        d = json.loads(lines[n])
+        key = data.draw(st.sampled_from(sorted(d) + STEP_KEYS), label="key")
+        d[key] = data.draw(JSON_VALUES, label="value")
+        lines[n] = json.dumps(d)
+    elif how == "drop":
+        del lines[n]
+    elif how == "garbage":
+        lines[n] = data.draw(st.sampled_from(["[]", '"s"', "1", "null", "{", "NaN"]))
+    else:
+        text = "\n".join(lines)
+        lines = [text[:data.draw(st.integers(0, len(text)), label="cut")]]
+    p.write_text("\n".join(lines))
+    return p.name
+
+
+@pytest.mark.parametrize("base", [SEGMENTED, LONG], ids=["format2", "long"])
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_run_directory_answers_in_one_of_its_exit_codes(tmp_path, base, data):
+    run = _copy(base, tmp_path / "run")
+    _fuzz_edit(run, data)
+    for cmd in (("conform",), ("coverage",)):
+        rc, out, err = lockstep(*cmd, run)
+        assert rc in (0, 1, 2), (cmd, rc, out, err)
+        if cmd == ("conform",) and rc != 2:
+            assert "verdict" in out and err == "", (out, err)
