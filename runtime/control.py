@@ -94,6 +94,18 @@ def request_cut_file(run_dir, reason: str = "prompt_change", *, wait_s: float = 
         time.sleep(0.01)
 
 
+def _request_reason(text: str) -> str:
+    """The reason of a cut request file's JSON object; CutRefused for anything else (a
+    hand-written or foreign file: refused like a bad reason, never the end of the
+    watcher, which would leave every later request pending)."""
+    req = json.loads(text)
+    reason = req.get("reason", "prompt_change") if isinstance(req, dict) else None
+    if not isinstance(reason, str):
+        raise CutRefused(f"not a cut request (a JSON object with a string reason): "
+                         f"{text[:60]!r}")
+    return reason
+
+
 class ControlWatcher(threading.Thread):
     """rank0's poller of RUN_DIR/control/ (every `poll_s`)."""
 
@@ -119,8 +131,7 @@ class ControlWatcher(threading.Thread):
         for name in names:
             path = self.dir / name
             try:
-                reason = json.loads(path.read_text()).get("reason", "prompt_change")
-                self.control.request_cut(reason)
+                self.control.request_cut(_request_reason(path.read_text()))
                 os.replace(path, self.dir / f"{name}.taken")
             except (CutRefused, ValueError, OSError) as e:
                 try:   # atomic, as the request: a requester never reads half an answer

@@ -71,6 +71,26 @@ def test_control_refuses_beyond_its_budget_and_a_file_request_is_answered(tmp_pa
         c.request_cut("because")
 
 
+@pytest.mark.parametrize("body", [b"[1]", b'{"reason": ["reset"]}', b'{"reason": 5}', b"null",
+                                  b'"reset"', b"\xff\xfe", b"{"])
+def test_a_malformed_request_file_is_refused_and_the_watcher_goes_on(tmp_path, body):
+    """A hand-written or foreign file in RUN_DIR/control/ raised out of poll_once (an
+    AttributeError for a JSON list), ending rank0's watcher thread: every later request
+    then stayed pending. It is refused like a bad reason, and the next one is taken."""
+    c = CutControl(budget=1)
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "cut-00000000000000000001-1-1.json").write_bytes(body)
+    w = ControlWatcher(tmp_path, c)
+    assert w.poll_once() == 1
+    assert (tmp_path / "control" / "cut-00000000000000000001-1-1.json.refused").exists()
+    w.start()
+    try:
+        assert request_cut_file(tmp_path, "reset", wait_s=5.0) == "taken"
+    finally:
+        w.stop()
+    assert c.take_reason() == "reset"
+
+
 def test_cuts_at_random_moments_through_the_control_interface_conform(tmp_path):
     """A seeded thread of the test process asks rank0 (another process) for cuts at
     random moments through RUN_DIR/control; every one taken is a model row, the run
