@@ -29,11 +29,13 @@ def cli_conform(run_dir, as_json: bool = False, reference=None, last: int = 0,
         return bad
     if suffixes:
         return cli_suffixes(run_dir)
+    if reference:       # read first: a bad --reference is a usage error (2) before any work
+        from .reference import cli_reference, load_reference
+        reference = load_reference(reference)
     rep = conform(run_dir, last=last)
     print(json.dumps(rep.as_dict(), indent=1) if as_json else format_report(rep))
     ok = rep.ok
     if reference:
-        from .reference import cli_reference
         same, text = cli_reference(run_dir, reference)
         print(text)
         ok = ok and same

@@ -66,7 +66,14 @@ class Verdict:
 
 
 def load_reference(path) -> dict:
-    ref = json.loads(Path(path).read_text())
+    """The reference stream `lockstep equivalence` wrote; ValueError naming `path` when
+    the file is not JSON, not an object, or of another version."""
+    try:
+        ref = json.loads(Path(path).read_text())
+    except ValueError as e:       # not UTF-8, not JSON
+        raise ValueError(f"{path}: not a reference stream (not JSON: {e})") from None
+    if not isinstance(ref, dict):
+        raise ValueError(f"{path}: not a reference stream (not a JSON object)")
     if ref.get("version") != REFERENCE_VERSION:
         raise ValueError(f"{path}: reference version {ref.get('version')!r}, "
                          f"expected {REFERENCE_VERSION}")
@@ -202,8 +209,9 @@ def compare(run_dir, reference: dict, mesh: int | None = None) -> Verdict:
     return v
 
 
-def cli_reference(run_dir, reference_path) -> tuple:
-    """For `lockstep conform RUN --reference FILE`: (ok, text)."""
-    v = compare(run_dir, load_reference(reference_path))
+def cli_reference(run_dir, reference: dict) -> tuple:
+    """For `lockstep conform RUN --reference FILE`: (ok, text); `reference` is what
+    `load_reference(FILE)` read."""
+    v = compare(run_dir, reference)
     lines = [f"reference    {v.line()}"] + [f"    ! {p}" for p in v.problems[:10]]
     return v.ok, "\n".join(lines)

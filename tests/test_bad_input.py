@@ -165,6 +165,19 @@ def test_not_a_run_directory_exits_2_naming_the_path(tmp_path, make, says, cmd):
 
 
 @pytest.mark.parametrize("text, says", [
+    ("[1]", "not a JSON object"), ("{garbage", "not JSON"), ('{"version": -1}', "version -1"),
+])
+def test_a_reference_that_is_not_one_exits_2_before_any_work(tmp_path, text, says):
+    """`--reference FILE` of another shape raised an AttributeError after the report
+    was printed; it is a usage error naming FILE, before the replay."""
+    ref = tmp_path / "ref.json"
+    ref.write_text(text)
+    rc, out, err = lockstep("conform", SEGMENTED, "--reference", ref)
+    assert rc == 2 and out == "" and err.startswith(f"lockstep conform: {ref}: "), (out, err)
+    assert says in err
+
+
+@pytest.mark.parametrize("text, says", [
     ("[1, 2]\n", "line 1: not a JSON object"),
     ('{"ev": "step", "role": "worker", "thread": "main", "label": []}\n', "line 1: role"),
     ('{"ev": "step", "thread": "main", "label": "x"}\n', "line 1: role"),
