@@ -253,6 +253,11 @@ def load_run(run_dir, cfg: Optional[Config] = None, last: int = 0, cache=None) -
     gc.disable()      # many small acyclic objects: generational passes only cost time
     try:
         _load_all(run_dir, model, files, world, warnings, ranks, last, lc)
+        if not last:
+            opts = meta.get("opts")
+            keep = opts.get("trace_keep") if isinstance(opts, dict) else None
+            for rt in ranks:
+                S.check_head_kept(rt, run_dir, keep if type(keep) is int else None)
         run = Run(run_dir, cfg, meta, ranks, warnings)
         run.cache_note = lc.note()
         from . import suffix      # it reads Run and TraceError from here

@@ -6,6 +6,8 @@ failure a TraceError naming the file, the line and the field:
 
   * the retained segments are consecutive (no segment missing in the middle of a
     retained tail) and each file's number is its checkpoint's `segment`;
+  * a whole load that begins after segment 0 begins where the flight recorder deleted
+    the older ones, not where a copy lost them (`check_head_kept`);
   * segment 0's checkpoint is the model's initial state of the rank (control states,
     local variables, zero counters);
   * a later segment's checkpoint continues the previous segment: its control states,
@@ -18,6 +20,9 @@ lines lead to (conformance/suffix.py `check_checkpoints`); a suffix replay start
 the oldest retained ones (conformance/suffix.py).
 """
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 from lockstep.model import tracefmt as F
 from lockstep.model.events import op_class
@@ -34,6 +39,49 @@ def ordered(paths) -> list:
         parts = p.name.split(".")
         return (1, 0) if len(parts) == 2 else (0, int(parts[1]))
     return sorted(paths, key=key)
+
+
+# runtime/trace.py's rank{R}.segments lines: "segment N NAME opened ..." when N closed,
+# "segment N NAME deleted (keep K)" when the flight recorder removed it.
+_LOG_LINE = re.compile(r"^segment (\d+) rank\d+\.\d{6}\.jsonl (opened|deleted)\b")
+
+
+def check_head_kept(rt, run_dir, keep) -> None:
+    """A whole load whose oldest retained segment N of a rank is not 0 (a suffix) holds
+    what a flight recorder kept only when it deleted segments 0..N-1. Lost instead (a
+    copy made half-way, a file removed by hand), a suffix replay would answer "conforms"
+    for a run it never saw whole: rejected when run.json says every segment was kept
+    (`keep` 0, opts.trace_keep) or rank{R}.segments records one of them closed and
+    never deleted. (A segment missing between two retained ones: SegmentReader.)"""
+    first = rt.first_segment
+    if rt.missing or first == 0:
+        return
+    if keep == 0:
+        raise _err(rt.files[0], 1, "segment", f"{first}: the oldest segment here, but "
+                   f"run.json's trace_keep is 0 (every segment kept): {_span(0, first - 1)} "
+                   "missing")
+    log = Path(run_dir) / f"rank{rt.rank}.segments"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return
+    closed, deleted = {}, set()
+    for ln, line in enumerate(lines, 1):
+        mt = _LOG_LINE.match(line)
+        if mt and int(mt.group(1)) < first:
+            if mt.group(2) == "opened":
+                closed.setdefault(int(mt.group(1)), ln)
+            else:
+                deleted.add(int(mt.group(1)))
+    lost = sorted(set(closed) - deleted)
+    if lost:
+        raise _err(log, closed[lost[0]], "segment", f"{lost[0]}: closed here and never "
+                   f"deleted, but the trace begins at segment {first}: "
+                   f"{_span(lost[0], first - 1)} missing (a copy made half-way?)")
+
+
+def _span(a: int, b: int) -> str:
+    return f"segment {a} is" if a == b else f"segments {a} to {b} are"
 
 
 def _err(path, ln, field, detail):
@@ -142,8 +190,8 @@ class SegmentReader:
         except TypeError:       # a label or state that is not a string (a list, an object)
             rows = None
         if rows is None:
-            raise _err(path, ln, key, f"{label!r}: the {rt.role}'s {thread} thread has no "
-                       f"such row from state {src!r}" + ("" if "s" in d else
+            raise _err(path, ln, key, f"{label!r:.60}: the {rt.role}'s {thread} thread has no "
+                       f"such row from state {src!r:.60}" + ("" if "s" in d else
                                                          " (where its previous line left it)"))
         row = rows[0]
         if len(rows) > 1:

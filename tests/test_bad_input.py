@@ -77,6 +77,48 @@ def test_format2_line_of_the_wrong_shape_is_named(tmp_path, fname, line, edit, f
     _diverges_at(*lockstep("conform", run), f"{fname} line {line}", field)
 
 
+def _segment_log(run: Path, rank: int, deleted=()) -> None:
+    """rank{R}.segments as runtime/trace.py writes it for the run's closed segments."""
+    lines = []
+    for p in sorted(run.glob(f"rank{rank}.0*.jsonl")):
+        n = int(p.name.split(".")[1])
+        lines.append(f"segment {n} {p.name} opened 2026-12-02T05:47:35Z closed "
+                     f"2026-12-02T05:47:35Z lines 4 bytes 1264")
+        if n in deleted:
+            lines.append(f"segment {n} {p.name} deleted (keep 3)")
+    (run / f"rank{rank}.segments").write_text("".join(x + "\n" for x in lines))
+
+
+def _without_trace_keep(run: Path) -> None:
+    meta = json.loads((run / "run.json").read_text())
+    del meta["opts"]["trace_keep"]
+    (run / "run.json").write_text(json.dumps(meta))
+
+
+def test_a_lost_first_segment_is_not_replayed_as_a_suffix(tmp_path):
+    """A copy that lost a rank's oldest segments read as a flight recorder's suffix, and
+    conformed, although run.json says every segment was kept."""
+    run = _copy(SEGMENTED, tmp_path / "run")
+    (run / "rank1.000000.jsonl").unlink()
+    _diverges_at(*lockstep("conform", run), "rank1.000001.jsonl line 1", "segment")
+    _without_trace_keep(run)           # another writer's run.json: the segment log tells
+    _segment_log(_copy(SEGMENTED, tmp_path / "log"), 1)
+    shutil.copy(tmp_path / "log" / "rank1.segments", run)
+    rc, out, err = lockstep("conform", run)
+    _diverges_at(rc, out, err, "rank1.segments line 1", "segment")
+    assert "segment 0 is missing" in out
+
+
+def test_a_segment_the_flight_recorder_deleted_is_a_suffix(tmp_path):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    _without_trace_keep(run)
+    _segment_log(run, 1, deleted={0})
+    (run / "rank1.000000.jsonl").unlink()
+    rc, out, err = lockstep("conform", run)
+    assert rc == 0 and "CONFORMS" in out and "suffix:" in out, (out, err)
+    assert lockstep("conform", "--last", "2", SEGMENTED)[0] == 0   # a suffix asked for
+
+
 # ---------------------------------------------------------------- long-form lines
 
 def _first(p: Path, pred) -> int:
