@@ -41,6 +41,7 @@ and "store unreachable" becomes a release path the model does not have).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import signal
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -278,6 +280,59 @@ def _last_ids(trace: Path) -> dict:
 
 
 LAUNCH_RECORD = "launch.json"
+RUN_LOCK = ".lockstep.lock"
+
+_claims: dict[Path, list] = {}   # run directory -> [open lock file, nesting count]
+_claims_lock = threading.Lock()
+
+
+class RunDirInUse(ValueError):
+    """Another live process runs in this run directory (a usage error: choose --out)."""
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path):
+    """Hold RUN_DIR/.lockstep.lock (flock) while a run uses the directory. Two runs in one
+    directory (two `lockstep run` with the default --out runs/latest) deleted each
+    other's traces and interleaved rank files; the second is refused by name instead.
+    flock, not a pid file: the kernel drops it when the holder dies, kill -9 included,
+    and the file descriptor is not inherited by the ranks. Nested claims by one process
+    (run_local around spawn_local) share the one lock."""
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / RUN_LOCK
+    with _claims_lock:
+        held = _claims.get(run_dir)
+        while held is None:
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                who = f.read().strip() or "unknown pid"
+                f.close()
+                raise RunDirInUse(f"run directory {run_dir} is in use by another run "
+                                  f"({who}); give this run another --out") from None
+            try:   # the holder before us unlinks the file on release: lock the one there
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                f.close()
+                continue
+            f.truncate(0)
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            held = _claims[run_dir] = [f, 0]
+        held[1] += 1
+    try:
+        yield run_dir
+    finally:
+        with _claims_lock:
+            held[1] -= 1
+            if held[1] == 0:
+                del _claims[run_dir]
+                path.unlink(missing_ok=True)   # while still locked: no one else's file
+                held[0].close()                # closing drops the flock
 
 
 class LocalRun:
@@ -290,6 +345,15 @@ class LocalRun:
         # Absolute: the ranks start in the run directory, whatever the caller's cwd.
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim = claim_run_dir(self.run_dir)
+        self._claim.__enter__()      # released in __exit__ (or below, if starting fails)
+        try:
+            self._start(world_size, target, args, env, run_id)
+        except BaseException:
+            self._claim.__exit__(None, None, None)
+            raise
+
+    def _start(self, world_size, target, args, env, run_id) -> None:
         run_id = run_id or uuid.uuid4().hex[:12]
         self.run_id, self.world_size = run_id, world_size
         # The side channel's store lives HERE, in the parent, before any rank starts.
@@ -498,10 +562,15 @@ class LocalRun:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._own_kills.update(range(len(self._procs)))
-        self.kill_all()
-        for w in self._waiters:
-            w.join(10.0)
+        try:
+            self._own_kills.update(range(len(self._procs)))
+            self.kill_all()
+            for w in self._waiters:
+                w.join(10.0)
+        finally:
+            claim, self._claim = self._claim, None
+            if claim is not None:
+                claim.__exit__(None, None, None)
 
 
 def start_local(world_size: int, target: str, args: dict, *, run_dir, env=None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from lockstep.model.config import config_to_dict
 from lockstep.model.runopts import RunOptions
 
-from .launch import spawn_local
+from .launch import claim_run_dir, spawn_local
 
 
 def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float = 120.0,
@@ -28,17 +28,21 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run directory {run_dir} is a file, not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in run_dir.glob("rank*"):
-        old.unlink()
-    control = run_dir / "control"     # runtime/control.py: requests of an earlier run
-    if control.is_dir():
-        for old in control.iterdir():
-            old.unlink()
-    meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
-                       {"config": config_to_dict(cfg), "opts": opts},
-                       deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)
+    with claim_run_dir(run_dir):      # a second run here is refused, not interleaved
+        # An earlier run's files: a rank0 killed mid-run writes no outputs.json, and an
+        # old one left here was read as this run's (conform: "outputs.json has N outputs")
+        for pattern in ("rank*", "fr_rank*.json", "outputs.json", "outputs.json.partial"):
+            for old in run_dir.glob(pattern):
+                old.unlink()
+        control = run_dir / "control"     # runtime/control.py: requests of an earlier run
+        if control.is_dir():
+            for old in control.iterdir():
+                old.unlink()
+        meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
+        (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
+                           {"config": config_to_dict(cfg), "opts": opts},
+                           deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)
 
 
 def _check_local_devices(backend: str, world: int) -> None:

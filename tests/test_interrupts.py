@@ -1,0 +1,95 @@
+"""Stopping lockstep as an operator does (Ctrl-C, SIGTERM from a scheduler, SIGHUP of a
+closed terminal) and two jobs on one host. Every command here runs under a hard timeout
+and every child is killed at the end (127.0.0.1 only)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lockstep.model.config import Config
+from lockstep.runtime.run import run_local
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCKSTEP = [sys.executable, "-m", "lockstep"]
+LONG_RUN = ["run", "--mesh", "2", "--chunks", "100000", "--deadline-s", "120"]
+
+
+def _ranks_of(run_dir: Path) -> list[int]:
+    """Pids of the live rank processes of the run in `run_dir` (their command line names
+    its args.json), zombies left out."""
+    args = str(run_dir / "args.json").encode()
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if args not in Path(f"/proc/{d}/cmdline").read_bytes():
+                continue
+            if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except OSError:
+            continue
+        pids.append(int(d))
+    return pids
+
+
+def _start(argv, cwd, **kw) -> subprocess.Popen:
+    # A session of its own: the test signals it (or its group) and kills what is left.
+    # SIGINT is restored to its default: a job started from a non-interactive shell
+    # inherits SIG_IGN, which is not what a terminal's Ctrl-C meets.
+    return subprocess.Popen(LOCKSTEP + argv, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            **kw)
+
+
+def _wait_traced(run_dir: Path, world: int, p: subprocess.Popen, limit_s: float = 60):
+    """Until every rank has traced a step (the run is under way)."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        assert p.poll() is None, p.communicate()
+        if all((run_dir / f"rank{r}.jsonl").is_file()
+               and (run_dir / f"rank{r}.jsonl").stat().st_size > 0 for r in range(world)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the run in {run_dir} traced nothing within {limit_s} s")
+
+
+def _kill(p: subprocess.Popen, run_dir: Path) -> None:
+    for pid in _ranks_of(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
+
+
+def test_a_second_run_in_a_directory_in_use_is_refused_and_the_first_goes_on(tmp_path):
+    run_dir = tmp_path / "latest"
+    first = _start(LONG_RUN + ["--out", str(run_dir)], tmp_path)
+    try:
+        _wait_traced(run_dir, 3, first)
+        size = (run_dir / "rank0.jsonl").stat().st_size
+        second = subprocess.run(LOCKSTEP + ["run", "--mesh", "1", "--chunks", "2", "--out",
+                                            str(run_dir)], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2, (second.returncode, second.stderr[-2000:])
+        assert "in use by another run" in second.stderr and str(first.pid) in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None and len(_ranks_of(run_dir)) == 3
+        assert (run_dir / "rank0.jsonl").stat().st_size >= size   # not deleted
+        assert json.loads((run_dir / "run.json").read_text())["config"]["mesh"] == 2
+    finally:
+        _kill(first, run_dir)
+    # the claim went with the process that held it (kill -9 included)
+    again = run_local(Config(mesh=1, chunks=2), {}, run_dir, deadline_s=60)
+    assert again.ok, again.summary()
