@@ -407,9 +407,15 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
         return run.ranks[r].role + (f" (rank {r})" if run.ranks[r].role == "worker" else "")
     launch = _launch_record(run)
     at_deadline = set(launch.get("killed_at_deadline") or ())
-    orphans = [r for r in run.killed if r not in at_deadline]
+    stop = launch.get("interrupted") if isinstance(launch.get("interrupted"), dict) else {}
+    at_stop = set(stop.get("killed") or ())
+    orphans = [r for r in run.killed if r not in at_deadline | at_stop]
     if orphans:
         names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
+    if at_stop & set(run.killed):
+        names.append(f"the launcher, stopped by {stop.get('signal', 'a signal')}, killed "
+                     + ", ".join(who(r) for r in run.killed if r in at_stop)
+                     + " (an interrupted run, not a fault of the ranks)")
     if at_deadline & set(run.killed):
         limit = launch.get("deadline_s")
         names.append("the launcher's hard deadline"

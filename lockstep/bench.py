@@ -274,4 +274,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lockstep.cli import stoppable
+    raise SystemExit(stoppable("python -m lockstep.bench", main))

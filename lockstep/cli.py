@@ -16,6 +16,7 @@ EXIT_VIOLATION = 1   # a property violated, a trace diverges, a manifest or doc 
 EXIT_USAGE = 2       # bad command line or option value
 EXIT_RUN_FAILED = 3  # a real run failed: a rank exited with an error or a deadline hit
 EXIT_PIPE = 141      # stdout's reader left (`| head`): a shell's code for SIGPIPE
+# 128 + N: stopped by signal N (SIGHUP 129, SIGINT 130, SIGTERM 143), a shell's code for it
 
 EPILOG = f"""exit codes:
   {EXIT_OK}  clean (no violation / the trace conforms / every rank exited ok)
@@ -23,6 +24,8 @@ EPILOG = f"""exit codes:
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit)
   {EXIT_PIPE}  the output's reader left early (`| head`): the command did not finish
+  129 / 130 / 143  stopped by SIGHUP / SIGINT (Ctrl-C) / SIGTERM: the ranks of a run
+       going were killed and its RUN_DIR/launch.json says so (`lockstep conform` names it)
 """
 
 
@@ -567,10 +570,28 @@ _PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.E
                 errno.EROFS}
 
 
+def stoppable(prog: str, fn, *args) -> int:
+    """``fn(*args)``, where SIGINT / SIGTERM / SIGHUP end it with one line on stderr and
+    exit code 128 + N (runtime/launch.py: a run going has its ranks killed and recorded)."""
+    from lockstep.runtime.launch import Interrupted, stop_signals_raise
+    try:
+        with stop_signals_raise():
+            return fn(*args)
+    except Interrupted as e:
+        line = f"{prog}: stopped by {e.name}"
+        if e.run_dir is not None:
+            line += f": killed ranks {e.killed} of the run in {e.run_dir}"
+            # a temporary run directory (the bench's) is gone by now: claim no record
+            if (Path(e.run_dir) / "launch.json").is_file():
+                line += " (recorded in its launch.json)"
+        print(line, file=sys.stderr)
+        return e.exit_code
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return a.fn(a)
+        return stoppable(f"lockstep {a.cmd}", a.fn, a)
     except ValueError as e:
         print(f"lockstep {a.cmd}: {e}", file=sys.stderr)
         return EXIT_USAGE

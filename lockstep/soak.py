@@ -187,4 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lockstep.cli import stoppable
+    sys.exit(stoppable("python -m lockstep.soak", main))

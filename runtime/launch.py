@@ -16,7 +16,9 @@ Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
   clock: the parent's). ``WNOWAIT`` leaves the zombie unreaped until the waiter has also
   SIGKILLed the rank's process group, so a pid can never be reused under our feet.
 * No child survives ``spawn_local`` returning or raising (try/finally, plus
-  ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux).
+  ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux). Under
+  ``stop_signals_raise`` (every CLI command) SIGINT / SIGTERM / SIGHUP of the parent
+  kill the ranks and are recorded in launch.json (``Interrupted``).
 * The side channel outlives every rank: the parent hosts the side-channel TCPStore server
   (abort flag, heartbeats, clean marks; runtime/sidechannel.py) before it starts the ranks,
   so no rank's death takes the abort flag down. The waiter that reaps a rank killed by a
@@ -61,6 +63,54 @@ from lockstep.model import tracefmt as F
 EXIT_OK = 0
 EXIT_ERROR = 1      # uncaught exception in the target (worker_main)
 EXIT_RELEASED = 3   # released by the side-channel watchdog (abort flag, lost peer, lost store)
+
+
+# --------------------------------------------------------------------------- interrupts
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """The launching process got SIGINT, SIGTERM or SIGHUP (``stop_signals_raise``).
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` swallows it.
+    ``spawn_local`` kills the ranks, records it in launch.json and fills in
+    ``run_dir``/``killed`` before it passes on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.run_dir: str | None = None   # the run it stopped, if one was going
+        self.killed: list[int] = []       # ranks still alive then, killed by the launcher
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum          # what a shell reports for a death by signum
+
+
+@contextmanager
+def stop_signals_raise():
+    """While inside, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread,
+    so ``spawn_local``'s cleanup runs (kill the ranks, write launch.json) instead of the
+    default death, which left no record and, for SIGINT, a traceback. Only the first
+    signal raises: one arriving while that unwinds would cut the cleanup short, and the
+    cleanup is bounded. Off the main thread (signals cannot be set there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def on_signal(signum, _frame):
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 
@@ -186,6 +236,7 @@ class LaunchResult:
     faults: list[tuple[int, int, float]] = field(default_factory=list)  # (rank, signal, t)
     on_start_error: str | None = None
     cause: dict | None = None   # the root cause in the abort flag when the run ended
+    interrupted: dict | None = None   # {"signal", "t_s", "killed"}: the launcher was stopped
 
     @property
     def returncodes(self) -> list[int | None]:
@@ -542,6 +593,23 @@ class LocalRun:
         self._write_record(deadline_s)
         return self.result
 
+    def interrupt(self, e: Interrupted, deadline_s: float) -> None:
+        """The launcher was stopped by a signal: kill every rank still alive (they are the
+        launcher's own kills, not root causes) and record it in launch.json."""
+        with self._lock:
+            alive = [r.rank for r in self.result.ranks if r.exit_time is None]
+        self._own_kills.update(range(len(self._procs)))
+        self.kill_all()
+        for w in self._waiters:
+            w.join(10.0)
+        self.result.end_time = time.monotonic()
+        self.result.interrupted = {"signal": e.name,
+                                   "t_s": round(self.result.end_time
+                                                - self.result.start_time, 3),
+                                   "killed": alive}
+        self._write_record(deadline_s)
+        e.run_dir, e.killed = str(self.run_dir), alive
+
     def _write_record(self, deadline_s: float) -> None:
         """RUN_DIR/launch.json: what the launcher did to the ranks, which their traces
         cannot say (a rank killed at the hard deadline or by fault injection writes no
@@ -553,6 +621,8 @@ class LocalRun:
                              for r, sig, t in res.faults],
                "returncodes": res.returncodes,
                "wall_s": round(res.end_time - res.start_time, 3)}
+        if res.interrupted is not None:
+            rec["interrupted"] = res.interrupted
         try:
             (self.run_dir / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
         except OSError:
@@ -599,6 +669,9 @@ def spawn_local(world_size: int, target: str, args: dict, *, deadline_s: float, 
                     run.result.on_start_error = f"{type(e).__name__}: {e}"
             threading.Thread(target=_cb, daemon=True, name="lockstep-on-start").start()
         return run.wait(deadline_s)
+    except Interrupted as e:
+        run.interrupt(e, deadline_s)
+        raise
     finally:
         run.__exit__(None, None, None)
 

@@ -73,6 +73,45 @@ def _kill(p: subprocess.Popen, run_dir: Path) -> None:
         p.wait(10)
 
 
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False),
+                                           (signal.SIGHUP, False)])
+def test_a_signalled_run_stops_at_once_kills_its_ranks_and_says_so(tmp_path, sig, to_group):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    # an earlier run's outputs: this run's rank0 is killed and writes none, so an old
+    # file left here would be read as this run's
+    (run_dir / "outputs.json").write_text(json.dumps([[0, 0, "old"]] * 7))
+    p = _start(LONG_RUN + ["--out", str(run_dir)], tmp_path)
+    try:
+        _wait_traced(run_dir, 3, p)
+        ranks = _ranks_of(run_dir)
+        assert len(ranks) == 3
+        t0 = time.monotonic()
+        (os.killpg if to_group else os.kill)(p.pid, sig)
+        out, err = p.communicate(timeout=30)
+        took = time.monotonic() - t0
+        assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
+        assert took < 10, took
+        name = signal.Signals(sig).name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and f"stopped by {name}" in lines[0] \
+            and str(run_dir) in lines[0], err[-2000:]
+        assert "Traceback" not in err
+        time.sleep(0.5)
+        assert not [r for r in ranks if r in _ranks_of(run_dir)], "a rank outlived the run"
+        rec = json.loads((run_dir / "launch.json").read_text())
+        assert rec["interrupted"]["signal"] == name
+        assert sorted(rec["interrupted"]["killed"]) == [0, 1, 2]
+        assert not (run_dir / "outputs.json").exists()
+        c = subprocess.run(LOCKSTEP + ["conform", str(run_dir)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in c.stderr, c.stderr
+        mode = next(ln for ln in c.stdout.splitlines() if ln.startswith("failure mode"))
+        assert f"stopped by {name}" in mode and "orphan" not in mode, c.stdout
+    finally:
+        _kill(p, run_dir)
+
+
 def test_a_second_run_in_a_directory_in_use_is_refused_and_the_first_goes_on(tmp_path):
     run_dir = tmp_path / "latest"
     first = _start(LONG_RUN + ["--out", str(run_dir)], tmp_path)
