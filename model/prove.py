@@ -86,6 +86,11 @@ from .semantics import FINAL, DEAD_THREAD, Model
 from .mutations import model_for
 
 TIMEOUT_MS = 20000
+# z3 traps SIGINT during each check (its ctrl_c parameter) to cancel that check alone: a
+# Ctrl-C of `lockstep prove` or `lockstep demo` was consumed there, the check came back
+# unknown and the run went on to the end. Off, the signal reaches Python once the
+# check returns (each is short), and the command stops.
+z3.set_param("ctrl_c", False)
 
 
 @dataclass

@@ -112,6 +112,28 @@ def test_a_signalled_run_stops_at_once_kills_its_ranks_and_says_so(tmp_path, sig
         _kill(p, run_dir)
 
 
+def test_prove_stops_on_ctrl_c():
+    """z3 traps SIGINT inside a check (its ctrl_c parameter) and only cancels that check:
+    `lockstep prove` and `lockstep demo` ran on to the end after a Ctrl-C."""
+    script = (
+        "import os, signal, threading, time, z3\n"
+        "import lockstep.model.prove\n"
+        "x, y = z3.Ints('x y')\n"
+        "threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+        "end = time.monotonic() + 15\n"
+        "try:\n"
+        "    while time.monotonic() < end:\n"
+        "        s = z3.Solver(); s.set('timeout', 300)\n"
+        "        s.add(x * x * x + y * y * y == 91 + x * y, x > 0)\n"
+        "        s.check()\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted'); raise SystemExit(0)\n"
+        "print('ran on to the end'); raise SystemExit(1)\n")
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and "interrupted" in p.stdout, (p.stdout, p.stderr[-2000:])
+
+
 def test_a_second_run_in_a_directory_in_use_is_refused_and_the_first_goes_on(tmp_path):
     run_dir = tmp_path / "latest"
     first = _start(LONG_RUN + ["--out", str(run_dir)], tmp_path)
