@@ -28,8 +28,10 @@ Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
   the deadline is (kind ``deadline``, origin ``launcher``).
 
 The child environment is what torchrun would give (MASTER_ADDR=127.0.0.1, MASTER_PORT, RANK,
-WORLD_SIZE, LOCAL_RANK) plus ``LOCKSTEP_SIDE_ADDR``/``LOCKSTEP_SIDE_PORT`` (the parent's
-side-channel store), ``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads
+WORLD_SIZE, LOCAL_RANK, and TORCHELASTIC_USE_AGENT_STORE=True: MASTER_PORT is the parent's
+own store, which the ranks' rendezvous shares, so no port is picked free and bound later)
+plus ``LOCKSTEP_SIDE_ADDR``/``LOCKSTEP_SIDE_PORT`` (the parent's side-channel store),
+``LOCKSTEP_RUN_ID`` and ``LOCKSTEP_RUN_DIR``. ``dist_env()`` reads
 either launcher's variables, so the same target runs under ``spawn_local`` and under
 ``torchrun -m lockstep.runtime.worker_main --target m:f --args-json '{...}'``; under
 torchrun the side channel is the agent's own store (see ``dist_env``).
@@ -419,9 +421,13 @@ class LocalRun:
         self._store_lock = threading.Lock()
         self._own_kills: set[int] = set()      # ranks killed by the launcher itself
         side_port = self._store.port
-        master_port = free_port()
-        while master_port == side_port:
-            master_port = free_port()
+        # The ranks' rendezvous goes through the same store, as under torchrun's agent
+        # (TORCHELASTIC_USE_AGENT_STORE: every rank a client, none binds MASTER_PORT).
+        # A port picked free here and bound by rank 0 seconds later (after its imports)
+        # could be taken in between by another job on the host: rank 0 then failed
+        # (EADDRINUSE) and the other ranks talked to that job's listener. This one is
+        # bound already, for the run's whole life.
+        master_port = side_port
         (self.run_dir / LAUNCH_RECORD).unlink(missing_ok=True)   # an earlier run's
         args_file = self.run_dir / "args.json"
         args_file.write_text(json.dumps(args, sort_keys=True))
@@ -438,6 +444,7 @@ class LocalRun:
             for rank in range(world_size):
                 renv = dict(base)
                 renv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                            TORCHELASTIC_USE_AGENT_STORE="True",
                             RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                             LOCAL_WORLD_SIZE=str(world_size),
                             LOCKSTEP_SIDE_ADDR="127.0.0.1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,27 @@ def test_a_second_run_in_a_directory_in_use_is_refused_and_the_first_goes_on(tmp
     # the claim went with the process that held it (kill -9 included)
     again = run_local(Config(mesh=1, chunks=2), {}, run_dir, deadline_s=60)
     assert again.ok, again.summary()
+
+
+def test_a_master_port_taken_by_another_job_while_the_ranks_start_does_not_break_the_run(
+        tmp_path):
+    """The launcher used to pick MASTER_PORT free and let rank 0 bind it seconds later:
+    another job on the host could take it in between (here: this test, at once)."""
+    taken = []
+
+    def take_port(run):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", run.result.master_port))
+            s.listen(8)
+            taken.append(s)
+        except OSError:      # held by the launcher itself: nothing to take
+            s.close()
+
+    try:
+        res = run_local(Config(mesh=2, chunks=3), {"pg_timeout_s": 10, "op_deadline_s": 5},
+                        tmp_path, deadline_s=60, on_start=take_port)
+    finally:
+        for s in taken:
+            s.close()
+    assert res.ok, res.summary()
