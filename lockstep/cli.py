@@ -213,6 +213,9 @@ def add_segment_args(p) -> None:
 def _run_options(a):
     from lockstep.model.runopts import (CutSchedule, RunOptions, StageCosts, parse_cut_at,
                                         parse_fault)
+    if a.hard_cut_at is not None and a.cut_at:
+        raise ValueError("--hard-cut-at K is --cut-at K: give the cuts in one of them "
+                         "(both would add K to the list, one more cut)")
     at = parse_cut_at(a.cut_at) + (() if a.hard_cut_at is None else (a.hard_cut_at,))
     cuts = CutSchedule(at=at, every=a.cut_every, random=a.cut_random, seed=a.cut_seed,
                        control=a.cut_control, reason=a.cut_reason)
@@ -234,7 +237,13 @@ def cmd_run(a) -> int:
     inject = frozenset([opts.fault.name]) if opts.fault and opts.fault.name in INJECTABLE \
         else frozenset()
     noops = a.noops if a.noops is not None else (4 if a.heartbeat_ms is not None else 0)
-    cfg = Config(mesh=a.mesh, d_in=a.depth or a.d_in, d_out=a.depth or a.d_out,
+    if a.depth is not None and (a.d_in is not None or a.d_out is not None):
+        raise ValueError("--depth sets both queue depths: give it or --d-in/--d-out, "
+                         "not both")
+    if a.depth is not None:
+        a.d_in = a.d_out = a.depth
+    cfg = Config(mesh=a.mesh, d_in=2 if a.d_in is None else a.d_in,
+                 d_out=2 if a.d_out is None else a.d_out,
                  chunks=a.chunks, hard_cut=opts.cuts.bound(a.chunks), regime=a.regime,
                  steps=a.steps, noops=noops, inject=inject,
                  cond_flag_all=a.cond_flag_all)
@@ -399,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=10, help="INFER chunks rank0 builds")
     p.add_argument("--depth", type=int, default=None,
                    help="sets D_in = D_out = DEPTH (default: --d-in / --d-out)")
-    p.add_argument("--d-in", type=int, default=2, help="envelopes in flight (count)")
-    p.add_argument("--d-out", type=int, default=2, help="results awaiting decode (count)")
+    p.add_argument("--d-in", type=int, default=None,
+                   help="envelopes in flight (count) (default: 2)")
+    p.add_argument("--d-out", type=int, default=None,
+                   help="results awaiting decode (count) (default: 2)")
     p.add_argument("--hard-cut-at", type=int, default=None,
                    help="one hard cut before this chunk index (same as --cut-at K; default: none)")
     p.add_argument("--cut-at", default="", help="hard cuts before these chunk indices, "

@@ -171,6 +171,11 @@ class RunOptions:
         _check(self.backend in BACKENDS, "backend", f"one of {BACKENDS}", self.backend)
         for name in ("op_deadline_s", "pg_timeout_s", "lost_after_s", "store_timeout_s"):
             _check(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        # The backend's timeout must outlast the per-op deadline: shorter, a live op that
+        # waits on a slow peer (a long Phase A) fails in the backend first and the run
+        # reads as a rank's error, not as the op deadline it was given.
+        _check(self.pg_timeout_s > self.op_deadline_s, "pg_timeout_s",
+               f"> op_deadline_s ({self.op_deadline_s:g})", self.pg_timeout_s)
         _check(self.drain_s >= 0, "drain_s", ">= 0", self.drain_s)
         _check(self.heartbeat_ms is None or self.heartbeat_ms > 0, "heartbeat_ms",
                "> 0 (or unset: no heartbeats)", self.heartbeat_ms)

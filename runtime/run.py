@@ -19,6 +19,8 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     `opts` is validated here, before any rank starts (a dict is parsed strictly)."""
     if not isinstance(opts, RunOptions):
         opts = RunOptions.from_dict(opts)
+    if not deadline_s > 0:     # else every rank is killed at once, read as a hang
+        raise ValueError(f"deadline_s: must be > 0, got {deadline_s!r}")
     opts.cuts.check_bound(cfg.chunks, cfg.hard_cut)   # refused before any rank starts
     if opts.fault is not None:
         opts.fault.check_bound(cfg.chunks, cfg.world)

@@ -89,6 +89,27 @@ def test_a_configuration_out_of_range_is_a_usage_error_naming_the_field(argv, fi
     assert field in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["--depth", "2", "--d-in", "3"], "--depth sets both queue depths"),
+    (["--depth", "2", "--d-out", "1"], "--depth sets both queue depths"),
+    (["--depth", "0"], "queue depths must be >= 1"),
+    (["--hard-cut-at", "3", "--cut-at", "3"], "--hard-cut-at K is --cut-at K"),
+    (["--pg-timeout-s", "1"], "pg_timeout_s: must be > op_deadline_s (30)"),
+    (["--op-deadline-s", "90"], "pg_timeout_s: must be > op_deadline_s (90)"),
+    (["--deadline-s", "0"], "deadline_s: must be > 0"),
+    (["--deadline-s", "-5"], "deadline_s: must be > 0"),
+])
+def test_run_flags_that_contradict_or_cannot_work_are_refused_before_any_rank(
+        argv, says, tmp_path, capsys):
+    """Before: --depth beside --d-in silently dropped one (and --depth 0 fell back to
+    --d-in), --hard-cut-at with --cut-at took one cut more, a backend timeout under the
+    op deadline failed a slow healthy run as a rank's backend error, and --deadline-s 0
+    killed every rank at once as a hang: each started the ranks."""
+    assert cli.main(["run", "--out", str(tmp_path / "r"), *argv]) == cli.EXIT_USAGE
+    assert says in capsys.readouterr().err
+    assert not list((tmp_path / "r").glob("rank*"))   # refused before any rank started
+
+
 @pytest.mark.parametrize("kw,field", [
     ({"mesh": "2"}, "mesh must be an integer"),
     ({"steps": True}, "steps must be an integer"),
