@@ -168,6 +168,16 @@ def dist_env(environ: dict | None = None) -> DistEnv:
     world = first("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
     if rank is None or world is None:
         raise RuntimeError("dist_env: RANK/WORLD_SIZE not set by any known launcher")
+    try:
+        rank_n, world_n = int(rank), int(world)
+    except ValueError:
+        raise RuntimeError(f"dist_env: RANK={rank!r} / WORLD_SIZE={world!r}: not "
+                           "integers") from None
+    if world_n < 1 or not 0 <= rank_n < world_n:
+        # a negative RANK indexed the roles from the end and waited 30 s for a store as
+        # the last worker; one past the end was an IndexError
+        raise RuntimeError(f"dist_env: RANK={rank_n} is outside 0..{world_n - 1} "
+                           f"(WORLD_SIZE={world_n})")
     local = first("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", default="0")
     port = int(first("MASTER_PORT", default="29500"))
     if "LOCKSTEP_RUN_ID" in e:
@@ -192,7 +202,7 @@ def dist_env(environ: dict | None = None) -> DistEnv:
         side = (master_addr, int(first("LOCKSTEP_SIDE_PORT", default=str(port + 1))),
                 "rank0", run_id)
     return DistEnv(
-        rank=int(rank), world_size=int(world), local_rank=int(local),
+        rank=rank_n, world_size=world_n, local_rank=int(local),
         master_addr=master_addr, master_port=port, side_port=side[1], run_id=run_id,
         run_dir=first("LOCKSTEP_RUN_DIR"), launcher=launcher, side_addr=side[0],
         side_host=side[2], side_prefix=side[3],

@@ -49,6 +49,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     role = model.roles[rank]
     set_role(role)
     env = dist_env()
+    _check_resolves(env)
     run_dir = Path(os.environ.get("LOCKSTEP_RUN_DIR", args.get("run_dir", ".")))
     if rank == 0 and not (run_dir / "run.json").exists():   # torchrun: no launcher wrote it
         (run_dir / "run.json").write_text(json.dumps(
@@ -269,6 +270,18 @@ def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
     print(cause_line("released" if released else "error", via, cause, own=own, ctx=ctx),
           file=sys.stderr, flush=True)
     os._exit(EXIT_RELEASED if released else EXIT_ERROR)
+
+
+def _check_resolves(env) -> None:
+    """A MASTER_ADDR that names no host fails here, at once: the store clients retried
+    it until their connect timeout (78 s for one rank, store and process group)."""
+    import socket
+    for name, addr in (("MASTER_ADDR", env.master_addr), ("side store", env.side_addr)):
+        try:
+            socket.getaddrinfo(addr, None)
+        except socket.gaierror as e:
+            raise RuntimeError(f"{name} {addr!r} does not resolve ({e.strerror}): no "
+                               "rank can reach it") from None
 
 
 def _mark_exit(side) -> None:

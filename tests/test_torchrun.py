@@ -44,3 +44,45 @@ def test_torchrun_env_launch_runs_and_conforms(tmp_path):
               for ln in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()
               if '"start"' in ln]
     assert [e["side_store"] for e in starts] == ["agent"] * 3, starts
+
+
+def _env_rank(tmp_path, args, rank, world, **extra):
+    """One rank of a plain env:// launch (no torchrun, no lockstep launcher: rank 0
+    hosts the side store), in a session of its own so the test can kill it whole."""
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCKSTEP_RUN_DIR=str(tmp_path),
+               GLOO_SOCKET_IFNAME="lo", **extra)
+    for k in ("LOCKSTEP_RUN_ID", "LOCKSTEP_SIDE_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+              "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "lockstep.runtime.worker_main", "--target",
+                             "lockstep.runtime.node:run_rank", "--args-file", str(args)],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _args(tmp_path, mesh=3, chunks=4):
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"config": config_to_dict(Config(mesh=mesh, chunks=chunks)),
+                                "opts": {}}))
+    return args
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"RANK": "7"}, "RANK=7 is outside 0..3"),
+    ({"RANK": "-1"}, "RANK=-1 is outside 0..3"),
+    ({"RANK": "1", "MASTER_ADDR": "nonexistent.invalid"},
+     "MASTER_ADDR 'nonexistent.invalid' does not resolve"),
+])
+def test_a_wrong_rank_or_master_address_is_one_line_and_a_fast_exit(tmp_path, env, says):
+    """Before: RANK=7 was an IndexError, RANK=-1 ran as the last worker and waited 30 s for
+    a store, an unresolvable MASTER_ADDR was retried for over a minute."""
+    env = dict({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, **env)
+    rank = int(env.pop("RANK"))
+    p = _env_rank(tmp_path, _args(tmp_path), rank, 4, **env)
+    try:
+        out, err = p.communicate(timeout=25)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = [ln for ln in err.splitlines() if ln.startswith("lockstep: ")]
+    assert p.returncode == 1 and len(lines) == 1 and says in lines[0], (rank, err[-1500:])
