@@ -167,6 +167,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         # pairs, so rank0 leaving right after SHUTDOWN resets the leader's receive of it.
         # (Under the env:// fallback this rank may also host the store the others use.)
         side.wait_all_clean(timeout=opts.drain_s)
+        side.leave(timeout=opts.drain_s)
         tracer.close()
         return 0
     # Every error exit from a table row settles the root cause exactly like an uncaught

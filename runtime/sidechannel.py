@@ -273,6 +273,22 @@ class SideChannel:
     def mark_clean_exit(self) -> None:
         self._store().set(self.k_clean[self.rank], "1")
 
+    def leave(self, timeout: float) -> None:
+        """A clean exit's last read of the store is done: mark it (``exit/<r>``). The rank
+        that hosts the store (env:// fallback) then keeps it up until every peer has left
+        too, the flag is set, or ``timeout``: it used to go as soon as it saw the last
+        clean mark, and a peer still polling in its own ``wait_all_clean`` read a closed
+        store and ended a clean run as an error (via store_lost, connection reset)."""
+        s = self._store()
+        s.set(self.k_exit[self.rank], "1")
+        if not self.hosts_store:
+            return
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        end = time.monotonic() + timeout
+        while any(not s.check([self.k_exit[r]]) for r in peers) \
+                and not self.abort_cause() and time.monotonic() < end:
+            time.sleep(0.01)
+
     def wait_all_clean(self, timeout: float, ranks=None) -> list[int]:
         """Wait (polling, <= ``timeout``) until ``ranks`` (default: all others) have marked a
         clean exit or the abort flag is set; returns the ranks that did not. Only a rank
