@@ -22,7 +22,8 @@ EPILOG = f"""exit codes:
   {EXIT_OK}  clean (no violation / the trace conforms / every rank exited ok)
   {EXIT_VIOLATION}  violation found (a property, a diverging trace, a stale manifest or doc)
   {EXIT_USAGE}  usage error (unknown option, bad value)
-  {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit)
+  {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit;
+     check: the --max-states budget was hit, no verdict)
   {EXIT_PIPE}  the output's reader left early (`| head`): the command did not finish
   129 / 130 / 143  stopped by SIGHUP / SIGINT (Ctrl-C) / SIGTERM: the ranks of a run
        going were killed and its RUN_DIR/launch.json says so (`lockstep conform` names it)
@@ -174,8 +175,21 @@ def cmd_check(a) -> int:
             raise ValueError(f"unknown mutation {a.mutation!r}; known: "
                              f"{', '.join(MUTATIONS)}")
         cfg = _with_mutation(cfg, a.mutation, explicit, "check")
-    r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
-                  por=not a.no_por, workers=a.workers)
+    if a.max_states < 0:
+        raise ValueError(f"--max-states must be >= 0 (0: no budget), not {a.max_states}")
+    if a.max_states and a.workers > 1:
+        raise ValueError("--max-states bounds the single-process search: drop --workers")
+    from lockstep.model.explore import StateBudgetExceeded
+    try:
+        r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
+                      por=not a.no_por, workers=a.workers, max_states=a.max_states)
+    except StateBudgetExceeded as e:
+        if a.progress and not a.json:
+            print(file=sys.stderr)     # end the progress line
+        print(f"lockstep check: {cfg.describe()}: {e}: no verdict (no violation in the "
+              f"part explored); a smaller configuration, or a larger --max-states",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     print(json.dumps(dict(r.as_dict(), build=accel.describe()), indent=1) if a.json
           else f"{chk.format_result(r)}\nbuild    {accel.describe()}")
     return EXIT_OK if r.verdict == "clean" else EXIT_VIOLATION
@@ -394,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "partial-order reduction)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--progress", action="store_true", help="live progress line on stderr")
+    p.add_argument("--max-states", type=int, default=0,
+                   help="state budget: stop with no verdict (exit 3) once the search holds "
+                        "more states than this, count (default: no budget)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="with --all-mutations: print every counterexample")
     p.set_defaults(fn=cmd_check)

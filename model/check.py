@@ -19,9 +19,9 @@ MANIFEST = source_file(__name__).with_name("manifest.json")
 
 
 def check(cfg: Config, symmetry: bool = True, progress: bool = False, por: bool = True,
-          workers: int = 1) -> Result:
+          workers: int = 1, max_states: int = 0) -> Result:
     return explore(model_for(cfg), symmetry=symmetry, progress=progress, por=por,
-                   workers=workers)
+                   workers=workers, max_states=max_states)
 
 
 def format_result(r: Result) -> str:

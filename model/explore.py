@@ -77,6 +77,16 @@ from .reduction import Ample
 from .semantics import Model, State, Tr, Violation
 
 
+class StateBudgetExceeded(RuntimeError):
+    """The search stored more than its ``max_states``: no verdict (`lockstep check
+    --max-states`)."""
+
+    def __init__(self, max_states: int, depth: int, seconds: float):
+        super().__init__(f"state budget {max_states:,} exceeded at depth {depth} after "
+                         f"{seconds:.1f} s")
+        self.max_states, self.depth, self.seconds = max_states, depth, seconds
+
+
 @dataclass
 class Result:
     config: str
@@ -492,7 +502,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                     print(f"\r  {len(parent):,} states  {rate:,.0f}/s  depth {depth}  "
                           f"frontier {len(nxt):,}", end="", file=sys.stderr, flush=True)
             if max_states and len(parent) > max_states:
-                raise RuntimeError(f"state budget {max_states:,} exceeded")
+                raise StateBudgetExceeded(max_states, depth, time.perf_counter() - t0)
         frontier = nxt
         depth += 1
     if progress:

@@ -206,3 +206,15 @@ def test_a_fault_switch_that_would_never_fire_is_refused(tmp_path):
         run_local(Config(mesh=2, chunks=5), {"fault": {"name": "wrong_group", "at_chunk": 1,
                                                        "rank": 7}}, tmp_path)
     assert not list(tmp_path.glob("rank*"))
+
+
+def test_check_stops_at_a_state_budget_with_no_verdict(capsys):
+    """A configuration too big to explore here (mesh 6, 8 chunks, cuts and a crash) ran
+    on silently with no bound; --max-states stops it, says so, and claims no verdict."""
+    argv = ["check", "--mesh", "6", "--chunks", "8", "--hard-cuts", "2", "--faults", "1",
+            "--max-states", "20000"]
+    assert cli.main(argv) == cli.EXIT_RUN_FAILED
+    err = capsys.readouterr().err
+    assert "state budget 20,000 exceeded" in err and "no verdict" in err, err
+    assert cli.main(["check", "--max-states", "-1"]) == cli.EXIT_USAGE
+    assert cli.main(["check", "--max-states", "10", "--workers", "2"]) == cli.EXIT_USAGE
