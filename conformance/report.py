@@ -409,12 +409,18 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     at_deadline = set(launch.get("killed_at_deadline") or ())
     stop = launch.get("interrupted") if isinstance(launch.get("interrupted"), dict) else {}
     at_stop = set(stop.get("killed") or ())
-    orphans = [r for r in run.killed if r not in at_deadline | at_stop]
+    unstarted = set(stop.get("not_started") or ())
+    orphans = [r for r in run.killed if r not in at_deadline | at_stop | unstarted]
     if orphans:
         names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
-    if at_stop & set(run.killed):
-        names.append(f"the launcher, stopped by {stop.get('signal', 'a signal')}, killed "
-                     + ", ".join(who(r) for r in run.killed if r in at_stop)
+    if (at_stop | unstarted) & set(run.killed):
+        sig = stop.get("signal", "a signal")
+        names.append(f"the launcher was stopped by {sig}: "
+                     + "; ".join(part for part in (
+                         "it killed " + ", ".join(who(r) for r in run.killed
+                                                   if r in at_stop) if at_stop else "",
+                         "it never started " + ", ".join(who(r) for r in sorted(unstarted))
+                         if unstarted else "") if part)
                      + " (an interrupted run, not a fault of the ranks)")
     if at_deadline & set(run.killed):
         limit = launch.get("deadline_s")

@@ -608,7 +608,8 @@ def stoppable(prog: str, fn, *args) -> int:
     except Interrupted as e:
         line = f"{prog}: stopped by {e.name}"
         if e.run_dir is not None:
-            line += f": killed ranks {e.killed} of the run in {e.run_dir}"
+            line += (f": killed ranks {e.killed}" if e.killed else ": no rank had started") \
+                + f" of the run in {e.run_dir}"
             # a temporary run directory (the bench's) is gone by now: claim no record
             if (Path(e.run_dir) / "launch.json").is_file():
                 line += " (recorded in its launch.json)"

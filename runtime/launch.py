@@ -412,6 +412,20 @@ class LocalRun:
         self._claim.__enter__()      # released in __exit__ (or below, if starting fails)
         try:
             self._start(world_size, target, args, env, run_id)
+        except Interrupted as e:     # stopped while starting (torch's import is seconds)
+            started = len(getattr(self, "_procs", ()))   # _start killed those
+            rec = {"deadline_s": None, "deadline_hit": False, "killed_at_deadline": [],
+                   "signalled": [], "returncodes": [],
+                   "interrupted": {"signal": e.name, "t_s": 0.0,
+                                   "killed": list(range(started)),
+                                   "not_started": list(range(started, world_size))}}
+            try:
+                (self.run_dir / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
+            except OSError:
+                pass
+            e.run_dir, e.killed = str(self.run_dir), list(range(started))
+            self._claim.__exit__(None, None, None)
+            raise
         except BaseException:
             self._claim.__exit__(None, None, None)
             raise

@@ -108,7 +108,32 @@ def test_a_signalled_run_stops_at_once_kills_its_ranks_and_says_so(tmp_path, sig
                            capture_output=True, text=True, timeout=120)
         assert "Traceback" not in c.stderr, c.stderr
         mode = next(ln for ln in c.stdout.splitlines() if ln.startswith("failure mode"))
-        assert f"stopped by {name}" in mode and "orphan" not in mode, c.stdout
+        assert f"stopped by {name}: it killed rank0" in mode and "orphan" not in mode, \
+            c.stdout
+    finally:
+        _kill(p, run_dir)
+
+
+def test_a_run_stopped_while_its_ranks_start_is_recorded_as_such(tmp_path):
+    """The launcher spends seconds importing torch before it starts a rank: stopped
+    there, the run directory held a run.json and no trace, and conform named a
+    'kill -9' of every rank."""
+    run_dir = tmp_path / "r"
+    p = _start(LONG_RUN + ["--out", str(run_dir)], tmp_path)
+    try:
+        end = time.monotonic() + 60
+        while not (run_dir / "run.json").exists():   # written just before the launch
+            assert time.monotonic() < end and p.poll() is None, p.communicate()
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 130 and "stopped by SIGINT" in err, err[-2000:]
+        stop = json.loads((run_dir / "launch.json").read_text())["interrupted"]
+        assert sorted(stop["killed"] + stop.get("not_started", [])) == [0, 1, 2]
+        c = subprocess.run(LOCKSTEP + ["conform", str(run_dir)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+        mode = next(ln for ln in c.stdout.splitlines() if ln.startswith("failure mode"))
+        assert "stopped by SIGINT" in mode and "orphan" not in mode, c.stdout
     finally:
         _kill(p, run_dir)
 
