@@ -414,14 +414,13 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     if orphans:
         names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
     if (at_stop | unstarted) & set(run.killed):
-        sig = stop.get("signal", "a signal")
-        names.append(f"the launcher was stopped by {sig}: "
-                     + "; ".join(part for part in (
-                         "it killed " + ", ".join(who(r) for r in run.killed
-                                                   if r in at_stop) if at_stop else "",
-                         "it never started " + ", ".join(who(r) for r in sorted(unstarted))
-                         if unstarted else "") if part)
-                     + " (an interrupted run, not a fault of the ranks)")
+        what = []
+        if at_stop:
+            what.append("it killed " + ", ".join(who(r) for r in run.killed if r in at_stop))
+        if unstarted:
+            what.append("it never started " + ", ".join(who(r) for r in sorted(unstarted)))
+        names.append(f"the launcher was stopped by {stop.get('signal', 'a signal')}: "
+                     + "; ".join(what) + " (an interrupted run, not a fault of the ranks)")
     if at_deadline & set(run.killed):
         limit = launch.get("deadline_s")
         names.append("the launcher's hard deadline"
