@@ -23,7 +23,7 @@ EPILOG = f"""exit codes:
   {EXIT_VIOLATION}  violation found (a property, a diverging trace, a stale manifest or doc)
   {EXIT_USAGE}  usage error (unknown option, bad value)
   {EXIT_RUN_FAILED}  run failed (a rank exited with an error, or the hard deadline was hit;
-     check: the --max-states budget was hit, no verdict)
+     check: the --max-states or --max-seconds budget was hit, no verdict)
   {EXIT_PIPE}  the output's reader left early (`| head`): the command did not finish
   129 / 130 / 143  stopped by SIGHUP / SIGINT (Ctrl-C) / SIGTERM: the ranks of a run
        going were killed and its RUN_DIR/launch.json says so (`lockstep conform` names it)
@@ -177,17 +177,20 @@ def cmd_check(a) -> int:
         cfg = _with_mutation(cfg, a.mutation, explicit, "check")
     if a.max_states < 0:
         raise ValueError(f"--max-states must be >= 0 (0: no budget), not {a.max_states}")
-    if a.max_states and a.workers > 1:
-        raise ValueError("--max-states bounds the single-process search: drop --workers")
-    from lockstep.model.explore import StateBudgetExceeded
+    if not a.max_seconds >= 0:
+        raise ValueError(f"--max-seconds must be >= 0 (0: no budget), not {a.max_seconds}")
+    from lockstep.model.meter import BudgetExceeded, StateBudgetExceeded
+    # Without --progress, a search still going after a few seconds prints its progress
+    # (model.meter, "auto"), so a long check is not taken for a hang; --json: none.
+    progress = False if a.json else True if a.progress else "auto"
     try:
-        r = chk.check(cfg, symmetry=not a.no_symmetry, progress=a.progress and not a.json,
-                      por=not a.no_por, workers=a.workers, max_states=a.max_states)
-    except StateBudgetExceeded as e:
-        if a.progress and not a.json:
-            print(file=sys.stderr)     # end the progress line
+        r = chk.check(cfg, symmetry=not a.no_symmetry, progress=progress,
+                      por=not a.no_por, workers=a.workers, max_states=a.max_states,
+                      max_seconds=a.max_seconds)
+    except BudgetExceeded as e:
+        larger = "--max-states" if isinstance(e, StateBudgetExceeded) else "--max-seconds"
         print(f"lockstep check: {cfg.describe()}: {e}: no verdict (no violation in the "
-              f"part explored); a smaller configuration, or a larger --max-states",
+              f"part explored); a smaller configuration, or a larger {larger}",
               file=sys.stderr)
         return EXIT_RUN_FAILED
     print(json.dumps(dict(r.as_dict(), build=accel.describe()), indent=1) if a.json
@@ -407,10 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search processes, count (>1: multiprocess search, without "
                         "partial-order reduction)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--progress", action="store_true", help="live progress line on stderr")
+    p.add_argument("--progress", action="store_true",
+                   help="progress line on stderr from the start (without it: from "
+                        "5 s on; on a terminal rewritten in place every 2 s, else a "
+                        "line every 10 s; none with --json)")
     p.add_argument("--max-states", type=int, default=0,
                    help="state budget: stop with no verdict (exit 3) once the search holds "
-                        "more states than this, count (default: no budget)")
+                        "more states than this, count (with --workers: judged at the end "
+                        "of each level) (default: no budget)")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="time budget: stop with no verdict (exit 3) once the search has "
+                        "run this long, s (default: no budget)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="with --all-mutations: print every counterexample")
     p.set_defaults(fn=cmd_check)

@@ -18,10 +18,10 @@ from .mutations import MUTATIONS, model_for, mutation_config
 MANIFEST = source_file(__name__).with_name("manifest.json")
 
 
-def check(cfg: Config, symmetry: bool = True, progress: bool = False, por: bool = True,
-          workers: int = 1, max_states: int = 0) -> Result:
+def check(cfg: Config, symmetry: bool = True, progress=False, por: bool = True,
+          workers: int = 1, max_states: int = 0, max_seconds: float = 0.0) -> Result:
     return explore(model_for(cfg), symmetry=symmetry, progress=progress, por=por,
-                   workers=workers, max_states=max_states)
+                   workers=workers, max_states=max_states, max_seconds=max_seconds)
 
 
 def format_result(r: Result) -> str:

@@ -66,25 +66,18 @@ from __future__ import annotations
 
 import gc
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .meter import Meter, StateBudgetExceeded, TimeBudgetExceeded  # noqa: F401 (public)
 from .properties import (check_progress_at_exit, check_rank0, check_terminal,
                          check_transition)
 from .reduction import Ample
 from .semantics import Model, State, Tr, Violation
 
 
-class StateBudgetExceeded(RuntimeError):
-    """The search stored more than its ``max_states``: no verdict (`lockstep check
-    --max-states`)."""
-
-    def __init__(self, max_states: int, depth: int, seconds: float):
-        super().__init__(f"state budget {max_states:,} exceeded at depth {depth} after "
-                         f"{seconds:.1f} s")
-        self.max_states, self.depth, self.seconds = max_states, depth, seconds
+LOOK_EVERY = 256   # states expanded between two looks at the meter (its clock and line)
 
 
 @dataclass
@@ -254,22 +247,35 @@ class Interner:
         return hit
 
 
-def explore(model: Model, symmetry: bool = True, progress: bool = False,
-            max_states: int = 0, por: bool = True, workers: int = 1) -> Result:
+def explore(model: Model, symmetry: bool = True, progress=False,
+            max_states: int = 0, por: bool = True, workers: int = 1,
+            max_seconds: float = 0.0) -> Result:
     """Search every reachable state of `model`; stop at the first violation.
 
     With `por`, the partial-order reduction of model.reduction; a violation found under
     it is searched for again without it, so the counterexample is a shortest one.
     With `workers` > 1, the hash-partitioned multiprocess search of model.parallel
-    (no partial-order reduction: its cycle proviso needs the whole visited set)."""
+    (no partial-order reduction: its cycle proviso needs the whole visited set).
+    `progress` (False, True, "auto") and `max_seconds`: model.meter; past `max_states`
+    or `max_seconds` the search raises StateBudgetExceeded / TimeBudgetExceeded."""
+    meter = Meter(progress, max_seconds)
+    try:
+        return search(model, symmetry, meter, max_states, por, workers)
+    finally:
+        meter.close()
+
+
+def search(model: Model, symmetry: bool, meter: Meter, max_states: int, por: bool,
+           workers: int) -> Result:
+    """explore() on a running meter (the parallel search's re-search of a violation
+    shares its clock)."""
     if workers > 1:
         from .parallel import explore_parallel
-        return explore_parallel(model, symmetry=symmetry, workers=workers,
-                                progress=progress)
-    res = _without_gc(_search, model, symmetry, progress, max_states, por, por)
+        return explore_parallel(model, symmetry, workers, meter, max_states)
+    res = _without_gc(_search, model, symmetry, meter, max_states, por, por)
     if por and res.violation is not None:
         first = res
-        res = _without_gc(_search, Model(model.cfg, model.source), symmetry, progress,
+        res = _without_gc(_search, Model(model.cfg, model.source), symmetry, meter,
                           max_states, False, False)
         res.seconds += first.seconds
         res.peak_mb = max(res.peak_mb, first.peak_mb)
@@ -291,7 +297,7 @@ def _without_gc(fn, *args):
             gc.enable()
 
 
-def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
+def _search(model: Model, symmetry: bool, meter: Meter, max_states: int,
             por: bool, compress: bool) -> Result:
     """The breadth-first search. `compress`: follow the abort flag's release without
     storing the state in between (it has one transition and no choice), and do not
@@ -305,6 +311,8 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     parent's when step() kept the parent's channels, sequence numbers, flag and budget
     (identity checks on what step returned: nothing here knows which kinds change what)."""
     t0 = time.perf_counter()
+    if not isinstance(meter, Meter):   # a progress switch (tests call _search directly)
+        meter = Meter(meter)
     keys = Interner(model, symmetry)
     ample = Ample(model) if por else None
     tagged = {id(r) for table in model.tables for rows_by_pc in table
@@ -321,7 +329,7 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
     parent = {init: None}
     frontier = [(init, r_init, pids0)]
     transitions = terminals = depth = 0
-    last_report = t0
+    looks = LOOK_EVERY
     found = None
     enabled, step = model.enabled, model.step
     pids_of, rest_of, r0_bad = keys.pids, keys.rest_id, keys.rank0_violation
@@ -494,19 +502,14 @@ def _search(model: Model, symmetry: bool, progress: bool, max_states: int,
                                                if ps[j] == x)
             if found:
                 break
-            if progress:
-                now = time.perf_counter()
-                if now - last_report > 2.0:
-                    last_report = now
-                    rate = len(parent) / (now - t0)
-                    print(f"\r  {len(parent):,} states  {rate:,.0f}/s  depth {depth}  "
-                          f"frontier {len(nxt):,}", end="", file=sys.stderr, flush=True)
+            looks -= 1
+            if not looks:
+                looks = LOOK_EVERY
+                meter.look(len(parent), depth, len(nxt))
             if max_states and len(parent) > max_states:
-                raise StateBudgetExceeded(max_states, depth, time.perf_counter() - t0)
+                raise StateBudgetExceeded(max_states, len(parent), depth, meter.seconds())
         frontier = nxt
         depth += 1
-    if progress:
-        print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
     secs = time.perf_counter() - t0
     res = Result(model.cfg.describe(), "clean", None, states=len(parent),
                  transitions=transitions, depth=depth, seconds=secs,

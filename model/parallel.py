@@ -20,6 +20,14 @@ the reductions is faster; this path is for many-core machines and is checked aga
 the serial search (same verdict, same number of distinct states) in
 tests/test_model_check.py.
 
+Budgets (`lockstep check --workers N --max-states / --max-seconds`, model.meter): the
+coordinator counts the states its workers hold once they have kept a level's new ones,
+so the state budget is judged level by level: the search stops after the level that
+passes it (the serial search stops at the state that passes it), having stored at most
+that one level beyond the budget. The time budget and the progress line are looked at
+about twice a second while the coordinator waits for a level, and a search stopped
+mid-level kills its workers at once.
+
 Designs considered and rejected: a shared visited set in shared memory (a lock per
 insert costs more than the hashing it saves in Python); a work-stealing search without
 levels (loses shortest counterexamples).
@@ -33,6 +41,9 @@ import time
 from .properties import (check_progress_at_exit, check_state, check_terminal,
                          check_transition)
 from .semantics import Model
+
+
+LOOK_S = 0.5   # the coordinator looks at the meter this often while a level runs
 
 
 def _owner(s, workers: int) -> int:
@@ -52,7 +63,7 @@ def _serve(model: Model, symmetry: bool, workers: int, conn) -> None:
             new = [s for s in arg if s not in seen]
             seen.update(new)
             frontier = list(dict.fromkeys(new))
-            conn.send(len(frontier))
+            conn.send((len(frontier), len(seen)))
         elif cmd == "expand":
             out = [[] for _ in range(workers)]
             transitions = terminals = 0
@@ -80,13 +91,23 @@ def _serve(model: Model, symmetry: bool, workers: int, conn) -> None:
                     out[_owner(c, workers)].append(c)
                 if found:
                     break
-            conn.send((out, transitions, terminals, found, len(seen)))
+            conn.send((out, transitions, terminals, found))
 
 
-def explore_parallel(model: Model, symmetry: bool = True, workers: int = 2,
-                     progress: bool = False):
-    """The search of model.explore, spread over `workers` processes."""
-    from .explore import Canon, Result, explore
+def _recv(conn, meter, states: int, depth: int, frontier: int):
+    """conn's next answer, looking at the meter (clock, progress line) while waiting."""
+    while not conn.poll(LOOK_S):
+        meter.look(states, depth, frontier)
+    return conn.recv()
+
+
+def explore_parallel(model: Model, symmetry: bool, workers: int, meter,
+                     max_states: int = 0):
+    """The search of model.explore, spread over `workers` processes, on explore's
+    meter (model.meter); past `max_states` (counted at the end of a level) it raises
+    StateBudgetExceeded."""
+    from .explore import Canon, Result, search
+    from .meter import StateBudgetExceeded
     t0 = time.perf_counter()
     ctx = mp.get_context("fork")
     pipes, procs = [], []
@@ -98,31 +119,40 @@ def explore_parallel(model: Model, symmetry: bool = True, workers: int = 2,
         there.close()
         pipes.append(here)
         procs.append(pr)
+    finished = False
     try:
         init = Canon(model, symmetry)(model.initial_state())
         batches = [[] for _ in range(workers)]
         batches[_owner(init, workers)].append(init)
-        transitions = terminals = depth = 0
+        transitions = terminals = depth = states = frontier = 0
         found = None
-        sizes = [0] * workers
         while True:
             for conn, batch in zip(pipes, batches):
                 conn.send(("absorb", batch))
-            if sum(conn.recv() for conn in pipes) == 0:
+            news = [_recv(conn, meter, states, depth, frontier) for conn in pipes]
+            frontier = sum(n_new for n_new, _ in news)
+            states = sum(n_seen for _, n_seen in news)
+            if max_states and states > max_states:
+                # The states of level `depth` passed it; the serial search names the
+                # level it was expanding, the one before.
+                raise StateBudgetExceeded(max_states, states, max(depth - 1, 0),
+                                          meter.seconds())
+            if frontier == 0:
                 break
             for conn in pipes:
                 conn.send(("expand", None))
             batches = [[] for _ in range(workers)]
-            for w, conn in enumerate(pipes):
-                out, n_tr, n_term, v, sizes[w] = conn.recv()
+            for conn in pipes:
+                out, n_tr, n_term, v = _recv(conn, meter, states, depth, frontier)
                 transitions += n_tr
                 terminals += n_term
                 found = found or v
-                for dst, states in enumerate(out):
-                    batches[dst] += states
+                for dst, states_to in enumerate(out):
+                    batches[dst] += states_to
             depth += 1
             if found:
                 break
+        finished = True
     finally:
         for conn in pipes:
             try:
@@ -130,15 +160,20 @@ def explore_parallel(model: Model, symmetry: bool = True, workers: int = 2,
             except (BrokenPipeError, OSError):
                 pass
         for pr in procs:
-            pr.join(timeout=10)
+            # A search stopped mid-level (a budget, Ctrl-C): its workers are still
+            # expanding and would only read "stop" after it.
+            pr.join(timeout=10 if finished else 0)
             if pr.is_alive():
                 pr.kill()
+                pr.join()
     if found:
-        # The level tells the depth; the serial search prints a shortest path to it.
-        res = explore(Model(model.cfg, model.source), symmetry=symmetry, por=False)
+        # The level tells the depth; the serial search prints a shortest path to it
+        # (no state budget: the violation was found within it, and the serial search
+        # stops at the same depth).
+        res = search(Model(model.cfg, model.source), symmetry, meter, 0, False, 1)
         res.workers = workers
         return res
-    return Result(model.cfg.describe(), "clean", None, states=sum(sizes),
+    return Result(model.cfg.describe(), "clean", None, states=states,
                   transitions=transitions, depth=depth,
                   seconds=time.perf_counter() - t0,
                   peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -217,4 +218,71 @@ def test_check_stops_at_a_state_budget_with_no_verdict(capsys):
     err = capsys.readouterr().err
     assert "state budget 20,000 exceeded" in err and "no verdict" in err, err
     assert cli.main(["check", "--max-states", "-1"]) == cli.EXIT_USAGE
-    assert cli.main(["check", "--max-states", "10", "--workers", "2"]) == cli.EXIT_USAGE
+
+
+BIG = ["check", "--mesh", "6", "--chunks", "8", "--hard-cuts", "2", "--faults", "1"]
+
+
+def test_the_state_budget_bounds_the_multiprocess_search(capsys):
+    """--max-states with --workers was refused: the parallel search had no budget. It
+    counts its workers' states at the end of each level and stops the same way."""
+    assert cli.main(BIG + ["--workers", "2", "--max-states", "5000"]) == cli.EXIT_RUN_FAILED
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "state budget 5,000 exceeded at depth" in line and "no verdict" in line, line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_check_stops_at_a_time_budget_with_no_verdict(workers, capsys):
+    """No time budget: a search too big for the machine ran on until killed. With
+    --max-seconds it stops mid-search with one line (states, depth, seconds), exit 3."""
+    assert cli.main(BIG + ["--workers", workers, "--max-seconds", "0.5"]) \
+        == cli.EXIT_RUN_FAILED
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert re.search(r"time budget 0\.5 s exceeded at depth \d+ with [\d,]+ states "
+                     r"after \d+\.\d s: no verdict", line), line
+    assert "--max-seconds" in line and out == ""
+    assert cli.main(["check", "--max-seconds", "-1"]) == cli.EXIT_USAGE
+    assert cli.main(["check", "--max-seconds", "nan"]) == cli.EXIT_USAGE
+
+
+def test_a_long_check_prints_its_progress_without_being_asked(monkeypatch, capsys):
+    """Without --progress a check that took minutes printed nothing until its verdict:
+    it read as a hang. Past AUTO_AFTER_S (here 0) it prints its progress on its own;
+    not on a terminal, as whole lines. A short check prints what it always did."""
+    from lockstep.model import meter
+    argv = ["check", "--mesh", "2", "--chunks", "2"]
+    assert cli.main(argv) == cli.EXIT_OK
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "verdict  clean" in quiet.out
+    monkeypatch.setattr(meter, "AUTO_AFTER_S", 0.0)
+    assert cli.main(BIG + ["--max-seconds", "1"]) == cli.EXIT_RUN_FAILED
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and "\r" not in "".join(lines), lines
+    assert re.fullmatch(r"  [\d,]+ states  [\d,]+/s  depth \d+  frontier [\d,]+  \d+ s",
+                        lines[0]), lines[0]
+    assert "time budget 1 s exceeded" in lines[-1]
+    assert cli.main(argv + ["--json"]) == cli.EXIT_OK
+    assert capsys.readouterr().err == ""
+
+
+def test_the_progress_line_on_a_terminal_is_rewritten_and_erased():
+    """On a terminal the line is rewritten in place (a carriage return, padded over a
+    longer line before) and erased at the end, so the verdict starts a clean line."""
+    import io
+    from lockstep.model.meter import Meter
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    m = Meter(True, stream=tty)
+    m.next_line = 0.0
+    m.look(123456, 7, 89)
+    m.next_line = 0.0
+    m.look(5, 8, 1)
+    m.close()
+    first, second, erase = tty.getvalue().split("\r")[1:4]
+    assert first.startswith("  123,456 states") and len(second) == len(first)
+    assert second.startswith("  5 states") and erase == " " * len(first)
