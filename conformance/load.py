@@ -401,8 +401,9 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
                              "a format-2 step in a long-form trace" if kind == STEP else
                              "a format-2 step (no 'ev') in a trace without a checkpoint")
         elif kind == RELEASE or kind == FAULT or kind == START:
-            if d.get("rank", rank) != rank:
-                raise TraceError(path, ln, "rank", f"rank {d.get('rank')!r} in "
+            # type(): a JSON false is a Python 0, and would pass for rank 0.
+            if "rank" in d and (type(d["rank"]) is not int or d["rank"] != rank):
+                raise TraceError(path, ln, "rank", f"rank {d['rank']!r:.40} in "
                                  f"rank{rank}.jsonl")
             if "t_ns" in d and type(d["t_ns"]) is not int:
                 raise TraceError(path, ln, "t_ns", "not an integer")
@@ -422,7 +423,7 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
             else:
                 if rt.start is not None:
                     raise TraceError(path, ln, "ev", "a second start event")
-                if "world" in d and d["world"] != world:
+                if "world" in d and (type(d["world"]) is not int or d["world"] != world):
                     raise TraceError(path, ln, "world", f"{d['world']!r}: run.json "
                                      f"configures a world of {world}")
                 if not isinstance(d.get("backend", ""), str):

@@ -380,17 +380,22 @@ FAILURES = (
 
 def _launch_record(run: Run) -> dict:
     """The local launcher's RUN_DIR/launch.json (runtime/launch.py), {} if none (torchrun,
-    an older run) or unreadable (not an object, or a killed_at_deadline that is not a list
-    of ranks): it only names who killed a rank, it decides nothing."""
+    an older run) or unreadable (not an object, or a killed_at_deadline, interrupted.killed
+    or interrupted.not_started that is not a list of ranks): it only names who killed a
+    rank, it decides nothing."""
     try:
         rec = json.loads((Path(run.path) / "launch.json").read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(rec, dict):
         return {}
-    killed = rec.get("killed_at_deadline")
-    if killed is not None and not (type(killed) is list and
-                                   all(type(r) is int for r in killed)):
+    stop = rec.get("interrupted")
+    ranks = [rec.get("killed_at_deadline")]
+    if isinstance(stop, dict):
+        ranks += [stop.get("killed"), stop.get("not_started")]
+    # type(): a JSON false is a Python 0, and would name rank 0 as killed.
+    if not all(rs is None or type(rs) is list and all(type(r) is int for r in rs)
+               for rs in ranks):
         return {}
     return rec
 
@@ -424,7 +429,7 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     if at_deadline & set(run.killed):
         limit = launch.get("deadline_s")
         names.append("the launcher's hard deadline"
-                     + (f" ({limit:g} s)" if isinstance(limit, (int, float)) else "")
+                     + (f" ({limit:g} s)" if type(limit) in (int, float) else "")
                      + " killed " + ", ".join(who(r) for r in run.killed if r in at_deadline)
                      + " (a run still going, or a hang: see each rank's last step)")
     for r in run.failed:

@@ -110,10 +110,10 @@ class SegmentReader:
         for f in ("format", "segment", "t0_ns", "rank", "role", "v") + _COUNTERS:
             if f not in d:
                 raise _err(path, 1, f, "missing from the checkpoint")
-        if d["format"] != F.FORMAT:
+        if type(d["format"]) is not int or d["format"] != F.FORMAT:
             raise _err(path, 1, "format", f"{d['format']!r}: this reader knows format "
                        f"{F.FORMAT}")
-        if d["rank"] != rt.rank or d["role"] != rt.role:
+        if type(d["rank"]) is not int or d["rank"] != rt.rank or d["role"] != rt.role:
             raise _err(path, 1, "rank", f"rank {d['rank']!r} ({d['role']!r}) in the trace "
                        f"of rank {rt.rank} ({rt.role})")
         seg = d["segment"]

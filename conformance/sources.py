@@ -86,7 +86,8 @@ def _outputs(run, res):
         return [f"outputs.json: not JSON ({e})"]
     if not isinstance(outs, list):
         return ["outputs.json: not a list"]
-    got = [(o[0], o[1]) for o in outs if isinstance(o, list) and len(o) >= 2]
+    got = [(o[0], o[1]) for o in outs if isinstance(o, list) and len(o) >= 2
+           and type(o[0]) is int and type(o[1]) is int]   # not a bool: false == 0
     if len(got) != len(outs):
         return ["outputs.json: every entry is [chunk, epoch, digest]"]
     want = [(c, e) for c, e, _ in res.emitted]

@@ -70,6 +70,8 @@ def _diverges_at(rc, out, err, where: str, field: str):
     ("rank2.000001.jsonl", 2, _set(v=[{}, 2]), "v"),      # ... with an item no row gathers
     ("rank2.000001.jsonl", 2, _set(v=[]), "msg"),         # ... that no update can take
     ("rank0.000001.jsonl", 4, lambda d: d.update(v=d.pop("m")), "m"),   # a send's vector
+    ("rank0.000000.jsonl", 1, _set(rank=False), "rank"),  # false passed for rank 0
+    ("rank0.000000.jsonl", 1, _set(format=2.0), "format"),
 ])
 def test_format2_line_of_the_wrong_shape_is_named(tmp_path, fname, line, edit, field):
     run = _copy(SEGMENTED, tmp_path / "run")
@@ -148,6 +150,10 @@ def _release(d):
     ("rank0.jsonl", _release, lambda d: d["cause"].update(rank="3"), "cause.rank"),
     ("rank0.jsonl", _release, _set(via=1), "via"),
     ("rank0.jsonl", lambda d: d.get("ev") == "start", _set(backend=["gloo"]), "backend"),
+    # A JSON true/false is a Python 1/0: it passed for rank 0, or for a world of 1.0.
+    ("rank0.jsonl", _release, _set(rank=False), "rank"),
+    ("rank0.jsonl", lambda d: d.get("ev") == "start", _set(rank=False), "rank"),
+    ("rank0.jsonl", lambda d: d.get("ev") == "start", _set(world=4.0), "world"),
 ])
 def test_long_form_line_of_the_wrong_shape_is_named(tmp_path, fname, pred, edit, field):
     run = _copy(LONG, tmp_path / "run")
@@ -172,6 +178,29 @@ def test_side_files_of_the_wrong_shape_do_not_crash(tmp_path, name, value):
     assert rc in (0, 1) and "Traceback" not in out + err and "verdict" in out, (out, err)
     if name == "outputs.json":
         assert rc == 1 and "outputs.json" in out
+
+
+def test_an_output_numbered_by_a_bool_is_not_an_output(tmp_path):
+    """outputs.json's [3, true, digest] read as chunk 3 of epoch 1 (true == 1)."""
+    run = _copy(SEGMENTED, tmp_path / "run")
+    outs = json.loads((run / "outputs.json").read_text())
+    outs[0][1] = True
+    (run / "outputs.json").write_text(json.dumps(outs))
+    rc, out, err = lockstep("conform", run)
+    assert rc == 1 and "outputs.json: every entry is [chunk, epoch, digest]" in out, (out, err)
+
+
+@pytest.mark.parametrize("stop", [{"killed": [False]}, {"not_started": [True]},
+                                  {"killed": "0"}])
+def test_launch_json_ranks_that_are_not_ints_are_not_read(tmp_path, stop):
+    """launch.json's interrupted.killed [false] named rank 0 as killed by the launcher
+    (false == 0 in a set of ranks); its lists are read as killed_at_deadline is."""
+    from types import SimpleNamespace
+    from lockstep.conformance.report import _launch_record
+    (tmp_path / "launch.json").write_text(json.dumps({"interrupted": stop}))
+    assert _launch_record(SimpleNamespace(path=tmp_path)) == {}
+    (tmp_path / "launch.json").write_text(json.dumps({"interrupted": {"killed": [0]}}))
+    assert _launch_record(SimpleNamespace(path=tmp_path)) != {}
 
 
 @pytest.mark.parametrize("opts", [[1], "gloo", {"backend": ["gloo"]}])
