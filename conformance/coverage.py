@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lockstep.model.tables import shipped_rows
-from lockstep.model.tracefmt import CHECKPOINT, KEY_THREADS
+from lockstep.model.tracefmt import CHECKPOINT, KEY_THREADS, loads
 
 
 def shipped() -> dict:
@@ -37,7 +37,7 @@ def exercised(run_dirs) -> set:
             role = None
             for ln, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
                 try:
-                    ev = json.loads(line)
+                    ev = loads(line)
                 except ValueError:
                     continue          # a last line cut by kill -9
                 if type(ev) is not dict:

@@ -17,9 +17,10 @@ groups: "default_pg" -> world_pg, "mesh_pg" -> mesh_pg (runtime/groups.py sets i
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from lockstep.model.tracefmt import loads
 
 DESC_TO_GROUP = {"default_pg": "world_pg", "mesh_pg": "mesh_pg"}
 # model collective kind -> backend op names issued for it, in order
@@ -34,7 +35,7 @@ class FlightError(ValueError):
 
 def load_dump(path) -> dict:
     try:
-        d = json.loads(Path(path).read_text())
+        d = loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise FlightError(f"{path}: not a Flight Recorder JSON dump ({e})") from None
     if not isinstance(d, dict) or not isinstance(d.get("entries", []), list):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from lockstep.model.config import Config, config_from_dict, config_to_dict
+from lockstep.model import tracefmt as F
 from lockstep.model.events import FAULT, OPS, RELEASE, START, STEP
 from lockstep.model.tables import THREADS, shipped_tables
 
@@ -201,7 +202,7 @@ def open_run_dir(run_dir) -> tuple:
 def load_config(run_dir: Path) -> tuple:
     p = Path(run_dir) / "run.json"
     try:
-        meta = json.loads(p.read_text())
+        meta = F.loads(p.read_text())
     except FileNotFoundError:
         raise RunDirError(p, 0, "run.json", "missing: the run directory needs the model "
                           "configuration (model.config.config_to_dict)") from None
@@ -352,10 +353,10 @@ def _load_rank(rt: RankTrace, path: Path, data: bytes, warnings: list, world: in
             if d is None:
                 try:
                     d, end = scan(line, 0)
-                except StopIteration:
+                except (StopIteration, RecursionError):   # F.loads says which
                     end = -1
                 if end != len(line):
-                    d = json.loads(line)
+                    d = F.loads(line)
         except ValueError as e:
             if ln == nlines and not complete_end and last:
                 rt.truncated = True

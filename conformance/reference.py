@@ -34,12 +34,12 @@ This module imports neither torch nor runtime/ (conformance/ stays torch-free).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lockstep.model.runopts import legacy_cut_at
+from lockstep.model.tracefmt import loads
 
 # max |run - reference| per kind of value, for mesh >= 2 (see the module docstring)
 TOLERANCE = {"anchor": 1e-2, "kv": 1e-3, "latents": 1e-2, "pixels": 1e-2}
@@ -67,28 +67,57 @@ class Verdict:
 
 def load_reference(path) -> dict:
     """The reference stream `lockstep equivalence` wrote; ValueError naming `path` when
-    the file is not JSON, not an object, or of another version."""
+    the file is not JSON (nested too deeply to read included), not an object, of another
+    version, or its spec, records and outputs are not of the shape compare() reads."""
     try:
-        ref = json.loads(Path(path).read_text())
+        ref = loads(Path(path).read_text())
     except ValueError as e:       # not UTF-8, not JSON
         raise ValueError(f"{path}: not a reference stream (not JSON: {e})") from None
     if not isinstance(ref, dict):
         raise ValueError(f"{path}: not a reference stream (not a JSON object)")
-    if ref.get("version") != REFERENCE_VERSION:
-        raise ValueError(f"{path}: reference version {ref.get('version')!r}, "
+    if type(ref.get("version")) is not int or ref["version"] != REFERENCE_VERSION:
+        raise ValueError(f"{path}: reference version {ref.get('version')!r:.40}, "
                          f"expected {REFERENCE_VERSION}")
+    if type(ref.get("spec")) is not dict:
+        raise ValueError(f"{path}: field 'spec': not an object")
+    records, outputs = ref.get("records"), ref.get("outputs")
+    if type(records) is not list:
+        raise ValueError(f"{path}: field 'records': not a list")
+    for k, r in enumerate(records):
+        # type(): a JSON false is a Python 0, and would pass for rank 0's record.
+        bad = "not an object" if type(r) is not dict else next(
+            (f"{f}: {r.get(f)!r:.40} is not an integer" for f in ("chunk", "epoch", "rank")
+             if type(r.get(f)) is not int), None)
+        if bad:
+            raise ValueError(f"{path}: field 'records[{k}]': {bad}")
+    if type(outputs) is not list:
+        raise ValueError(f"{path}: field 'outputs': not a list")
+    for k, o in enumerate(outputs):
+        if not (type(o) is list and len(o) == 3 and type(o[0]) is int
+                and type(o[1]) is int and type(o[2]) is dict):
+            raise ValueError(f"{path}: field 'outputs[{k}]': {o!r:.60} is not "
+                             f"[chunk, epoch, output]")
     return ref
 
 
 def _run_records(run_dir: Path) -> dict:
+    """The run's DiT state records by (chunk, epoch, rank); ValueError naming the file
+    and line of one that is not JSON or not a record."""
     out = {}
     for p in sorted(run_dir.glob("dit_rank*.jsonl")):
         m = re.match(r"dit_rank(\d+)\.jsonl$", p.name)
         if not m:
             continue
-        for line in p.read_text().splitlines():
+        for ln, line in enumerate(p.read_text().splitlines(), 1):
             if line.strip():
-                r = json.loads(line)
+                try:
+                    r = loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{p.name} line {ln}: not JSON ({e})") from None
+                if type(r) is not dict or not all(type(r.get(f)) is int
+                                                  for f in ("chunk", "epoch", "rank")):
+                    raise ValueError(f"{p.name} line {ln}: not a state record (an object "
+                                     f"with integer chunk, epoch and rank)")
                 out[(r["chunk"], r["epoch"], r["rank"])] = r
     return out
 
@@ -118,7 +147,7 @@ def _flat_kv(kv):
 
 def compare(run_dir, reference: dict, mesh: int | None = None) -> Verdict:
     run_dir = Path(run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
+    run = loads((run_dir / "run.json").read_text())
     if mesh is None:
         mesh = run["config"]["mesh"]
     exact = mesh == 1
@@ -133,12 +162,17 @@ def compare(run_dir, reference: dict, mesh: int | None = None) -> Verdict:
     if v.problems:
         v.ok, v.first = False, v.problems[0]
         return v
-    recs = _run_records(run_dir)
+    try:
+        recs = _run_records(run_dir)
+    except ValueError as e:
+        v.problems.append(f"run: {e}")
+        v.ok, v.first = False, v.problems[0]
+        return v
     ref0 = {(r["chunk"], r["epoch"]): r for r in reference["records"] if r["rank"] == 0}
     refm = {(r["chunk"], r["epoch"]): r for r in reference["records"] if r["rank"] != 0}
     refout = {(c, e): o for c, e, o in reference["outputs"]}
     try:
-        outputs = {(c, e): o for c, e, o in json.loads((run_dir / "outputs.json").read_text())}
+        outputs = {(c, e): o for c, e, o in loads((run_dir / "outputs.json").read_text())}
     except (OSError, ValueError, TypeError) as e:    # TypeError: an entry of another shape
         outputs = {}
         v.problems.append(f"run: outputs.json unreadable ({e})")

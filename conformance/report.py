@@ -35,6 +35,7 @@ from lockstep import accel
 from lockstep.model.ops import ENV_HDR, ENV_PAY, GEN, Coll, Send
 from lockstep.model.release import committed_exits, own_kind
 from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
+from lockstep.model.tracefmt import loads
 
 from .load import Run, TraceError, load_run
 from .replay import ReplayResult, Replayer
@@ -384,7 +385,7 @@ def _launch_record(run: Run) -> dict:
     or interrupted.not_started that is not a list of ranks): it only names who killed a
     rank, it decides nothing."""
     try:
-        rec = json.loads((Path(run.path) / "launch.json").read_text())
+        rec = loads((Path(run.path) / "launch.json").read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(rec, dict):

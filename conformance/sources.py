@@ -16,8 +16,9 @@
 """
 from __future__ import annotations
 
-import json
 import re
+
+from lockstep.model.tracefmt import loads
 
 _EXIT = re.compile(r"^lockstep: rank=(\d+) .*?\bexit=(\w+)")
 
@@ -81,7 +82,7 @@ def _outputs(run, res):
     if res is None or res.divergence is not None or not p.exists():
         return []
     try:
-        outs = json.loads(p.read_text())
+        outs = loads(p.read_text())
     except ValueError as e:
         return [f"outputs.json: not JSON ({e})"]
     if not isinstance(outs, list):

@@ -48,6 +48,8 @@ from __future__ import annotations
 import json
 import re
 
+from .tracefmt import loads
+
 KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost")
 
 # A rank's own release path, as written in its exit line:
@@ -133,7 +135,7 @@ def decode(raw) -> dict | None:
     if not raw:
         return None
     try:
-        c = json.loads(raw)
+        c = loads(raw)
     except ValueError:
         c = None
     if not isinstance(c, dict) or c.get("kind") not in KINDS:

@@ -30,6 +30,7 @@ update). Other events (start, release, fault) keep their long form with t_ns.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from .guards import MeshVars, Msg, Rank0Vars
@@ -253,3 +254,45 @@ def long_view(line: dict) -> dict:
         except ValueError:
             pass
     return out
+
+
+# ------------------------------------------------------------------ any JSON a run holds
+
+def loads(text):
+    """json.loads for every reader of a run's files (traces, run.json, outputs.json,
+    launch.json, a reference stream, a cut request, a release flag): a document nested
+    deeper than the parser's recursion can follow is a json.JSONDecodeError (the
+    ValueError every such reader already turns into an error naming the file, and the
+    line where it has one) instead of the RecursionError json raises, which escaped
+    them all as a traceback. The error points at the deepest place of the document."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        depth, pos = _deepest(text)
+        raise json.JSONDecodeError(f"nested {depth:,} levels deep, deeper than the JSON "
+                                   f"parser can follow (the deepest point)",
+                                   text, pos) from None
+
+
+def _deepest(text) -> tuple:
+    """(the deepest nesting of arrays and objects in the JSON text, the offset where it
+    is first reached), strings skipped."""
+    depth = best = at = 0
+    in_str = esc = False
+    for k, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch == "[" or ch == "{":
+            depth += 1
+            if depth > best:
+                best, at = depth, k
+        elif ch == "]" or ch == "}":
+            depth -= 1
+    return best, at

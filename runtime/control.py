@@ -28,6 +28,7 @@ from collections import deque
 from pathlib import Path
 
 from lockstep.model.runopts import CUT_REASONS
+from lockstep.model.tracefmt import loads
 
 CONTROL_DIR = "control"
 
@@ -98,7 +99,7 @@ def _request_reason(text: str) -> str:
     """The reason of a cut request file's JSON object; CutRefused for anything else (a
     hand-written or foreign file: refused like a bad reason, never the end of the
     watcher, which would leave every later request pending)."""
-    req = json.loads(text)
+    req = loads(text)
     reason = req.get("reason", "prompt_change") if isinstance(req, dict) else None
     if not isinstance(reason, str):
         raise CutRefused(f"not a cut request (a JSON object with a string reason): "

@@ -313,7 +313,7 @@ def _tail_events(trace: Path):
         return
     for ln in reversed(lines):
         try:
-            e = json.loads(ln)
+            e = F.loads(ln)
         except ValueError:
             continue
         if isinstance(e, dict):  # a format-2 step (no "ev"): the row says the op

@@ -248,6 +248,68 @@ def test_a_reference_that_is_not_one_exits_2_before_any_work(tmp_path, text, say
     assert says in err
 
 
+# ---------------------------------------------------------------- nested too deeply
+
+DEEP = "[" * 100_000 + "]" * 100_000      # json's recursive parser: a RecursionError
+
+
+def _reference(**kw) -> str:
+    return json.dumps(dict({"version": 1, "spec": {}, "records": [], "outputs": []}, **kw))
+
+
+@pytest.mark.parametrize("text, says", [
+    (_reference()[:-1] + ', "x": ' + DEEP + "}", "not JSON: nested 100,001 levels deep"),
+    (_reference(version=True), "reference version True"),          # true == 1
+    (_reference(records=[{"chunk": 0, "epoch": 0, "rank": False}]),
+     "field 'records[0]': rank: False is not an integer"),          # false == rank 0
+    (_reference(spec=[1]), "field 'spec': not an object"),
+    (_reference(outputs=[[0, 1]]), "field 'outputs[0]'"),
+])
+def test_a_reference_nested_too_deeply_or_of_the_wrong_shape_exits_2(tmp_path, text, says):
+    """--reference FILE nested deeper than json can parse raised RecursionError; one of
+    another shape (a spec that is a list, an output of two items) raised a TypeError
+    after the report; a bool passed for version 1 and for rank 0's record."""
+    ref = tmp_path / "ref.json"
+    ref.write_text(text)
+    rc, out, err = lockstep("conform", SEGMENTED, "--reference", ref)
+    assert rc == 2 and out == "" and err.startswith(f"lockstep conform: {ref}: "), (out, err)
+    assert says in err and len(err.splitlines()) == 1, err
+
+
+def test_a_trace_line_nested_too_deeply_is_named(tmp_path):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    lines = (run / "rank2.000001.jsonl").read_text().split("\n")
+    lines[1] = '{"l": ' + DEEP + "}"
+    (run / "rank2.000001.jsonl").write_text("\n".join(lines))
+    rc, out, err = lockstep("conform", run)
+    _diverges_at(rc, out, err, "rank2.000001.jsonl line 2", "json")
+    assert "nested 100,001 levels deep" in out
+    rc, out, err = lockstep("coverage", run)      # coverage skips a line it cannot read
+    assert "Traceback" not in out + err and rc in (0, 1), (out, err)
+
+
+@pytest.mark.parametrize("name", ["run.json", "outputs.json", "launch.json"])
+def test_a_side_file_nested_too_deeply_is_an_error_not_a_traceback(tmp_path, name):
+    run = _copy(SEGMENTED, tmp_path / "run")
+    (run / name).write_text(DEEP)
+    rc, out, err = lockstep("conform", run)
+    assert "Traceback" not in out + err, (out, err)
+    if name == "run.json":      # not a run: a usage error naming the file
+        assert rc == 2 and "run.json: not readable JSON" in err and "nested" in err, err
+    elif name == "outputs.json":
+        assert rc == 1 and "outputs.json: not JSON (nested 100,000 levels deep" in out, out
+    else:                       # launch.json only names who killed a rank: not read
+        assert rc == 0 and "CONFORMS" in out, out
+
+
+def test_a_cut_request_or_release_flag_nested_too_deeply_is_refused_not_raised():
+    from lockstep.model.release import decode
+    from lockstep.runtime.control import _request_reason
+    with pytest.raises(ValueError, match="nested 100,000 levels deep"):
+        _request_reason(DEEP)                  # the watcher refuses it (ValueError)
+    assert decode(DEEP)["kind"] == "error"     # an unstructured flag value
+
+
 @pytest.mark.parametrize("text, says", [
     ("[1, 2]\n", "line 1: not a JSON object"),
     ('{"ev": "step", "role": "worker", "thread": "main", "label": []}\n', "line 1: role"),
