@@ -401,6 +401,23 @@ def _launch_record(run: Run) -> dict:
     return rec
 
 
+def _signal_name(sig: int) -> str:
+    import signal
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def _native_reason(launch: dict, rank: int) -> str:
+    """What the launcher kept of a rank that died of a signal of its own (launch.json
+    `last_words`: its last stderr line, e.g. gloo's size check of a mismatched
+    collective before its SIGABRT)."""
+    words = launch.get("last_words")
+    said = words.get(str(rank)) if isinstance(words, dict) else None
+    return f" (rank{rank}.err: {said})" if isinstance(said, str) else ""
+
+
 def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     """The failure-mode name (PROTOCOL.md taxonomy) if the run ended by a fault."""
     what = {f["what"] for rt in run.ranks for f in rt.faults}
@@ -417,8 +434,15 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
     at_stop = set(stop.get("killed") or ())
     unstarted = set(stop.get("not_started") or ())
     orphans = [r for r in run.killed if r not in at_deadline | at_stop | unstarted]
-    if orphans:
-        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans))
+    rcs = launch.get("returncodes") if isinstance(launch.get("returncodes"), list) else []
+    died = {r: -rcs[r] for r in orphans if r < len(rcs) and type(rcs[r]) is int
+            and rcs[r] < 0 and rcs[r] != -9}
+    if set(orphans) - set(died):
+        names.append("orphan: kill -9 of " + ", ".join(who(r) for r in orphans
+                                                        if r not in died))
+    for r, sig in died.items():   # not a kill -9: a signal of its own, e.g. an abort
+        names.append(f"orphan: {who(r)} died of {_signal_name(sig)}"
+                     + _native_reason(launch, r))
     if (at_stop | unstarted) & set(run.killed):
         what = []
         if at_stop:
@@ -435,8 +459,9 @@ def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:
                      + " (a run still going, or a hang: see each rank's last step)")
     for r in run.failed:
         c = run.ranks[r].releases[-1]["cause"]
+        # the detail opens with the rank's ids; what was wrong comes after them
         names.append(f"failure outside the table of {who(r)} ({c.get('kind')}: "
-                     f"{c.get('detail', '')[:120]})")
+                     f"{c.get('detail', '')[:400]})")
     errs = [r for r in range(len(run.ranks)) if run.ranks[r].ended == "error_exit"]
     if errs:
         names.append("untraced error exit of " + ", ".join(who(r) for r in errs) +

@@ -242,7 +242,18 @@ def _run_options(a):
                       pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
                       costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms),
                       trace_segment_mb=a.trace_segment_mb, trace_segment_s=a.trace_segment_s,
-                      trace_keep=a.trace_keep)
+                      trace_keep=a.trace_keep, workload=a.workload,
+                      workload_args=_json_object(a.workload_args, "--workload-args"))
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {text!r}: not JSON ({e.msg})") from None
+    if not isinstance(val, dict):
+        raise ValueError(f"{flag} {text!r}: must be a JSON object")
+    return val
 
 
 def cmd_run(a) -> int:
@@ -485,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a peer whose heartbeat is silent this long is lost, s")
     p.add_argument("--deadline-s", type=float, default=120.0,
                    help="hard deadline for the whole run (the launcher kills the rest), s")
+    p.add_argument("--workload", default="mlp",
+                   help="what the ranks compute: mlp (the demo MLP), dit (the causal DiT "
+                        "of runtime/dit.py) or a class of your own, package.module:Class, "
+                        "imported from this directory and PYTHONPATH (docs/plugin.md)")
+    p.add_argument("--workload-args", default="{}", metavar="JSON",
+                   help="a JSON object your workload class gets as ctx.args")
     p.add_argument("--out", default="runs/latest", help="run directory for the traces")
     add_segment_args(p)
     p.set_defaults(fn=cmd_run)

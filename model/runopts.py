@@ -20,6 +20,8 @@ from .config import INJECTABLE
 
 BACKENDS = ("gloo", "nccl", "cpu:gloo,cuda:nccl")
 WORKLOADS = ("mlp", "dit")   # runtime/workload.py's demo MLP, runtime/dit.py's causal DiT
+# ... or a workload of the user's own, by import path `package.module:Class`
+# (runtime/workload.py:load_workload_class imports and checks it, before any rank starts)
 # What the runtime traces: every event ("full", what conformance needs), or only rank0's
 # emitting steps that carry the overlap measurements ("emits": the bench's tracing-off
 # figure; rows and messages are the same, only the lines are not written).
@@ -155,7 +157,8 @@ class RunOptions:
     frames: int = 4                     # demo workload latent frames
     costs: StageCosts = field(default_factory=StageCosts)
     heartbeat_ms: Optional[float] = None  # rank0 sends a NOOP after this idle time (off)
-    workload: str = "mlp"               # mlp | dit
+    workload: str = "mlp"               # mlp | dit | package.module:Class
+    workload_args: dict = field(default_factory=dict)   # a plugin's own JSON object
     dit: dict = field(default_factory=dict)   # DiTSpec overrides (runtime/dit.py)
     device: str = "cpu"                 # where the workload's tensors live
     drift: Optional[DriftSwitch] = None
@@ -185,7 +188,9 @@ class RunOptions:
             if f.name != "sleep":
                 val = getattr(self.costs, f.name)
                 _check(val >= 0, f"costs.{f.name}", ">= 0", val)
-        _check(self.workload in WORKLOADS, "workload", f"one of {WORKLOADS}", self.workload)
+        _check(self.workload in WORKLOADS or _import_path(self.workload), "workload",
+               f"one of {WORKLOADS} or an import path 'package.module:Class'",
+               self.workload)
         _check(self.trace in TRACES, "trace", f"one of {TRACES}", self.trace)
         for name in ("trace_segment_mb", "trace_segment_s", "trace_keep"):
             _check(getattr(self, name) >= 0, name, ">= 0 (0: off)", getattr(self, name))
@@ -212,7 +217,7 @@ class RunOptions:
         d = dict(d or {})
         legacy = d.pop("hard_cut_at", None)   # the one-cut form of committed run.json files
         kw = _typed(cls, d, "opts", skip=("costs", "fault", "parity_skew", "dit", "drift",
-                                          "cuts"))
+                                          "cuts", "workload_args"))
         if d.get("cuts") is not None:
             c = _typed(CutSchedule, _obj(d["cuts"], "opts.cuts"), "opts.cuts",
                        skip=("at",))
@@ -241,6 +246,8 @@ class RunOptions:
                                                "opts.drift"))
         if "dit" in d:
             kw["dit"] = _obj(d["dit"], "opts.dit")
+        if "workload_args" in d:
+            kw["workload_args"] = _obj(d["workload_args"], "opts.workload_args")
         if d.get("parity_skew") is not None:
             kw["parity_skew"] = _obj(d["parity_skew"], "opts.parity_skew")
         try:
@@ -290,6 +297,13 @@ def parse_fault(text: str) -> Optional[FaultSwitch]:
 def _check(ok: bool, name: str, want: str, got) -> None:
     if not ok:
         raise ValueError(f"{name}: must be {want}, got {got!r}")
+
+
+def _import_path(text: str) -> bool:
+    """`package.module:Class` in form (whether it imports is the runtime's check)."""
+    mod, sep, attr = text.partition(":")
+    return bool(sep) and all(p.isidentifier() for part in (mod, attr)
+                             for p in part.split("."))
 
 
 def _obj(val, where: str) -> dict:

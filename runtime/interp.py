@@ -22,6 +22,7 @@ import hashlib
 import json
 import threading
 import time
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,34 @@ class TableViolation(RuntimeError):
 
 class WrongGroup(TableViolation):
     """A collective on a group (or of a kind) no row of the current state allows."""
+
+
+class WorkloadError(RuntimeError):
+    """A workload method raised, or returned what the interface or the contract refuses:
+    one line naming the method and what was wrong (the rank's exit line adds the rank,
+    role and ids). The control plane's own errors pass through it unchanged."""
+
+
+@contextmanager
+def workload_call(what: str):
+    """Around one workload method and the checks of what it returned (`what` names it,
+    e.g. "generator_call(call_index=1)"): a failure inside becomes a WorkloadError naming
+    it. A transport error raised through the workload's all_reduce (a deadline, a
+    release, a refused collective) is the transport's and passes through as it is."""
+    try:
+        yield
+    except (T.CommError, TableViolation, T.GroupMembershipError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: named, then re-raised
+        text = " ".join(f"{type(e).__name__}: {e}".split())
+        raise WorkloadError(f"workload {what} {text}") from e
+
+
+def _returned(what: str, value, want=dict):
+    if not isinstance(value, want):
+        raise TypeError(f"returned {type(value).__name__}, must return a "
+                        f"{want.__name__}: {what}")
+    return value
 
 
 class RankInterpreter:
@@ -353,11 +382,22 @@ class RankInterpreter:
         v = self.v
         msg = row.make(v, self.cfg)           # the message the model's update enqueues
         t_a0 = time.monotonic_ns()
-        extra, tensors = self.work.build(msg.chunk, msg.epoch, msg.init_cache,
-                                         self.cfg.regime, self.cfg.steps)
-        fields = envelope_fields(extra, regime=self.cfg.regime, steps=self.cfg.steps)
-        frames = codec.encode_envelope_msg(msg, fields, tensors,
-                                           prev=self.prev_meta)   # preflight
+        # rank0's ids (ctx) still name the chunk before this one: the row is not applied
+        built_as = f"build(chunk_index={msg.chunk}, cache_epoch={msg.epoch}, " \
+                   f"call_id={msg.call_id})"
+        with workload_call(built_as):
+            built = self.work.build(msg.chunk, msg.epoch, msg.init_cache,
+                                    self.cfg.regime, self.cfg.steps)
+            if not (isinstance(built, tuple) and len(built) == 2):
+                _returned("(meta dict, tensors dict)", built, tuple)
+                raise TypeError(f"returned a {len(built)}-tuple, must return "
+                                f"(meta dict, tensors dict)")
+            extra = _returned("meta dict (fields beyond the ids)", built[0])
+            tensors = _returned("tensors dict (name -> tensor)", built[1])
+            fields = envelope_fields(extra, regime=self.cfg.regime, steps=self.cfg.steps)
+        with workload_call(f"{built_as}: its envelope was refused by the preflight:"):
+            frames = codec.encode_envelope_msg(msg, fields, tensors,
+                                               prev=self.prev_meta)
         self.prev_meta = meta = {**fields, **codec.M.wire_ids("envelope", msg)}
         if not msg.valid:
             # The rank0_bad_envelope fault (model: build_bad_envelope): the latents in a
@@ -389,7 +429,14 @@ class RankInterpreter:
     def _phase_c(self, row):
         head = self.v.decode_q[0]
         meta, tensors = self.results.pop(head.call_id)
-        self.outputs.append((head.chunk, head.epoch, self.work.decode(meta, tensors)))
+        with workload_call(f"decode(chunk_index={head.chunk}, cache_epoch={head.epoch}, "
+                           f"call_id={head.call_id})"):
+            value = self.work.decode(meta, tensors)
+            try:   # rank0 writes every output to outputs.json
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"returned {type(value).__name__}, not JSON: {e}") from None
+        self.outputs.append((head.chunk, head.epoch, value))
         tm = self.times.pop(head.call_id, {})
         tm.update(tEmit_ns=time.monotonic_ns(), t_b_ms=meta.get("t_b_ms"),
                   t_mesh_idle_ms=meta.get("t_mesh_idle_ms"),
@@ -679,8 +726,9 @@ class RankInterpreter:
             with self.cv:
                 idx = self.v.calls_done
             meta, tensors = self.cur
-            self.work.generator_call(idx, meta, tensors,
-                                     lambda x: self.guarded_all_reduce(x, op.group))
+            with workload_call(f"generator_call(call_index={idx})"):
+                self.work.generator_call(idx, meta, tensors,
+                                         lambda x: self.guarded_all_reduce(x, op.group))
             value = decide = None
         elif op.kind == COND:
             self.comm.all_reduce(torch.zeros(1), op.group)
@@ -761,17 +809,22 @@ class RankInterpreter:
         idle = 0.0 if self.last_b_end is None else \
             max(0.0, (self.t_b_start - self.last_b_end) * 1000.0)
         self.last_b_end = self.t_b_end
-        out = self.work.result(meta, tensors)
+        with workload_call("result"):
+            out = _returned("tensors dict (name -> tensor)", self.work.result(meta, tensors))
         # The workload reports what it used (digest, start frame); the envelope's
         # start frame is the fallback for a workload that reports none.
+        with workload_call("result_meta"):
+            measured = _returned("dict of result fields", self.work.result_meta(meta, out))
         fields = {"mesh_current_start_frame": meta["current_start_frame"],
-                  "t_b_ms": round(t_b, 3), "t_mesh_idle_ms": round(idle, 3),
-                  **self.work.result_meta(meta, out)}
+                  "t_b_ms": round(t_b, 3), "t_mesh_idle_ms": round(idle, 3), **measured}
         if spoil:   # a start frame rank0's check refuses, framed without the preflight
             fields["mesh_current_start_frame"] = meta["current_start_frame"] + 1
             self._event(FAULT, what="leader_bad_result", field="mesh_current_start_frame")
             return codec.encode_unchecked("result", M.full_meta("result", msg, fields), out)
-        return codec.encode_result_msg(msg, fields, out, envelope_meta=meta)
+        with workload_call("result/result_meta: the result was refused by the preflight:"):
+            # the envelope's tensors too: latents_out must keep latents_in's shape
+            return codec.encode_result_msg(msg, fields, out, envelope_meta=meta,
+                                           envelope_tensors=tensors)
 
     # ------------------------------------------------------------------ events
     def _event(self, ev, **kw):

@@ -31,7 +31,7 @@ from .control import ControlWatcher, CutControl
 from .cpuprofile import RankProfile, mode as profile_mode
 from .trace import OutputLog, TraceWriter
 from .worker_main import EXIT_RELEASED, cause_line, claim_exit, one_line, set_role
-from .workload import make_workload
+from .workload import make_workload, workload_identity
 
 
 def run_rank(rank: int, world_size: int, args: dict) -> int:
@@ -85,12 +85,17 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     timeout_s = opts.pg_timeout_s
     init_world(opts.backend, rank, world_size, env.master_addr, env.master_port, timeout_s)
     groups = make_groups(world_size, opts.backend, timeout_s)
-    work = make_workload(opts, rank=rank, mesh_size=cfg.mesh, record_dir=run_dir)
+    try:
+        work = make_workload(opts, rank=rank, mesh_size=cfg.mesh, record_dir=run_dir)
+    except Exception as e:  # noqa: BLE001 - a plugin's constructor: traced, like a step's
+        _error_exit(e, f"rank={rank} role={role}", side, tracer, run_dir, rank, role)
     # Everything that can change which collectives a rank issues is parity-checked at
     # startup, the fault-injection switches included (a switch on one rank only would
     # itself be a per-rank conditional collective).
     od = opts.to_dict()
+    # The workload too: ranks computing different workloads issue different collectives.
     parity = {"config": args["config"], "world": world_size,
+              "workload": workload_identity(opts),
               **{k: od[k] for k in ("backend", "pg_timeout_s", "op_deadline_s",
                                     "lost_after_s", "fault", "cuts")}}
     skew = opts.parity_skew              # test switch: one rank believes something else
@@ -155,7 +160,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                 os._exit(EXIT_RELEASED)
             time.sleep(2.0)
             os._exit(EXIT_RELEASED)
-        _error_exit(e, interp, side, tracer, run_dir, rank, role)
+        _error_exit(e, interp.ctx(), side, tracer, run_dir, rank, role)
     detail = f" ({interp.detail})" if interp.detail else ""
     if how in ("ok", "vanish"):
         print(cause_line("ok", "ok", None, own=f"{interp.ctx()} {reason}{detail}",
@@ -237,7 +242,7 @@ def _record_commit(interp, side):
     return commit
 
 
-def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
+def _error_exit(e, ctx: str, side, tracer, run_dir, rank, role) -> None:
     """A thread of this rank raised (not a table exit): settle the root cause like
     worker_main.error_exit (own failure -> the flag; an echo waits for the peer's cause),
     record it in the trace (the trace alone must tell a rank that died of an error from a
@@ -250,7 +255,6 @@ def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
         time.sleep(2.0)
         os._exit(EXIT_RELEASED)
     _mark_exit(side)
-    ctx = interp.ctx()
     own = f"{ctx}: {type(e).__name__}: {e}"
     try:
         with open(run_dir / f"rank{rank}.traceback", "w") as f:
@@ -258,7 +262,7 @@ def _error_exit(e, interp, side, tracer, run_dir, rank, role) -> None:
     except OSError:
         pass
     kind, echo = classify(e)
-    cause, via = abort_active(side.cause(kind, own, **R.ids_from_ctx(interp.ctx())),
+    cause, via = abort_active(side.cause(kind, own, **R.ids_from_ctx(ctx)),
                               echo=echo)
     try:
         tracer.write({"ev": "release", "rank": rank, "role": role,

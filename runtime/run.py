@@ -25,6 +25,7 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
     if opts.fault is not None:
         opts.fault.check_bound(cfg.chunks, cfg.world)
     _check_local_devices(opts.backend, cfg.world)
+    env = _plugin_env(opts.workload)
     opts = opts.to_dict()
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
@@ -44,7 +45,31 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
         (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
                            {"config": config_to_dict(cfg), "opts": opts},
-                           deadline_s=deadline_s, run_dir=run_dir, on_start=on_start)
+                           deadline_s=deadline_s, run_dir=run_dir, on_start=on_start,
+                           env=env)
+
+
+def _plugin_env(workload: str) -> dict | None:
+    """A workload of the user's own (`package.module:Class`): imported and checked here,
+    before any rank starts (a string that does not import, a missing name, a class that
+    is not a Workload: WorkloadSpecError, a usage error), from the caller's working
+    directory and PYTHONPATH, which the ranks get too: they run in the run directory."""
+    from lockstep.model.runopts import WORKLOADS
+    if workload in WORKLOADS:
+        return None
+    import os
+    import sys
+
+    from .workload import load_workload_class, plugin_search_path
+    path = plugin_search_path()
+    added = [p for p in path.split(os.pathsep) if p not in sys.path]
+    sys.path[:0] = added          # what the ranks' sys.path will start with
+    try:
+        load_workload_class(workload)
+    finally:
+        for p in added:
+            sys.path.remove(p)
+    return {"PYTHONPATH": path}
 
 
 def _check_local_devices(backend: str, world: int) -> None:

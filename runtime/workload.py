@@ -10,6 +10,7 @@ mesh_pg, so it cannot issue a collective on the wrong group.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,19 +73,129 @@ def tensor_digest_i64(t: torch.Tensor) -> int:
     return int.from_bytes(h.digest()[:8], "little", signed=True)
 
 
+@dataclass(frozen=True)
+class WorkloadContext:
+    """What a plugged-in workload class is constructed with (`MyWorkload(ctx)`), on every
+    rank: enough to shard itself. `rank` is the global rank (0 = rank0, which runs
+    `build` and `decode`); `mesh_rank` is its place in mesh_pg (0 = the leader, None on
+    rank0) and `mesh_size` the number of mesh ranks, the tensor-parallel degree; `args`
+    is `opts.workload_args` (the plugin's own JSON object, the same on every rank);
+    `opts` the whole run options (costs, device, ...); `run_dir` where the run's files
+    go (None outside a run)."""
+    rank: int
+    role: str
+    mesh_rank: "int | None"
+    mesh_size: int
+    args: dict
+    opts: RunOptions
+    device: str = "cpu"
+    run_dir: "object | None" = None
+
+
+class WorkloadSpecError(ValueError):
+    """`opts.workload` names no usable workload class: one line naming the string."""
+
+
+def load_workload_class(spec: str) -> type:
+    """The class an import path `package.module:Class` (`Class` may be dotted) names,
+    checked to be a `Workload` subclass. Every failure is one WorkloadSpecError naming
+    the string and what is wrong."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise WorkloadSpecError(f"workload {spec!r}: not 'mlp', 'dit' or an import path "
+                                f"'package.module:Class'")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and mod_name.startswith(e.name):   # the module itself
+            raise WorkloadSpecError(
+                f"workload {spec!r}: no module named {e.name!r} (looked in the "
+                f"working directory and sys.path: {_path_hint()})") from None
+        raise WorkloadSpecError(f"workload {spec!r}: importing {mod_name!r} failed: "
+                                f"{_one(e)}") from None
+    except BaseException as e:  # noqa: BLE001 - the user's module ran and raised
+        raise WorkloadSpecError(f"workload {spec!r}: importing {mod_name!r} raised "
+                                f"{_one(e)}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise WorkloadSpecError(f"workload {spec!r}: module {mod_name!r} has no "
+                                    f"{attr!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Workload)):
+        raise WorkloadSpecError(f"workload {spec!r}: {attr} is {_kind(obj)}, not a "
+                                f"subclass of lockstep.runtime.workload.Workload")
+    return obj
+
+
+def _one(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _kind(obj) -> str:
+    return f"the class {obj.__qualname__}" if isinstance(obj, type) \
+        else f"a {type(obj).__name__}"
+
+
+def _path_hint() -> str:
+    import sys
+    shown = [p or "." for p in sys.path[:4]]
+    return ", ".join(shown) + (", ..." if len(sys.path) > 4 else "")
+
+
+def plugin_search_path(cwd: str | None = None, pythonpath: str | None = None) -> str:
+    """PYTHONPATH for the ranks of a local run: the caller's working directory first
+    (ranks run in the run directory, where `python -m` puts the run directory on
+    sys.path instead), then the caller's PYTHONPATH with every entry made absolute."""
+    import os
+    cwd = cwd or os.getcwd()
+    entries = [cwd] + [os.path.join(cwd, p) for p in
+                       (pythonpath if pythonpath is not None
+                        else os.environ.get("PYTHONPATH", "")).split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(os.path.normpath(p) for p in entries))
+
+
+def workload_identity(opts: RunOptions) -> dict:
+    """What the parity handshake compares of the workload: its name or import path, its
+    arguments and, for a plugin, the digest of its module's source (the same string on
+    two hosts with different checkouts is two workloads)."""
+    ident = {"workload": opts.workload, "workload_args": opts.workload_args}
+    if opts.workload == "dit":
+        ident["dit"] = opts.dit
+    elif opts.workload == "mlp":
+        ident.update(hidden=opts.hidden, frames=opts.frames)
+    else:
+        import inspect
+        src = inspect.getsourcefile(load_workload_class(opts.workload))
+        ident["source_sha256"] = hashlib.sha256(open(src, "rb").read()).hexdigest() \
+            if src else None
+    return ident
+
+
 def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
                   record_dir=None) -> Workload:
     """The workload a run's options choose: `opts.workload` is "mlp" (the default,
-    DemoWorkload) or "dit" (runtime/dit.py, sized by `opts.dit`, faulted by
-    `opts.drift`)."""
+    DemoWorkload), "dit" (runtime/dit.py, sized by `opts.dit`, faulted by `opts.drift`)
+    or an import path `package.module:Class`, constructed as `Class(WorkloadContext)`."""
     if opts.workload == "dit":
         from .dit import DiTWorkload, spec_from_opts
         return DiTWorkload(rank=rank, mesh_size=mesh_size, spec=spec_from_opts(opts),
                            costs=opts.costs, device=opts.device,
                            drift=asdict(opts.drift) if opts.drift else None,
                            record=record_dir)
-    return DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=mesh_size, costs=opts.costs,
-                        hidden=opts.hidden, frames=opts.frames)
+    if opts.workload == "mlp":
+        return DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=mesh_size,
+                            costs=opts.costs, hidden=opts.hidden, frames=opts.frames)
+    cls = load_workload_class(opts.workload)
+    ctx = WorkloadContext(rank=rank, role="rank0" if rank == 0 else
+                          "leader" if rank == 1 else "worker",
+                          mesh_rank=None if rank == 0 else rank - 1, mesh_size=mesh_size,
+                          args=dict(opts.workload_args), opts=opts, device=opts.device,
+                          run_dir=record_dir)
+    try:
+        return cls(ctx)
+    except Exception as e:  # noqa: BLE001 - the user's constructor: one line naming it
+        raise WorkloadSpecError(f"workload {opts.workload!r}: {cls.__qualname__}(ctx) "
+                                f"raised {_one(e)}") from e
 
 
 class DemoWorkload(Workload):
