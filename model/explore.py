@@ -311,8 +311,6 @@ def _search(model: Model, symmetry: bool, meter: Meter, max_states: int,
     parent's when step() kept the parent's channels, sequence numbers, flag and budget
     (identity checks on what step returned: nothing here knows which kinds change what)."""
     t0 = time.perf_counter()
-    if not isinstance(meter, Meter):   # a progress switch (tests call _search directly)
-        meter = Meter(meter)
     keys = Interner(model, symmetry)
     ample = Ample(model) if por else None
     tagged = {id(r) for table in model.tables for rows_by_pc in table

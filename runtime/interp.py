@@ -39,7 +39,7 @@ from lockstep.model.semantics import DEAD_THREAD, Model
 from lockstep.model.tables import FINAL, THREADS
 
 from . import codec, transport as T
-from .workload import envelope_fields
+from .workload import envelope_fields, error_text
 
 
 class Received(NamedTuple):
@@ -75,8 +75,11 @@ def workload_call(what: str):
     except (T.CommError, TableViolation, T.GroupMembershipError):
         raise
     except Exception as e:  # noqa: BLE001 - the user's code: named, then re-raised
-        text = " ".join(f"{type(e).__name__}: {e}".split())
-        raise WorkloadError(f"workload {what} {text}") from e
+        raise WorkloadError(f"workload {what} {error_text(e)}") from e
+
+
+def _shape_of(value) -> str:
+    return f"a {len(value)}-tuple" if isinstance(value, tuple) else type(value).__name__
 
 
 def _returned(what: str, value, want=dict):
@@ -389,9 +392,8 @@ class RankInterpreter:
             built = self.work.build(msg.chunk, msg.epoch, msg.init_cache,
                                     self.cfg.regime, self.cfg.steps)
             if not (isinstance(built, tuple) and len(built) == 2):
-                _returned("(meta dict, tensors dict)", built, tuple)
-                raise TypeError(f"returned a {len(built)}-tuple, must return "
-                                f"(meta dict, tensors dict)")
+                raise TypeError(f"returned {_shape_of(built)}, must return a "
+                                f"(meta dict, tensors dict) tuple")
             extra = _returned("meta dict (fields beyond the ids)", built[0])
             tensors = _returned("tensors dict (name -> tensor)", built[1])
             fields = envelope_fields(extra, regime=self.cfg.regime, steps=self.cfg.steps)
@@ -432,11 +434,10 @@ class RankInterpreter:
         with workload_call(f"decode(chunk_index={head.chunk}, cache_epoch={head.epoch}, "
                            f"call_id={head.call_id})"):
             value = self.work.decode(meta, tensors)
-            try:   # rank0 writes every output to outputs.json
-                json.dumps(value)
+            try:   # outputs.json: the log encodes it (once), before writing any of it
+                self.outputs.append((head.chunk, head.epoch, value))
             except (TypeError, ValueError) as e:
                 raise TypeError(f"returned {type(value).__name__}, not JSON: {e}") from None
-        self.outputs.append((head.chunk, head.epoch, value))
         tm = self.times.pop(head.call_id, {})
         tm.update(tEmit_ns=time.monotonic_ns(), t_b_ms=meta.get("t_b_ms"),
                   t_mesh_idle_ms=meta.get("t_mesh_idle_ms"),

@@ -112,10 +112,10 @@ def load_workload_class(spec: str) -> type:
                 f"workload {spec!r}: no module named {e.name!r} (looked in the "
                 f"working directory and sys.path: {_path_hint()})") from None
         raise WorkloadSpecError(f"workload {spec!r}: importing {mod_name!r} failed: "
-                                f"{_one(e)}") from None
+                                f"{error_text(e)}") from None
     except BaseException as e:  # noqa: BLE001 - the user's module ran and raised
         raise WorkloadSpecError(f"workload {spec!r}: importing {mod_name!r} raised "
-                                f"{_one(e)}") from None
+                                f"{error_text(e)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise WorkloadSpecError(f"workload {spec!r}: module {mod_name!r} has no "
@@ -127,7 +127,8 @@ def load_workload_class(spec: str) -> type:
     return obj
 
 
-def _one(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """`Type: message` on one line: how a workload's own exception is quoted."""
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
@@ -186,8 +187,8 @@ def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
         return DemoWorkload(mesh_rank=max(rank - 1, 0), mesh_size=mesh_size,
                             costs=opts.costs, hidden=opts.hidden, frames=opts.frames)
     cls = load_workload_class(opts.workload)
-    ctx = WorkloadContext(rank=rank, role="rank0" if rank == 0 else
-                          "leader" if rank == 1 else "worker",
+    from lockstep.model.release import role_of
+    ctx = WorkloadContext(rank=rank, role=role_of(rank),
                           mesh_rank=None if rank == 0 else rank - 1, mesh_size=mesh_size,
                           args=dict(opts.workload_args), opts=opts, device=opts.device,
                           run_dir=record_dir)
@@ -195,7 +196,7 @@ def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
         return cls(ctx)
     except Exception as e:  # noqa: BLE001 - the user's constructor: one line naming it
         raise WorkloadSpecError(f"workload {opts.workload!r}: {cls.__qualname__}(ctx) "
-                                f"raised {_one(e)}") from e
+                                f"raised {error_text(e)}") from e
 
 
 class DemoWorkload(Workload):

@@ -10,6 +10,7 @@ import lockstep.model.footprint as footprint
 import lockstep.model.reduction as reduction
 from lockstep.model.config import Config
 from lockstep.model.explore import _search
+from lockstep.model.meter import Meter
 from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 from lockstep.model.properties import check_progress_at_exit, check_transition
 from lockstep.model.reduction import Threads
@@ -140,7 +141,7 @@ def test_a_thread_reduction_ignoring_conflicts_is_caught(monkeypatch):
     the agreement check of test_model_reduction would fail for such a reduction."""
     monkeypatch.setattr(reduction, "_conflict", lambda now, future: False)
     cfg = mutation_config(Config(mesh=2, chunks=2), "unbounded_decode_queue")
-    full = _search(model_for(cfg), True, False, 0, False, False)
-    reduced = _search(model_for(cfg), True, False, 0, True, True)
+    full = _search(model_for(cfg), True, Meter(False), 0, False, False)
+    reduced = _search(model_for(cfg), True, Meter(False), 0, True, True)
     assert full.verdict == "queue_bound"
     assert reduced.verdict == "clean"

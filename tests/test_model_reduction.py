@@ -11,6 +11,7 @@ from lockstep.model.check import manifest_entries
 from lockstep.model.config import Config
 from lockstep.model.crosscheck import compare, spin_available
 from lockstep.model.explore import _search, explore
+from lockstep.model.meter import Meter
 from lockstep.model.mutations import MUTATIONS, model_for, mutation_config
 from lockstep.model.semantics import Model
 
@@ -23,7 +24,7 @@ ENTRIES = manifest_entries() + [
 
 def _raw(cfg, por, symmetry=True):
     """One search, with no re-search: what the reduction alone concludes."""
-    return _search(model_for(cfg), symmetry, False, 0, por, por)
+    return _search(model_for(cfg), symmetry, Meter(False), 0, por, por)
 
 
 @pytest.mark.parametrize("cfg", [c for _, c in ENTRIES], ids=[n for n, _ in ENTRIES])
