@@ -21,7 +21,8 @@ import sys
 import time
 
 DEFAULT = ["tests/test_runtime_infra.py", "tests/test_runtime_run.py",
-           "tests/test_breakit.py", "tests/test_torchrun.py", "tests/test_interrupts.py"]
+           "tests/test_breakit.py", "tests/test_torchrun.py", "tests/test_interrupts.py",
+           "tests/test_plugin.py"]
 BURN = "import os\nwhile True:\n    os.urandom(64)\n"
 
 
