@@ -30,10 +30,18 @@ def plugins(tmp_path, monkeypatch):
     home.mkdir()
     (home / f"{MODULE}.py").write_text(SOURCE)
     monkeypatch.chdir(home)
-    monkeypatch.delenv("PYTHONPATH", raising=False)
     sys.modules.pop(MODULE, None)
     yield home
     sys.modules.pop(MODULE, None)
+
+
+def _lockstep(argv, **kw):
+    """The CLI as `lockstep ARGS` runs it: `python -m lockstep` with the safe path (the
+    working directory not put on sys.path by Python, as the console script does not put
+    it there either), whether lockstep is installed in a venv or on PYTHONPATH."""
+    return subprocess.run([sys.executable, "-m", "lockstep", *argv],
+                          env=dict(os.environ, PYTHONSAFEPATH="1"), capture_output=True,
+                          text=True, **kw)
 
 
 def _run(tmp_path, cls, args=None, **opts):
@@ -53,11 +61,9 @@ def test_a_plugin_from_the_callers_directory_runs_on_every_rank(plugins, tmp_pat
 
 
 def test_lockstep_run_takes_the_import_path_from_the_working_directory(plugins, tmp_path):
-    exe = Path(sys.executable).with_name("lockstep")
-    p = subprocess.run([str(exe), "run", "--mesh", "2", "--chunks", "2", "--workload",
-                        f"{MODULE}:Good", "--workload-args", '{"hidden": 4}',
-                        "--out", str(tmp_path / "cli"), "--deadline-s", str(DEADLINE_S)],
-                       cwd=plugins, capture_output=True, text=True, timeout=DEADLINE_S + 30)
+    p = _lockstep(["run", "--mesh", "2", "--chunks", "2", "--workload", f"{MODULE}:Good",
+                   "--workload-args", '{"hidden": 4}', "--out", str(tmp_path / "cli"),
+                   "--deadline-s", str(DEADLINE_S)], cwd=plugins, timeout=DEADLINE_S + 30)
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((tmp_path / "cli" / "run.json").read_text())["opts"][
         "workload_args"] == {"hidden": 4}
@@ -72,10 +78,8 @@ def test_lockstep_run_takes_the_import_path_from_the_working_directory(plugins, 
 ])
 def test_a_workload_that_cannot_be_loaded_is_a_usage_error_before_any_rank(
         plugins, tmp_path, spec, says):
-    exe = Path(sys.executable).with_name("lockstep")
-    p = subprocess.run([str(exe), "run", "--mesh", "2", "--chunks", "2", "--workload", spec,
-                        "--out", str(tmp_path / "cli")], cwd=plugins, capture_output=True,
-                       text=True, timeout=60)
+    p = _lockstep(["run", "--mesh", "2", "--chunks", "2", "--workload", spec,
+                   "--out", str(tmp_path / "cli")], cwd=plugins, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and repr(spec) in lines[0], p.stderr
@@ -165,20 +169,17 @@ def _doc_blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
 
 
-def test_the_example_of_docs_plugin_md_runs_as_written(tmp_path, monkeypatch):
+def test_the_example_of_docs_plugin_md_runs_as_written(tmp_path):
     """docs/plugin.md's pipeline, saved as its first line says, and its commands, run
     as written from that directory: the run succeeds and conforms."""
     import shlex
-    monkeypatch.delenv("PYTHONPATH", raising=False)
     code = next(b for b in _doc_blocks("python") if b.startswith("# my_pipeline.py"))
     (tmp_path / "my_pipeline.py").write_text(code)
     commands = next(b for b in _doc_blocks("bash") if "my_pipeline:TinyLinear" in b)
-    exe = Path(sys.executable).with_name("lockstep")
     for line in commands.strip().splitlines():
         argv = shlex.split(line)
         assert argv[0] == "lockstep"
-        p = subprocess.run([str(exe)] + argv[1:], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=DEADLINE_S + 30)
+        p = _lockstep(argv[1:], cwd=tmp_path, timeout=DEADLINE_S + 30)
         assert p.returncode == 0, (line, p.stdout, p.stderr)
     outputs = json.loads((tmp_path / "runs" / "latest" / "outputs.json").read_text())
     assert [(c, e) for c, e, _ in outputs] == [(0, 0), (1, 0), (2, 0), (3, 0)]
