@@ -398,6 +398,21 @@ def claim_run_dir(run_dir: Path):
                 held[0].close()                # closing drops the flock
 
 
+def record_stopped_start(run_dir: Path, e: Interrupted, world_size: int, started: int = 0):
+    """A launch stopped by a signal before all its ranks ran: RUN_DIR/launch.json says so
+    (ranks ``< started`` were killed, the rest never started), and ``e`` names the run.
+    Without it a run directory holding only run.json read as a kill -9 of every rank."""
+    rec = {"deadline_s": None, "deadline_hit": False, "killed_at_deadline": [],
+           "signalled": [], "returncodes": [],
+           "interrupted": {"signal": e.name, "t_s": 0.0, "killed": list(range(started)),
+                           "not_started": list(range(started, world_size))}}
+    try:
+        (Path(run_dir) / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
+    except OSError:
+        pass
+    e.run_dir, e.killed = str(run_dir), list(range(started))
+
+
 class LocalRun:
     """Handle on running ranks: ``wait()``, ``kill_rank()``, ``kill_all()``; a context
     manager whose exit SIGKILLs anything left. Create it from the thread that will live as
@@ -413,17 +428,8 @@ class LocalRun:
         try:
             self._start(world_size, target, args, env, run_id)
         except Interrupted as e:     # stopped while starting (torch's import is seconds)
-            started = len(getattr(self, "_procs", ()))   # _start killed those
-            rec = {"deadline_s": None, "deadline_hit": False, "killed_at_deadline": [],
-                   "signalled": [], "returncodes": [],
-                   "interrupted": {"signal": e.name, "t_s": 0.0,
-                                   "killed": list(range(started)),
-                                   "not_started": list(range(started, world_size))}}
-            try:
-                (self.run_dir / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
-            except OSError:
-                pass
-            e.run_dir, e.killed = str(self.run_dir), list(range(started))
+            record_stopped_start(self.run_dir, e, world_size,
+                                 started=len(getattr(self, "_procs", ())))  # _start killed those
             self._claim.__exit__(None, None, None)
             raise
         except BaseException:

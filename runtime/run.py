@@ -9,7 +9,7 @@ from pathlib import Path
 from lockstep.model.config import config_to_dict
 from lockstep.model.runopts import RunOptions
 
-from .launch import claim_run_dir, spawn_local
+from .launch import Interrupted, claim_run_dir, record_stopped_start, spawn_local
 
 
 def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float = 120.0,
@@ -42,11 +42,21 @@ def run_local(cfg, opts: RunOptions | dict | None, run_dir, *, deadline_s: float
             for old in control.iterdir():
                 old.unlink()
         meta = {"config": config_to_dict(cfg), "opts": opts, "created": time.time()}
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
-                           {"config": config_to_dict(cfg), "opts": opts},
-                           deadline_s=deadline_s, run_dir=run_dir, on_start=on_start,
-                           env=env)
+        try:
+            # whole or absent (renamed into place): a run.json seen is a run started
+            part = run_dir / "run.json.partial"
+            part.write_text(json.dumps(meta, indent=1, sort_keys=True))
+            part.replace(run_dir / "run.json")
+            return spawn_local(cfg.mesh + 1, "lockstep.runtime.node:run_rank",
+                               {"config": config_to_dict(cfg), "opts": opts},
+                               deadline_s=deadline_s, run_dir=run_dir, on_start=on_start,
+                               env=env)
+        except Interrupted as e:
+            # stopped between run.json and the launcher's own record (a window of a few
+            # bytecodes: CI hit it): the run is recorded as stopped before it started
+            if e.run_dir is None and (run_dir / "run.json").exists():
+                record_stopped_start(run_dir, e, cfg.mesh + 1)
+            raise
 
 
 def _plugin_env(workload: str) -> dict | None:
