@@ -415,7 +415,7 @@ def _native_reason(launch: dict, rank: int) -> str:
     collective before its SIGABRT)."""
     words = launch.get("last_words")
     said = words.get(str(rank)) if isinstance(words, dict) else None
-    return f" (rank{rank}.err: {said})" if isinstance(said, str) else ""
+    return f" (rank{rank}.err: {said[:300]})" if isinstance(said, str) else ""
 
 
 def failure_mode(run: Run, res: Optional[ReplayResult]) -> Optional[str]:

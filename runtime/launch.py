@@ -48,6 +48,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,6 +250,8 @@ class LaunchResult:
     on_start_error: str | None = None
     cause: dict | None = None   # the root cause in the abort flag when the run ended
     interrupted: dict | None = None   # {"signal", "t_s", "killed"}: the launcher was stopped
+    # rank -> the last stderr line of a rank that died of a signal other than SIGKILL
+    last_words: dict = field(default_factory=dict)
 
     @property
     def returncodes(self) -> list[int | None]:
@@ -340,6 +343,21 @@ def _last_ids(trace: Path) -> dict:
             out.update(call_id=m["call_id"], chunk_index=m["chunk"], cache_epoch=m["epoch"])
             break
     return out
+
+
+def native_last_words(err: Path) -> str | None:
+    """What a rank that died of a signal of its own (SIGABRT: a C++ exception nobody
+    caught, e.g. gloo's size check when the ranks' collectives do not match) wrote last
+    on stderr, without gloo's source path; None when it wrote nothing."""
+    try:
+        said = [ln.strip() for ln in err.read_text(errors="replace").splitlines()
+                if ln.strip()]
+    except OSError:
+        return None
+    if not said:
+        return None
+    last = said[-1].removeprefix("what():").strip()
+    return re.sub(r"\[enforce fail at [^\]]*\]\s*", "", last)[:300]
 
 
 LAUNCH_RECORD = "launch.json"
@@ -546,9 +564,14 @@ class LocalRun:
                         name = signal.Signals(-rc).name
                     except ValueError:
                         name = f"signal {-rc}"
+                    said = None if rc == -signal.SIGKILL else \
+                        native_last_words(self.run_dir / f"rank{rank}.err")
+                    if said:
+                        self.result.last_words[rank] = said
                     c = R.cause("killed", rank, role,
                                 f"killed by {name} (pid {self._procs[rank].pid}); "
-                                f"reaped by the launcher",
+                                f"reaped by the launcher"
+                                + (f"; its stderr: {said}" if said else ""),
                                 **_last_ids(self.run_dir / f"rank{rank}.jsonl"))
                     set_first_cause(self._store, p + "cause", p + "abort", c)
                     return
@@ -660,6 +683,8 @@ class LocalRun:
                "wall_s": round(res.end_time - res.start_time, 3)}
         if res.interrupted is not None:
             rec["interrupted"] = res.interrupted
+        if res.last_words:
+            rec["last_words"] = {str(r): w for r, w in res.last_words.items()}
         try:
             (self.run_dir / LAUNCH_RECORD).write_text(json.dumps(rec, indent=1))
         except OSError:

@@ -139,6 +139,29 @@ def test_a_misbehaving_pipeline_is_a_fast_one_line_failure(plugins, tmp_path, cl
     assert says.split(":")[0][:20] in text or cls == "RaisesInInit", text
 
 
+def test_an_all_reduce_of_another_shape_names_gloos_own_words(plugins, tmp_path):
+    """Rank 2 all_reduces a [3, 8] where rank 1 all_reduces [2, 8]: gloo aborts the
+    process that receives the larger buffer (SIGABRT, a C++ check nobody catches), with
+    its reason on that rank's stderr only. The root-cause line every other rank prints,
+    launch.json and conform's failure mode all quote it: before, they said 'killed by
+    SIGABRT' and nothing about a collective mismatch."""
+    res, out = _run(tmp_path, "OtherShapeAllReduce", {"rank": 2})
+    assert not res.ok and not res.deadline_hit, res.summary()
+    aborted = [r.rank for r in res.ranks if r.returncode == -6]
+    assert len(aborted) == 1 and aborted[0] in (1, 2), res.summary()
+    gloo = "Received data size doesn't match expected size"
+    said = json.loads((out / "launch.json").read_text())["last_words"][str(aborted[0])]
+    assert gloo in said and "enforce fail" not in said, said
+    lines = _lines(res)
+    for r, line in lines.items():
+        if r != aborted[0]:
+            assert "killed by SIGABRT" in line and "its stderr: " in line and gloo in line, \
+                (r, line)
+    mode = next(ln for ln in format_report(conform(out)).splitlines()
+                if ln.startswith("failure mode"))
+    assert "died of SIGABRT" in mode and gloo in mode, mode
+
+
 def test_ranks_running_different_workloads_fail_the_parity_handshake(plugins, tmp_path):
     """Rank 2 runs another class than ranks 0 and 1 (its own args file, as under a
     torchrun whose ranks were given different options): a collective mismatch caught
