@@ -480,13 +480,27 @@ class RankInterpreter:
                "wrong_group": _wrong_group, "hard_cut": _cut,
                "result_preflight": _result_preflight}
 
-    def guarded_all_reduce(self, t, group_name):
+    def guarded_all_reduce(self, t, group_name, name="all_reduce"):
         """The workload's collectives go through runtime.transport, whose check is the
         table: a collective on a group the current state's rows do not name is refused
         before the backend is called (this is how a wrong-group collective becomes a
         crash instead of a hang)."""
-        self.comm.all_reduce(t, group_name)
+        self.comm.all_reduce(t, group_name, name=name)
         return t
+
+    def _counted_all_reduce(self, group_name, call_index):
+        """The ``all_reduce`` a generator call gets: each names its place in the call
+        when it fails ("all_reduce #2 of generator_call(call_index=1)"), so the ranks'
+        lines show where their collectives parted (one rank's extra or missing
+        all_reduce waits at the op deadline in a collective no other rank joined)."""
+        issued = 0
+
+        def all_reduce(x):
+            nonlocal issued
+            issued += 1
+            return self.guarded_all_reduce(
+                x, group_name, f"all_reduce #{issued} of generator_call(call_index={call_index})")
+        return all_reduce
 
     def _table_check(self, op: str, group: str, peer, row) -> None:
         """The transport's check, before every backend call. A control-plane op performs
@@ -729,7 +743,7 @@ class RankInterpreter:
             meta, tensors = self.cur
             with workload_call(f"generator_call(call_index={idx})"):
                 self.work.generator_call(idx, meta, tensors,
-                                         lambda x: self.guarded_all_reduce(x, op.group))
+                                         self._counted_all_reduce(op.group, idx))
             value = decide = None
         elif op.kind == COND:
             self.comm.all_reduce(torch.zeros(1), op.group)

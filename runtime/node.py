@@ -71,6 +71,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
         return interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
 
     def on_release(cause: dict, via: str, own: str | None = None) -> None:
+        if own is None and interp_box:   # released from a wait: say which
+            own = interp_box[0].comm.waiting_text()
         try:   # the one line below must be written whatever happened to the trace file
             tracer.write({"ev": "release", "rank": rank, "role": role,
                           "reason": one_line(R.text(cause)), "cause": cause, "via": via,

@@ -242,6 +242,7 @@ class Transport:
         self._replies = threading.local()
         self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
         self._abandoned: str | None = None
+        self._waiting: dict[int, tuple[list, float]] = {}   # thread -> (its ops, since)
 
     # -- issuing -------------------------------------------------------------------------
     def _enter(self, op: str, group: str, peer, row):
@@ -292,10 +293,12 @@ class Transport:
                            lambda: pg.broadcast([tensor], opts), then)
 
     def iall_reduce(self, tensor: torch.Tensor, group: str, op=dist.ReduceOp.SUM, *,
-                    row=None) -> Op:
+                    row=None, name: str = "all_reduce") -> Op:
+        """``name``: how a failure of this op names it (e.g. the workload's "all_reduce
+        #2 of generator_call(call_index=1)"); the table checks it as an all_reduce."""
         pg, _ = self._enter("all_reduce", group, None, row)
         opts = _opts(c10d.AllreduceOptions, reduceOp=op)
-        return self._issue("all_reduce", group, None, tensor,
+        return self._issue(name, group, None, tensor,
                            lambda: pg.allreduce([tensor], opts), None)
 
     def iall_gather(self, out, tensor: torch.Tensor, group: str, *, row=None,
@@ -332,13 +335,18 @@ class Transport:
         done = next((o for o in live if o.done), None)
         try:
             if done is None:
-                if len(live) == 1 and not live[0].submitted and not live[0].cuda \
-                        and interrupt is None:
-                    done = self._wait_direct(live[0], limit, t0)
-                elif any(o.cuda for o in live):
-                    done = self._wait_poll(live, limit, t0)
-                else:
-                    done = self._wait_completer(live, limit, t0, interrupt)
+                me = threading.get_ident()
+                self._waiting[me] = (live, t0)    # what a release names (waiting_text)
+                try:
+                    if len(live) == 1 and not live[0].submitted and not live[0].cuda \
+                            and interrupt is None:
+                        done = self._wait_direct(live[0], limit, t0)
+                    elif any(o.cuda for o in live):
+                        done = self._wait_poll(live, limit, t0)
+                    else:
+                        done = self._wait_completer(live, limit, t0, interrupt)
+                finally:
+                    del self._waiting[me]
                 if done is None:
                     return None, None
             if done.error is not None:
@@ -348,6 +356,18 @@ class Transport:
             self._abandoned = f"{type(e).__name__}: {e}"
             raise
         return ops.index(done), done.value()
+
+    def waiting_text(self) -> str | None:
+        """What this rank's threads are blocked in now, e.g. "waiting 3.0s in all_reduce
+        #2 of generator_call(call_index=1) group=mesh_pg": the line of a rank released
+        by the abort flag (which names the root cause, not where this rank was) says
+        where its collectives stood, so the ranks' lines side by side show where they
+        parted; None when no thread waits."""
+        now = time.monotonic()
+        parts = [f"waiting {now - t0:.1f}s in "
+                 + " or ".join(f"{o.op} group={o.group} peer={_fmt(o.peer)}" for o in ops)
+                 for ops, t0 in list(self._waiting.values())]
+        return f"rank {self.rank}: " + "; ".join(parts) if parts else None
 
     def settle(self, op: Op, within_s: float) -> bool:
         """Give ``op`` up to ``within_s`` to complete, without raising: True when it
@@ -480,8 +500,8 @@ class Transport:
         self.wait(self.ibroadcast(tensor, group, root, row=row), deadline_s)
 
     def all_reduce(self, tensor, group: str, op=dist.ReduceOp.SUM, *, deadline_s=None,
-                   row=None) -> None:
-        self.wait(self.iall_reduce(tensor, group, op, row=row), deadline_s)
+                   row=None, name: str = "all_reduce") -> None:
+        self.wait(self.iall_reduce(tensor, group, op, row=row, name=name), deadline_s)
 
     def all_gather(self, out, tensor, group: str, *, deadline_s=None, row=None) -> None:
         self.wait(self.iall_gather(out, tensor, group, row=row), deadline_s)

@@ -90,8 +90,10 @@ def cause_line(exit_kind: str, via: str, cause: dict | None, own: str | None = N
         own = re.sub(r"\[/[^\]]*\]\s*", "", own).split(". This is typically")[0]
     if own and via != "own" and own not in reason:
         reason += f" | own: {own}"
+    # 900: the root cause's text (up to ~450 with a dead rank's last stderr line) and
+    # this rank's own part (where it was: ~250), whole
     return f"lockstep: {ctx} exit={exit_kind} via={via} root={R.tag(cause)} " \
-           f"reason={one_line(reason, 600)}"
+           f"reason={one_line(reason, 900)}"
 
 
 def classify(e: BaseException) -> tuple[str, bool]:

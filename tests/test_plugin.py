@@ -139,6 +139,28 @@ def test_a_misbehaving_pipeline_is_a_fast_one_line_failure(plugins, tmp_path, cl
     assert says.split(":")[0][:20] in text or cls == "RaisesInInit", text
 
 
+@pytest.mark.parametrize("cls, where", [
+    ("ExtraAllReduce", {2: "all_reduce #2 of generator_call(call_index=1) group=mesh_pg",
+                        1: "broadcast group=mesh_pg"}),
+    ("MissingAllReduce", {1: "all_reduce #1 of generator_call(call_index=1) group=mesh_pg",
+                          2: "broadcast group=mesh_pg"})])
+def test_an_extra_or_a_missing_all_reduce_shows_where_the_mesh_ranks_parted(
+        plugins, tmp_path, cls, where):
+    """Rank 2 issues one all_reduce more (or less) than rank 1 in generator call 1: no
+    rank can tell which of them is wrong, and the first to reach the op deadline is the
+    root cause. Each mesh rank's line names the collective it was left in, by its place
+    in the call (its own OpDeadline, or, released first by the abort flag, where it was
+    waiting), so the lines side by side show where the ranks parted."""
+    res, out = _run(tmp_path, cls, {"rank": 2}, op_deadline_s=3.0)
+    assert not res.ok and not res.deadline_hit, res.summary()
+    lines = _lines(res)
+    for rank, says in where.items():
+        own = lines[rank].split(" | own: ")[-1] if " via=own " not in lines[rank] \
+            else lines[rank]
+        assert says in own, (rank, lines[rank])
+    assert res.all_exited_after(res.start_time) < DEADLINE_S
+
+
 def test_an_all_reduce_of_another_shape_names_gloos_own_words(plugins, tmp_path):
     """Rank 2 all_reduces a [3, 8] where rank 1 all_reduces [2, 8]: gloo aborts the
     process that receives the larger buffer (SIGABRT, a C++ check nobody catches), with

@@ -83,6 +83,33 @@ def test_a_deadline_abandons_the_op_and_refuses_every_later_one():
         tp.isend(None, 1, WORLD)
 
 
+def test_a_wait_in_progress_is_named_for_the_release_line():
+    """A rank released by the abort flag prints the root cause's line, which says
+    nothing of where this rank was: `waiting_text()` names what each of its threads is
+    blocked in (a workload all_reduce by its place in the call), and nothing once the
+    wait has ended."""
+    tp = T.Transport(_groups(1), 1, op_deadline_s=0.5)
+    assert tp.waiting_text() is None
+    stuck = T.Op(Work(after_s=None), "all_reduce #2 of generator_call(call_index=1)", MESH,
+                 None, False)
+    t = threading.Thread(target=lambda: pytest.raises(T.OpDeadline, tp.wait, stuck))
+    t.start()
+    time.sleep(0.2)
+    said = tp.waiting_text()
+    t.join(5)
+    assert said is not None and said.startswith("rank 1: waiting 0."), said
+    assert said.endswith("s in all_reduce #2 of generator_call(call_index=1) "
+                         "group=mesh_pg peer=-"), said
+    assert tp.waiting_text() is None
+    two = [_op(Work(after_s=0.3)), _op(Work(after_s=0.3), op="send", peer=2)]
+    t = threading.Thread(target=tp.wait_any, args=(two,))
+    t.start()
+    time.sleep(0.1)
+    said = tp.waiting_text()
+    t.join(5)
+    assert "in recv group=world_pg peer=1 or send group=world_pg peer=2" in said, said
+
+
 def test_one_op_is_waited_in_the_calling_thread_two_through_the_completer():
     tp = T.Transport(_groups(0), 0)
     one = _op(Work(after_s=0.01), then=lambda: "value")
