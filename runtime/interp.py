@@ -144,7 +144,15 @@ class RankInterpreter:
                                 op_deadline_s=self.deadline)
 
     # ------------------------------------------------------------------ context
-    def ctx(self) -> str:
+    def ctx(self, err: BaseException | None = None) -> str:
+        """``rank= role= call_id= chunk_index= cache_epoch= group=``; the group is that
+        of ``err``'s op when it is a transport error (a rank's threads use different
+        groups: the last one any thread used named the leader's comms thread's world_pg
+        for its main thread's deadline in a mesh_pg broadcast), else the last used."""
+        group = self.last_group
+        if isinstance(err, T.CommError) and err.group:
+            p2p = err.group == WORLD and str(err.op).split()[0] in ("send", "recv")
+            group = "world_pg(p2p)" if p2p else err.group
         v = self.v
         env = getattr(v, "env", None)
         if env is not None:
@@ -154,7 +162,7 @@ class RankInterpreter:
                    f"cache_epoch={v.epoch}")
         else:
             ids = "call_id=- chunk_index=- cache_epoch=-"
-        return f"rank={self.p} role={self.role} {ids} group={self.last_group}"
+        return f"rank={self.p} role={self.role} {ids} group={group}"
 
     # ------------------------------------------------------------------ main loop
     def run_thread(self, t: int) -> None:

@@ -162,7 +162,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                 os._exit(EXIT_RELEASED)
             time.sleep(2.0)
             os._exit(EXIT_RELEASED)
-        _error_exit(e, interp.ctx(), side, tracer, run_dir, rank, role)
+        _error_exit(e, interp.ctx(e), side, tracer, run_dir, rank, role)
     detail = f" ({interp.detail})" if interp.detail else ""
     if how in ("ok", "vanish"):
         print(cause_line("ok", "ok", None, own=f"{interp.ctx()} {reason}{detail}",

@@ -158,6 +158,13 @@ def test_an_extra_or_a_missing_all_reduce_shows_where_the_mesh_ranks_parted(
         own = lines[rank].split(" | own: ")[-1] if " via=own " not in lines[rank] \
             else lines[rank]
         assert says in own, (rank, lines[rank])
+    # each failure's context names the group of its op (it named the group the rank's
+    # other thread used last: the leader's deadline in a mesh_pg op said world_pg(p2p))
+    import re
+    pairs = [m for line in lines.values() for m in re.findall(
+        r"group=(\S+): OpDeadline: rank \d+: .*? group=(\S+) ", line)]
+    assert pairs and all(c == g or (c, g) == ("world_pg(p2p)", "world_pg")
+                         for c, g in pairs), pairs
     assert res.all_exited_after(res.start_time) < DEADLINE_S
 
 
