@@ -118,6 +118,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.backend,
                   "side_store": env.side_host,
+                  "side_addr": f"{env.side_addr}:{env.side_port}",
                   "t_ns": time.monotonic_ns()})
     errors = []
     how_prof = profile_mode()

@@ -49,11 +49,17 @@ def test_torchrun_env_launch_runs_and_conforms(tmp_path):
 def _env_rank(tmp_path, args, rank, world, **extra):
     """One rank of a plain env:// launch (no torchrun, no lockstep launcher: rank 0
     hosts the side store), in a session of its own so the test can kill it whole."""
-    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCKSTEP_RUN_DIR=str(tmp_path),
+    # What a launcher above this test may have set is dropped BEFORE the test's own
+    # values go in: dropping LOCKSTEP_SIDE_PORT after them silently discarded a side port
+    # a test gave, and the one test that gives one drew a fresh free_port() per rank, so
+    # when it did reach the ranks, rank 0 hosted on one port and the others dialled two
+    # others: rank 0 named them "never started its watchdog" (heartbeat_lost, 60 s) and
+    # they timed out connecting. A side port is the job's, the same on every rank.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCKSTEP_RUN_ID", "LOCKSTEP_SIDE_PORT", "LOCKSTEP_CONNECT_TIMEOUT_S",
+                        "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RUN_ID")}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCKSTEP_RUN_DIR=str(tmp_path),
                GLOO_SOCKET_IFNAME="lo", **extra)
-    for k in ("LOCKSTEP_RUN_ID", "LOCKSTEP_SIDE_PORT", "TORCHELASTIC_USE_AGENT_STORE",
-              "TORCHELASTIC_RUN_ID"):
-        env.pop(k, None)
     return subprocess.Popen([sys.executable, "-m", "lockstep.runtime.worker_main", "--target",
                              "lockstep.runtime.node:run_rank", "--args-file", str(args)],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE,
@@ -75,9 +81,9 @@ def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
     for attempt in range(3):
         run_dir = tmp_path / f"a{attempt}"
         run_dir.mkdir()
-        args, port = _args(run_dir, mesh=2), free_port()
+        args, port, side_port = _args(run_dir, mesh=2), free_port(), free_port()
         procs = [_env_rank(run_dir, args, r, 3, MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port), LOCKSTEP_SIDE_PORT=str(free_port()))
+                           MASTER_PORT=str(port), LOCKSTEP_SIDE_PORT=str(side_port))
                  for r in range(3)]
         try:
             outs = [p.communicate(timeout=90) for p in procs]
@@ -87,6 +93,12 @@ def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
                     os.killpg(p.pid, signal.SIGKILL)
         assert [p.returncode for p in procs] == [0] * 3, [e[-600:] for _, e in outs]
         assert all("exit=ok" in e for _, e in outs)
+        # the side port given reached every rank: rank 0 hosted the store there
+        starts = [json.loads(ln) for r in range(3)
+                  for ln in (run_dir / f"rank{r}.jsonl").read_text().splitlines()
+                  if '"start"' in ln]
+        assert [(e["side_store"], e["side_addr"]) for e in starts] == \
+            [("rank0", f"127.0.0.1:{side_port}")] * 3, starts
 
 
 @pytest.mark.parametrize("env, says", [
