@@ -63,6 +63,7 @@ one that never beats within ``startup_s`` is reported as never started.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -129,7 +130,8 @@ class SideChannel:
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, run_id: str,
                  hosts_store: bool = False, timeout: float = 30.0,
-                 echo_grace_s: float = 0.6):
+                 echo_grace_s: float = 0.6, connect_s: float | None = None,
+                 where: str = "LOCKSTEP_SIDE_ADDR:LOCKSTEP_SIDE_PORT"):
         from torch.distributed import TCPStore  # imported here: model/ side never needs torch
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.run_id, self.hosts_store = run_id, hosts_store
@@ -145,11 +147,12 @@ class SideChannel:
         self.k_clean = [f"{p}clean/{r}" for r in range(world_size)]
         self._left: set = set()     # ranks known to have an exit or clean mark
         self.k_role = [f"{p}role/{r}" for r in range(world_size)]
+        self.where = where      # the variables that named the store's address, for people
         if hosts_store:
             store = TCPStore(host, port, world_size, True, timeout=self.timeout,
                              wait_for_workers=False)
         else:
-            store = self.client()
+            store = self._first_client(connect_s)
         init_keys(store, run_id, world_size)
         store.set(self.k_role[rank], get_role())
         self._local.store = store
@@ -163,7 +166,36 @@ class SideChannel:
         """The side channel a ``DistEnv`` (runtime/launch.py ``dist_env``) points at."""
         return cls(env.side_addr, env.side_port, env.rank, env.world_size, env.side_prefix,
                    hosts_store=env.side_host == "rank0" and env.rank == 0, timeout=timeout,
-                   echo_grace_s=echo_grace_s)
+                   echo_grace_s=echo_grace_s, connect_s=connect_bound(env),
+                   where=_store_names(env))
+
+    def _first_client(self, connect_s: float | None):
+        """The first connection, bounded by ``connect_s`` (``connect_bound``): a store
+        address that resolves but does not answer fails in one line, not after the whole
+        store timeout. Later connections find the store up and use ``timeout``."""
+        bound = self.timeout.total_seconds() if connect_s is None else connect_s
+        end = time.monotonic() + bound
+        # Our own probe every 0.1 s until something listens: torch's client backs off
+        # between refused attempts (seen: 5.7 s after the server came up; a rank still
+        # dialling missed a whole run of its peers), and its failure is a C++ backtrace
+        # on stderr.
+        while True:
+            try:
+                socket.create_connection((self.host, self.port),
+                                         timeout=max(0.05, min(1.0, end - time.monotonic()))
+                                         ).close()
+                break
+            except OSError as e:
+                if time.monotonic() >= end:
+                    raise StoreUnreachable(
+                        f"cannot reach {self.where} = {self.host}:{self.port} (the side "
+                        f"store) within {bound:g} s ({CONNECT_ENV}): is the rank or "
+                        f"launcher that hosts it up, and is the address its own? "
+                        f"{type(e).__name__}: {one_line(e, 160)}") from None
+            time.sleep(0.1)
+        store = self.client(timeout=max(1.0, end - time.monotonic()))
+        store.set_timeout(self.timeout)
+        return store
 
     # -- clients -------------------------------------------------------------------------
     def client(self, timeout: float | None = None):
@@ -303,6 +335,43 @@ class SideChannel:
             if not missing or self.abort_cause() or time.monotonic() >= end:
                 return missing
             time.sleep(0.01)
+
+
+CONNECT_ENV = "LOCKSTEP_CONNECT_TIMEOUT_S"
+
+
+def connect_bound(env) -> float:
+    """Seconds a rank waits for the side store to answer its first connect
+    (``$LOCKSTEP_CONNECT_TIMEOUT_S``). Short (5 s) where the store exists before any rank
+    starts: the lockstep launcher's, torchrun's agent store, and rank 0's own. Long
+    (30 s) for the other ranks of a plain env:// launch, where rank 0 hosts it: they
+    legitimately wait for a rank 0 that starts late (another node's launch script,
+    importing torch on a loaded node takes seconds), and a refused connection there looks
+    exactly like a rank 0 not up yet."""
+    raw = os.environ.get(CONNECT_ENV, "")
+    if raw:
+        try:
+            v = float(raw)
+        except ValueError:
+            v = -1.0
+        if not v > 0:
+            raise ValueError(f"{CONNECT_ENV}={raw!r}: not a positive number of seconds")
+        return v
+    return 30.0 if env.side_host == "rank0" and env.rank != 0 else 5.0
+
+
+def _store_names(env) -> str:
+    """Which variables name the side store's address: what to fix when it is wrong."""
+    if env.side_host == "agent":
+        return "MASTER_ADDR:MASTER_PORT"
+    if env.side_host == "launcher":
+        return "LOCKSTEP_SIDE_ADDR:LOCKSTEP_SIDE_PORT"
+    port = "MASTER_PORT+1" if env.side_port == env.master_port + 1 else "LOCKSTEP_SIDE_PORT"
+    return f"MASTER_ADDR:{port}"
+
+
+class StoreUnreachable(RuntimeError):
+    """The side store did not answer within ``connect_bound``."""
 
 
 def _text(raw) -> str:

@@ -101,6 +101,28 @@ def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
             [("rank0", f"127.0.0.1:{side_port}")] * 3, starts
 
 
+def _exit_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("lockstep: ")]
+
+
+def _seconds_to_exit(procs, trace, timeout_s: float) -> float:
+    """Seconds from ``trace`` appearing (its rank is past torch's import: a start alone
+    took up to 20 s on the loaded test machine) until every process has exited; fails
+    after ``timeout_s`` in all."""
+    import time
+    end, seen = time.monotonic() + timeout_s, None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if seen is None and trace.exists():
+            seen = now
+        assert now < end, f"still running after {timeout_s} s"
+        time.sleep(0.02)
+    if seen is None and trace.exists():     # it came and its rank left between two polls
+        seen = time.monotonic()
+    assert seen is not None, f"{trace} never appeared"
+    return time.monotonic() - seen
+
+
 @pytest.mark.parametrize("env, says", [
     ({"RANK": "7"}, "RANK=7 is outside 0..3"),
     ({"RANK": "-1"}, "RANK=-1 is outside 0..3"),
@@ -120,3 +142,59 @@ def test_a_wrong_rank_or_master_address_is_one_line_and_a_fast_exit(tmp_path, en
             os.killpg(p.pid, signal.SIGKILL)
     lines = [ln for ln in err.splitlines() if ln.startswith("lockstep: ")]
     assert p.returncode == 1 and len(lines) == 1 and says in lines[0], (rank, err[-1500:])
+
+
+@pytest.mark.parametrize("side_port_given", [False, True])
+def test_a_master_address_that_does_not_answer_is_one_line_within_the_bound(
+        tmp_path, side_port_given):
+    """Before: a MASTER_ADDR that resolves but where nothing answers (127.0.0.2, nobody
+    listening) was a DistNetworkError after the store timeout (30 s) with no word of which
+    variable was wrong. Now: one line naming the variables that set the address
+    (MASTER_ADDR:MASTER_PORT+1, or MASTER_ADDR:LOCKSTEP_SIDE_PORT when one is given) and
+    the bound, LOCKSTEP_CONNECT_TIMEOUT_S. The bound is given here: by default a rank of a
+    plain env:// launch waits 30 s for rank 0 (which may start late); that default is
+    connect_bound's test below."""
+    env = {"MASTER_ADDR": "127.0.0.2", "MASTER_PORT": str(free_port()),
+           "LOCKSTEP_CONNECT_TIMEOUT_S": "1.5" if side_port_given else "2"}
+    if side_port_given:
+        env["LOCKSTEP_SIDE_PORT"] = str(free_port())
+    p = _env_rank(tmp_path, _args(tmp_path), 1, 4, **env)
+    try:
+        took = _seconds_to_exit([p], tmp_path / "rank1.jsonl", 60)
+        _, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = _exit_lines(err)
+    port = "LOCKSTEP_SIDE_PORT" if side_port_given else "MASTER_PORT+1"
+    assert p.returncode == 1 and len(lines) == 1, err[-1500:]
+    assert f"cannot reach MASTER_ADDR:{port} = 127.0.0.2:" in lines[0], lines
+    assert f"within {env['LOCKSTEP_CONNECT_TIMEOUT_S']} s (LOCKSTEP_CONNECT_TIMEOUT_S)" \
+        in lines[0], lines
+    assert took < 10, took     # the bound (2 s), not the store timeout's 30 s
+
+
+def test_the_connect_bound_is_short_where_the_store_exists_before_the_ranks():
+    """5 s where the store is up before any rank starts (lockstep launcher, torchrun's
+    agent store, rank 0 hosting its own); 30 s for the other ranks of a plain env://
+    launch, which legitimately wait for a rank 0 that starts late."""
+    from lockstep.runtime.launch import dist_env
+    from lockstep.runtime.sidechannel import connect_bound
+    base = {"WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    cases = [({"RANK": "1"}, 30.0), ({"RANK": "0"}, 5.0),
+             ({"RANK": "1", "LOCKSTEP_RUN_ID": "x", "LOCKSTEP_SIDE_PORT": "9"}, 5.0),
+             ({"RANK": "1", "TORCHELASTIC_RUN_ID": "x",
+               "TORCHELASTIC_USE_AGENT_STORE": "True"}, 5.0)]
+    old = os.environ.pop("LOCKSTEP_CONNECT_TIMEOUT_S", None)
+    try:
+        assert [connect_bound(dist_env(dict(base, **e))) for e, _ in cases] == \
+            [b for _, b in cases]
+        os.environ["LOCKSTEP_CONNECT_TIMEOUT_S"] = "7.5"
+        assert connect_bound(dist_env(dict(base, RANK="1"))) == 7.5
+        os.environ["LOCKSTEP_CONNECT_TIMEOUT_S"] = "0"
+        with pytest.raises(ValueError, match="not a positive number"):
+            connect_bound(dist_env(dict(base, RANK="1")))
+    finally:
+        os.environ.pop("LOCKSTEP_CONNECT_TIMEOUT_S", None)
+        if old is not None:
+            os.environ["LOCKSTEP_CONNECT_TIMEOUT_S"] = old
