@@ -208,7 +208,9 @@ def test_ranks_running_different_workloads_fail_the_parity_handshake(plugins, tm
     opts = {"workload": f"{MODULE}:Good"}
     res = spawn_local(3, "skewed_target:run", {"config": config_to_dict(
         Config(mesh=2, chunks=3)), "opts": opts}, deadline_s=DEADLINE_S, run_dir=out,
-        env={"PYTHONPATH": str(plugins)})
+        # the caller's PYTHONPATH kept: lockstep itself may be installed on it
+        env={"PYTHONPATH": os.pathsep.join(
+            [str(plugins)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
     assert not res.ok and not res.deadline_hit, res.summary()
     lines = _lines(res)
     assert "parity mismatch" in lines[0] and "key=workload differs on ranks [2]" in lines[0], \
