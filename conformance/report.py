@@ -138,7 +138,10 @@ def conform(run_dir, verify: bool = False, last: int = 0) -> Report:
     if res.divergence is not None:
         rep.divergence = res.divergence.text()
     rep.verdicts = _verdicts(run, res)
-    from .sources import check_sources, headline
+    from .sources import check_sources, headline, launch_record
+    bad_launch = launch_record(Path(run.path))[1]
+    if bad_launch:
+        rep.warnings.append(bad_launch + ": it names who killed a rank, and is not used")
     probs = check_sources(run, res)
     rep.verdicts.append(Verdict("sources_agree", "violated" if probs else "ok",
                                 "; ".join(probs) if probs else
@@ -381,24 +384,10 @@ FAILURES = (
 
 def _launch_record(run: Run) -> dict:
     """The local launcher's RUN_DIR/launch.json (runtime/launch.py), {} if none (torchrun,
-    an older run) or unreadable (not an object, or a killed_at_deadline, interrupted.killed
-    or interrupted.not_started that is not a list of ranks): it only names who killed a
-    rank, it decides nothing."""
-    try:
-        rec = loads((Path(run.path) / "launch.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(rec, dict):
-        return {}
-    stop = rec.get("interrupted")
-    ranks = [rec.get("killed_at_deadline")]
-    if isinstance(stop, dict):
-        ranks += [stop.get("killed"), stop.get("not_started")]
-    # type(): a JSON false is a Python 0, and would name rank 0 as killed.
-    if not all(rs is None or type(rs) is list and all(type(r) is int for r in rs)
-               for rs in ranks):
-        return {}
-    return rec
+    an older run) or unreadable (sources.launch_record, which sources_agree names): it
+    only names who killed a rank, it decides nothing."""
+    from .sources import launch_record
+    return launch_record(Path(run.path))[0]
 
 
 def _signal_name(sig: int) -> str:

@@ -67,6 +67,11 @@ VIAS = (
     "store_lost",        # the side channel itself is gone (never a normal path)
 )
 
+# The exit kinds an exit line may name (``exit=KIND``) and the process exit status each
+# leaves with (runtime/worker_main.py EXIT_*): a table exit with no error, an error exit
+# (table or uncaught), a release by the watchdog or the abort flag.
+EXIT_CODES = {"ok": 0, "error": 1, "released": 3}
+
 # Exit rows (by label) whose exit is a peer's terminal message arriving: echoes.
 ECHO_EXIT_LABELS = frozenset({"exit_leader_error", "exit_rank0_failed", "exit_on_error"})
 

@@ -96,3 +96,89 @@ def test_a_local_run_writes_its_launch_record(tmp_path):
     rec = json.loads((tmp_path / "launch.json").read_text())
     assert rec["deadline_hit"] is False and rec["killed_at_deadline"] == []
     assert rec["returncodes"] == [0, 0] and rec["deadline_s"] == 60
+
+
+def _drop_exit_line(p: Path) -> None:
+    p.write_text("".join(ln for ln in p.read_text().splitlines(True)
+                         if not ln.startswith("lockstep: rank=")))
+
+
+def test_an_err_without_its_exit_line_is_named_unless_the_rank_was_killed(tmp_path):
+    """Every ending but kill -9 writes the rank's exit line (runtime/worker_main.py): a
+    .err without one, next to a trace that ends with an exit step or a release event, is
+    a run directory whose files disagree (it conformed)."""
+    d = copy(tmp_path, "cpu_gloo_pp0")
+    _drop_exit_line(d / "rank1.err")
+    v = sources(conform(d))
+    assert v.status == "violated", v.detail
+    assert "rank1.err has no exit line" in v.detail and "rank1.jsonl line" in v.detail
+    k = copy(tmp_path, "cpu_gloo_kill_worker")       # released ranks, rank 3 killed
+    (k / "rank3.err").write_text("")                  # legal: the killed rank's .err
+    assert sources(conform(k)).status == "ok", sources(conform(k)).detail
+    _drop_exit_line(k / "rank1.err")
+    v = sources(conform(k))
+    assert "rank1.err has no exit line" in v.detail and "release event" in v.detail
+
+
+def test_an_exit_line_of_another_rank_or_of_no_kind_is_named(tmp_path):
+    d = copy(tmp_path, "cpu_gloo_pp0")
+    a, b = (d / "rank0.err").read_text(), (d / "rank1.err").read_text()
+    (d / "rank0.err").write_text(b)
+    (d / "rank1.err").write_text(a)
+    v = sources(conform(d))
+    assert v.status == "violated" and "rank0.err: its exit line is of rank 1" in v.detail
+    (d / "rank0.err").write_text(a.replace("exit=ok", "exit=fine"))
+    (d / "rank1.err").write_text(b)
+    v = sources(conform(d))
+    assert v.status == "violated" and "rank0.err: exit=fine is not an exit kind" in v.detail
+
+
+def test_outputs_json_missing_after_rank0s_exit_step_is_named(tmp_path):
+    """rank0 writes outputs.json whenever it exits through its table; only a rank0 that
+    was killed (or released) leaves none (it conformed without one). Older recordings
+    kept none: only a run of the local launcher (its launch.json) is held to it."""
+    d = copy(tmp_path, "cpu_gloo_pp0")
+    (d / "outputs.json").unlink()
+    assert sources(conform(d)).status == "ok"
+    (d / "launch.json").write_text(json.dumps({"killed_at_deadline": [],
+                                               "returncodes": [0, 0]}))
+    v = sources(conform(d))
+    assert v.status == "violated" and "outputs.json: missing" in v.detail
+    k = copy(tmp_path, "cpu_gloo_kill_rank0")        # legal: rank0 killed
+    assert not (k / "outputs.json").exists()
+    assert sources(conform(k)).status == "ok", sources(conform(k)).detail
+
+
+def test_launch_json_returncodes_agree_with_the_exit_lines(tmp_path):
+    """The local launcher's returncodes are each rank's exit status: one that is not the
+    status of the rank's exit line's kind (model/release.py EXIT_CODES) is named; a rank
+    the launcher killed itself is not compared; an unreadable launch.json is a warning
+    naming the file (it decides nothing) and a missing .err of a rank it started an
+    error."""
+    d = copy(tmp_path, "cpu_gloo_pp0")
+    rec = {"deadline_s": 60.0, "deadline_hit": False, "killed_at_deadline": [],
+           "signalled": [], "returncodes": [0, 0], "wall_s": 3.0}
+    (d / "launch.json").write_text(json.dumps(rec))
+    assert sources(conform(d)).status == "ok", sources(conform(d)).detail
+    (d / "launch.json").write_text(json.dumps(dict(rec, returncodes=[0, 1])))
+    v = sources(conform(d))
+    assert v.status == "violated" and "launch.json: field 'returncodes': rank 1 exited 1, " \
+        "but rank1.err says exit=ok (status 0)" in v.detail
+    (d / "launch.json").write_text(json.dumps(dict(rec, returncodes=[0, 1],
+                                                   killed_at_deadline=[1])))
+    assert "returncodes" not in sources(conform(d)).detail
+    (d / "launch.json").write_text(json.dumps(rec))
+    (d / "rank1.err").unlink()
+    v = sources(conform(d))
+    assert v.status == "violated" and "rank1.err: missing, but launch.json" in v.detail
+    (d / "launch.json").write_text("\x00garbage{")
+    rep = conform(d)
+    assert rep.ok and any(w.startswith("launch.json: not readable JSON")
+                          for w in rep.warnings), rep.warnings
+
+
+def test_exit_codes_are_the_runtimes():
+    from lockstep.model.release import EXIT_CODES
+    from lockstep.runtime import worker_main as W
+    assert EXIT_CODES == {"ok": W.EXIT_OK, "error": W.EXIT_ERROR,
+                          "released": W.EXIT_RELEASED}
