@@ -6,7 +6,7 @@
 A COMMAND file holds one `lockstep ...` command line (a `#` starts the note on where it
 ran). `lockstep run ... --out traces/NAME` records into its directory; `lockstep breakit
 --case CASE` records into a scratch directory whose CASE run is then copied in. After
-recording, every run must conform and `lockstep coverage traces/*` is printed, so a
+recording, every run must conform and `lockstep coverage traces/*/` is printed, so a
 branch that changes the runtime can re-record the corpus in one command.
 """
 from __future__ import annotations
