@@ -206,6 +206,22 @@ def breakit(out: Path, baseline: bool = True, only=None) -> list:
     return [run_case(c, out, baseline) for c in cases() if not only or c.name in only]
 
 
+ALL_EXITED_TARGET_S = 1.0   # fault -> every rank exited (docs/breakit.md)
+
+
+def shortfalls(row) -> list:
+    """Why a case's row fails the suite (`lockstep breakit` exits 3), one reason each."""
+    out = []
+    if not row["signature"]:
+        out.append("signature MISMATCH")
+    if row["conforms"] not in (True, None):
+        out.append(f"conforms: {row['conforms']}")
+    t = row["fault_to_all_exited_s"]
+    if t is not None and t >= ALL_EXITED_TARGET_S:
+        out.append(f"fault->all exited {t:.3f} s, target < {ALL_EXITED_TARGET_S:g} s")
+    return out
+
+
 def format_table(rows) -> str:
     head = (f"{'case':20} {'failure mode':18} {'model (mutation: verdict)':52} {'signature':9} "
             f"{'fault->all exited':>17} {'stock baseline':>22} {'conforms':>8}")
@@ -223,4 +239,7 @@ def format_table(rows) -> str:
             out.append(f"    ! {p}")
         if r.get("divergence"):
             out.append(f"    ! trace diverges: {r['divergence']}")
+    missed = [f"{r['case']} ({'; '.join(shortfalls(r))})" for r in rows if shortfalls(r)]
+    if missed:
+        out.append(f"\n{len(missed)} of {len(rows)} cases failed: " + ", ".join(missed))
     return "\n".join(out)

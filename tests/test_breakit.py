@@ -58,3 +58,27 @@ def test_a_case_whose_trace_diverges_says_where(tmp_path):
            "signature": True, "problems": [], "fault_to_all_exited_s": None,
            "conforms": False, "divergence": got["divergence"]}
     assert "! trace diverges: " in format_table([row])
+
+
+def test_a_case_that_misses_the_one_second_target_is_named(monkeypatch, capsys):
+    """`lockstep breakit` exited 3 with every row 'ok' and 'yes' and no word of why: the
+    case slower than the < 1 s target (docs/breakit.md) is named, in the table and in
+    --json."""
+    import json
+    from lockstep import breakit, cli
+    rows = [{"case": c, "failure_mode": "-", "model": "m", "model_verdict": "v",
+             "signature": True, "problems": [], "fault_to_all_exited_s": t,
+             "conforms": True, "divergence": None} for c, t in
+            (("kill_rank0", 0.2), ("kill_leader", 1.756), ("stale_epoch", None))]
+    monkeypatch.setattr(breakit, "breakit", lambda *a, **k: [dict(r) for r in rows])
+    assert cli.main(["breakit", "--no-baseline"]) == 3
+    out = capsys.readouterr().out
+    assert "1 of 3 cases failed: kill_leader (fault->all exited 1.756 s, target < 1 s)" \
+        in out, out
+    assert cli.main(["breakit", "--no-baseline", "--json"]) == 3
+    got = {r["case"]: r["shortfalls"] for r in json.loads(capsys.readouterr().out)}
+    assert got == {"kill_rank0": [], "stale_epoch": [],
+                   "kill_leader": ["fault->all exited 1.756 s, target < 1 s"]}
+    rows[1]["fault_to_all_exited_s"] = 0.5
+    assert cli.main(["breakit", "--no-baseline"]) == 0
+    assert "failed" not in capsys.readouterr().out
