@@ -563,9 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_prove)
 
     p = _parser(sub, "docs", "regenerate the generated docs from the tables and contract")
-    p.add_argument("--check", action="store_true", help="fail (1) if any document is stale")
+    p.add_argument("--check", action="store_true",
+                   help="fail (1) if any document is stale or missing")
     p.add_argument("--out", default=None,
-                   help="docs directory (default: docs/ of the checkout lockstep runs from)")
+                   help="docs directory (default: docs/ of the checkout lockstep runs from, "
+                        "else ./docs)")
     p.set_defaults(fn=cmd_docs)
 
     p = _parser(sub, "accel", "compile the checker's and replayer's driver modules with "

@@ -1083,9 +1083,14 @@ def cli_docs(check: bool = False, out_dir=None) -> int:
     out_dir = Path(out_dir) if out_dir else DOCS
     if check:
         stale = stale_docs(out_dir)
+        missing = [n for n in stale if not (out_dir / n).exists()]
+        differ = [n for n in stale if n not in missing]
         if stale:
-            print("lockstep docs: stale (run `lockstep docs` and commit the result): "
-                  + ", ".join(stale), file=sys.stderr)
+            # an installed lockstep run outside a checkout has no docs/: say so, not "stale"
+            print("lockstep docs: " + "; ".join(
+                [f"missing from {out_dir}: " + ", ".join(missing)] * bool(missing) +
+                ["stale: " + ", ".join(differ)] * bool(differ)) +
+                " (run `lockstep docs` and commit the result)", file=sys.stderr)
             return 1
         print(f"lockstep docs: {len(FILES)} documents current")
         return 0

@@ -99,3 +99,18 @@ def test_check_mode_fails_on_a_stale_file(rendered, tmp_path, monkeypatch, capsy
     (tmp_path / "schema.md").write_text("edited by hand\n")
     assert D.cli_docs(check=True, out_dir=tmp_path) == 1
     assert "schema.md" in capsys.readouterr().err
+
+
+def test_check_mode_says_missing_apart_from_stale(rendered, tmp_path, monkeypatch, capsys):
+    """An installed lockstep checking a directory without the docs said every one was
+    'stale': a missing document is named as missing, an edited one as stale."""
+    monkeypatch.setattr(D, "render_all", lambda facts=None: rendered)
+    assert D.cli_docs(check=True, out_dir=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert f"missing from {tmp_path}: " in err and "stale" not in err, err
+    assert D.cli_docs(out_dir=tmp_path) == 0
+    (tmp_path / "schema.md").write_text("edited by hand\n")
+    (tmp_path / "delta.md").unlink()
+    assert D.cli_docs(check=True, out_dir=tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "missing from" in err and "delta.md" in err and "stale: schema.md" in err, err
