@@ -175,16 +175,19 @@ def main(argv=None) -> int:
     # The medians skip 5 warm-up chunks and the CPU figure subtracts a run of chunks/5:
     # fewer chunks leave nothing to measure.
     ap.add_argument("--chunks", type=_at_least(20), default=200,
-                    help="chunks of the round-trip and control-plane-bound runs (>= 20)")
-    ap.add_argument("--mesh", type=_at_least(1), default=3)
-    ap.add_argument("--stage-ms", type=float, default=50.0)
-    ap.add_argument("--balanced-chunks", type=_at_least(10), default=40)
+                    help="chunks of the round-trip and control-plane-bound runs (>= 20) (default: %(default)s)")
+    ap.add_argument("--mesh", type=_at_least(1), default=3,
+                    help="mesh ranks incl. the leader (default: %(default)s)")
+    ap.add_argument("--stage-ms", type=float, default=50.0,
+                    help="each stage's cost in the balanced overlap runs, ms (default: %(default)s)")
+    ap.add_argument("--balanced-chunks", type=_at_least(10), default=40,
+                    help="chunks of each balanced overlap run (>= 10) (default: %(default)s)")
     ap.add_argument("--tracing-pairs", type=_at_least(1), default=3,
                     help="tracing on/off run pairs per configuration (one pair's "
-                         "difference is within the spread between two runs)")
+                         "difference is within the spread between two runs) (default: %(default)s)")
     ap.add_argument("--repeats", type=_at_least(1), default=3,
                     help="round-trip repeats (raw floor and lockstep side by side each "
-                         "time); the median is the figure, every repeat is printed")
+                         "time); the median is the figure, every repeat is printed (default: %(default)s)")
     ap.add_argument("--skip-overlap", action="store_true",
                     help="the round trip only")
     a = ap.parse_args(argv)

@@ -138,12 +138,12 @@ def summary(rows: list[dict], budget_s: float = 1.0) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.chaos", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--mesh", type=int, default=3)
-    ap.add_argument("--chunks", type=int, default=400)
-    ap.add_argument("--out", default="runs/chaos")
-    ap.add_argument("--md", help="also write the table as markdown to this file")
+    ap.add_argument("--trials", type=int, default=20, help="runs, one kill -9 each, count (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=11, help="seed of the victims and moments (default: %(default)s)")
+    ap.add_argument("--mesh", type=int, default=3, help="mesh ranks incl. the leader (default: %(default)s)")
+    ap.add_argument("--chunks", type=int, default=400, help="INFER chunks per run (default: %(default)s)")
+    ap.add_argument("--out", default="runs/chaos", help="directory for the runs (default: %(default)s)")
+    ap.add_argument("--md", help="also write the table as markdown to this file (default: none)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

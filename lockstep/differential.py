@@ -191,10 +191,10 @@ def explain(case: Case, v: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.differential",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--examples", type=int, default=40, help="configurations to draw")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    ap.add_argument("--out", default="runs/differential", help="run directories")
-    ap.add_argument("--deadline-s", type=float, default=60.0, help="per run")
+    ap.add_argument("--examples", type=int, default=40, help="configurations to draw, count (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    ap.add_argument("--out", default="runs/differential", help="directory for the run directories (default: %(default)s)")
+    ap.add_argument("--deadline-s", type=float, default=60.0, help="hard deadline per run, s (default: %(default)s)")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     rows = []

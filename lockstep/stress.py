@@ -3,7 +3,7 @@
     python -m lockstep.stress --runs 20 [--load 2] [--timeout 900] [-- PYTEST ARGS...]
 
 Default tests: the multi-process files (tests/test_runtime_infra.py, test_runtime_run.py,
-test_breakit.py, test_torchrun.py, test_interrupts.py). ``--load K`` starts K CPU-bound burner processes
+test_breakit.py, test_torchrun.py, test_interrupts.py, test_plugin.py). ``--load K`` starts K CPU-bound burner processes
 beside them for the whole stress run (the 2-core CI box's reality), killed at the end.
 Each run is one ``pytest -q -rf`` subprocess with a hard timeout (crash > hang here too);
 a run's failures are the ``FAILED``/``ERROR`` lines pytest prints (``-rfE``: a fixture
@@ -34,9 +34,10 @@ def main(argv=None) -> int:
         argv, extra = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="python -m lockstep.stress", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--load", type=int, default=0, help="CPU-bound burners beside the tests")
-    ap.add_argument("--timeout", type=float, default=900.0, help="hard limit per run (s)")
+    ap.add_argument("--runs", type=int, default=20,
+                    help="pytest runs in a row, count (default: %(default)s)")
+    ap.add_argument("--load", type=int, default=0, help="CPU-bound burners beside the tests, count (default: %(default)s)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="hard limit per run, s (default: %(default)s)")
     a = ap.parse_args(argv)
     tests = extra or DEFAULT
     burners = [subprocess.Popen([sys.executable, "-c", BURN], start_new_session=True,

@@ -40,3 +40,27 @@ def test_the_readmes_coverage_command_runs_on_the_corpus(monkeypatch):
         rc = cli.main(argv)
     assert rc == 0, (line, rc, err.getvalue()[-2000:])
     assert "row coverage" in out.getvalue()
+
+
+def readme_modules() -> list:
+    """The `python -m MODULE` tools the README's bash blocks run."""
+    text = (ROOT / "README.md").read_text()
+    return sorted({m for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+                   for m in re.findall(r"python -m (lockstep\.[\w.]+)", block)})
+
+
+@pytest.mark.parametrize("module", readme_modules())
+def test_every_value_option_of_a_readme_tool_says_its_default(module):
+    """`python -m lockstep.stress --help` showed `--runs RUNS` with no word of what or
+    how many; chaos's and bench's options, and soak's and differential's, no default."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    body = p.stdout.split("options:", 1)[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n  (?=-)", "\n" + body)]
+    takes_value = [e for e in entries if re.match(r"-[-\w]+(, -[-\w]+)? [A-Z_]+", e)]
+    assert takes_value, p.stdout
+    for e in takes_value:
+        assert "default" in e, (module, e)
