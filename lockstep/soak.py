@@ -82,10 +82,15 @@ def written_bytes(out: Path) -> int:
     return total
 
 
+def warmup_chunks(chunks: int, warmup: int = 0) -> int:
+    """Chunks before the memory fit starts: `warmup`, or 10% of the run and >= 200."""
+    return warmup or max(200, chunks // 10)
+
+
 def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int = 0,
          period_s: float = 0.5, stage_b_ms: float = 0.0, conformance: bool = True,
          segment_mb: float = 0.0, segment_s: float = 0.0, keep: int = 0) -> dict:
-    warmup = warmup or max(200, chunks // 10)
+    warmup = warmup_chunks(chunks, warmup)
     cuts = CutSchedule(every=cut_every) if cut_every else CutSchedule()
     cfg = Config(mesh=mesh, d_in=2, d_out=2, chunks=chunks, hard_cut=cuts.bound(chunks),
                  steps=2)
@@ -144,18 +149,24 @@ def soak(out: Path, *, chunks: int, cut_every: int, mesh: int = 2, warmup: int =
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lockstep.soak", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--chunks", type=int, default=20000, help="INFER chunks")
-    ap.add_argument("--cut-every", type=int, default=100, help="a hard cut every K chunks")
-    ap.add_argument("--mesh", type=int, default=2, help="mesh ranks incl. the leader")
+    ap.add_argument("--chunks", type=int, default=20000, help="INFER chunks (default: %(default)s)")
+    ap.add_argument("--cut-every", type=int, default=100, help="a hard cut every K chunks (default: %(default)s)")
+    ap.add_argument("--mesh", type=int, default=2, help="mesh ranks incl. the leader (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="chunks before the memory fit starts (default: 10%%, >= 200)")
     ap.add_argument("--stage-b-ms", type=float, default=0.0,
-                    help="synthetic Phase B cost per generator call, ms")
+                    help="synthetic Phase B cost per generator call, ms (default: %(default)s)")
     ap.add_argument("--no-conform", action="store_true", help="skip the conformance run")
-    ap.add_argument("--out", default="runs/soak", help="run directory")
+    ap.add_argument("--out", default="runs/soak", help="run directory (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     add_segment_args(ap)
     a = ap.parse_args(argv)
+    warmup = warmup_chunks(a.chunks, a.warmup)
+    if a.chunks <= warmup:   # no RSS sample after the warm-up: the report would be None
+        print(f"python -m lockstep.soak: --chunks {a.chunks} leaves nothing after the "
+              f"warm-up of {warmup} chunks, so no memory slope to fit: more --chunks, or "
+              f"a smaller --warmup", file=sys.stderr)
+        return 2
     rep = soak(Path(a.out).resolve(), chunks=a.chunks, cut_every=a.cut_every, mesh=a.mesh,
                warmup=a.warmup, stage_b_ms=a.stage_b_ms, conformance=not a.no_conform,
                segment_mb=a.trace_segment_mb, segment_s=a.trace_segment_s,

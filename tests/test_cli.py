@@ -178,6 +178,17 @@ def test_the_runtime_bench_refuses_too_few_chunks_to_measure(capsys):
     assert e.value.code == 2 and "--chunks: must be >= 20, got 5" in capsys.readouterr().err
 
 
+def test_the_soak_refuses_a_run_with_nothing_after_its_warm_up(monkeypatch, tmp_path,
+                                                              capsys):
+    """`python -m lockstep.soak --chunks 200` ran 200 chunks, all of them warm-up, and
+    printed 'RSS None -> None MB ... (0 samples)' as ok."""
+    from lockstep import soak
+    monkeypatch.setattr(soak, "soak", lambda *a, **k: pytest.fail("it ran"))
+    assert soak.main(["--chunks", "200", "--out", str(tmp_path)]) == 2
+    assert "--chunks 200 leaves nothing after the warm-up of 200" in capsys.readouterr().err
+    assert soak.main(["--chunks", "300", "--warmup", "300", "--out", str(tmp_path)]) == 2
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback():
     """`lockstep conform RUN | head` printed a BrokenPipeError traceback. The reader here
     (`true`) is gone before lockstep has imported torch, so the first write breaks."""
