@@ -4,7 +4,8 @@
     exit=ok|error|released ...`) agrees with its trace: `exit=ok` needs an exit step
     as the trace's last event and no cut last line;
   * a rank's `.err`, where there is one, has its exit line unless the rank was killed
-    (every other ending writes one, of its own rank and of a kind in model/release.py
+    or released (its watchdog's forced exit may beat the line; every other ending
+    writes one, of its own rank and of a kind in model/release.py
     EXIT_CODES), and the local launcher's `launch.json` returncode of a rank it did not
     kill is the status of that kind (an unreadable `launch.json` decides nothing, and
     the report warns of it, naming the file and field);
@@ -145,9 +146,12 @@ def _exit_line_problems(rt, err, line, where, launch) -> list:
         if line[1] not in EXIT_CODES:
             out.append(f"rank{r}.err: exit={line[1]} is not an exit kind "
                        f"({', '.join(EXIT_CODES)})")
-    elif err.is_file() and rt.ended != "crashed":
+    elif err.is_file() and rt.ended in ("exit", "failed"):
+        # (a rank released by another's failure may leave none: its watchdog's forced
+        # exit, release_grace_s after the release event, can beat the line when the
+        # process stalls, as a loaded machine makes it)
         ends = {"exit": "with its exit step", "failed": "with a release event naming "
-                "itself"}.get(rt.ended, "with a release event")
+                "itself"}[rt.ended]
         out.append(f"rank{r}.err has no exit line (lockstep: rank={r} ... exit=KIND), but "
                    f"rank{r}.jsonl ends {ends} ({where}): only a killed rank leaves none")
     rcs = launch.get("returncodes") or []
