@@ -10,6 +10,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+DESCRIPTION = ("Hang-free control planes for pipeline-parallel inference: one set of\n"
+               "transition tables drives a model checker, a torch.distributed runtime\n"
+               "and a conformance checker of the runtime's traces.")
+
 # Exit codes, the same for every subcommand (also printed by `lockstep --help`).
 EXIT_OK = 0          # clean: no violation, the trace conforms, the run succeeded
 EXIT_VIOLATION = 1   # a property violated, a trace diverges, a manifest or doc is stale
@@ -400,7 +404,7 @@ def cmd_overlap(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lockstep import __version__
-    ap = argparse.ArgumentParser(prog="lockstep", description=__doc__, epilog=EPILOG,
+    ap = argparse.ArgumentParser(prog="lockstep", description=DESCRIPTION, epilog=EPILOG,
                                  formatter_class=_Help)
     ap.add_argument("--version", action="version", version=f"lockstep {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
