@@ -148,8 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args(argv)
     rows = load(a.run_dir)
-    if not rows:
-        raise SystemExit(f"{a.run_dir}: no rank*.cpu.json (run with {ENV}=cpu)")
+    if not rows:   # a usage error (2, as the CLI's): the run was not profiled
+        print(f"{ap.prog}: {a.run_dir}: no rank*.cpu.json (run with {ENV}=cpu)",
+              file=sys.stderr)
+        return 2
     print("\n".join(cpu_lines(rows)))
     import pstats
     for p in sorted(a.run_dir.glob("rank*.pstats")):

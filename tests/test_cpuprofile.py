@@ -77,3 +77,10 @@ def test_a_failing_body_is_still_counted(tmp_path):
         prof.run("main", lambda: 1 / 0)
     prof.dump(chunks=1)
     assert "main" in json.loads((tmp_path / "rank1.cpu.json").read_text())["threads_s"]
+
+
+def test_a_run_without_a_profile_is_a_usage_error_naming_the_switch(tmp_path, capsys):
+    from lockstep.runtime.cpuprofile import ENV, main
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and f"{ENV}=cpu" in err and "Traceback" not in err
