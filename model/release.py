@@ -26,9 +26,6 @@ Who writes which kind:
   killed          the embedded launcher reaped a rank killed by a signal (kill -9, OOM)
   heartbeat_lost  a watchdog saw a peer's heartbeat stall with no clean-exit mark; names
                   the SILENT rank (the only cause under torchrun for a kill -9)
-  duplicate_rank  a second process started with a RANK another one holds (a launch
-                  script's copy-paste error); names that rank: both of its processes
-                  exit with an error, every other rank is released
 
 Echo rule: a rank whose own failure is an ECHO of a peer's disappearance (gloo "Connection
 closed / reset by peer", a broken pipe, a peer's terminal ERROR message) does not claim the
@@ -53,8 +50,7 @@ import re
 
 from .tracefmt import loads
 
-KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost",
-         "duplicate_rank")
+KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost")
 
 # A rank's own release path, as written in its exit line:
 VIAS = (
@@ -115,13 +111,6 @@ def committed_exits(thread_table: dict) -> dict:
 def own_kind(how: str) -> str:
     """The cause kind of an own failure by its Exit row's ``how``."""
     return "table_refused" if how == "abort" else "error"
-
-
-def started_twice(c: dict | None, rank: int) -> bool:
-    """A ``duplicate_rank`` cause naming ``rank``: a process of that RANK is one of the two
-    that hold it, and fails (exit error) whatever path read the cause; it was not released
-    by someone else's fault."""
-    return c is not None and c.get("kind") == "duplicate_rank" and c.get("rank") == rank
 
 
 def role_of(rank: int) -> str:

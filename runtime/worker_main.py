@@ -105,8 +105,6 @@ def classify(e: BaseException) -> tuple[str, bool]:
         x = x.__cause__ or x.__context__
     names = {type(x).__name__ for x in chain}
     text = " ".join(str(x) for x in chain)
-    if names & {"DuplicateRank"}:
-        return "duplicate_rank", False
     if names & {"OpDeadline"}:
         return "deadline", False
     if names & {"TableViolation", "WrongGroup", "TableRefused", "GroupMembershipError"}:
@@ -186,9 +184,9 @@ def error_exit(e: BaseException, reason: str) -> None:
         import time
         time.sleep(2.0)
         _flush_and_exit(EXIT_RELEASED)
-    from lockstep.model import release as R
     cause, via = None, "own"
     try:
+        from lockstep.model import release as R
         from lockstep.runtime import sidechannel
         kind, echo = classify(e)
         if sidechannel._ACTIVE is not None:
@@ -201,9 +199,7 @@ def error_exit(e: BaseException, reason: str) -> None:
         cause, via = sidechannel.abort_active(mine, echo=echo)
     except Exception:
         pass
-    # our error only echoed the root cause: we were released (unless it names our RANK
-    # as started twice: this process is one of the two)
-    released = via == "echo" and not R.started_twice(cause, _RANK)
+    released = via == "echo"    # our error only echoed the root cause: we were released
     line = cause_line("released" if released else "error", via, cause, own=reason)
     try:
         sys.stderr.write(line + "\n")
