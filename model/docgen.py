@@ -1087,10 +1087,13 @@ def cli_docs(check: bool = False, out_dir=None) -> int:
         differ = [n for n in stale if n not in missing]
         if stale:
             # an installed lockstep run outside a checkout has no docs/: say so, not "stale"
-            print("lockstep docs: " + "; ".join(
-                [f"missing from {out_dir}: " + ", ".join(missing)] * bool(missing) +
-                ["stale: " + ", ".join(differ)] * bool(differ)) +
-                " (run `lockstep docs` and commit the result)", file=sys.stderr)
+            parts = []
+            if missing:
+                parts.append(f"missing from {out_dir}: " + ", ".join(missing))
+            if differ:
+                parts.append("stale: " + ", ".join(differ))
+            print("lockstep docs: " + "; ".join(parts)
+                  + " (run `lockstep docs` and commit the result)", file=sys.stderr)
             return 1
         print(f"lockstep docs: {len(FILES)} documents current")
         return 0

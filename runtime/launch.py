@@ -48,7 +48,6 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -63,9 +62,9 @@ from typing import Callable
 
 from lockstep.model import tracefmt as F
 
-EXIT_OK = 0
-EXIT_ERROR = 1      # uncaught exception in the target (worker_main)
-EXIT_RELEASED = 3   # released by the side-channel watchdog (abort flag, lost peer, lost store)
+# a rank's exit statuses (model/release.py EXIT_CODES): 1 an uncaught exception in the
+# target, 3 released by the side-channel watchdog (abort flag, lost peer, lost store)
+from .worker_main import EXIT_ERROR, EXIT_OK, EXIT_RELEASED, backend_text  # noqa: F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- interrupts
@@ -356,8 +355,7 @@ def native_last_words(err: Path) -> str | None:
         return None
     if not said:
         return None
-    last = said[-1].removeprefix("what():").strip()
-    return re.sub(r"\[enforce fail at [^\]]*\]\s*", "", last)[:300]
+    return backend_text(said[-1].removeprefix("what():").strip())[:300]
 
 
 LAUNCH_RECORD = "launch.json"

@@ -63,7 +63,6 @@ send/recv works); polling ``is_completed()`` on gloo p2p (never true before ``wa
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from datetime import timedelta
@@ -75,7 +74,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from . import codec
 from .groups import GroupMembershipError, Groups
-from .worker_main import one_line
+from .worker_main import backend_text, one_line
 
 
 # --------------------------------------------------------------------------- errors
@@ -120,18 +119,12 @@ class OpDeadline(CommError):
                                                 f"(deadline {deadline_s:g}s)")
 
 
-def _backend_msg(err: BaseException) -> str:
-    """gloo messages carry a source path and advice; keep the fact."""
-    m = re.sub(r"\[/[^\]]*\]\s*", "", str(err))
-    return m.split(". This is typically")[0]
-
-
 class CommFailed(CommError):
     """The backend itself raised (e.g. gloo "Connection closed by peer")."""
 
     def __init__(self, rank, op, group, peer, err: BaseException):
         super().__init__(rank, op, group, peer,
-                         f"backend error: {type(err).__name__}: {_backend_msg(err)}")
+                         f"backend error: {type(err).__name__}: {backend_text(err)}")
 
 
 # --------------------------------------------------------------------------- ops in flight

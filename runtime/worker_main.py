@@ -36,9 +36,9 @@ import sys
 import threading
 import traceback
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_RELEASED = 3
+from lockstep.model.release import EXIT_CODES   # pure Python: the exit kinds' statuses
+
+EXIT_OK, EXIT_ERROR, EXIT_RELEASED = (EXIT_CODES[k] for k in ("ok", "error", "released"))
 
 _ROLE = "?"
 _RANK: int | None = None
@@ -59,6 +59,13 @@ def set_role(role: str) -> None:
 
 def get_role() -> str:
     return _ROLE
+
+
+def backend_text(text: str) -> str:
+    """A gloo / c10d message without its source paths (``[/pytorch/...]``, ``[enforce
+    fail at ...]``) and its generic advice (". This is typically ..."): the fact only."""
+    text = re.sub(r"\[(?:/|enforce fail at )[^\]]*\]\s*", "", str(text))
+    return text.split(". This is typically")[0]
 
 
 def one_line(text: str, limit: int = 400) -> str:
@@ -87,7 +94,7 @@ def cause_line(exit_kind: str, via: str, cause: dict | None, own: str | None = N
         return f"lockstep: {ctx} exit={exit_kind} via={via} root=- reason={one_line(own or '', 600)}"
     reason = R.text(cause)
     if own:   # gloo messages carry a source path and advice; keep the fact
-        own = re.sub(r"\[/[^\]]*\]\s*", "", own).split(". This is typically")[0]
+        own = backend_text(own)
     if own and via != "own" and own not in reason:
         reason += f" | own: {own}"
     # 900: the root cause's text (up to ~450 with a dead rank's last stderr line) and
