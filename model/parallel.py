@@ -25,8 +25,8 @@ coordinator counts the states its workers hold once they have kept a level's new
 so the state budget is judged level by level: the search stops after the level that
 passes it (the serial search stops at the state that passes it), having stored at most
 that one level beyond the budget. The time budget and the progress line are looked at
-about twice a second while the coordinator waits for a level, and a search stopped
-mid-level kills its workers at once.
+before every answer the coordinator waits for and about twice a second while it waits,
+and a search stopped mid-level kills its workers at once.
 
 Designs considered and rejected: a shared visited set in shared memory (a lock per
 insert costs more than the hashing it saves in Python); a work-stealing search without
@@ -95,7 +95,10 @@ def _serve(model: Model, symmetry: bool, workers: int, conn) -> None:
 
 
 def _recv(conn, meter, states: int, depth: int, frontier: int):
-    """conn's next answer, looking at the meter (clock, progress line) while waiting."""
+    """conn's next answer, looking at the meter (clock, progress line) before and while
+    waiting: a level that answers within LOOK_S never waits for a poll to time out, so
+    a search of many short levels was never looked at and ran far past its budget."""
+    meter.look(states, depth, frontier)
     while not conn.poll(LOOK_S):
         meter.look(states, depth, frontier)
     return conn.recv()

@@ -267,6 +267,18 @@ def test_check_stops_at_a_time_budget_with_no_verdict(workers, capsys):
     assert cli.main(["check", "--max-seconds", "nan"]) == cli.EXIT_USAGE
 
 
+def test_a_parallel_check_of_many_short_levels_keeps_its_time_budget(monkeypatch, capsys):
+    """The coordinator looked at the clock only when a worker took longer than LOOK_S to
+    answer: levels of a quarter second each ran a 0.5 s budget for 8 s (20 on the CI
+    machine). With no wait ever timing out (LOOK_S of an hour), the budget still holds."""
+    from lockstep.model import parallel
+    monkeypatch.setattr(parallel, "LOOK_S", 3600.0)
+    argv = ["check", "--mesh", "4", "--chunks", "4", "--workers", "2"]
+    assert cli.main(argv + ["--max-seconds", "0.05"]) == cli.EXIT_RUN_FAILED
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "time budget 0.05 s exceeded" in line, line
+
+
 def test_a_long_check_prints_its_progress_without_being_asked(monkeypatch, capsys):
     """Without --progress a check that took minutes printed nothing until its verdict:
     it read as a hang. Past AUTO_AFTER_S (here 0) it prints its progress on its own;
