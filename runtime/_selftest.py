@@ -184,6 +184,24 @@ def block_for_kill(rank, world, args):
     raise AssertionError("unreachable: blocked op returned")
 
 
+def describe(rank, world, args):
+    """What a started rank is, as one RESULT line: its process, session and parent, its
+    working directory, argv and import path, the launcher's variables and the caller's
+    ``echo_env`` ones; then it sleeps ``sleep_s``."""
+    import json
+    import os
+    import sys
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "LOCKSTEP_RUN_DIR",
+            *args.get("echo_env", ()))
+    print("RESULT " + json.dumps({
+        "pid": os.getpid(), "pgid": os.getpgid(0), "sid": os.getsid(0),
+        "ppid": os.getppid(), "cwd": os.getcwd(), "argv": sys.argv, "path0": sys.path[0],
+        "env": {k: os.environ.get(k) for k in keys},
+        "main": sys.modules["__main__"].__spec__.name}), flush=True)
+    time.sleep(args.get("sleep_s", 0.0))
+    return 0
+
+
 def sleep_forever(rank, world, args):
     if rank == 0:
         return 0

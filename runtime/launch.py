@@ -2,21 +2,26 @@
 
 Why a launcher of our own and not ``torch.multiprocessing.spawn`` or torchrun:
 
-* Fault injection must be real. Each rank is a separate OS process started with
-  ``subprocess.Popen([sys.executable, "-m", "lockstep.runtime.worker_main", ...])`` in its own session
-  (``start_new_session=True``, so pgid == pid), so ``kill_rank(run, r, SIGKILL)`` is a real
-  ``kill -9`` of that rank's whole process tree, exactly what an OOM killer or a node
-  failure does. ``mp.spawn`` children share the parent's fate and pipe plumbing.
+* Fault injection must be real. Each rank is a separate OS process, what
+  ``python -m lockstep.runtime.worker_main ...`` starts, in its own session (pgid == pid),
+  so ``kill_rank(run, r, SIGKILL)`` is a real ``kill -9`` of that rank's whole process
+  tree, exactly what an OOM killer or a node failure does. ``mp.spawn`` children share the
+  parent's fate and pipe plumbing. The ranks are forked from the run's fork server
+  (runtime/forkserver.py: one torch import per run, not one per rank), which reaps them
+  by the rule below and reports each exit; ``LOCKSTEP_FORKSERVER=0`` starts each with its
+  own interpreter (``subprocess.Popen``, ``start_new_session=True``).
 * The parent never waits on a default torch timeout. ``wait()`` has a HARD deadline: when it
   passes, every rank still alive is SIGKILLed and named in ``alive_at_deadline``. Nothing
   about the children (their watchdogs, their guards) is trusted to end the run.
-* Exit times are measured, not guessed. One waiter thread per rank blocks in
-  ``os.waitid(..., WNOWAIT)`` and stamps ``time.monotonic()`` the moment the rank exits, so
-  ``exit_time - fault_time`` is the time-from-fault-to-exit that TARGETS.md asks for (one
-  clock: the parent's). ``WNOWAIT`` leaves the zombie unreaped until the waiter has also
-  SIGKILLed the rank's process group, so a pid can never be reused under our feet.
+* Exit times are measured, not guessed. The rank's parent (the fork server, or a waiter
+  thread here) blocks in ``os.waitid(..., WNOWAIT)`` and stamps ``time.monotonic()`` the
+  moment the rank exits, so ``exit_time - fault_time`` is the time-from-fault-to-exit that
+  TARGETS.md asks for (one clock: the host's monotonic one). ``WNOWAIT`` leaves the zombie
+  unreaped until the rank's process group has also been SIGKILLed, so a pid can never be
+  reused under our feet. One waiter thread per rank here waits for that exit.
 * No child survives ``spawn_local`` returning or raising (try/finally, plus
-  ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux). Under
+  ``PR_SET_PDEATHSIG`` so even a SIGKILLed parent takes its ranks down on Linux: the fork
+  server dies with the launcher and its ranks with it). Under
   ``stop_signals_raise`` (every CLI command) SIGINT / SIGTERM / SIGHUP of the parent
   kill the ranks and are recorded in launch.json (``Interrupted``).
 * The side channel outlives every rank: the parent hosts the side-channel TCPStore server
@@ -303,6 +308,25 @@ def _pdeathsig():  # runs in the child between fork and exec
         _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent thread
 
 
+def _reap(p: subprocess.Popen) -> tuple[int, float]:
+    """(returncode, monotonic exit time) of a rank this process started."""
+    try:
+        while True:
+            try:
+                os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+                break
+            except InterruptedError:
+                continue
+    except ChildProcessError:
+        pass
+    t = time.monotonic()
+    try:  # leftover grandchildren in the rank's session; pid not reaped yet, so safe
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return p.wait(), t
+
+
 def _tail_events(trace: Path):
     """The events of the tail of a rank{R}.jsonl, newest first, format-2 steps in their
     long view (a cut or unreadable line is skipped)."""
@@ -455,6 +479,26 @@ class LocalRun:
     def _start(self, world_size, target, args, env, run_id) -> None:
         run_id = run_id or uuid.uuid4().hex[:12]
         self.run_id, self.world_size = run_id, world_size
+        self._procs: list = []        # subprocess.Popen, or forkserver.ForkedRank
+        self._waiters: list[threading.Thread] = []
+        base = dict(os.environ)
+        base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: keep gloo on loopback
+        base.update(env or {})
+        # One torch import for the run, not one per rank (runtime/forkserver.py); started
+        # first, its import overlaps this process's own.
+        from .forkserver import ForkServer, enabled
+        self._server = ForkServer(base, self.run_dir, preexec_fn=_pdeathsig
+                                  if _PRCTL is not None else None) if enabled(base) else None
+        self.server_pid = self._server.pid if self._server is not None else None
+        try:
+            self._start_ranks(world_size, target, args, run_id, base)
+        except BaseException:
+            self._own_kills = set(range(world_size))
+            self.kill_all()
+            self._close_server(kill=True)
+            raise
+
+    def _start_ranks(self, world_size, target, args, run_id, base) -> None:
         # The side channel's store lives HERE, in the parent, before any rank starts.
         from datetime import timedelta
 
@@ -479,62 +523,51 @@ class LocalRun:
         args_file.write_text(json.dumps(args, sort_keys=True))
         self.result = LaunchResult(world_size, str(self.run_dir), run_id, master_port,
                                    side_port, start_time=time.monotonic())
-        self._procs: list[subprocess.Popen] = []
-        self._waiters: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._exited = threading.Condition(self._lock)
-        base = dict(os.environ)
-        base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one host: keep gloo on loopback
-        base.update(env or {})
-        try:
-            for rank in range(world_size):
-                renv = dict(base)
-                renv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
-                            TORCHELASTIC_USE_AGENT_STORE="True",
-                            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                            LOCAL_WORLD_SIZE=str(world_size),
-                            LOCKSTEP_SIDE_ADDR="127.0.0.1",
-                            LOCKSTEP_SIDE_PORT=str(side_port), LOCKSTEP_RUN_ID=run_id,
-                            LOCKSTEP_RUN_DIR=str(self.run_dir))
-                out = self.run_dir / f"rank{rank}.out"
-                err = self.run_dir / f"rank{rank}.err"
+        for rank in range(world_size):
+            renv = dict(base)
+            renv.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                        TORCHELASTIC_USE_AGENT_STORE="True",
+                        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                        LOCAL_WORLD_SIZE=str(world_size),
+                        LOCKSTEP_SIDE_ADDR="127.0.0.1",
+                        LOCKSTEP_SIDE_PORT=str(side_port), LOCKSTEP_RUN_ID=run_id,
+                        LOCKSTEP_RUN_DIR=str(self.run_dir))
+            out = self.run_dir / f"rank{rank}.out"
+            err = self.run_dir / f"rank{rank}.err"
+            argv = ["--target", target, "--args-file", str(args_file)]
+            if self._server is not None:
+                p = self._server.spawn(renv, argv, str(self.run_dir), str(out), str(err))
+            else:
                 with open(out, "wb") as fo, open(err, "wb") as fe:
                     p = subprocess.Popen(
-                        [sys.executable, "-m", "lockstep.runtime.worker_main", "--target", target,
-                         "--args-file", str(args_file)],
-                        env=renv, cwd=str(self.run_dir), stdin=subprocess.DEVNULL, stdout=fo,
-                        stderr=fe, start_new_session=True,
+                        [sys.executable, "-m", "lockstep.runtime.worker_main", *argv],
+                        env=renv, cwd=str(self.run_dir), stdin=subprocess.DEVNULL,
+                        stdout=fo, stderr=fe, start_new_session=True,
                         preexec_fn=_pdeathsig if _PRCTL is not None else None)
-                self._procs.append(p)
-                self.result.ranks.append(RankResult(rank, p.pid, stdout_path=str(out),
-                                                    stderr_path=str(err)))
-                w = threading.Thread(target=self._wait_one, args=(rank,), daemon=True,
-                                     name=f"lockstep-waiter-{rank}")
-                w.start()
-                self._waiters.append(w)
-        except BaseException:
-            self._own_kills.update(range(world_size))
-            self.kill_all()
-            raise
+            self._procs.append(p)
+            self.result.ranks.append(RankResult(rank, p.pid, stdout_path=str(out),
+                                                stderr_path=str(err)))
+            w = threading.Thread(target=self._wait_one, args=(rank,), daemon=True,
+                                 name=f"lockstep-waiter-{rank}")
+            w.start()
+            self._waiters.append(w)
+        if self._server is not None:
+            self._server.done()     # it leaves once it has reaped the last rank
+
+    def _close_server(self, kill: bool = False) -> None:
+        server, self._server = getattr(self, "_server", None), None
+        if server is not None:
+            server.close(kill=kill)
 
     # One thread per rank: stamp the exit time, kill the rank's group, then reap.
     def _wait_one(self, rank: int) -> None:
         p = self._procs[rank]
-        try:
-            while True:
-                try:
-                    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
-                    break
-                except InterruptedError:
-                    continue
-        except ChildProcessError:
-            pass
-        t = time.monotonic()
-        try:  # leftover grandchildren in the rank's session; pid not reaped yet, so safe
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        rc = p.wait()
+        if isinstance(p, subprocess.Popen):
+            rc, t = _reap(p)
+        else:   # forked: the fork server reaped it by the same rule and stamped its exit
+            rc, t = p.wait_exit()
         self._record_cause(rank, rc)
         try:   # the rank reads nothing more: a peer lingering after a terminal message
             with self._store_lock:   # may go (sidechannel.linger_then_release)
@@ -697,6 +730,7 @@ class LocalRun:
             self.kill_all()
             for w in self._waiters:
                 w.join(10.0)
+            self._close_server()
         finally:
             claim, self._claim = self._claim, None
             if claim is not None:

@@ -99,11 +99,16 @@ def test_cuts_at_random_moments_through_the_control_interface_conform(tmp_path):
     budget = 8
     cfg = Config(mesh=2, chunks=60, hard_cut=budget + 2, steps=2)
     opts = {"cuts": {"at": [10, 10], "control": budget, "reason": "reset"},
-            "costs": {"phase_b_ms": 1.0}}
+            "costs": {"phase_b_ms": 5.0}}
     answers = []
 
     def cutter(run):
-        time.sleep(2.0)              # past process start-up (about 2 s per rank)
+        # from the moment rank0 is past its handshake (not after a guess at start-up:
+        # a start-up shorter than the guess let the run end before any cut)
+        trace, end = tmp_path / "rank0.jsonl", time.monotonic() + DEADLINE_S
+        while time.monotonic() < end and not (
+                trace.exists() and b'"l":"parity_ok"' in trace.read_bytes()):
+            time.sleep(0.01)
         for _ in range(budget):
             time.sleep(rng.uniform(0.0, 0.08))
             answers.append(request_cut_file(tmp_path, rng.choice(("prompt_change", "reset")),

@@ -24,21 +24,24 @@ LONG_RUN = ["run", "--mesh", "2", "--chunks", "100000", "--deadline-s", "120"]
 
 def _ranks_of(run_dir: Path) -> list[int]:
     """Pids of the live rank processes of the run in `run_dir` (their command line names
-    its args.json), zombies left out."""
+    its args.json), zombies and the run's fork server left out (its command line names
+    the file too; a rank forked from it has the same one, and the server as parent)."""
     args = str(run_dir / "args.json").encode()
-    pids = []
+    named = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            if args not in Path(f"/proc/{d}/cmdline").read_bytes():
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            if args not in cmd:
                 continue
-            if Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
+            state, ppid = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        pids.append(int(d))
-    return pids
+        if state != "Z":
+            named[int(d)] = (cmd, int(ppid))
+    return [pid for pid, (cmd, ppid) in named.items()
+            if b"lockstep.runtime.forkserver" not in cmd or ppid in named]
 
 
 def _start(argv, cwd, **kw) -> subprocess.Popen:
