@@ -16,8 +16,8 @@ on the rank's files, every other descriptor closed, the rank's environment and a
 then ``runpy`` of worker_main as ``__main__``. Nothing of lockstep beyond its package
 ``__init__`` is imported before the fork, so the rank imports its own code fresh.
 
-The server is the ranks' parent, so it reaps them, with the launcher's rule: it sees the
-exit through a pidfd, stamps ``time.monotonic()`` (one clock for every process on the
+The server is the ranks' parent, so it reaps them, with the launcher's rule: woken by
+SIGCHLD, it finds the exited rank with ``waitid(WNOWAIT)``, stamps ``time.monotonic()`` (one clock for every process on the
 host), SIGKILLs the rank's process group while the zombie still holds the pid, reaps,
 and reports ``{"exit": pid, "rc": rc, "t": t}``. The launcher's waiter threads wait on
 those reports (``ForkedRank.wait_exit``) instead of ``waitid``.
@@ -220,6 +220,8 @@ def _child(req: dict, server: int, ready: int) -> None:
     """In the forked child: become the rank. Never returns."""
     code = 1
     try:
+        signal.set_wakeup_fd(-1)                 # the server's, not the rank's
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         if _PRCTL is not None:
             _PRCTL(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG: die with the server
@@ -264,9 +266,17 @@ def _serve() -> None:
     report = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)   # nothing else may write the reports
     me = os.getpid()
+    # Exits wake the loop through SIGCHLD's wakeup pipe, not pidfds: gVisor and kernels
+    # before 5.3 have no pidfd_open.
+    woke, wake = os.pipe()
+    os.set_blocking(woke, False)
+    os.set_blocking(wake, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake)
     sel = selectors.DefaultSelector()
-    sel.register(0, selectors.EVENT_READ, None)    # the launcher's requests
-    children: dict[int, int] = {}     # pidfd -> pid
+    sel.register(0, selectors.EVENT_READ, "requests")
+    sel.register(woke, selectors.EVENT_READ, "exits")
+    children: set[int] = set()
     buf, reading, heard = b"", True, True
 
     def say(msg: dict) -> None:
@@ -277,54 +287,64 @@ def _serve() -> None:
             except OSError:     # the launcher is gone: reap what is left, say nothing
                 heard = False
 
+    def fork(req: dict) -> None:
+        r, w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(r)
+            os.close(w)
+            say({"failed": req["n"], "error": f"{type(e).__name__}: {e}"})
+            return
+        if pid == 0:
+            os.close(r)
+            _child(req, me, w)
+        # Its pid is said once it leads its own session (the child closes the pipe
+        # then, or dies): a launcher's killpg right after the spawn, as
+        # Popen(start_new_session=True) guarantees, must reach it.
+        os.close(w)
+        os.read(r, 1)
+        os.close(r)
+        children.add(pid)
+        say({"spawned": req["n"], "pid": pid})
+
+    def reap() -> None:
+        while children:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if info is None:
+                return
+            pid = info.si_pid
+            t = time.monotonic()
+            try:   # leftover grandchildren in the rank's session; pid not reaped yet
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _, status = os.waitpid(pid, 0)
+            children.discard(pid)
+            say({"exit": pid, "rc": os.waitstatus_to_exitcode(status), "t": t})
+
     while reading or children:
         for key, _ in sel.select():
-            if key.data is None:
-                chunk = os.read(0, 65536)
-                if not chunk:
-                    sel.unregister(0)
-                    reading = False
-                    continue
-                buf += chunk
-                if len(buf) > MAX_LINE and b"\n" not in buf:
-                    raise SystemExit(f"forkserver: a request line over {MAX_LINE} bytes")
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    req = json.loads(line)
-                    r, w = os.pipe()
-                    try:
-                        pid = os.fork()
-                    except OSError as e:
-                        os.close(r)
-                        os.close(w)
-                        say({"failed": req["n"], "error": f"{type(e).__name__}: {e}"})
-                        continue
-                    if pid == 0:
-                        os.close(r)
-                        _child(req, me, w)
-                    # Its pid is said once it leads its own session (the child closes
-                    # the pipe then, or dies): a launcher's killpg right after the spawn,
-                    # as Popen(start_new_session=True) guarantees, must reach it.
-                    os.close(w)
-                    os.read(r, 1)
-                    os.close(r)
-                    pidfd = os.pidfd_open(pid)
-                    children[pidfd] = pid
-                    sel.register(pidfd, selectors.EVENT_READ, pid)
-                    say({"spawned": req["n"], "pid": pid})
-            else:
-                pidfd, pid = key.fd, key.data
-                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-                t = time.monotonic()
-                try:   # leftover grandchildren in the rank's session; pid not reaped yet
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
+            if key.data == "exits":
+                try:
+                    while os.read(woke, 4096):
+                        pass
+                except BlockingIOError:
                     pass
-                _, status = os.waitpid(pid, 0)
-                sel.unregister(pidfd)
-                os.close(pidfd)
-                del children[pidfd]
-                say({"exit": pid, "rc": os.waitstatus_to_exitcode(status), "t": t})
+                reap()
+                continue
+            chunk = os.read(0, 65536)
+            if not chunk:
+                sel.unregister(0)
+                reading = False
+                continue
+            buf += chunk
+            if len(buf) > MAX_LINE and b"\n" not in buf:
+                raise SystemExit(f"forkserver: a request line over {MAX_LINE} bytes")
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                fork(json.loads(line))
+        reap()   # an exit whose wakeup byte came in the same select as a request
 
 
 if __name__ == "__main__":

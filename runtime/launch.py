@@ -555,6 +555,9 @@ class LocalRun:
             self._waiters.append(w)
         if self._server is not None:
             self._server.done()     # it leaves once it has reaped the last rank
+        # Started now: the first fork waited for the server's import, which is set-up
+        # (as the store's was), not the run the deadline and the exit times measure.
+        self.result.start_time = time.monotonic()
 
     def _close_server(self, kill: bool = False) -> None:
         server, self._server = getattr(self, "_server", None), None

@@ -181,8 +181,11 @@ def test_prove_stops_on_ctrl_c():
         "except KeyboardInterrupt:\n"
         "    print('interrupted'); raise SystemExit(0)\n"
         "print('ran on to the end'); raise SystemExit(1)\n")
+    # SIGINT at its default, as in _start: under a non-interactive shell's background job
+    # the child inherits SIG_IGN, gets no KeyboardInterrupt, and the test failed there
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 0 and "interrupted" in p.stdout, (p.stdout, p.stderr[-2000:])
 
 
