@@ -72,6 +72,7 @@ class ForkedRank:
         self.pid = pid
         self.returncode: int | None = None
         self.exit_time: float | None = None
+        self.lost_with: str | None = None   # the server died first: how (_why_dead)
         self._done = threading.Event()
 
     def _exited(self, rc: int, t: float) -> None:
@@ -138,11 +139,13 @@ class ForkServer:
         # EOF: the server is gone. Its ranks died with it (PR_SET_PDEATHSIG) and nobody
         # will report them: they end as killed, now.
         t = time.monotonic()
+        why = self._why_dead()
         with self._lock:
             self._dead = True
             self._spawned.notify_all()
             for h in self._ranks.values():
                 if h.returncode is None:
+                    h.lost_with = why
                     h._exited(-signal.SIGKILL, t)
 
     def _why_dead(self) -> str:

@@ -602,9 +602,11 @@ class LocalRun:
                         native_last_words(self.run_dir / f"rank{rank}.err")
                     if said:
                         self.result.last_words[rank] = said
+                    lost = getattr(self._procs[rank], "lost_with", None)
                     c = R.cause("killed", rank, role,
                                 f"killed by {name} (pid {self._procs[rank].pid}); "
-                                f"reaped by the launcher"
+                                + (f"its parent died first: {lost}" if lost else
+                                   "reaped by the launcher")
                                 + (f"; its stderr: {said}" if said else ""),
                                 **_last_ids(self.run_dir / f"rank{rank}.jsonl"))
                     set_first_cause(self._store, p + "cause", p + "abort", c)

@@ -61,10 +61,14 @@ def test_a_killed_fork_server_takes_its_ranks_down_and_the_run_ends(tmp_path):
         t0 = time.monotonic()
         res = run.wait(DEADLINE_S)
         took = time.monotonic() - t0
+        cause = run.abort_cause()       # the root cause names the server, not "reaped"
     assert not res.deadline_hit, res.summary()
     assert took < DEADLINE_S / 2, took
     assert all(r.returncode is not None for r in res.ranks)
     assert [r.returncode for r in res.ranks][1:] == [-signal.SIGKILL] * 2
+    assert cause is not None and cause["kind"] == "killed", cause
+    assert f"its parent died first: the fork server (pid {server}) exited" in \
+        cause["detail"], cause
     deadline = time.monotonic() + 10
     while not all(_dead(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
