@@ -3,7 +3,8 @@
     python -m lockstep.stress --runs 20 [--load 2] [--timeout 900] [-- PYTEST ARGS...]
 
 Default tests: the multi-process files (tests/test_runtime_infra.py, test_runtime_run.py,
-test_breakit.py, test_torchrun.py, test_interrupts.py, test_plugin.py, test_forkserver.py).
+test_breakit.py, test_torchrun.py, test_interrupts.py, test_plugin.py, test_forkserver.py,
+test_collective_mismatch.py).
 ``--load K`` starts K CPU-bound burner processes
 beside them for the whole stress run (the 2-core CI box's reality), killed at the end.
 Each run is one ``pytest -q -rf`` subprocess with a hard timeout (crash > hang here too);
@@ -23,7 +24,8 @@ import time
 
 DEFAULT = ["tests/test_runtime_infra.py", "tests/test_runtime_run.py",
            "tests/test_breakit.py", "tests/test_torchrun.py", "tests/test_interrupts.py",
-           "tests/test_plugin.py", "tests/test_forkserver.py"]
+           "tests/test_plugin.py", "tests/test_forkserver.py",
+           "tests/test_collective_mismatch.py"]
 BURN = "import os\nwhile True:\n    os.urandom(64)\n"
 
 

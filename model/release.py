@@ -26,6 +26,13 @@ Who writes which kind:
   killed          the embedded launcher reaped a rank killed by a signal (kill -9, OOM)
   heartbeat_lost  a watchdog saw a peer's heartbeat stall with no clean-exit mark; names
                   the SILENT rank (the only cause under torchrun for a kill -9)
+  collective_mismatch
+                  a watchdog saw two members of a group wait in collectives of the same
+                  number on the group but of different names (an extra or a missing
+                  collective on one rank: runtime/sidechannel.py collective_mismatch);
+                  names the rank whose watchdog saw it, a failure outside its table,
+                  like a deadline (which rank is wrong no member can tell: the detail
+                  names both sides)
 
 Echo rule: a rank whose own failure is an ECHO of a peer's disappearance (gloo "Connection
 closed / reset by peer", a broken pipe, a peer's terminal ERROR message) does not claim the
@@ -50,7 +57,8 @@ import re
 
 from .tracefmt import loads
 
-KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost")
+KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost",
+         "collective_mismatch")
 
 # A rank's own release path, as written in its exit line:
 VIAS = (

@@ -31,7 +31,9 @@ crash of that rank; either way the `watchdog` transition sets the flag, which th
 does at once on the failing rank's way out; (3) the flag set for a killed or silent
 rank (launcher record `killed`, heartbeat loss `heartbeat_lost`): `crash`, then
 `watchdog`; (4) a per-op deadline: a failure outside the table of the rank whose op
-expired (crash, then watchdog). Every survivor then leaves by `abort`, or by its own
+expired (crash, then watchdog); (5) collectives that differ across a group's members (a
+workload's extra or missing all_reduce inside one generator call, which no row sees): a
+failure outside the table of the rank whose watchdog saw it (crash, then watchdog). Every survivor then leaves by `abort`, or by its own
 exit row when a terminal message reached it first. The flag's first value is the root
 cause; later writers never change it (the model keeps the first `abort` too).
 Violations that are visible immediately (framing error, collective mismatch, a message

@@ -114,6 +114,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                              opts=opts, parity=parity, control=control, outputs=outputs)
     interp.on_commit = _record_commit(interp, side)
     interp_box.append(interp)
+    wd.ids = lambda: R.ids_from_ctx(interp.ctx())
+    wd.probe = interp.comm.stuck_collective     # collective mismatches: sidechannel.py
     tracer.snapshot = lambda: (tuple(interp.pcs), interp.v)   # called under interp.cv
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),
                   "world": world_size, "backend": opts.backend,

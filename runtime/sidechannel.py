@@ -25,6 +25,11 @@ Layout (all keys under ``lockstep/<run_id>/``):
   ``exit/<r>``  set when rank r enters its exit path (it will read nothing more) and by
                 the launcher when it reaps r: a rank that sent a terminal message keeps
                 its process, and so its gloo pairs, alive until every peer has one
+  ``wait/<r>``  "" or ``GROUP NUMBER NAME``: the collective rank r's threads have waited
+                in for ``STUCK_AFTER_S`` or longer (``Transport.stuck_collective``);
+                members waiting in collectives of one number but of different names
+                issued different collectives: every watchdog compares them
+                (``collective_mismatch``) and the first to see it sets the flag
 Every rank creates the keys idempotently (``compare_set(abort, "", "")``, ``add(hb, 0)``),
 so no rank has to come first and no "ready" handshake is needed.
 
@@ -147,6 +152,7 @@ class SideChannel:
         self.k_clean = [f"{p}clean/{r}" for r in range(world_size)]
         self._left: set = set()     # ranks known to have an exit or clean mark
         self.k_role = [f"{p}role/{r}" for r in range(world_size)]
+        self.k_wait = [f"{p}wait/{r}" for r in range(world_size)]
         self.where = where      # the variables that named the store's address, for people
         if hosts_store:
             store = TCPStore(host, port, world_size, True, timeout=self.timeout,
@@ -392,6 +398,37 @@ def init_keys(store, run_id: str, world_size: int) -> None:
     store.compare_set(p + "cause", "", "")
     for r in range(world_size):
         store.add(f"{p}hb/{r}", 0)
+        store.compare_set(f"{p}wait/{r}", "", "")
+
+
+# A collective waited on this long is published (``wait/<r>``). Only how soon a mismatch
+# is seen depends on it, never whether: in a run whose members issue the same collectives,
+# two of them never wait in collectives of one number under different names, however
+# long either waits. A correct run publishes only its long waits (a slow Phase A): two
+# store writes each.
+STUCK_AFTER_S = 0.25
+
+
+def collective_mismatch(waits: dict) -> tuple[str, str] | None:
+    """The mismatch among published waits (rank -> ``"GROUP NUMBER NAME"`` or ""):
+    (its group, what it is in words), or None. A mismatch is two members of a group
+    waiting in collectives of the same number but of different names: a rank that
+    issued an extra collective, or skipped one, waits in one its peers never issue at
+    that place, and they in one it has passed or not reached, each side until its op's
+    deadline. Values that do not parse are ignored (a torn or foreign value is no
+    evidence)."""
+    at: dict = {}
+    for r, text in sorted(waits.items()):
+        parts = text.split(" ", 2) if text else ()
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        at.setdefault((parts[0], int(parts[1])), []).append((r, parts[2]))
+    for (group, number), who in sorted(at.items()):
+        if len({name for _, name in who}) > 1:
+            sides = ", ".join(f"rank {r} in {name}" for r, name in who)
+            return group, (f"collective mismatch on {group} at its collective #{number}: "
+                           f"{sides} (a rank issued an extra collective or skipped one)")
+    return None
 
 
 def peer_role(store, key: str, rank: int) -> str:
@@ -442,6 +479,11 @@ class Watchdog(threading.Thread):
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
+        # probe(after_s): this rank's collective waited on that long ("GROUP NUMBER
+        # NAME", Transport.stuck_collective) or None; ids(): the cause's ids. Set once
+        # the transport exists (runtime/node.py); until then nothing is published.
+        self.probe: Callable[[float], str | None] | None = None
+        self.ids: Callable[[], dict] = dict
         self._stop_ev = threading.Event()
         self._reason: str | None = None
         self.cause: dict | None = None
@@ -466,20 +508,40 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         self.started_at = time.monotonic()
         s, sc = self._client, self.side
-        keys = [sc.k_abort] + [sc.k_hb[p] for p in self.peers]
+        keys = [sc.k_abort] + [sc.k_hb[p] for p in self.peers] + \
+            [sc.k_wait[p] for p in self.peers]
+        npeers = len(self.peers)
+        published = ""                            # our wait/<rank> value
         last = {p: None for p in self.peers}     # last counter value seen
         changed = {p: self.started_at for p in self.peers}
         gone: set[int] = set()                    # peers with a clean-exit mark
         try:
             while not self._stop_ev.is_set():
                 s.add(sc.k_hb[sc.rank], 1)
+                probe = self.probe
+                if probe is not None:
+                    stuck = probe(STUCK_AFTER_S) or ""
+                    if stuck != published:
+                        s.set(sc.k_wait[sc.rank], stuck)
+                        published = stuck
                 vals = s.multi_get(keys)
                 if self._stop_ev.is_set():
                     return
                 if vals[0]:
                     return self._release(R.decode(vals[0]), "abort_flag")
+                if published:
+                    waits = {p: _text(v) for p, v in zip(self.peers, vals[1 + npeers:])}
+                    waits[sc.rank] = published
+                    found = collective_mismatch(waits)
+                    if found is not None:
+                        ids = {**self.ids(), "group": found[0]}
+                        mine = R.cause("collective_mismatch", sc.rank, get_role(),
+                                       f"{found[1]}; seen by rank {sc.rank}", **ids)
+                        first = sc.set_abort_with(s, mine)
+                        return self._release(first, "own" if first == mine
+                                             else "abort_flag")
                 now = time.monotonic()
-                for p, v in zip(self.peers, vals[1:]):
+                for p, v in zip(self.peers, vals[1:1 + npeers]):
                     if p in gone:
                         continue
                     if v != last[p]:

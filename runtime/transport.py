@@ -134,11 +134,13 @@ class Op:
     ``then()`` turns the completed buffers into the op's value, in the waiting thread."""
 
     __slots__ = ("work", "op", "group", "peer", "cuda", "then", "submitted", "done",
-                 "error")
+                 "error", "index")
 
-    def __init__(self, work, op: str, group: str, peer, cuda: bool, then=None):
+    def __init__(self, work, op: str, group: str, peer, cuda: bool, then=None,
+                 index: int | None = None):
         self.work, self.op, self.group, self.peer, self.cuda = work, op, group, peer, cuda
         self.then = then
+        self.index = index              # a collective: its number on its group, from 1
         self.submitted = False          # handed to the completer
         self.done = work is None        # the work has completed (error or not)
         self.error: BaseException | None = None
@@ -184,6 +186,7 @@ class _Completer:
             reply.put(op)
 
 
+_COLLECTIVES = frozenset(("broadcast", "all_reduce", "all_gather"))
 CheckFn = Callable[[str, str, object, object], None]
 AbortPollFn = Callable[[], "str | None"]
 
@@ -217,7 +220,9 @@ def _make_opts(cls, **kw):
 class Transport:
     """Every op of one rank. ``check(op, group, peer, row)`` refuses an op (called first);
     ``abort_poll()`` returns a release reason (or None); ``op_deadline_s`` bounds every
-    wait unless a call passes ``deadline_s``. ``seq[group]`` counts ops issued per group.
+    wait unless a call passes ``deadline_s``. ``seq[group]`` counts ops issued per group;
+    ``colls[group]`` its collectives only, which every member issues in the same order,
+    so a collective's number there is the same on every member (``stuck_collective``).
     """
 
     def __init__(self, groups: Groups, rank: int, check: CheckFn | None = None,
@@ -231,6 +236,7 @@ class Transport:
         self.slice_s, self.spin_s = slice_s, spin_s
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.seq: dict[str, int] = {}
+        self.colls: dict[str, int] = {}
         self.completer = _Completer(rank)
         self._replies = threading.local()
         self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
@@ -239,6 +245,8 @@ class Transport:
 
     # -- issuing -------------------------------------------------------------------------
     def _enter(self, op: str, group: str, peer, row):
+        """The checks before a backend call; (process group, peer, the op's number among
+        the group's collectives or None for a send / recv)."""
         if self._abandoned:
             raise CommError(self.rank, op, group, peer, f"refused: an earlier op was "
                             f"abandoned ({self._abandoned}); exit the process")
@@ -253,9 +261,12 @@ class Transport:
         if peer is not None:                              # group-rank range check
             peer = Peer(peer, self.groups.global_rank(group, peer))
         self.seq[group] = self.seq.get(group, 0) + 1
-        return self.groups.pg(group), peer
+        index = None
+        if op in _COLLECTIVES:
+            index = self.colls[group] = self.colls.get(group, 0) + 1
+        return self.groups.pg(group), peer, index
 
-    def _issue(self, op, group, peer, tensor, start, then):
+    def _issue(self, op, group, peer, tensor, start, then, index=None):
         try:
             work = start()
         except Exception as e:  # noqa: BLE001
@@ -263,48 +274,48 @@ class Transport:
         if work is None:
             raise GroupMembershipError(f"{op} on {group}: backend returned no work "
                                        f"(rank {self.rank} not in the group?)")
-        return Op(work, op, group, peer, tensor.device.type == "cuda", then)
+        return Op(work, op, group, peer, tensor.device.type == "cuda", then, index)
 
     # The ops call the ProcessGroup itself, which takes group ranks: what torch.distributed's
     # wrappers do after their argument checks (about 25 us of Python per op saved; the
     # checks that matter are the three above).
     def isend(self, tensor: torch.Tensor, dst: int, group: str, *, row=None, then=None) -> Op:
-        pg, p = self._enter("send", group, dst, row)
+        pg, p, _ = self._enter("send", group, dst, row)
         return self._issue("send", group, p, tensor, lambda: pg.send([tensor], int(p), 0),
                            then)
 
     def irecv(self, tensor: torch.Tensor, src: int, group: str, *, row=None, then=None) -> Op:
-        pg, p = self._enter("recv", group, src, row)
+        pg, p, _ = self._enter("recv", group, src, row)
         return self._issue("recv", group, p, tensor, lambda: pg.recv([tensor], int(p), 0),
                            then)
 
     def ibroadcast(self, tensor: torch.Tensor, group: str, root: int, *, row=None,
                    then=None) -> Op:
-        pg, p = self._enter("broadcast", group, root, row)
+        pg, p, k = self._enter("broadcast", group, root, row)
         opts = _opts(c10d.BroadcastOptions, rootRank=int(p), rootTensor=0)
         return self._issue("broadcast", group, p, tensor,
-                           lambda: pg.broadcast([tensor], opts), then)
+                           lambda: pg.broadcast([tensor], opts), then, k)
 
     def iall_reduce(self, tensor: torch.Tensor, group: str, op=dist.ReduceOp.SUM, *,
                     row=None, name: str = "all_reduce") -> Op:
         """``name``: how a failure of this op names it (e.g. the workload's "all_reduce
         #2 of generator_call(call_index=1)"); the table checks it as an all_reduce."""
-        pg, _ = self._enter("all_reduce", group, None, row)
+        pg, _, k = self._enter("all_reduce", group, None, row)
         opts = _opts(c10d.AllreduceOptions, reduceOp=op)
         return self._issue(name, group, None, tensor,
-                           lambda: pg.allreduce([tensor], opts), None)
+                           lambda: pg.allreduce([tensor], opts), None, k)
 
     def iall_gather(self, out, tensor: torch.Tensor, group: str, *, row=None,
                     then=None) -> Op:
         """``out``: a list of group-size tensors, or one output tensor of group-size x
         ``tensor`` (all_gather_into_tensor)."""
-        pg, _ = self._enter("all_gather", group, None, row)
+        pg, _, k = self._enter("all_gather", group, None, row)
         opts = _opts(c10d.AllgatherOptions)
         if isinstance(out, torch.Tensor):
             start = lambda: pg._allgather_base(out, tensor, opts)  # noqa: E731,SLF001
         else:
             start = lambda: pg.allgather([out], [tensor], opts)  # noqa: E731
-        return self._issue("all_gather", group, None, tensor, start, then)
+        return self._issue("all_gather", group, None, tensor, start, then, k)
 
     def nothing(self, op: str, group: str, peer, then=None) -> Op:
         """An op with no bytes to move (an empty payload): already complete."""
@@ -361,6 +372,21 @@ class Transport:
                  + " or ".join(f"{o.op} group={o.group} peer={_fmt(o.peer)}" for o in ops)
                  for ops, t0 in list(self._waiting.values())]
         return f"rank {self.rank}: " + "; ".join(parts) if parts else None
+
+    def stuck_collective(self, after_s: float) -> str | None:
+        """``"GROUP NUMBER NAME"`` of a collective a thread of this rank has waited on for
+        ``after_s`` or longer (NUMBER: its place among the group's collectives,
+        ``colls``), else None. The watchdog publishes it: members of one group waiting in
+        collectives of one number but of different names issued different collectives
+        (an extra or a missing one on a rank), which no deadline short of the op's
+        own would otherwise end (sidechannel.collective_mismatch)."""
+        now = time.monotonic()
+        for ops, t0 in list(self._waiting.values()):
+            if now - t0 >= after_s:
+                for o in ops:
+                    if o.index is not None and not o.done:
+                        return f"{o.group} {o.index} {o.op}"
+        return None
 
     def settle(self, op: Op, within_s: float) -> bool:
         """Give ``op`` up to ``within_s`` to complete, without raising: True when it

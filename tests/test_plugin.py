@@ -139,27 +139,46 @@ def test_a_misbehaving_pipeline_is_a_fast_one_line_failure(plugins, tmp_path, cl
     assert says.split(":")[0][:20] in text or cls == "RaisesInInit", text
 
 
-@pytest.mark.parametrize("cls, where", [
-    ("ExtraAllReduce", {2: "all_reduce #2 of generator_call(call_index=1) group=mesh_pg",
-                        1: "broadcast group=mesh_pg"}),
-    ("MissingAllReduce", {1: "all_reduce #1 of generator_call(call_index=1) group=mesh_pg",
-                          2: "broadcast group=mesh_pg"})])
-def test_an_extra_or_a_missing_all_reduce_shows_where_the_mesh_ranks_parted(
-        plugins, tmp_path, cls, where):
-    """Rank 2 issues one all_reduce more (or less) than rank 1 in generator call 1: no
-    rank can tell which of them is wrong, and the first to reach the op deadline is the
-    root cause. Each mesh rank's line names the collective it was left in, by its place
-    in the call (its own OpDeadline, or, released first by the abort flag, where it was
-    waiting), so the lines side by side show where the ranks parted."""
-    res, out = _run(tmp_path, cls, {"rank": 2}, op_deadline_s=3.0)
+GEN1 = "generator_call(call_index=1)"
+
+
+@pytest.mark.parametrize("cls, rank, sides", [
+    ("ExtraAllReduce", 2, ("rank 1 in broadcast", f"rank 2 in all_reduce #2 of {GEN1}")),
+    ("ExtraAllReduce", 1, (f"rank 1 in all_reduce #2 of {GEN1}", "rank 2 in broadcast")),
+    ("MissingAllReduce", 2, (f"rank 1 in all_reduce #1 of {GEN1}", "rank 2 in broadcast"))])
+def test_an_extra_or_a_missing_all_reduce_is_caught_where_the_mesh_ranks_parted(
+        plugins, tmp_path, cls, rank, sides):
+    """One rank issues one all_reduce more (or less) than the other in generator call 1:
+    each then waits in a collective the other never joins at that place, and no row
+    sees it (the workload's all_reduces are inside one row). The watchdogs compare the
+    collective each rank has waited in (its number on mesh_pg and its name), so the run
+    fails at once, every rank naming both sides, long before the 20 s op deadline
+    (before, the first rank to reach its deadline was the root cause)."""
+    res, out = _run(tmp_path, cls, {"rank": rank}, op_deadline_s=20.0, pg_timeout_s=30.0)
+    assert not res.ok and not res.deadline_hit, res.summary()
+    for r, line in _lines(res).items():
+        assert "/collective_mismatch reason=" in line and "OpDeadline" not in line, (r, line)
+        assert all(side in line for side in sides), (r, line)
+        assert "collective mismatch on mesh_pg at its collective #" in line, (r, line)
+        assert "group=mesh_pg:" in line, (r, line)     # the cause names the group
+    assert res.all_exited_after(res.start_time) < DEADLINE_S
+    rep = conform(out)
+    text = format_report(rep)
+    assert rep.ok, text
+    mode = next(ln for ln in text.splitlines() if ln.startswith("failure mode"))
+    assert "collective_mismatch" in mode and sides[0] in mode, mode
+
+
+def test_an_op_deadline_names_its_own_group_and_where_the_rank_waited(plugins, tmp_path):
+    """Rank 2 sleeps in generator call 1 past the leader's op deadline: the leader's own
+    line is its OpDeadline in that all_reduce, and each failure's context names its
+    op's group (it named the group the rank's other thread used last: the leader's
+    deadline in a mesh_pg op said world_pg(p2p)). A slow rank is no mismatch: it waits
+    in no collective, so nothing else ends the run first."""
+    res, out = _run(tmp_path, "Slow", {"rank": 2, "sleep_s": 6.0}, op_deadline_s=1.5)
     assert not res.ok and not res.deadline_hit, res.summary()
     lines = _lines(res)
-    for rank, says in where.items():
-        own = lines[rank].split(" | own: ")[-1] if " via=own " not in lines[rank] \
-            else lines[rank]
-        assert says in own, (rank, lines[rank])
-    # each failure's context names the group of its op (it named the group the rank's
-    # other thread used last: the leader's deadline in a mesh_pg op said world_pg(p2p))
+    assert f"OpDeadline: rank 1: all_reduce #1 of {GEN1} group=mesh_pg" in lines[1], lines[1]
     import re
     pairs = [m for line in lines.values() for m in re.findall(
         r"group=(\S+): OpDeadline: rank \d+: .*? group=(\S+) ", line)]
