@@ -122,8 +122,14 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
     t = threading.Thread(target=settle, daemon=True)
     t.start()
     t.join(limit_s + (grace if echo else 0.0))
-    if sc.hosts_store:   # env:// fallback only: let peers read the flag first
-        time.sleep(0.1)
+    if sc.hosts_store:   # env:// fallback only: the store dies with us
+        if release:      # every peer reads the flag (its exit mark says so) first
+            try:
+                sc.wait_peers_left(max(1.0, 2 * sc.echo_grace_s))
+            except Exception:  # noqa: BLE001 - our own store: nothing more to do
+                pass
+        else:            # the caller lingers (linger_then_release), then waits the same
+            time.sleep(0.1)
     return box[0] if box else (None, "store_lost")
 
 
@@ -264,7 +270,30 @@ class SideChannel:
         first = _text(store.get(self.k_cause))
         if first:
             store.compare_set(self.k_abort, "", first)
+        if self.hosts_store:     # the flag releases the rest: let them read it
+            self.wait_peers_left(limit_s, store)
         return missing
+
+    def wait_peers_left(self, limit_s: float, store=None, until_abort: bool = False) -> list:
+        """Wait (polling, <= ``limit_s``) until every peer has an exit mark (it reads
+        nothing more from the store; a clean mark alone is not that: the peer may still
+        poll for the others' in ``wait_all_clean``), or, with ``until_abort``, the flag
+        is set; returns the peers that had none. The rank that hosts the store (env://
+        fallback) calls it before it exits, on every path: a peer whose watchdog has not
+        yet read the flag, or whose receive failed when our pairs closed (an echo, which
+        then waits for the cause), otherwise finds the store gone and ends
+        ``via=store_lost`` with no root cause (3 of 6 plain env:// runs whose worker
+        failed, before).
+        """
+        s = store or self._store()
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        end = time.monotonic() + limit_s
+        while True:
+            missing = [r for r in peers if not s.check([self.k_exit[r]])]
+            if not missing or time.monotonic() >= end or \
+                    (until_abort and self.abort_cause(s)):
+                return missing
+            time.sleep(0.01)
 
     def abort_cause(self, store=None) -> dict | None:
         return R.decode((store or self._store()).get(self.k_abort))
@@ -319,13 +348,8 @@ class SideChannel:
         store and ended a clean run as an error (via store_lost, connection reset)."""
         s = self._store()
         s.set(self.k_exit[self.rank], "1")
-        if not self.hosts_store:
-            return
-        peers = [r for r in range(self.world_size) if r != self.rank]
-        end = time.monotonic() + timeout
-        while any(not s.check([self.k_exit[r]]) for r in peers) \
-                and not self.abort_cause() and time.monotonic() < end:
-            time.sleep(0.01)
+        if self.hosts_store:
+            self.wait_peers_left(timeout, s, until_abort=True)
 
     def wait_all_clean(self, timeout: float, ranks=None) -> list[int]:
         """Wait (polling, <= ``timeout``) until ``ranks`` (default: all others) have marked a
@@ -477,6 +501,9 @@ class Watchdog(threading.Thread):
         self.on_release = on_release
         self.heartbeat_s, self.lost_after_s, self.startup_s = heartbeat_s, lost_after_s, startup_s
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
+        # the rank hosting the store (env:// fallback) waits this long at most for its
+        # peers to read the flag before it exits (SideChannel.wait_peers_left)
+        self.host_linger_s = max(1.0, 2 * lost_after_s)
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
         # probe(after_s): this rank's collective waited on that long ("GROUP NUMBER
@@ -581,8 +608,10 @@ class Watchdog(threading.Thread):
             self.side.mark_exit(self._client)
         except Exception:  # noqa: BLE001 - a mark is a courtesy to peers; exiting is not
             pass
+        host = self.side.hosts_store
         if self.exit_code is not None:
-            killer = threading.Timer(self.release_grace_s, os._exit, args=(self.exit_code,))
+            grace = self.release_grace_s + (self.host_linger_s if host else 0.0)
+            killer = threading.Timer(grace, os._exit, args=(self.exit_code,))
             killer.daemon = True
             killer.start()
         try:
@@ -592,6 +621,11 @@ class Watchdog(threading.Thread):
                 sys.stderr.write(cause_line("released", via, cause) + "\n")
         except Exception:
             pass
+        if host:
+            try:
+                self.side.wait_peers_left(self.host_linger_s, self._client)
+            except Exception:  # noqa: BLE001 - our own store: nothing more to do
+                pass
         if self.exit_code is not None:
             for f in (sys.stdout, sys.stderr):
                 try:

@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,20 @@ def _args(tmp_path, mesh=3, chunks=4):
     return args
 
 
+def _env_launch(run_dir, args, side_port, world=3):
+    """A whole plain env:// launch of `world` ranks on 127.0.0.1; (procs, (out, err)s)."""
+    port = free_port()
+    procs = [_env_rank(run_dir, args, r, world, MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), LOCKSTEP_SIDE_PORT=str(side_port))
+             for r in range(world)]
+    try:
+        return procs, [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
 def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
     """rank 0 hosts the store here and left as soon as it saw the last clean mark; a
     peer still polling for the others' marks read a closed store and a clean run ended
@@ -81,16 +96,8 @@ def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
     for attempt in range(3):
         run_dir = tmp_path / f"a{attempt}"
         run_dir.mkdir()
-        args, port, side_port = _args(run_dir, mesh=2), free_port(), free_port()
-        procs = [_env_rank(run_dir, args, r, 3, MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port), LOCKSTEP_SIDE_PORT=str(side_port))
-                 for r in range(3)]
-        try:
-            outs = [p.communicate(timeout=90) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+        side_port = free_port()
+        procs, outs = _env_launch(run_dir, _args(run_dir, mesh=2), side_port)
         assert [p.returncode for p in procs] == [0] * 3, [e[-600:] for _, e in outs]
         assert all("exit=ok" in e for _, e in outs)
         # the side port given reached every rank: rank 0 hosted the store there
@@ -99,6 +106,72 @@ def test_a_plain_env_launch_ends_clean_on_every_rank(tmp_path):
                   if '"start"' in ln]
         assert [(e["side_store"], e["side_addr"]) for e in starts] == \
             [("rank0", f"127.0.0.1:{side_port}")] * 3, starts
+
+
+def test_a_plain_env_launch_that_fails_names_the_root_cause_on_every_rank(tmp_path):
+    """rank 0 hosts the store here. A worker's refused collective (wrong_group) sets the
+    flag; rank 0, released by it, exited at once and took the store with it: the
+    leader, whose receive from rank 0 then failed (an echo) or whose watchdog had not
+    polled yet, found no store and ended 'via=store_lost root=-' (3 of 6 runs before
+    the fix: a race between two 50 ms polls, which the next test pins down). Now the
+    host waits for every peer's exit mark first (bounded)."""
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({
+        "config": config_to_dict(Config(mesh=2, chunks=4, inject=frozenset({"wrong_group"}))),
+        "opts": {"fault": {"name": "wrong_group", "at_chunk": 1}}}))
+    procs, outs = _env_launch(tmp_path, args, free_port())
+    lines = [(_exit_lines(e) or ["(no exit line)"])[-1] for _, e in outs]
+    assert [p.returncode for p in procs] == [3, 3, 1], lines
+    for line in lines:
+        assert "root=2/worker/table_refused" in line and "store_lost" not in line, lines
+    rep = conform(tmp_path)
+    assert rep.ok, format_report(rep)
+
+
+HOST = """
+import sys, time
+from lockstep.runtime.sidechannel import SideChannel, Watchdog
+sc = SideChannel("127.0.0.1", int(sys.argv[1]), 0, 2, "host", hosts_store=True, timeout=5)
+Watchdog(sc, None, heartbeat_s=0.02, lost_after_s=float(sys.argv[2])).start()
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mark", [True, False], ids=["peer_marks_exit", "peer_silent"])
+def test_the_rank_hosting_the_store_outlives_the_flag_until_its_peers_have_read_it(
+        tmp_path, mark):
+    """The host's watchdog reads the flag and is released; it keeps the store up until
+    the peer's exit mark (the peer has read the flag), then exits at once; a peer that
+    never marks (dead) holds it for host_linger_s = max(1, 2 * lost_after_s) at most.
+    Before, it exited on reading the flag and the peer found the store gone."""
+    import time
+    from torch.distributed import TCPStore
+    from lockstep.model import release as R
+    from lockstep.runtime.sidechannel import set_first_cause
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", HOST, str(port), "0.5"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert host.stdout.readline().strip() == "up", host.stderr.read()
+        peer = TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=5))
+        p = "lockstep/host/"
+        set_first_cause(peer, p + "cause", p + "abort",
+                        R.cause("error", 1, "leader", "the peer failed"))
+        time.sleep(0.5)                       # the host's watchdog polls every 20 ms
+        assert host.poll() is None, "the host exited before its peer read the flag"
+        assert R.decode(peer.get(p + "abort"))["detail"] == "the peer failed"
+        t0 = time.monotonic()
+        if mark:
+            peer.set(p + "exit/1", "1")
+        rc = host.wait(timeout=10)
+        took = time.monotonic() - t0
+    finally:
+        if host.poll() is None:
+            os.killpg(host.pid, signal.SIGKILL)
+    assert rc == 3, host.stderr.read()        # EXIT_RELEASED
+    assert took < (1.0 if mark else 3.0), took
 
 
 def _exit_lines(err: str) -> list[str]:
