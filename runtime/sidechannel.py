@@ -405,7 +405,11 @@ class StoreUnreachable(RuntimeError):
 
 
 def _text(raw) -> str:
-    return raw.decode() if isinstance(raw, (bytes, bytearray)) else (raw or "")
+    """A store value as text (a foreign or torn value is text too, never an exception
+    out of the watchdog, which would read as the store lost)."""
+    if isinstance(raw, (bytes, bytearray)):
+        return raw.decode(errors="replace")
+    return raw or ""
 
 
 def set_first_cause(store, k_cause: str, k_abort: str, cause: dict) -> dict:
