@@ -33,6 +33,9 @@ Who writes which kind:
                   names the rank whose watchdog saw it, a failure outside its table,
                   like a deadline (which rank is wrong no member can tell: the detail
                   names both sides)
+  duplicate_rank  a second process started with a RANK another one holds (a launch
+                  script's copy-paste error); names that rank: both of its processes
+                  exit with an error, every other rank is released
 
 Echo rule: a rank whose own failure is an ECHO of a peer's disappearance (gloo "Connection
 closed / reset by peer", a broken pipe, a peer's terminal ERROR message) does not claim the
@@ -58,7 +61,7 @@ import re
 from .tracefmt import loads
 
 KINDS = ("error", "table_refused", "deadline", "killed", "heartbeat_lost",
-         "collective_mismatch")
+         "collective_mismatch", "duplicate_rank")
 
 # A rank's own release path, as written in its exit line:
 VIAS = (
@@ -119,6 +122,13 @@ def committed_exits(thread_table: dict) -> dict:
 def own_kind(how: str) -> str:
     """The cause kind of an own failure by its Exit row's ``how``."""
     return "table_refused" if how == "abort" else "error"
+
+
+def started_twice(c: dict | None, rank: int) -> bool:
+    """A ``duplicate_rank`` cause naming ``rank``: a process of that RANK is one of the two
+    that hold it, and fails (exit error) whatever path read the cause; it was not released
+    by someone else's fault."""
+    return c is not None and c.get("kind") == "duplicate_rank" and c.get("rank") == rank
 
 
 def role_of(rank: int) -> str:

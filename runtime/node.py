@@ -70,7 +70,8 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     def ctx() -> str:
         return interp_box[0].ctx() if interp_box else f"rank={rank} role={role}"
 
-    def on_release(cause: dict, via: str, own: str | None = None) -> None:
+    def on_release(cause: dict, via: str, own: str | None = None,
+                   kind: str = "released") -> None:
         if own is None and interp_box:   # released from a wait: say which
             own = interp_box[0].comm.waiting_text()
         try:   # the one line below must be written whatever happened to the trace file
@@ -79,12 +80,16 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                           "t_ns": time.monotonic_ns()})
         except (OSError, ValueError):
             pass
-        print(cause_line("released", via, cause, own=own, ctx=ctx()), file=sys.stderr,
+        print(cause_line(kind, via, cause, own=own, ctx=ctx()), file=sys.stderr,
               flush=True)
 
     wd = Watchdog(side, on_release, lost_after_s=lost_after_s)
     wd.start()
     timeout_s = opts.pg_timeout_s
+    if not side.wait_all_claimed(timeout_s):    # the flag: the watchdog ends the process
+        wd.join(wd.release_grace_s + 5.0)
+        raise RuntimeError("released before any process group, yet the watchdog did not "
+                           "end the process")
     init_world(opts.backend, rank, world_size, env.master_addr, env.master_port, timeout_s)
     groups = make_groups(world_size, opts.backend, timeout_s)
     try:
@@ -259,7 +264,6 @@ def _error_exit(e, ctx: str, side, tracer, run_dir, rank, role) -> None:
     if not claim_exit():
         time.sleep(2.0)
         os._exit(EXIT_RELEASED)
-    _mark_exit(side)
     own = f"{ctx}: {type(e).__name__}: {e}"
     try:
         with open(run_dir / f"rank{rank}.traceback", "w") as f:
@@ -269,6 +273,10 @@ def _error_exit(e, ctx: str, side, tracer, run_dir, rank, role) -> None:
     kind, echo = classify(e)
     cause, via = abort_active(side.cause(kind, own, **R.ids_from_ctx(ctx)),
                               echo=echo)
+    # Only now, the cause settled: an exit mark says this rank reads nothing more, from
+    # gloo or from the store. Marked before an echo's wait for the cause, it let the
+    # store's host (env://) leave, and the wait found no store (via=store_lost).
+    _mark_exit(side)
     try:
         tracer.write({"ev": "release", "rank": rank, "role": role,
                       "reason": one_line(f"error: {type(e).__name__}: {e}"), "cause": cause,
@@ -276,7 +284,9 @@ def _error_exit(e, ctx: str, side, tracer, run_dir, rank, role) -> None:
         tracer.close()
     except (OSError, ValueError):
         pass
-    released = via == "echo"    # our error only echoed the root cause: we were released
+    # our error only echoed the root cause: we were released (unless it names our RANK
+    # as started twice: this process is one of the two)
+    released = via == "echo" and not R.started_twice(cause, rank)
     print(cause_line("released" if released else "error", via, cause, own=own, ctx=ctx),
           file=sys.stderr, flush=True)
     os._exit(EXIT_RELEASED if released else EXIT_ERROR)

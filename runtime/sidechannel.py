@@ -30,6 +30,9 @@ Layout (all keys under ``lockstep/<run_id>/``):
                 members waiting in collectives of one number but of different names
                 issued different collectives: every watchdog compares them
                 (``collective_mismatch``) and the first to see it sets the flag
+  ``owner/<r>`` "pid P on HOST" of the process that holds RANK r (first claim wins): a
+                second process started with that RANK fails (``duplicate_rank``), and no
+                rank enters a process group before every rank has claimed
 Every rank creates the keys idempotently (``compare_set(abort, "", "")``, ``add(hb, 0)``),
 so no rank has to come first and no "ready" handshake is needed.
 
@@ -76,8 +79,8 @@ from datetime import timedelta
 from typing import Callable
 
 from lockstep.model import release as R
-from lockstep.runtime.worker_main import (EXIT_RELEASED, cause_line, claim_exit, get_role,
-                                          one_line)
+from lockstep.runtime.worker_main import (EXIT_ERROR, EXIT_RELEASED, cause_line, claim_exit,
+                                          get_role, one_line)
 
 _ACTIVE: "SideChannel | None" = None  # the process's side channel, for worker_main's error path
 
@@ -159,19 +162,36 @@ class SideChannel:
         self._left: set = set()     # ranks known to have an exit or clean mark
         self.k_role = [f"{p}role/{r}" for r in range(world_size)]
         self.k_wait = [f"{p}wait/{r}" for r in range(world_size)]
+        self.k_owner = [f"{p}owner/{r}" for r in range(world_size)]
         self.where = where      # the variables that named the store's address, for people
+        self.owns_rank = False  # this process holds owner/<rank> (``_claim_rank``)
+        store = None
         if hosts_store:
-            store = TCPStore(host, port, world_size, True, timeout=self.timeout,
-                             wait_for_workers=False)
-        else:
-            store = self._first_client(connect_s)
+            try:
+                store = TCPStore(host, port, world_size, True, timeout=self.timeout,
+                                 wait_for_workers=False)
+            except Exception as e:  # noqa: BLE001 - the port is taken: by a second rank 0?
+                if not _in_use(e):
+                    raise
+                self.hosts_store = False    # then the owner claim below names it
+        if store is None:
+            try:
+                store = self._first_client(connect_s)
+            except Exception as e:  # noqa: BLE001 - named below, or as it was
+                if not hosts_store:
+                    raise
+                # not a second rank 0's store answers there: something else has the port
+                raise StoreUnreachable(f"{_port_taken(self.where, host, port)}; dialling "
+                                       f"it as a store: {type(e).__name__}: "
+                                       f"{one_line(e, 160)}") from None
         init_keys(store, run_id, world_size)
         store.set(self.k_role[rank], get_role())
         self._local.store = store
-        self._host_store = store if hosts_store else None  # keeps the server alive
+        self._host_store = store if self.hosts_store else None  # keeps the server alive
         self.watchdogs: list[Watchdog] = []
         global _ACTIVE
         _ACTIVE = self
+        self._claim_rank(store, port_taken=hosts_store and not self.hosts_store)
 
     @classmethod
     def from_env(cls, env, timeout: float = 30.0, echo_grace_s: float = 0.6):
@@ -209,6 +229,27 @@ class SideChannel:
         store.set_timeout(self.timeout)
         return store
 
+    def _claim_rank(self, store, port_taken: bool = False) -> None:
+        """Claim ``owner/<rank>`` for this process (first claim wins). A second process
+        with the same RANK (a copy-paste error in a launch script) finds it held and raises
+        ``DuplicateRank`` naming both processes: it leaves with one line and sets the flag
+        to a ``duplicate_rank`` cause (worker_main.error_exit); the holder exits with an
+        error naming the same cause (``release.started_twice``) and every other rank is
+        released at once. The claim is made before any process group is touched, and no
+        rank enters one before every rank has claimed (``wait_all_claimed``): a duplicate
+        never reaches torch's rendezvous, where it broke the run in ways that depended on
+        timing. The loser writes no key of the rank it does not own (``mark_exit``)."""
+        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        holder = _text(store.compare_set(self.k_owner[self.rank], "", me))
+        self.owns_rank = holder == me
+        if holder == me:
+            if port_taken:      # no other process claims rank 0: something else has the port
+                raise StoreUnreachable(_port_taken(self.where, self.host, self.port))
+            return
+        # the error path (worker_main.error_exit, kind by classify) sets the flag
+        raise DuplicateRank(f"RANK={self.rank} started twice: {holder} holds it, {me} is a "
+                            "second one; every rank stops")
+
     # -- clients -------------------------------------------------------------------------
     def client(self, timeout: float | None = None):
         """A NEW TCPStore client connection (one per thread, never shared)."""
@@ -242,8 +283,32 @@ class SideChannel:
                                                              R.encode(cause)))
 
     def mark_exit(self, store=None) -> None:
-        """This rank is in its exit path: it will read nothing more."""
-        (store or self._store()).set(self.k_exit[self.rank], "1")
+        """This rank is in its exit path: it will read nothing more. Only the process that
+        owns the rank marks it: a second process started with the same RANK marking it
+        told the store's host (rank 0 under env://) that the holder had read the flag, and
+        the host closed the store before it had (the holder then ended via store_lost)."""
+        if self.owns_rank:
+            (store or self._store()).set(self.k_exit[self.rank], "1")
+
+    def wait_all_claimed(self, timeout_s: float) -> bool:
+        """Before any process group: wait until every rank of the world has claimed its
+        RANK (True), or the flag is set (False: this process's watchdog is releasing it).
+        A second process with a taken RANK is then found while every rank is still
+        outside torch's rendezvous, where a peer's exit surfaced as an echo of a closed
+        connection racing the watchdog's read of the cause. Raises after ``timeout_s``
+        (the process group's own rendezvous bound) naming the ranks that never claimed."""
+        store, end = self._store(), time.monotonic() + timeout_s
+        while not store.check(self.k_owner):
+            if self.abort_cause(store) is not None:
+                return False
+            if time.monotonic() >= end:
+                missing = [r for r in range(self.world_size)
+                           if not store.check([self.k_owner[r]])]
+                raise RuntimeError(f"ranks {missing} did not start within {timeout_s:g} s "
+                                   "(pg_timeout_s): no rank enters a process group before "
+                                   f"all {self.world_size} have claimed their RANK")
+            time.sleep(0.01)
+        return True
 
     def linger_then_release(self, limit_s: float, store=None) -> list[int]:
         """After a terminal message: keep this process (and its gloo pairs) alive until
@@ -404,6 +469,20 @@ class StoreUnreachable(RuntimeError):
     """The side store did not answer within ``connect_bound``."""
 
 
+class DuplicateRank(RuntimeError):
+    """A second process claimed a RANK another process of the run already holds."""
+
+
+def _port_taken(where: str, host: str, port: int) -> str:
+    return (f"rank 0 cannot host the side store on {where} = {host}:{port}: the port is "
+            f"in use by another process (set LOCKSTEP_SIDE_PORT to a free port, the same "
+            f"on every rank; the default is MASTER_PORT+1)")
+
+
+def _in_use(e: BaseException) -> bool:
+    return "address already in use" in str(e).lower() or "errno 98" in str(e).lower()
+
+
 def _text(raw) -> str:
     """A store value as text (a foreign or torn value is text too, never an exception
     out of the watchdog, which would read as the store lost)."""
@@ -473,9 +552,11 @@ def peer_role(store, key: str, rank: int) -> str:
 
 class Watchdog(threading.Thread):
     """Per-rank release thread. Beats ``hb/<rank>`` every ``heartbeat_s`` with its own
-    client and releases the process (``on_release(cause, via)`` then
-    ``os._exit(exit_code)``) when: the abort flag is set (``via=abort_flag``); a peer's beat
-    has not advanced for ``lost_after_s`` and the peer has no clean-exit mark (the watchdog
+    client and releases the process (``on_release(cause, via, kind=...)`` then
+    ``os._exit(exit_code)``; kind ``error`` and exit 1 instead where the cause names this
+    process's RANK as started twice) when: the abort flag is set (``via=abort_flag``); a
+    peer's beat has not advanced for ``lost_after_s`` and the peer has no clean-exit mark
+    (the watchdog
     first sets the flag to a ``heartbeat_lost`` cause naming the SILENT peer, so every
     survivor reports the same root cause; ``via=heartbeat`` if it won); or the store is
     unreachable (``via=store_lost``: only possible when a rank hosts the store, or the
@@ -496,7 +577,7 @@ class Watchdog(threading.Thread):
     path (no launcher record, no gloo pair); with the embedded launcher it never is.
     """
 
-    def __init__(self, side: SideChannel, on_release: Callable[[dict, str], None] | None = None,
+    def __init__(self, side: SideChannel, on_release: Callable[..., None] | None = None,
                  *, heartbeat_s: float = 0.05, lost_after_s: float = 0.5, startup_s: float = 60.0,
                  exit_code: int | None = EXIT_RELEASED, release_grace_s: float = 0.5,
                  watch: list[int] | None = None):
@@ -608,6 +689,8 @@ class Watchdog(threading.Thread):
             return
         self.cause, self.via = cause, via
         self._reason = R.text(cause)
+        code, kind = ((EXIT_ERROR, "error") if R.started_twice(cause, self.side.rank)
+                      else (self.exit_code, "released"))
         try:
             self.side.mark_exit(self._client)
         except Exception:  # noqa: BLE001 - a mark is a courtesy to peers; exiting is not
@@ -615,14 +698,14 @@ class Watchdog(threading.Thread):
         host = self.side.hosts_store
         if self.exit_code is not None:
             grace = self.release_grace_s + (self.host_linger_s if host else 0.0)
-            killer = threading.Timer(grace, os._exit, args=(self.exit_code,))
+            killer = threading.Timer(grace, os._exit, args=(code,))
             killer.daemon = True
             killer.start()
         try:
             if self.on_release is not None:
-                self.on_release(cause, via)
+                self.on_release(cause, via, kind=kind)
             else:
-                sys.stderr.write(cause_line("released", via, cause) + "\n")
+                sys.stderr.write(cause_line(kind, via, cause) + "\n")
         except Exception:
             pass
         if host:
@@ -636,4 +719,4 @@ class Watchdog(threading.Thread):
                     f.flush()
                 except Exception:
                     pass
-            os._exit(self.exit_code)
+            os._exit(code)

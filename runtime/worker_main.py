@@ -112,6 +112,8 @@ def classify(e: BaseException) -> tuple[str, bool]:
         x = x.__cause__ or x.__context__
     names = {type(x).__name__ for x in chain}
     text = " ".join(str(x) for x in chain)
+    if names & {"DuplicateRank"}:
+        return "duplicate_rank", False
     if names & {"OpDeadline"}:
         return "deadline", False
     if names & {"TableViolation", "WrongGroup", "TableRefused", "GroupMembershipError"}:
@@ -191,22 +193,24 @@ def error_exit(e: BaseException, reason: str) -> None:
         import time
         time.sleep(2.0)
         _flush_and_exit(EXIT_RELEASED)
+    from lockstep.model import release as R
     cause, via = None, "own"
     try:
-        from lockstep.model import release as R
         from lockstep.runtime import sidechannel
         kind, echo = classify(e)
-        if sidechannel._ACTIVE is not None:
-            try:
-                sidechannel._ACTIVE.mark_exit()
-            except Exception:  # noqa: BLE001
-                pass
         mine = R.cause(kind, _RANK if _RANK is not None else -1, _ROLE, reason,
                        **R.ids_from_ctx(reason))
         cause, via = sidechannel.abort_active(mine, echo=echo)
+        if sidechannel._ACTIVE is not None:   # the cause settled: it reads nothing more
+            try:                              # (node._error_exit says why not before)
+                sidechannel._ACTIVE.mark_exit()
+            except Exception:  # noqa: BLE001
+                pass
     except Exception:
         pass
-    released = via == "echo"    # our error only echoed the root cause: we were released
+    # our error only echoed the root cause: we were released (unless it names our RANK
+    # as started twice: this process is one of the two)
+    released = via == "echo" and not R.started_twice(cause, _RANK)
     line = cause_line("released" if released else "error", via, cause, own=reason)
     try:
         sys.stderr.write(line + "\n")

@@ -101,8 +101,8 @@ def _pair(store, run_id, probes):
     dogs = []
     for r in (0, 1):
         side = S.SideChannel("127.0.0.1", store.port, r, 2, run_id, timeout=5.0)
-        wd = S.Watchdog(side, lambda cause, via, r=r: released.__setitem__(r, (cause, via)),
-                        heartbeat_s=0.02, lost_after_s=30.0, exit_code=None)
+        wd = S.Watchdog(side, lambda cause, via, r=r, **kw: released.__setitem__(
+            r, (cause, via)), heartbeat_s=0.02, lost_after_s=30.0, exit_code=None)
         wd.probe = lambda after_s, r=r: probes[r]
         wd.ids = lambda: {"call_id": 1, "chunk_index": 1, "cache_epoch": 0,
                           "group": "world_pg(p2p)"}

@@ -1,6 +1,7 @@
 """The same runtime under torchrun (env://): a hard deadline kills the whole tree."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,41 @@ def test_the_rank_hosting_the_store_outlives_the_flag_until_its_peers_have_read_
     assert took < (1.0 if mark else 3.0), took
 
 
+def test_rank0_whose_side_port_another_process_holds_says_so(tmp_path):
+    """rank 0 hosts the side store under a plain env:// launch; with its port held by a
+    process that is no store (a listener that hangs up), it said 'Broken pipe'. Now one
+    line names the port, the variable that set it and what to do."""
+    import socket
+    import threading
+    side = free_port()
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("0.0.0.0", side))
+    held.listen(8)
+
+    def hang_up():
+        while True:
+            try:
+                c, _ = held.accept()
+            except OSError:
+                return
+            c.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    p = _env_rank(tmp_path, _args(tmp_path, mesh=1), 0, 2, MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()), LOCKSTEP_SIDE_PORT=str(side),
+                  LOCKSTEP_CONNECT_TIMEOUT_S="2")
+    try:
+        _, err = p.communicate(timeout=60)
+    finally:
+        held.close()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = _exit_lines(err)
+    assert p.returncode == 1 and len(lines) == 1, err[-1500:]
+    assert (f"rank 0 cannot host the side store on MASTER_ADDR:LOCKSTEP_SIDE_PORT = "
+            f"127.0.0.1:{side}: the port is in use by another process") in lines[0], lines
+
+
 def _exit_lines(err: str) -> list[str]:
     return [ln for ln in err.splitlines() if ln.startswith("lockstep: ")]
 
@@ -215,6 +251,122 @@ def test_a_wrong_rank_or_master_address_is_one_line_and_a_fast_exit(tmp_path, en
             os.killpg(p.pid, signal.SIGKILL)
     lines = [ln for ln in err.splitlines() if ln.startswith("lockstep: ")]
     assert p.returncode == 1 and len(lines) == 1 and says in lines[0], (rank, err[-1500:])
+
+
+def _wait_for(paths, timeout_s: float, procs) -> None:
+    """Until every path exists (a rank made its trace file: it is past torch's import and
+    about to dial the side store), or fail; a rank that died meanwhile fails at once."""
+    import time
+    end = time.monotonic() + timeout_s
+    while not all(p.exists() for p in paths):
+        dead = [p.returncode for p in procs if p.poll() is not None]
+        assert not dead and time.monotonic() < end, (dead, [str(p) for p in paths])
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("when", ["before_the_run", "during_the_run"])
+def test_a_rank_started_twice_fails_on_both_and_releases_the_others(tmp_path, when):
+    """Before: two processes with RANK=1 both went into torch's rendezvous and the run
+    broke in ways that depended on which of them a peer reached first. Now the second
+    claim of owner/1 on the side store fails: one line on each of the two naming both
+    processes (exit 1), every other rank released naming the same cause (exit 3).
+
+    before_the_run: ranks 1, 1 and 2 are started first and rank 0 (which hosts the store
+    under a plain env:// launch) once all three are about to dial it; no rank enters a
+    process group before every rank has claimed (SideChannel.wait_all_claimed). It failed
+    3 loaded runs in 12 while the second process marked exit/1, the holder's key: rank 0
+    took that for the holder having read the flag, closed the store, and the holder ended
+    via store_lost (exit 3, no cause). during_the_run: the second RANK=1 starts once the
+    run is going (rank 0 has traced 30 events of a run of 2000 chunks): the same lines,
+    the holder's naming the cause as its own failure whichever of its exit paths reads
+    it (release.started_twice)."""
+    import time
+    port = str(free_port())
+    for n in ("r0", "r1a", "r1b", "r2"):
+        (tmp_path / n).mkdir()
+    args = _args(tmp_path, mesh=2, chunks=200 if when == "before_the_run" else 2000)
+    # a side port of its own: MASTER_PORT+1, the default, may be another socket's
+    kw = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LOCKSTEP_SIDE_PORT=str(free_port()))
+    first, last = ((("r1a", 1), ("r1b", 1), ("r2", 2)), ("r0", 0)) \
+        if when == "before_the_run" else ((("r0", 0), ("r1a", 1), ("r2", 2)), ("r1b", 1))
+    procs = {}
+    try:
+        for name, rank in first:
+            procs[name] = _env_rank(tmp_path / name, args, rank, 3, **kw)
+        if when == "before_the_run":
+            _wait_for([tmp_path / n / f"rank{r}.jsonl" for n, r in first], 60,
+                      list(procs.values()))
+        else:
+            _wait_for_lines(tmp_path / "r0" / "rank0.jsonl", 30, 60, list(procs.values()))
+        t0 = time.monotonic()
+        procs[last[0]] = _env_rank(tmp_path / last[0], args, last[1], 3, **kw)
+        exited = {}     # when the test saw each process gone
+        while time.monotonic() - t0 < 60 and len(exited) < len(procs):
+            exited.update({n: time.monotonic() for n, p in procs.items()
+                           if n not in exited and p.poll() is not None})
+            time.sleep(0.02)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    outs = {n: p.communicate() for n, p in procs.items()}
+    codes = {n: p.returncode for n, p in procs.items()}
+    lines = {n: _exit_lines(e) for n, (_, e) in outs.items()}
+    why = (codes, lines, {n: e[-800:] for n, (_, e) in outs.items()})
+    assert all(len(v) == 1 for v in lines.values()), why
+    assert codes == {"r1a": 1, "r1b": 1, "r2": 3, "r0": 3}, why
+    for n in ("r1a", "r1b"):
+        assert "exit=error" in lines[n][0] and "root=1/leader/duplicate_rank" in lines[n][0]
+        assert "RANK=1 started twice" in lines[n][0], why
+    for n in ("r0", "r2"):      # released by the flag, or by a failure that echoed it
+        assert re.search(r"exit=released via=(abort_flag|echo) "
+                         r"root=1/leader/duplicate_rank", lines[n][0]), why
+    pids = {str(procs[n].pid) for n in ("r1a", "r1b")}
+    assert all(f"pid {pid} " in lines["r1a"][0] for pid in pids), why
+    # every rank is out soon after the first (the second RANK=1, once it has claimed);
+    # not timed from its start: a start (torch's import) took up to 20 s on the loaded
+    # test machine
+    spread = max(exited.values()) - min(exited.values())
+    assert spread < 5, (spread, why)
+
+
+def _wait_for_lines(path, n: int, timeout_s: float, procs) -> None:
+    """Until ``path`` has ``n`` lines (the run is going), or fail; a rank that died
+    meanwhile fails at once."""
+    import time
+    end = time.monotonic() + timeout_s
+    while not path.exists() or path.read_text().count("\n") < n:
+        dead = [p.returncode for p in procs if p.poll() is not None]
+        assert not dead and time.monotonic() < end, (dead, str(path))
+        time.sleep(0.05)
+
+
+def test_a_rank_that_never_starts_is_named_within_the_rendezvous_bound(tmp_path):
+    """No rank enters a process group before every rank has claimed its RANK; a rank
+    that never starts is named by the bound of that wait (pg_timeout_s, the process
+    group's own rendezvous bound), not by torch's rendezvous timing out."""
+    import time
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"config": config_to_dict(Config(mesh=2, chunks=4)),
+                                "opts": {"pg_timeout_s": 4, "op_deadline_s": 2}}))
+    kw = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+              LOCKSTEP_SIDE_PORT=str(free_port()))
+    procs = [_env_rank(tmp_path, args, r, 3, **kw) for r in (0, 1)]
+    try:
+        took = _seconds_to_exit(procs, tmp_path / "rank0.jsonl", 60)
+        outs = [p.communicate(timeout=10) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    lines = [_exit_lines(e) for _, e in outs]
+    why = ([p.returncode for p in procs], lines)
+    assert all(len(v) == 1 for v in lines), why
+    # the first to time out sets the flag (exit 1); the other may be released by it (3)
+    assert sorted(p.returncode for p in procs)[0] == 1, why
+    assert all(p.returncode in (1, 3) for p in procs), why
+    assert all("ranks [2] did not start within 4 s (pg_timeout_s)" in v[0] for v in lines), why
+    assert took < 15, (took, why)      # the 4 s bound, not the watchdog's 60 s startup_s
 
 
 @pytest.mark.parametrize("side_port_given", [False, True])
