@@ -38,7 +38,7 @@ def _boot(rank, world, args, check=None):
     set_role(_role(rank))
     env = dist_env()
     sc = SideChannel.from_env(env, timeout=args.get("store_timeout_s", 20.0),
-                              echo_grace_s=args.get("lost_after_s", 1.0) + 0.1)
+                              lost_after_s=args.get("lost_after_s", 1.0))
     wd = Watchdog(sc, heartbeat_s=args.get("heartbeat_s", 0.05),
                   lost_after_s=args.get("lost_after_s", 1.0))
     wd.start()

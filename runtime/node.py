@@ -64,7 +64,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
                          segment_s=opts.trace_segment_s, keep=opts.trace_keep)
     lost_after_s = opts.lost_after_s
     side = SideChannel.from_env(env, timeout=opts.store_timeout_s,
-                                echo_grace_s=lost_after_s + 0.1)
+                                lost_after_s=lost_after_s)
     interp_box = []
 
     def ctx() -> str:
@@ -216,7 +216,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     # set the flag, which releases only peers blocked elsewhere (none, when the tables'
     # terminal messages reach everyone, which the explorer checks).
     try:
-        side.linger_then_release(max(1.0, 2 * lost_after_s))
+        side.linger_then_release(side.host_wait_s)
     except Exception:  # noqa: BLE001 - the store is gone: nothing left to tell anyone
         pass
     return 1

@@ -128,7 +128,7 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
     if sc.hosts_store:   # env:// fallback only: the store dies with us
         if release:      # every peer reads the flag (its exit mark says so) first
             try:
-                sc.wait_peers_left(max(1.0, 2 * sc.echo_grace_s))
+                sc.wait_peers_left(sc.host_wait_s)
             except Exception:  # noqa: BLE001 - our own store: nothing more to do
                 pass
         else:            # the caller lingers (linger_then_release), then waits the same
@@ -136,20 +136,35 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
     return box[0] if box else (None, "store_lost")
 
 
+
+def host_wait_s(lost_after_s: float) -> float:
+    """How long a rank hosting the side store (plain env://) waits at most for its peers'
+    exit marks before it exits and takes the store with it: two heartbeat-loss periods,
+    at least 1 s. A peer released by the same flag marks its exit within a heartbeat
+    period; one that never marks is dead, and the bound ends the wait for it. Every
+    wait of the host (its watchdog's release, an error exit, the linger after a
+    terminal message) uses this one bound."""
+    return max(1.0, 2 * lost_after_s)
+
+
 class SideChannel:
     """One rank's handle on the run's side channel: a CLIENT of a store hosted outside the
     ranks (``hosts_store=False``), except under a plain env:// launcher where rank 0 hosts
     it. Methods use the calling thread's own client; threads that block (the watchdog)
-    take ``client()``. ``echo_grace_s`` bounds how long an echo waits for a root cause."""
+    take ``client()``. ``lost_after_s`` is the run's heartbeat-loss period: an echo waits
+    ``echo_grace_s`` (that, and 0.1 s) for a root cause, and a rank hosting the store waits
+    ``host_wait_s`` at most for its peers' exit marks before it exits."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, run_id: str,
                  hosts_store: bool = False, timeout: float = 30.0,
-                 echo_grace_s: float = 0.6, connect_s: float | None = None,
+                 lost_after_s: float = 0.5, connect_s: float | None = None,
                  where: str = "LOCKSTEP_SIDE_ADDR:LOCKSTEP_SIDE_PORT"):
         from torch.distributed import TCPStore  # imported here: model/ side never needs torch
         self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
         self.run_id, self.hosts_store = run_id, hosts_store
-        self.echo_grace_s = echo_grace_s
+        # an echo waits one heartbeat-loss period, and a margin, for the root cause
+        self.echo_grace_s = lost_after_s + 0.1
+        self.host_wait_s = host_wait_s(lost_after_s)
         self.timeout = timedelta(seconds=timeout)
         self._TCPStore = TCPStore
         self._local = threading.local()
@@ -194,11 +209,11 @@ class SideChannel:
         self._claim_rank(store, port_taken=hosts_store and not self.hosts_store)
 
     @classmethod
-    def from_env(cls, env, timeout: float = 30.0, echo_grace_s: float = 0.6):
+    def from_env(cls, env, timeout: float = 30.0, lost_after_s: float = 0.5):
         """The side channel a ``DistEnv`` (runtime/launch.py ``dist_env``) points at."""
         return cls(env.side_addr, env.side_port, env.rank, env.world_size, env.side_prefix,
                    hosts_store=env.side_host == "rank0" and env.rank == 0, timeout=timeout,
-                   echo_grace_s=echo_grace_s, connect_s=connect_bound(env),
+                   lost_after_s=lost_after_s, connect_s=connect_bound(env),
                    where=_store_names(env))
 
     def _first_client(self, connect_s: float | None):
@@ -588,7 +603,7 @@ class Watchdog(threading.Thread):
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
         # the rank hosting the store (env:// fallback) waits this long at most for its
         # peers to read the flag before it exits (SideChannel.wait_peers_left)
-        self.host_linger_s = max(1.0, 2 * lost_after_s)
+        self.host_linger_s = side.host_wait_s
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
         # probe(after_s): this rank's collective waited on that long ("GROUP NUMBER

@@ -144,7 +144,7 @@ def test_the_rank_hosting_the_store_outlives_the_flag_until_its_peers_have_read_
         tmp_path, mark):
     """The host's watchdog reads the flag and is released; it keeps the store up until
     the peer's exit mark (the peer has read the flag), then exits at once; a peer that
-    never marks (dead) holds it for host_linger_s = max(1, 2 * lost_after_s) at most.
+    never marks (dead) holds it for sidechannel.host_wait_s(lost_after_s) at most.
     Before, it exited on reading the flag and the peer found the store gone."""
     import time
     from torch.distributed import TCPStore
