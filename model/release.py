@@ -27,12 +27,13 @@ Who writes which kind:
   heartbeat_lost  a watchdog saw a peer's heartbeat stall with no clean-exit mark; names
                   the SILENT rank (the only cause under torchrun for a kill -9)
   collective_mismatch
-                  a watchdog saw two members of a group wait in collectives of the same
-                  number on the group but of different names (an extra or a missing
-                  collective on one rank: runtime/sidechannel.py collective_mismatch);
-                  names the rank whose watchdog saw it, a failure outside its table,
-                  like a deadline (which rank is wrong no member can tell: the detail
-                  names both sides)
+                  a watchdog saw two members of a group under different names at one
+                  number of the group's collectives, one waiting there (an extra or a
+                  missing collective on one rank: runtime/sidechannel.py
+                  collective_mismatch); names the odd one out (alone in its collective
+                  there, every other member in one other: three members or more), else
+                  the rank whose watchdog saw it; a failure outside that rank's table,
+                  like a deadline (the detail names every side)
   duplicate_rank  a second process started with a RANK another one holds (a launch
                   script's copy-paste error); names that rank: both of its processes
                   exit with an error, every other rank is released

@@ -26,10 +26,14 @@ Layout (all keys under ``lockstep/<run_id>/``):
                 the launcher when it reaps r: a rank that sent a terminal message keeps
                 its process, and so its gloo pairs, alive until every peer has one
   ``wait/<r>``  "" or ``GROUP NUMBER NAME``: the collective rank r's threads have waited
-                in for ``STUCK_AFTER_S`` or longer (``Transport.stuck_collective``);
-                members waiting in collectives of one number but of different names
-                issued different collectives: every watchdog compares them
-                (``collective_mismatch``) and the first to see it sets the flag
+                in for ``STUCK_AFTER_S`` or longer, then ``NUMBER NAME`` lines of the
+                ones it issued before on that group (``Transport.stuck_collective``);
+                members under different names at one number issued different
+                collectives: every watchdog compares them (``collective_mismatch``);
+                the odd one out (alone in its collective there, every other member in
+                one other) names itself as the root cause, or the first to see it
+                sets the flag once ``ODD_ONE_OUT_S`` has passed (naming the odd one out
+                when the waits tell who it is)
   ``owner/<r>`` "pid P on HOST" of the process that holds RANK r (first claim wins): a
                 second process started with that RANK fails (``duplicate_rank``), and no
                 rank enters a process group before every rank has claimed
@@ -76,7 +80,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from lockstep.model import release as R
 from lockstep.runtime.worker_main import (EXIT_ERROR, EXIT_RELEASED, cause_line, claim_exit,
@@ -529,27 +533,72 @@ def init_keys(store, run_id: str, world_size: int) -> None:
 # long either waits. A correct run publishes only its long waits (a slow Phase A): two
 # store writes each.
 STUCK_AFTER_S = 0.25
+# A watchdog that sees a mismatch lets the odd one out name itself (its cause, its ids,
+# its exit line via=own), and waits for every member's wait to tell who that is, this
+# long at most after it first saw the mismatch; then it sets the flag itself (naming
+# the odd one out when it is known, else itself, the one that saw it).
+ODD_ONE_OUT_S = 0.5
 
 
-def collective_mismatch(waits: dict) -> tuple[str, str] | None:
-    """The mismatch among published waits (rank -> ``"GROUP NUMBER NAME"`` or ""):
-    (its group, what it is in words), or None. A mismatch is two members of a group
-    waiting in collectives of the same number but of different names: a rank that
-    issued an extra collective, or skipped one, waits in one its peers never issue at
-    that place, and they in one it has passed or not reached, each side until its op's
-    deadline. Values that do not parse are ignored (a torn or foreign value is no
-    evidence)."""
-    at: dict = {}
+class Mismatch(NamedTuple):
+    """Collectives of one number under different names on one group (``collective_mismatch``).
+
+    ``odd``: the one member that issued, at that number, a collective none of the others
+    issued there, every other member having issued the same one (at least two of them):
+    the member with the extra collective, or the skipped one. None when no member is
+    alone against all the others (two members, a tie) or some member's name there is
+    not known yet. ``complete``: every member's name there is known (only with the
+    group's size)."""
+    group: str
+    words: str
+    odd: int | None
+    complete: bool
+
+
+def collective_mismatch(waits: dict, sizes: dict | None = None) -> Mismatch | None:
+    """The mismatch among published waits (rank -> ``Transport.stuck_collective``'s text:
+    ``"GROUP NUMBER NAME"``, then ``"NUMBER NAME"`` lines of the collectives it issued
+    before on that group; or ""), or None. A mismatch is two members of a group under
+    different names at one number, one of them waiting there: a rank that issued an
+    extra collective, or skipped one, waits in one its peers never issue at that place,
+    and they in one it has passed or not reached, each side until its op's deadline (a
+    broadcast's receiver may have gone on to the next one: its earlier lines say what it
+    issued). ``sizes`` (group -> member count) tells when every member's name at that
+    number is known, and so whether one of them is the odd one out. Values that do not
+    parse are ignored (a torn or foreign value is no evidence)."""
+    named: dict = {}      # (group, number) -> {rank: name}
+    at: dict = {}         # rank -> the (group, number) it waits at
     for r, text in sorted(waits.items()):
-        parts = text.split(" ", 2) if text else ()
-        if len(parts) != 3 or not parts[1].isdigit():
+        lines = text.split("\n") if text else ()
+        head = lines[0].split(" ", 2) if lines else ()
+        if len(head) != 3 or not head[1].isdigit():
             continue
-        at.setdefault((parts[0], int(parts[1])), []).append((r, parts[2]))
-    for (group, number), who in sorted(at.items()):
-        if len({name for _, name in who}) > 1:
-            sides = ", ".join(f"rank {r} in {name}" for r, name in who)
-            return group, (f"collective mismatch on {group} at its collective #{number}: "
-                           f"{sides} (a rank issued an extra collective or skipped one)")
+        group = head[0]
+        at[r] = (group, int(head[1]))
+        named.setdefault(at[r], {})[r] = head[2]
+        for line in lines[1:]:
+            k, _, name = line.partition(" ")
+            if k.isdigit() and name:
+                named.setdefault((group, int(k)), {})[r] = name
+    for key in sorted(set(at.values())):
+        group, number = key
+        who = sorted(named[key].items())
+        names = {name for _, name in who}
+        if len(names) < 2:
+            continue
+        sides = ", ".join(f"rank {r} {'in' if at[r] == key else 'issued'} {name}"
+                          for r, name in who)
+        complete = sizes is not None and len(who) == sizes.get(group, -1)
+        odd = None
+        if complete and len(names) == 2 and len(who) >= 3:
+            alone = [r for r, name in who if sum(n == name for _, n in who) == 1]
+            if len(alone) == 1:
+                odd = alone[0]
+        why = (f"rank {odd} issued an extra collective or skipped one: every other member "
+               f"issued the same one" if odd is not None else
+               "a rank issued an extra collective or skipped one")
+        return Mismatch(group, f"collective mismatch on {group} at its collective "
+                               f"#{number}: {sides} ({why})", odd, complete)
     return None
 
 
@@ -611,6 +660,9 @@ class Watchdog(threading.Thread):
         # the transport exists (runtime/node.py); until then nothing is published.
         self.probe: Callable[[float], str | None] | None = None
         self.ids: Callable[[], dict] = dict
+        # group -> member count (the transport's groups): tells when every member's wait
+        # is published, so the odd one out of a mismatch is known (collective_mismatch)
+        self.group_sizes: dict = {}
         self._stop_ev = threading.Event()
         self._reason: str | None = None
         self.cause: dict | None = None
@@ -639,6 +691,7 @@ class Watchdog(threading.Thread):
             [sc.k_wait[p] for p in self.peers]
         npeers = len(self.peers)
         published = ""                            # our wait/<rank> value
+        seen = 0.0                                # when we first saw a mismatch
         last = {p: None for p in self.peers}     # last counter value seen
         changed = {p: self.started_at for p in self.peers}
         gone: set[int] = set()                    # peers with a clean-exit mark
@@ -659,14 +712,13 @@ class Watchdog(threading.Thread):
                 if published:
                     waits = {p: _text(v) for p, v in zip(self.peers, vals[1 + npeers:])}
                     waits[sc.rank] = published
-                    found = collective_mismatch(waits)
+                    found = collective_mismatch(waits, self.group_sizes)
                     if found is not None:
-                        ids = {**self.ids(), "group": found[0]}
-                        mine = R.cause("collective_mismatch", sc.rank, get_role(),
-                                       f"{found[1]}; seen by rank {sc.rank}", **ids)
-                        first = sc.set_abort_with(s, mine)
-                        return self._release(first, "own" if first == mine
-                                             else "abort_flag")
+                        seen = seen or time.monotonic()
+                        late = time.monotonic() - seen >= ODD_ONE_OUT_S
+                        known = found.complete or not self.group_sizes
+                        if found.odd == sc.rank or late or (found.odd is None and known):
+                            return self._mismatch(s, found)
                 now = time.monotonic()
                 for p, v in zip(self.peers, vals[1:1 + npeers]):
                     if p in gone:
@@ -697,6 +749,20 @@ class Watchdog(threading.Thread):
             self._release(R.cause("error", -1, "side-channel",
                                   f"store {sc.host}:{sc.port} unreachable: "
                                   f"{type(e).__name__}: {one_line(e, 160)}"), "store_lost")
+
+    def _mismatch(self, s, found: Mismatch) -> None:
+        """Set the flag to a ``collective_mismatch`` cause and release: naming the odd
+        one out when the waits tell who it is (``via=own`` on that rank), else this rank,
+        which saw it."""
+        sc = self.side
+        ids = {**self.ids(), "group": found.group}
+        who = sc.rank if found.odd is None else found.odd
+        role = get_role() if who == sc.rank else sc.peer_role(who, s)
+        mine = R.cause("collective_mismatch", who, role,
+                       f"{found.words}; seen by rank {sc.rank}", **ids)
+        first = sc.set_abort_with(s, mine)
+        return self._release(first, "own" if first == mine and who == sc.rank
+                             else "abort_flag")
 
     def _release(self, cause: dict, via: str) -> None:
         if self.exit_code is not None and not claim_exit():  # another exit path of this process writes the line

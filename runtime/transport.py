@@ -217,6 +217,10 @@ def _make_opts(cls, **kw):
     return o
 
 
+# How many of a group's latest collectives a rank remembers by name (stuck_collective).
+RECENT = 3
+
+
 class Transport:
     """Every op of one rank. ``check(op, group, peer, row)`` refuses an op (called first);
     ``abort_poll()`` returns a release reason (or None); ``op_deadline_s`` bounds every
@@ -237,6 +241,10 @@ class Transport:
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.seq: dict[str, int] = {}
         self.colls: dict[str, int] = {}
+        # group -> the names of its last RECENT collectives issued here, by number: a
+        # broadcast's receivers complete once the root has sent, so a receiver may be
+        # waiting one collective further on while a member is stuck at the one before
+        self.recent: dict[str, dict[int, str]] = {}
         self.completer = _Completer(rank)
         self._replies = threading.local()
         self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
@@ -267,6 +275,10 @@ class Transport:
         return self.groups.pg(group), peer, index
 
     def _issue(self, op, group, peer, tensor, start, then, index=None):
+        if index is not None:
+            names = self.recent.setdefault(group, {})
+            names[index] = op
+            names.pop(index - RECENT, None)
         try:
             work = start()
         except Exception as e:  # noqa: BLE001
@@ -376,16 +388,22 @@ class Transport:
     def stuck_collective(self, after_s: float) -> str | None:
         """``"GROUP NUMBER NAME"`` of a collective a thread of this rank has waited on for
         ``after_s`` or longer (NUMBER: its place among the group's collectives,
-        ``colls``), else None. The watchdog publishes it: members of one group waiting in
-        collectives of one number but of different names issued different collectives
-        (an extra or a missing one on a rank), which no deadline short of the op's
-        own would otherwise end (sidechannel.collective_mismatch)."""
+        ``colls``), then one line ``"NUMBER NAME"`` for each collective issued on that
+        group before it that is still in ``recent``, newest first; else None. The
+        watchdog publishes it: members of one group under different names at one number
+        issued different collectives (an extra or a missing one on a rank), which no
+        deadline short of the op's own would otherwise end
+        (sidechannel.collective_mismatch)."""
         now = time.monotonic()
         for ops, t0 in list(self._waiting.values()):
             if now - t0 >= after_s:
                 for o in ops:
                     if o.index is not None and not o.done:
-                        return f"{o.group} {o.index} {o.op}"
+                        names = dict(self.recent.get(o.group) or {})  # a copy: the
+                        # op's thread adds to it meanwhile
+                        before = [f"{k} {names[k]}" for k in sorted(names, reverse=True)
+                                  if k < o.index]
+                        return "\n".join([f"{o.group} {o.index} {o.op}"] + before)
         return None
 
     def settle(self, op: Op, within_s: float) -> bool:

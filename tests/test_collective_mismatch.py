@@ -1,9 +1,10 @@
 """Collectives that differ across a group's members (an extra or a missing all_reduce in
 one rank's generator call) are caught by the watchdogs comparing the collective each
 rank waits in, not at the op deadline: the numbering in the transport, the comparison,
-and two watchdogs on a real store (127.0.0.1, in this process, no backend)."""
+and the watchdogs on a real store (127.0.0.1, in this process, no backend)."""
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -31,10 +32,59 @@ def test_only_waits_of_one_number_with_different_names_are_a_mismatch():
     found = S.collective_mismatch({1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}",
                                    3: "mesh_pg 7 broadcast"})
     assert found is not None
-    group, words = found
-    assert group == "mesh_pg"
+    assert found.group == "mesh_pg"
+    words = found.words
     assert words.startswith("collective mismatch on mesh_pg at its collective #7: "), words
     assert f"rank 1 in broadcast, rank 2 in {GEN}, rank 3 in broadcast" in words, words
+    assert found.odd is None and not found.complete     # no group sizes: nobody is named
+
+
+def test_the_odd_one_out_is_named_once_every_member_has_published():
+    sizes = {"mesh_pg": 3, "world_pg": 4}
+    three = {1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}", 3: "mesh_pg 7 broadcast"}
+    found = S.collective_mismatch(three, sizes)
+    assert found.odd == 2 and found.complete, found
+    assert "(rank 2 issued an extra collective or skipped one: every other member " \
+           "issued the same one)" in found.words, found.words
+    # the leader alone
+    found = S.collective_mismatch({1: f"mesh_pg 7 {GEN}", 2: "mesh_pg 7 broadcast",
+                                   3: "mesh_pg 7 broadcast"}, sizes)
+    assert found.odd == 1, found
+    # a member has not published yet: it may side with either, nobody is named yet
+    found = S.collective_mismatch({1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}"}, sizes)
+    assert found.odd is None and not found.complete, found
+    assert "(a rank issued an extra collective or skipped one)" in found.words
+    # two members: either may be the one that is wrong
+    found = S.collective_mismatch({1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}"},
+                                  {"mesh_pg": 2})
+    assert found.odd is None and found.complete, found
+    # a tie, and three names: no odd one out
+    four = {1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}", 3: f"mesh_pg 7 {GEN}",
+            4: "mesh_pg 7 broadcast"}
+    assert S.collective_mismatch(four, {"mesh_pg": 4}).odd is None
+    three[3] = "mesh_pg 7 all_gather"
+    assert S.collective_mismatch(three, sizes).odd is None
+
+
+def test_a_member_that_went_on_says_what_it_issued_at_the_number_the_others_are_at():
+    """A broadcast's receiver completes once the root has sent: the leader (root) waits
+    at #11 for rank 3, stuck in an extra all_reduce there, while rank 2 has received and
+    waits at #12. Rank 2's earlier lines say it issued a broadcast at #11: rank 3 is the
+    odd one out."""
+    sizes = {"mesh_pg": 3}
+    waits = {1: "mesh_pg 11 broadcast\n10 all_reduce #1 of generator_call(call_index=1)",
+             2: "mesh_pg 12 broadcast\n11 broadcast\n10 all_reduce #1 of "
+                "generator_call(call_index=1)",
+             3: f"mesh_pg 11 {GEN}\n10 all_reduce #1 of generator_call(call_index=1)"}
+    found = S.collective_mismatch(waits, sizes)
+    assert found.odd == 3 and found.complete, found
+    assert f"rank 1 in broadcast, rank 2 issued broadcast, rank 3 in {GEN}" in found.words
+    # what a member issued before agrees with the others: no mismatch, however long
+    same = {1: "mesh_pg 11 broadcast\n10 all_reduce", 2: "mesh_pg 12 broadcast\n11 broadcast"}
+    assert S.collective_mismatch(same, sizes) is None
+    # only the numbers someone waits at are compared: where a member is stuck
+    assert S.collective_mismatch({1: "mesh_pg 11 broadcast\n10 x",
+                                  2: "mesh_pg 12 broadcast\n10 y"}, sizes) is None
 
 
 class _Work:
@@ -78,7 +128,8 @@ def test_collectives_are_numbered_per_group_and_a_long_wait_is_published():
         deadline = time.monotonic() + 5
         while tp.stuck_collective(0.05) is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert tp.stuck_collective(0.05) == f"mesh_pg 3 {GEN}"
+        # the collectives issued on the group before it, newest first
+        assert tp.stuck_collective(0.05) == f"mesh_pg 3 {GEN}\n2 all_reduce\n1 broadcast"
         assert tp.stuck_collective(60.0) is None   # not waited on that long yet
     finally:
         pg.release.set()
@@ -94,18 +145,19 @@ def store():
     del server
 
 
-def _pair(store, run_id, probes):
-    """Two ranks' watchdogs on `store`, each publishing probes[r]; no process exits
-    (exit_code=None): a release is recorded."""
+def _pair(store, run_id, probes, world=2, sizes=None):
+    """The watchdogs of the ranks of `probes` (of `world` ranks) on `store`, each
+    publishing probes[r]; no process exits (exit_code=None): a release is recorded."""
     released = {}
     dogs = []
-    for r in (0, 1):
-        side = S.SideChannel("127.0.0.1", store.port, r, 2, run_id, timeout=5.0)
+    for r in sorted(probes):
+        side = S.SideChannel("127.0.0.1", store.port, r, world, run_id, timeout=5.0)
         wd = S.Watchdog(side, lambda cause, via, r=r, **kw: released.__setitem__(
             r, (cause, via)), heartbeat_s=0.02, lost_after_s=30.0, exit_code=None)
         wd.probe = lambda after_s, r=r: probes[r]
-        wd.ids = lambda: {"call_id": 1, "chunk_index": 1, "cache_epoch": 0,
-                          "group": "world_pg(p2p)"}
+        wd.ids = lambda r=r: {"call_id": r, "chunk_index": 1, "cache_epoch": 0,
+                              "group": "world_pg(p2p)"}
+        wd.group_sizes = sizes or {}
         dogs.append(wd)
     for wd in dogs:
         wd.start()
@@ -142,3 +194,48 @@ def test_watchdogs_waiting_in_one_collective_release_nobody(store):
     finally:
         for wd in dogs:
             wd.stop()
+
+
+def test_the_odd_one_out_names_itself_and_the_others_wait_for_it(store):
+    """Three members: the one alone in its collective sets the flag to its own cause
+    (its ids, via=own); the two that agree never set it, they read it."""
+    probes = {0: "mesh_pg 5 broadcast", 1: f"mesh_pg 5 {GEN}", 2: "mesh_pg 5 broadcast"}
+    dogs, released = _pair(store, "odd", probes, world=3, sizes={"mesh_pg": 3})
+    for wd in dogs:
+        wd.join(10)
+    assert set(released) == {0, 1, 2}, released
+    cause = released[1][0]
+    assert all(c == cause for c, _ in released.values()), released
+    assert cause["rank"] == 1 and cause["call_id"] == 1, cause     # its own ids
+    assert cause["detail"].endswith("seen by rank 1"), cause
+    assert "rank 1 issued an extra collective or skipped one" in cause["detail"], cause
+    assert {r: via for r, (_, via) in released.items()} == \
+        {0: "abort_flag", 1: "own", 2: "abort_flag"}
+
+
+def test_without_the_odd_ones_watchdog_the_others_name_it_after_the_wait(store):
+    """The odd one's watchdog is gone (its wait key stays, as a stuck rank's would): a
+    member that agrees sets the flag once ODD_ONE_OUT_S has passed, naming the odd one
+    out, and is released by the flag it set (via=abort_flag: not its own failure)."""
+    from torch.distributed import TCPStore
+    peer = TCPStore("127.0.0.1", store.port, None, False, timeout=timedelta(seconds=5))
+    S.init_keys(peer, "late", 3)
+    peer.set("lockstep/late/wait/1", f"mesh_pg 5 {GEN}")
+    peer.set("lockstep/late/role/1", "leader")
+    probes = {0: "mesh_pg 5 broadcast", 2: "mesh_pg 5 broadcast"}
+    t0 = time.monotonic()
+    dogs, released = _pair(store, "late", probes, world=3, sizes={"mesh_pg": 3})
+    try:
+        for wd in dogs:
+            wd.join(10)
+        took = time.monotonic() - t0
+        assert set(released) == {0, 2}, released
+        cause = released[0][0]
+        assert released[2][0] == cause and cause["rank"] == 1, released
+        assert cause["role"] == "leader", cause
+        assert {via for _, via in released.values()} == {"abort_flag"}, released
+        assert S.ODD_ONE_OUT_S <= took < S.ODD_ONE_OUT_S + 5, took
+    finally:
+        peer.set("lockstep/late/abort", "stop")   # any dog still up is released
+        for wd in dogs:
+            wd.join(5)

@@ -44,9 +44,9 @@ def _lockstep(argv, **kw):
                           text=True, **kw)
 
 
-def _run(tmp_path, cls, args=None, **opts):
+def _run(tmp_path, cls, args=None, mesh=2, **opts):
     out = tmp_path / "run"
-    res = run_local(Config(mesh=2, chunks=3, steps=2),
+    res = run_local(Config(mesh=mesh, chunks=3, steps=2),
                     {"workload": f"{MODULE}:{cls}", "workload_args": args or {},
                      "op_deadline_s": 5.0, "pg_timeout_s": 10.0, **opts},
                     out, deadline_s=DEADLINE_S)
@@ -167,6 +167,26 @@ def test_an_extra_or_a_missing_all_reduce_is_caught_where_the_mesh_ranks_parted(
     assert rep.ok, text
     mode = next(ln for ln in text.splitlines() if ln.startswith("failure mode"))
     assert "collective_mismatch" in mode and sides[0] in mode, mode
+
+
+@pytest.mark.parametrize("rank, role", [(3, "worker"), (1, "leader")])
+def test_in_a_mesh_of_three_the_rank_with_the_extra_all_reduce_is_the_root_cause(
+        plugins, tmp_path, rank, role):
+    """With three members the waits tell which one is wrong: the one alone in its
+    collective, every other member in the same one. That rank names itself as the root
+    cause (via=own, its own ids) and every other rank names it; with two members either
+    may be wrong, and the rank that saw it first is named (the test above)."""
+    res, out = _run(tmp_path, "ExtraAllReduce", {"rank": rank, "hidden": 6}, mesh=3,
+                    op_deadline_s=20.0, pg_timeout_s=30.0)
+    assert not res.ok and not res.deadline_hit, res.summary()
+    lines = _lines(res)
+    assert f" via=own root={rank}/{role}/collective_mismatch " in lines[rank], lines[rank]
+    for r, line in lines.items():
+        assert f"root={rank}/{role}/collective_mismatch reason=" in line, (r, line)
+        assert f"rank {rank} issued an extra collective or skipped one" in line, (r, line)
+    assert res.all_exited_after(res.start_time) < DEADLINE_S
+    rep = conform(out)
+    assert rep.ok, format_report(rep)
 
 
 def test_an_op_deadline_names_its_own_group_and_where_the_rank_waited(plugins, tmp_path):
