@@ -169,14 +169,16 @@ def test_an_extra_or_a_missing_all_reduce_is_caught_where_the_mesh_ranks_parted(
     assert "collective_mismatch" in mode and sides[0] in mode, mode
 
 
-@pytest.mark.parametrize("rank, role", [(3, "worker"), (1, "leader")])
-def test_in_a_mesh_of_three_the_rank_with_the_extra_all_reduce_is_the_root_cause(
-        plugins, tmp_path, rank, role):
+@pytest.mark.parametrize("cls, rank, role", [("ExtraAllReduce", 3, "worker"),
+                                             ("ExtraAllReduce", 1, "leader"),
+                                             ("MissingAllReduce", 2, "worker")])
+def test_in_a_mesh_of_three_the_rank_with_the_extra_or_missing_all_reduce_is_the_root_cause(
+        plugins, tmp_path, cls, rank, role):
     """With three members the waits tell which one is wrong: the one alone in its
     collective, every other member in the same one. That rank names itself as the root
     cause (via=own, its own ids) and every other rank names it; with two members either
     may be wrong, and the rank that saw it first is named (the test above)."""
-    res, out = _run(tmp_path, "ExtraAllReduce", {"rank": rank, "hidden": 6}, mesh=3,
+    res, out = _run(tmp_path, cls, {"rank": rank, "hidden": 6}, mesh=3,
                     op_deadline_s=20.0, pg_timeout_s=30.0)
     assert not res.ok and not res.deadline_hit, res.summary()
     lines = _lines(res)
