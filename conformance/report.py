@@ -37,7 +37,7 @@ from lockstep.model.release import committed_exits, own_kind
 from lockstep.model.semantics import ABORTED, CRASHED, ERROR, LIVE, OK
 from lockstep.model.tracefmt import loads
 
-from .load import Run, TraceError, load_run
+from .load import Run, TraceError, load_run, open_run_dir
 from .replay import ReplayResult, Replayer
 
 INVARIANTS = ("trace_wellformed", "replay", "id_monotonic", "stale_epoch_decode",
@@ -109,6 +109,10 @@ def conform(run_dir, verify: bool = False, last: int = 0) -> Report:
         run = load_run(run_dir, last=last)
     except TraceError as e:
         rep.load_s = time.perf_counter() - t0
+        try:                   # a rejected trace: the run's configuration is still said
+            rep.config = open_run_dir(run_dir)[0].describe()
+        except TraceError:
+            pass
         rep.divergence = f"TRACE ERROR {e}"
         rep.verdicts = [Verdict("trace_wellformed", "violated", str(e))] + \
             [Verdict(n, "not checked") for n in INVARIANTS[1:]]

@@ -55,6 +55,9 @@ def _diverges_at(rc, out, err, where: str, field: str):
     assert rc == 1, (rc, out, err)
     assert err == "" and "Traceback" not in out
     assert f"TRACE ERROR {where}: field '{field}'" in out, out
+    # the trace is rejected, the run's configuration (run.json) is still said
+    config = next(ln for ln in out.splitlines() if ln.startswith("config "))
+    assert config.split()[1].startswith("mesh="), out
 
 
 # ---------------------------------------------------------------- format-2 lines
