@@ -40,7 +40,7 @@ Who writes which kind:
 
 Echo rule: a rank whose own failure is an ECHO of a peer's disappearance (gloo "Connection
 closed / reset by peer", a broken pipe, a peer's terminal ERROR message) does not claim the
-root cause. It waits up to ``echo_grace_s`` (default ``lost_after_s + 2 * heartbeat_s``:
+root cause. It waits up to ``echo_grace_s`` (``lost_after_s + 0.1`` s, two heartbeats:
 long enough for the heartbeat path to name a silent peer even where no launcher records
 kills) for the flag to be set and exits naming that cause, ``via=echo``. Only if the grace
 passes with the flag still clear does it set the flag itself (kind ``error``, detail
