@@ -140,7 +140,6 @@ def abort_active(mine: dict, echo: bool = False, grace_s: float | None = None,
     return box[0] if box else (None, "store_lost")
 
 
-
 def host_wait_s(lost_after_s: float) -> float:
     """How long a rank hosting the side store (plain env://) waits at most for its peers'
     exit marks before it exits and takes the store with it: two heartbeat-loss periods,
@@ -529,8 +528,8 @@ def init_keys(store, run_id: str, world_size: int) -> None:
 
 # A collective waited on this long is published (``wait/<r>``). Only how soon a mismatch
 # is seen depends on it, never whether: in a run whose members issue the same collectives,
-# two of them never wait in collectives of one number under different names, however
-# long either waits. A correct run publishes only its long waits (a slow Phase A): two
+# no two of them have different names at one number of a group, however long either
+# waits. A correct run publishes only its long waits (a slow Phase A): two
 # store writes each.
 STUCK_AFTER_S = 0.25
 # A watchdog that sees a mismatch lets the odd one out name itself (its cause, its ids,
@@ -650,9 +649,6 @@ class Watchdog(threading.Thread):
         self.on_release = on_release
         self.heartbeat_s, self.lost_after_s, self.startup_s = heartbeat_s, lost_after_s, startup_s
         self.exit_code, self.release_grace_s = exit_code, release_grace_s
-        # the rank hosting the store (env:// fallback) waits this long at most for its
-        # peers to read the flag before it exits (SideChannel.wait_peers_left)
-        self.host_linger_s = side.host_wait_s
         self.peers = [r for r in (range(side.world_size) if watch is None else watch)
                       if r != side.rank]
         # probe(after_s): this rank's collective waited on that long ("GROUP NUMBER
@@ -778,7 +774,7 @@ class Watchdog(threading.Thread):
             pass
         host = self.side.hosts_store
         if self.exit_code is not None:
-            grace = self.release_grace_s + (self.host_linger_s if host else 0.0)
+            grace = self.release_grace_s + (self.side.host_wait_s if host else 0.0)
             killer = threading.Timer(grace, os._exit, args=(code,))
             killer.daemon = True
             killer.start()
@@ -791,7 +787,7 @@ class Watchdog(threading.Thread):
             pass
         if host:
             try:
-                self.side.wait_peers_left(self.host_linger_s, self._client)
+                self.side.wait_peers_left(self.side.host_wait_s, self._client)
             except Exception:  # noqa: BLE001 - our own store: nothing more to do
                 pass
         if self.exit_code is not None:
