@@ -9,6 +9,11 @@ total), timing each phase on one core in CPU seconds (`time.process_time`: the f
 to quote on a shared machine, where wall time is inflated by the other jobs) beside
 wall seconds. Target (TARGETS.md, raised 2026-12-01): a 1,000,000-event trace loaded
 and replayed in under 3 CPU seconds.
+
+--floor also times what no driver of the model avoids: `Model.step` and
+`Model.enabled_as` alone on the replay's own transitions (`model floor`), and the
+rows' guards, makes, accepts and updates alone (`spec floor`: every call the replay
+made, and the taken rows' guards and updates, the least any replay through them makes).
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from lockstep import accel
 from lockstep.model.config import Config
+from lockstep.model.tables import Tables, shipped_rows
 
 from . import cache
 from .load import load_run
@@ -39,12 +46,10 @@ def generate(events: int, out: Path, mesh: int = 3, seed: int = 0) -> tuple:
     return cfg, res, time.perf_counter() - t0
 
 
-def model_floor(run) -> str:
-    """The model's own part of a replay, without the replayer: replay once with a hook
-    that keeps each (state, transition) committed, then time `Model.step` alone on each
-    and `Model.enabled_as` alone on each one's rows at its state. No driver of the model
-    can replay the trace for less than their sum."""
-    rep = Replayer(run)
+def _taken(run, tables=None) -> tuple:
+    """Replay once with a hook that keeps each (state, transition) committed:
+    (the replayer, [(state, transition), ...])."""
+    rep = Replayer(run, tables=tables)
     m = rep.m
     step = m.step
     taken = []
@@ -53,25 +58,97 @@ def model_floor(run) -> str:
         taken.append((s, tr))
         return step(s, tr)
     m.step = keep
+    rep.replay()
+    del m.step            # the instance attribute: Model.step again
+    return rep, taken
+
+
+def _timed(calls) -> float:
+    """CPU seconds of calling each (function, args) once, in a plain loop."""
+    c0 = time.process_time()
+    for fn, args in calls:
+        fn(*args)
+    return time.process_time() - c0
+
+
+def model_floor(run) -> str:
+    """The model's own part of a replay, without the replayer: replay once keeping each
+    (state, transition) committed, then time `Model.step` alone on each and
+    `Model.enabled_as` alone on each one's rows at its state. No driver of the model
+    can replay the trace for less than their sum."""
     gc_was = gc.isenabled()
     gc.disable()          # as replay() does: the kept states are acyclic tuples
     try:
-        rep.replay()
-        c0 = time.process_time()
-        for s, tr in taken:
-            step(s, tr)
-        c_step = time.process_time() - c0
-        named = [(s, [(p, t, row.label) for p, t, row in tr.parts]) for s, tr in taken
-                 if tr.parts and tr.parts[0][2] is not None]
-        c0 = time.process_time()
-        for s, rows in named:
-            m.enabled_as(s, rows)
-        c_as = time.process_time() - c0
+        rep, taken = _taken(run)
+        m = rep.m
+        c_step = _timed([(m.step, (s, tr)) for s, tr in taken])
+        c_as = _timed([(m.enabled_as, (s, [(p, t, row.label) for p, t, row in tr.parts]))
+                       for s, tr in taken if tr.parts and tr.parts[0][2] is not None])
     finally:
         if gc_was:
             gc.enable()
     return (f"model floor {len(taken):,} transitions: Model.step alone {c_step:.3f} CPU s, "
             f"Model.enabled_as alone {c_as:.3f} CPU s, sum {c_step + c_as:.3f} CPU s")
+
+
+def _recording_tables(calls) -> Tables:
+    """The shipped rows with every guard, make, accept and update wrapped to append
+    (function, args) to `calls` before it runs."""
+    def wrap(fn):
+        if fn is None:
+            return None
+
+        def recorded(*args):
+            calls.append((fn, args))
+            return fn(*args)
+        recorded.__wrapped__ = fn
+        return recorded
+    return Tables({role: [r._replace(guard=wrap(r.guard), make=wrap(r.make),
+                                     accept=wrap(r.accept), update=wrap(r.update))
+                          for r in rows] for role, rows in shipped_rows().items()})
+
+
+class SpecFloor(NamedTuple):
+    calls: list           # (function, args) of every spec call the replay made
+    c_calls: float        # CPU s of making them alone
+    least: list           # the taken rows' guards and updates: (function, args)
+    c_least: float
+
+    def line(self) -> str:
+        return (f"spec floor  {len(self.calls):,} guard/make/accept/update calls as "
+                f"replayed {self.c_calls:.3f} CPU s; the taken rows' guards and updates "
+                f"alone ({len(self.least):,} calls) {self.c_least:.3f} CPU s")
+
+
+def spec_floor(run) -> SpecFloor:
+    """The spec's pure functions alone (model/guards.py: the guards, makes, accepts and
+    updates of the rows): every call a replay makes, recorded with its arguments and
+    timed alone; and the least any replay through those functions makes, the guard and
+    the update of each row a committed transition takes. Neither counts the model's
+    states and transitions, the replayer around them, or the load."""
+    calls = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        _, taken = _taken(run, _recording_tables(calls))
+        c_calls = _timed(calls)
+        cfg = run.cfg
+        least = []
+        for s, tr in taken:
+            for p, t, row in tr.parts:
+                if row is None:
+                    continue
+                v = s.procs[p].v
+                # the rows are the recording ones: time the functions they wrap
+                if row.guard is not None:
+                    least.append((row.guard.__wrapped__, (v, cfg)))
+                if row.update is not None:
+                    least.append((row.update.__wrapped__, (v, cfg, tr.msg)))
+        c_least = _timed(least)
+    finally:
+        if gc_was:
+            gc.enable()
+    return SpecFloor(calls, c_calls, least, c_least)
 
 
 def main(argv=None) -> int:
@@ -83,7 +160,8 @@ def main(argv=None) -> int:
                     help="also check every step against Model.enabled (slow)")
     ap.add_argument("--floor", action="store_true",
                     help="also time the model's part alone (Model.step and "
-                         "Model.enabled_as on the replay's transitions)")
+                         "Model.enabled_as on the replay's transitions) and the "
+                         "spec's pure functions alone (guards, makes, accepts, updates)")
     a = ap.parse_args(argv)
     keep = bool(a.dir)
     out = Path(a.dir) if keep else Path(tempfile.mkdtemp(prefix="lockstep-bench-"))
@@ -129,6 +207,7 @@ def main(argv=None) -> int:
         print(f"build       {accel.describe()}")
         if a.floor:
             print(model_floor(run))
+            print(spec_floor(run).line())
         if res.divergence:
             print(res.divergence.text())
         return 0 if res.ok else 1

@@ -146,14 +146,17 @@ class ReplayResult:
 
 
 class Replayer:
-    def __init__(self, run: Run, verify: bool = False, window: int = WINDOW):
+    def __init__(self, run: Run, verify: bool = False, window: int = WINDOW,
+                 tables=None):
+        """`tables`: the rows to replay against (default the shipped ones; their
+        mutation name must be the run's config's, as `Model` requires)."""
         self.run, self.verify, self.window = run, verify, window
         cfg = run.cfg
         crashed = run.crashed
         if len(crashed) > cfg.faults:
             cfg = cfg.with_(faults=len(crashed))
         self.cfg = cfg
-        self.m = m = Model(cfg, shipped_tables())
+        self.m = m = Model(cfg, shipped_tables() if tables is None else tables)
         m.posted = _current_posted(m)
         self.n = m.n
         start = run.start       # a suffix starts at its checkpoints' consistent cut
