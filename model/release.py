@@ -31,8 +31,10 @@ Who writes which kind:
                   number of the group's collectives, one waiting there (an extra or a
                   missing collective on one rank: runtime/sidechannel.py
                   collective_mismatch); names the odd one out (alone in its collective
-                  there, every other member in one other: three members or more), else
-                  the rank whose watchdog saw it; a failure outside that rank's table,
+                  there, every other member in one other: three members or more; with
+                  two, or a tie, the one member whose generator call issued more, or
+                  ended with fewer, collectives than each of its earlier calls with that
+                  index), else the rank whose watchdog saw it; a failure outside that rank's table,
                   like a deadline (the detail names every side)
   duplicate_rank  a second process started with a RANK another one holds (a launch
                   script's copy-paste error); names that rank: both of its processes

@@ -33,8 +33,8 @@ rank (launcher record `killed`, heartbeat loss `heartbeat_lost`): `crash`, then
 `watchdog`; (4) a per-op deadline: a failure outside the table of the rank whose op
 expired (crash, then watchdog); (5) collectives that differ across a group's members (a
 workload's extra or missing all_reduce inside one generator call, which no row sees): a
-failure outside the table of the rank the cause names, the odd one out or else the one
-whose watchdog saw it (crash, then watchdog). Every survivor then leaves by `abort`, or
+failure outside the table of the rank the cause names, the odd one out (by the members'
+waits, or by its own generator calls' counts) or else the one whose watchdog saw it (crash, then watchdog). Every survivor then leaves by `abort`, or
 by its own exit row when a terminal message reached it first. The flag's first value is
 the root cause; later writers never change it (the model keeps the first `abort` too).
 Violations that are visible immediately (framing error, collective mismatch, a message

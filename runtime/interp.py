@@ -500,12 +500,11 @@ class RankInterpreter:
         """The ``all_reduce`` a generator call gets: each names its place in the call
         when it fails ("all_reduce #2 of generator_call(call_index=1)"), so the ranks'
         lines show where their collectives parted (one rank's extra or missing
-        all_reduce waits at the op deadline in a collective no other rank joined)."""
-        issued = 0
-
+        all_reduce waits at the op deadline in a collective no other rank joined), and
+        each counts in the call's tally (``Transport.calls``: the rank's own evidence of
+        an extra or a skipped one)."""
         def all_reduce(x):
-            nonlocal issued
-            issued += 1
+            issued = self.comm.calls.issue()
             return self.guarded_all_reduce(
                 x, group_name, f"all_reduce #{issued} of generator_call(call_index={call_index})")
         return all_reduce
@@ -749,9 +748,11 @@ class RankInterpreter:
             with self.cv:
                 idx = self.v.calls_done
             meta, tensors = self.cur
+            self.comm.calls.begin(idx)
             with workload_call(f"generator_call(call_index={idx})"):
                 self.work.generator_call(idx, meta, tensors,
                                          self._counted_all_reduce(op.group, idx))
+            self.comm.calls.end()
             value = decide = None
         elif op.kind == COND:
             self.comm.all_reduce(torch.zeros(1), op.group)

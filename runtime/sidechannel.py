@@ -31,7 +31,9 @@ Layout (all keys under ``lockstep/<run_id>/``):
                 members under different names at one number issued different
                 collectives: every watchdog compares them (``collective_mismatch``);
                 the odd one out (alone in its collective there, every other member in
-                one other) names itself as the root cause, or the first to see it
+                one other; with two members, the one whose generator call deviates
+                from its own earlier ones: a last ``extra``/``short`` line) names
+                itself as the root cause, or the first to see it
                 sets the flag once ``ODD_ONE_OUT_S`` has passed (naming the odd one out
                 when the waits tell who it is)
   ``owner/<r>`` "pid P on HOST" of the process that holds RANK r (first claim wins): a
@@ -544,9 +546,10 @@ class Mismatch(NamedTuple):
 
     ``odd``: the one member that issued, at that number, a collective none of the others
     issued there, every other member having issued the same one (at least two of them):
-    the member with the extra collective, or the skipped one. None when no member is
-    alone against all the others (two members, a tie) or some member's name there is
-    not known yet. ``complete``: every member's name there is known (only with the
+    the member with the extra collective, or the skipped one; where no member is alone
+    (two members, a tie), the one member whose own generator calls deviate from its
+    earlier ones (``Transport.CallCounts``). None when neither tells, or some member's
+    name there is not known yet. ``complete``: every member's name there is known (only with the
     group's size)."""
     group: str
     words: str
@@ -563,10 +566,15 @@ def collective_mismatch(waits: dict, sizes: dict | None = None) -> Mismatch | No
     and they in one it has passed or not reached, each side until its op's deadline (a
     broadcast's receiver may have gone on to the next one: its earlier lines say what it
     issued). ``sizes`` (group -> member count) tells when every member's name at that
-    number is known, and so whether one of them is the odd one out. Values that do not
-    parse are ignored (a torn or foreign value is no evidence)."""
+    number is known, and so whether one of them is the odd one out. Where no member is
+    alone against the others (two members, a tie), a member whose value ends with its
+    own evidence (``"extra C M N"`` / ``"short C M N"``: its generator call C went past,
+    or ended short of, what each of its earlier calls C issued) is the odd one out, when
+    it is the only one. Values that do not parse are ignored (a torn or foreign value is
+    no evidence)."""
     named: dict = {}      # (group, number) -> {rank: name}
     at: dict = {}         # rank -> the (group, number) it waits at
+    own: dict = {}        # rank -> its own evidence (Transport.CallCounts.evidence)
     for r, text in sorted(waits.items()):
         lines = text.split("\n") if text else ()
         head = lines[0].split(" ", 2) if lines else ()
@@ -579,6 +587,10 @@ def collective_mismatch(waits: dict, sizes: dict | None = None) -> Mismatch | No
             k, _, name = line.partition(" ")
             if k.isdigit() and name:
                 named.setdefault((group, int(k)), {})[r] = name
+            elif k in ("extra", "short"):
+                nums = name.split(" ")
+                if len(nums) == 3 and all(x.isdigit() for x in nums):
+                    own[r] = (k, *map(int, nums))
     for key in sorted(set(at.values())):
         group, number = key
         who = sorted(named[key].items())
@@ -593,9 +605,24 @@ def collective_mismatch(waits: dict, sizes: dict | None = None) -> Mismatch | No
             alone = [r for r, name in who if sum(n == name for _, n in who) == 1]
             if len(alone) == 1:
                 odd = alone[0]
-        why = (f"rank {odd} issued an extra collective or skipped one: every other member "
-               f"issued the same one" if odd is not None else
-               "a rank issued an extra collective or skipped one")
+        deviating = [r for r, _ in who if r in own]
+        if odd is None and len(deviating) == 1:
+            # no vote (two members, a tie): the one member whose generator calls differ
+            # from its own earlier calls with the same index is the wrong side
+            odd = deviating[0]
+        if odd in own:          # its own counts say what it did, whoever named it
+            kind, c, m, n = own[odd]
+            why = (f"rank {odd} issued an extra collective: its generator_call"
+                   f"(call_index={c}) is at collective #{m}, where each of its earlier "
+                   f"calls with that index issued {n}" if kind == "extra" else
+                   f"rank {odd} skipped a collective: its last generator_call"
+                   f"(call_index={c}) issued {m}, where each of its earlier calls with "
+                   f"that index issued {n}")
+        elif odd is not None:
+            why = (f"rank {odd} issued an extra collective or skipped one: every other "
+                   f"member issued the same one")
+        else:
+            why = "a rank issued an extra collective or skipped one"
         return Mismatch(group, f"collective mismatch on {group} at its collective "
                                f"#{number}: {sides} ({why})", odd, complete)
     return None

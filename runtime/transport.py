@@ -221,6 +221,51 @@ def _make_opts(cls, **kw):
 RECENT = 3
 
 
+class CallCounts:
+    """The workload's collectives per generator call on this rank, kept by the
+    interpreter (``begin`` / ``issue`` / ``end``): a rank's own evidence that it issued
+    an extra collective or skipped one. A pipeline issues the same collectives in call
+    k of every chunk (a DiT: one per block per call), so a call that goes past what
+    every earlier call with its index issued, or ends short of it, deviates from this
+    rank's own history: what tells the wrong side of a two-member mismatch, where the
+    waits alone cannot (sidechannel.collective_mismatch). A call index whose calls
+    issued different counts is no evidence either way."""
+
+    def __init__(self):
+        self._steady: dict = {}   # call index -> what every completed call issued, or None
+        self.current = None       # (call index, issued so far) while a call runs
+        self.last = None          # (call index, issued, steady before it) of the last call
+
+    def begin(self, call_index: int) -> None:
+        self.current = (call_index, 0)
+
+    def issue(self) -> int:
+        """One more collective in the current call; returns its number there, from 1."""
+        c, n = self.current
+        self.current = (c, n + 1)
+        return n + 1
+
+    def end(self) -> None:
+        (c, n), self.current = self.current, None
+        before = self._steady.get(c, -1)
+        self.last = (c, n, None if before == -1 else before)
+        self._steady[c] = n if before in (-1, n) else None
+
+    def evidence(self) -> str | None:
+        """``"extra C M N"``: in call C, issuing its M-th collective where every earlier
+        call C issued N < M; ``"short C M N"``: the last call C issued M < N; else None.
+        (The first word is no number: a reader of ``stuck_collective``'s lines that
+        knows only "NUMBER NAME" skips it.)"""
+        cur, last = self.current, self.last     # read once: the main thread moves them
+        if cur is not None:
+            want = self._steady.get(cur[0])
+            return f"extra {cur[0]} {cur[1]} {want}" if want is not None and \
+                cur[1] > want else None
+        if last is not None and last[2] is not None and last[1] < last[2]:
+            return f"short {last[0]} {last[1]} {last[2]}"
+        return None
+
+
 class Transport:
     """Every op of one rank. ``check(op, group, peer, row)`` refuses an op (called first);
     ``abort_poll()`` returns a release reason (or None); ``op_deadline_s`` bounds every
@@ -245,6 +290,7 @@ class Transport:
         # broadcast's receivers complete once the root has sent, so a receiver may be
         # waiting one collective further on while a member is stuck at the one before
         self.recent: dict[str, dict[int, str]] = {}
+        self.calls = CallCounts()   # the workload's collectives per generator call
         self.completer = _Completer(rank)
         self._replies = threading.local()
         self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
@@ -389,7 +435,9 @@ class Transport:
         """``"GROUP NUMBER NAME"`` of a collective a thread of this rank has waited on for
         ``after_s`` or longer (NUMBER: its place among the group's collectives,
         ``colls``), then one line ``"NUMBER NAME"`` for each collective issued on that
-        group before it that is still in ``recent``, newest first; else None. The
+        group before it that is still in ``recent``, newest first, and last this rank's
+        own evidence of an extra or a skipped collective (``CallCounts.evidence``) when
+        it has any; else None. The
         watchdog publishes it: members of one group under different names at one number
         issued different collectives (an extra or a missing one on a rank), which no
         deadline short of the op's own would otherwise end
@@ -403,7 +451,9 @@ class Transport:
                         # op's thread adds to it meanwhile
                         before = [f"{k} {names[k]}" for k in sorted(names, reverse=True)
                                   if k < o.index]
-                        return "\n".join([f"{o.group} {o.index} {o.op}"] + before)
+                        mine = self.calls.evidence()
+                        return "\n".join([f"{o.group} {o.index} {o.op}"] + before
+                                          + ([mine] if mine else []))
         return None
 
     def settle(self, op: Op, within_s: float) -> bool:

@@ -2,6 +2,7 @@
 one rank's generator call) are caught by the watchdogs comparing the collective each
 rank waits in, not at the op deadline: the numbering in the transport, the comparison,
 and the watchdogs on a real store (127.0.0.1, in this process, no backend)."""
+import contextlib
 import threading
 import time
 from datetime import timedelta
@@ -87,6 +88,93 @@ def test_a_member_that_went_on_says_what_it_issued_at_the_number_the_others_are_
                                   2: "mesh_pg 12 broadcast\n10 y"}, sizes) is None
 
 
+def test_a_rank_whose_generator_call_deviates_from_its_own_earlier_calls_is_its_evidence():
+    """CallCounts: a call that goes past what every earlier call with its index issued
+    (extra), or ended short of it (short); nothing before there is history, nothing for
+    an index whose calls issued different counts."""
+    c = T.CallCounts()
+    assert c.evidence() is None
+    for call, n in ((0, 2), (1, 1)):             # chunk 0: two calls, the first has two
+        c.begin(call)
+        assert [c.issue() for _ in range(n)] == list(range(1, n + 1))
+        assert c.evidence() is None               # no earlier call with this index
+        c.end()
+    assert c.evidence() is None
+    c.begin(0)
+    c.issue(), c.issue()
+    assert c.evidence() is None                   # as far as chunk 0's call 0 went
+    c.issue()
+    assert c.evidence() == "extra 0 3 2"          # one more than every earlier call 0
+    c2 = T.CallCounts()
+    for n in (1, 1, 0):                           # call 1 of three chunks, the last short
+        c2.begin(1)
+        for _ in range(n):
+            c2.issue()
+        c2.end()
+    assert c2.evidence() == "short 1 0 1"
+    c2.begin(0)
+    assert c2.evidence() is None                  # a new call: no history for index 0
+    c3 = T.CallCounts()
+    for n in (1, 2, 1):                           # call 0 issues different counts
+        c3.begin(0)
+        for _ in range(n):
+            c3.issue()
+        c3.end()
+    c3.begin(0)
+    for _ in range(3):
+        c3.issue()
+    assert c3.evidence() is None                  # no steady count: no evidence
+
+
+def test_with_two_members_the_one_whose_own_calls_deviate_is_the_odd_one_out():
+    sizes = {"mesh_pg": 2}
+    extra = {1: "mesh_pg 7 broadcast\n6 all_reduce #1 of generator_call(call_index=1)",
+             2: f"mesh_pg 7 {GEN}\n6 all_reduce #1 of generator_call(call_index=1)"
+                "\nextra 1 2 1"}
+    found = S.collective_mismatch(extra, sizes)
+    assert found.odd == 2 and found.complete, found
+    assert "(rank 2 issued an extra collective: its generator_call(call_index=1) is at " \
+           "collective #2, where each of its earlier calls with that index issued 1)" \
+           in found.words, found.words
+    assert "extra" not in found.words.split("(")[0]      # the sides are names only
+    short = {1: "mesh_pg 7 all_reduce #1 of generator_call(call_index=1)",
+             2: "mesh_pg 7 broadcast\n6 all_reduce #1 of generator_call(call_index=0)"
+                "\nshort 1 0 1"}
+    found = S.collective_mismatch(short, sizes)
+    assert found.odd == 2, found
+    assert "(rank 2 skipped a collective: its last generator_call(call_index=1) issued 0, " \
+           "where each of its earlier calls with that index issued 1)" in found.words
+    # both deviate, or neither: no odd one out (the rank that saw it is named)
+    both = dict(extra)
+    both[1] += "\nshort 1 0 1"
+    assert S.collective_mismatch(both, sizes).odd is None
+    assert S.collective_mismatch({1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}"},
+                                 sizes).odd is None
+    # evidence that does not parse is none
+    torn = {1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}\nextra 1 x 1"}
+    assert S.collective_mismatch(torn, sizes).odd is None
+    # three members: the vote decides, whatever a member's own counts say
+    three = {1: "mesh_pg 7 broadcast", 2: f"mesh_pg 7 {GEN}",
+             3: "mesh_pg 7 broadcast\nshort 0 1 2"}
+    assert S.collective_mismatch(three, {"mesh_pg": 3}).odd == 2
+
+
+@contextlib.contextmanager
+def _waiting(tp, pg, op):
+    """A thread waits on `op` until the block ends (then `pg` completes it); the block
+    starts once the wait has lasted 0.05 s (stuck_collective says so)."""
+    t = threading.Thread(target=tp.wait, args=(op,))
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while tp.stuck_collective(0.05) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield
+    finally:
+        pg.release.set()
+        t.join(5)
+
+
 class _Work:
     def __init__(self, done: threading.Event):
         self.done = done
@@ -109,11 +197,7 @@ class _PG:
 
 
 def test_collectives_are_numbered_per_group_and_a_long_wait_is_published():
-    pg = _PG()
-    groups = Groups("gloo", 1, 3, {WORLD: pg, MESH: pg}, {WORLD: (0, 1, 2), MESH: (1, 2)})
-    tp = T.Transport(groups, 1, op_deadline_s=10.0)
-    x = torch.zeros(2)
-    pg.release.set()
+    pg, tp, x = _mesh_rank_transport()
     tp.wait(tp.isend(x, 0, WORLD))          # p2p ops are not numbered
     tp.wait(tp.ibroadcast(x, MESH, 0))
     tp.wait(tp.iall_reduce(x, MESH))
@@ -121,20 +205,36 @@ def test_collectives_are_numbered_per_group_and_a_long_wait_is_published():
     assert tp.colls == {MESH: 2, WORLD: 1}
     assert tp.stuck_collective(0.0) is None        # nothing waits
     pg.release.clear()
-    op = tp.iall_reduce(x, MESH, name=GEN)
-    t = threading.Thread(target=tp.wait, args=(op,))
-    t.start()
-    try:
-        deadline = time.monotonic() + 5
-        while tp.stuck_collective(0.05) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with _waiting(tp, pg, tp.iall_reduce(x, MESH, name=GEN)):
         # the collectives issued on the group before it, newest first
         assert tp.stuck_collective(0.05) == f"mesh_pg 3 {GEN}\n2 all_reduce\n1 broadcast"
         assert tp.stuck_collective(60.0) is None   # not waited on that long yet
-    finally:
-        pg.release.set()
-        t.join(5)
     assert tp.stuck_collective(0.0) is None
+
+
+def test_a_long_wait_carries_the_ranks_own_evidence_last():
+    pg, tp, x = _mesh_rank_transport()
+    tp.calls.begin(1)
+    tp.calls.issue()
+    tp.wait(tp.iall_reduce(x, MESH, name="all_reduce #1 of generator_call(call_index=1)"))
+    tp.calls.end()
+    pg.release.clear()
+    tp.calls.begin(1)
+    tp.calls.issue()
+    tp.calls.issue()
+    with _waiting(tp, pg, tp.iall_reduce(x, MESH, name=GEN)):
+        assert tp.stuck_collective(0.05) == (
+            f"mesh_pg 2 {GEN}\n1 all_reduce #1 of generator_call(call_index=1)"
+            "\nextra 1 2 1")
+
+
+def _mesh_rank_transport():
+    """Rank 1's transport over stand-in groups whose ops complete until `release` is
+    cleared: (the stand-in, the transport, a tensor)."""
+    pg = _PG()
+    groups = Groups("gloo", 1, 3, {WORLD: pg, MESH: pg}, {WORLD: (0, 1, 2), MESH: (1, 2)})
+    pg.release.set()
+    return pg, T.Transport(groups, 1, op_deadline_s=10.0), torch.zeros(2)
 
 
 @pytest.fixture

@@ -140,6 +140,18 @@ def test_a_misbehaving_pipeline_is_a_fast_one_line_failure(plugins, tmp_path, cl
 
 
 GEN1 = "generator_call(call_index=1)"
+# what the wrong rank's own counts say (each earlier call 1 issued one all_reduce)
+EVIDENCE = {"ExtraAllReduce": f"issued an extra collective: its {GEN1} is at collective #2",
+            "MissingAllReduce": f"skipped a collective: its last {GEN1} issued 0"}
+
+
+def _assert_names_itself_and_is_named(lines, cls, rank, role):
+    """The wrong rank is the root cause on its own line (via=own) and on every other."""
+    assert f" via=own root={rank}/{role}/collective_mismatch " in lines[rank], lines[rank]
+    for r, line in lines.items():
+        assert f"root={rank}/{role}/collective_mismatch reason=" in line, (r, line)
+        assert f"rank {rank} {EVIDENCE[cls]}, where each of its earlier calls with that " \
+               f"index issued 1" in line, (r, line)
 
 
 @pytest.mark.parametrize("cls, rank, sides", [
@@ -148,15 +160,19 @@ GEN1 = "generator_call(call_index=1)"
     ("MissingAllReduce", 2, (f"rank 1 in all_reduce #1 of {GEN1}", "rank 2 in broadcast"))])
 def test_an_extra_or_a_missing_all_reduce_is_caught_where_the_mesh_ranks_parted(
         plugins, tmp_path, cls, rank, sides):
-    """One rank issues one all_reduce more (or less) than the other in generator call 1:
-    each then waits in a collective the other never joins at that place, and no row
-    sees it (the workload's all_reduces are inside one row). The watchdogs compare the
-    collective each rank has waited in (its number on mesh_pg and its name), so the run
-    fails at once, every rank naming both sides, long before the 20 s op deadline
-    (before, the first rank to reach its deadline was the root cause)."""
+    """One rank issues one all_reduce more (or less) than the other in generator call 1
+    of chunk 1: each then waits in a collective the other never joins at that place, and
+    no row sees it (the workload's all_reduces are inside one row). The watchdogs compare
+    the collective each rank has waited in (its number on mesh_pg and its name), so the
+    run fails at once, every rank naming both sides, long before the 20 s op deadline
+    (before, the first rank to reach its deadline was the root cause). Of two members
+    the waits cannot tell which is wrong; the wrong one's own counts can (each earlier
+    call 1 issued one all_reduce): it names itself, and the other names it."""
     res, out = _run(tmp_path, cls, {"rank": rank}, op_deadline_s=20.0, pg_timeout_s=30.0)
     assert not res.ok and not res.deadline_hit, res.summary()
-    for r, line in _lines(res).items():
+    lines = _lines(res)
+    _assert_names_itself_and_is_named(lines, cls, rank, ("rank0", "leader", "worker")[rank])
+    for r, line in lines.items():
         assert "/collective_mismatch reason=" in line and "OpDeadline" not in line, (r, line)
         assert all(side in line for side in sides), (r, line)
         assert "collective mismatch on mesh_pg at its collective #" in line, (r, line)
@@ -176,16 +192,12 @@ def test_in_a_mesh_of_three_the_rank_with_the_extra_or_missing_all_reduce_is_the
         plugins, tmp_path, cls, rank, role):
     """With three members the waits tell which one is wrong: the one alone in its
     collective, every other member in the same one. That rank names itself as the root
-    cause (via=own, its own ids) and every other rank names it; with two members either
-    may be wrong, and the rank that saw it first is named (the test above)."""
+    cause (via=own, its own ids) and every other rank names it, saying what its own
+    counts say; with two members the wrong one's own counts tell (the test above)."""
     res, out = _run(tmp_path, cls, {"rank": rank, "hidden": 6}, mesh=3,
                     op_deadline_s=20.0, pg_timeout_s=30.0)
     assert not res.ok and not res.deadline_hit, res.summary()
-    lines = _lines(res)
-    assert f" via=own root={rank}/{role}/collective_mismatch " in lines[rank], lines[rank]
-    for r, line in lines.items():
-        assert f"root={rank}/{role}/collective_mismatch reason=" in line, (r, line)
-        assert f"rank {rank} issued an extra collective or skipped one" in line, (r, line)
+    _assert_names_itself_and_is_named(_lines(res), cls, rank, role)
     assert res.all_exited_after(res.start_time) < DEADLINE_S
     rep = conform(out)
     assert rep.ok, format_report(rep)
