@@ -503,8 +503,12 @@ class RankInterpreter:
         all_reduce waits at the op deadline in a collective no other rank joined), and
         each counts in the call's tally (``Transport.calls``: the rank's own evidence of
         an extra or a skipped one)."""
+        issued = 0
+
         def all_reduce(x):
-            issued = self.comm.calls.issue()
+            nonlocal issued
+            issued += 1
+            self.comm.calls.issue()
             return self.guarded_all_reduce(
                 x, group_name, f"all_reduce #{issued} of generator_call(call_index={call_index})")
         return all_reduce

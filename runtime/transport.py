@@ -239,11 +239,12 @@ class CallCounts:
     def begin(self, call_index: int) -> None:
         self.current = (call_index, 0)
 
-    def issue(self) -> int:
-        """One more collective in the current call; returns its number there, from 1."""
-        c, n = self.current
-        self.current = (c, n + 1)
-        return n + 1
+    def issue(self) -> None:
+        """One more collective in the current call (none outside a call: a workload that
+        kept its ``all_reduce`` and calls it later is the table check's to refuse)."""
+        if self.current is not None:
+            c, n = self.current
+            self.current = (c, n + 1)
 
     def end(self) -> None:
         (c, n), self.current = self.current, None
