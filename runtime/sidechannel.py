@@ -549,8 +549,8 @@ class Mismatch(NamedTuple):
     the member with the extra collective, or the skipped one; where no member is alone
     (two members, a tie), the one member whose own generator calls deviate from its
     earlier ones (``Transport.CallCounts``). None when neither tells, or some member's
-    name there is not known yet. ``complete``: every member's name there is known (only with the
-    group's size)."""
+    name there is not known yet. ``complete``: every member's name there is known (only
+    with the group's size)."""
     group: str
     words: str
     odd: int | None
