@@ -18,6 +18,7 @@ made, and the taken rows' guards and updates, the least any replay through them 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import shutil
 import tempfile
@@ -63,6 +64,19 @@ def _taken(run, tables=None) -> tuple:
     return rep, taken
 
 
+@contextlib.contextmanager
+def _gc_off():
+    """The cyclic collector off, as replay() has it: the kept states are acyclic tuples,
+    and its passes over them would be timed too."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _timed(calls) -> float:
     """CPU seconds of calling each (function, args) once, in a plain loop."""
     c0 = time.process_time()
@@ -76,17 +90,12 @@ def model_floor(run) -> str:
     (state, transition) committed, then time `Model.step` alone on each and
     `Model.enabled_as` alone on each one's rows at its state. No driver of the model
     can replay the trace for less than their sum."""
-    gc_was = gc.isenabled()
-    gc.disable()          # as replay() does: the kept states are acyclic tuples
-    try:
+    with _gc_off():
         rep, taken = _taken(run)
         m = rep.m
         c_step = _timed([(m.step, (s, tr)) for s, tr in taken])
         c_as = _timed([(m.enabled_as, (s, [(p, t, row.label) for p, t, row in tr.parts]))
                        for s, tr in taken if tr.parts and tr.parts[0][2] is not None])
-    finally:
-        if gc_was:
-            gc.enable()
     return (f"model floor {len(taken):,} transitions: Model.step alone {c_step:.3f} CPU s, "
             f"Model.enabled_as alone {c_as:.3f} CPU s, sum {c_step + c_as:.3f} CPU s")
 
@@ -127,9 +136,7 @@ def spec_floor(run) -> SpecFloor:
     the update of each row a committed transition takes. Neither counts the model's
     states and transitions, the replayer around them, or the load."""
     calls = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with _gc_off():
         _, taken = _taken(run, _recording_tables(calls))
         c_calls = _timed(calls)
         cfg = run.cfg
@@ -145,9 +152,6 @@ def spec_floor(run) -> SpecFloor:
                 if row.update is not None:
                     least.append((row.update.__wrapped__, (v, cfg, tr.msg)))
         c_least = _timed(least)
-    finally:
-        if gc_was:
-            gc.enable()
     return SpecFloor(calls, c_calls, least, c_least)
 
 
