@@ -24,7 +24,8 @@ run (ratios on CPU; absolute times only count on a GPU machine).
                     gap between Phase B k-1 and k, by the steps of which rank it waits on
                     (conformance/idle.py).
 
-`python -m lockstep.bench [--chunks N] [--mesh M]` prints every table. Only the period
+`python -m lockstep.bench [--chunks N] [--mesh M]` prints every table. On a GPU,
+`python -m lockstep.gpubench` measures what the workload's TP collectives cost there. Only the period
 analysis of rank0's trace runs on the traces (no conformance replay), so large --chunks
 stay cheap; it needs torch and the lockstep package, nothing else.
 """

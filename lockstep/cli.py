@@ -246,7 +246,8 @@ def _run_options(a):
                       pg_timeout_s=a.pg_timeout_s, lost_after_s=a.lost_after_s,
                       costs=StageCosts(a.stage_a_ms, a.stage_b_ms, a.stage_c_ms),
                       trace_segment_mb=a.trace_segment_mb, trace_segment_s=a.trace_segment_s,
-                      trace_keep=a.trace_keep, workload=a.workload,
+                      trace_keep=a.trace_keep, workload=a.workload, device=a.device,
+                      rank0_device=a.rank0_device, cuda_window=a.cuda_window,
                       workload_args=_json_object(a.workload_args, "--workload-args"))
 
 
@@ -477,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "rank differ)")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "cpu:gloo,cuda:nccl"),
                    help="torch.distributed backend")
+    p.add_argument("--device", default="cpu",
+                   help="where the workload's tensors live: cpu, or cuda with "
+                        "--backend cpu:gloo,cuda:nccl or nccl")
+    p.add_argument("--rank0-device", default="",
+                   help="rank0's device where it differs from --device, e.g. cpu when "
+                        "rank0 would share the mesh's one GPU (default: --device)")
+    p.add_argument("--cuda-window", type=int, default=16,
+                   help="the workload's CUDA collectives the host may leave in flight "
+                        "on the stream before it completes the oldest, count (0: each "
+                        "is completed before the workload goes on)")
     p.add_argument("--stage-a-ms", type=float, default=0.0,
                    help="synthetic Phase A cost per chunk, ms")
     p.add_argument("--stage-b-ms", type=float, default=0.0,

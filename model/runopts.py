@@ -13,6 +13,7 @@ other than what its author asked for.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -161,6 +162,14 @@ class RunOptions:
     workload_args: dict = field(default_factory=dict)   # a plugin's own JSON object
     dit: dict = field(default_factory=dict)   # DiTSpec overrides (runtime/dit.py)
     device: str = "cpu"                 # where the workload's tensors live
+    # rank0's, where it differs ("": device): in the field rank0 has a GPU of its own; on
+    # one shared GPU, "cpu" keeps rank0's Phase A/C off the mesh's GPU (a second CUDA
+    # context on a GPU time-slices with the first)
+    rank0_device: str = ""
+    # the workload's CUDA collectives the host may leave in flight before it completes
+    # the oldest (0: each completed before the workload goes on); the end of every
+    # generator call completes them all (runtime/transport.py stream_all_reduce)
+    cuda_window: int = 16
     drift: Optional[DriftSwitch] = None
     parity_skew: Optional[dict] = None  # test switch: {"rank", "key", "value"}
     trace: str = "full"                 # full | emits (TRACES)
@@ -182,6 +191,13 @@ class RunOptions:
         _check(self.drain_s >= 0, "drain_s", ">= 0", self.drain_s)
         _check(self.heartbeat_ms is None or self.heartbeat_ms > 0, "heartbeat_ms",
                "> 0 (or unset: no heartbeats)", self.heartbeat_ms)
+        for name in ("device", "rank0_device"):
+            val = getattr(self, name)
+            _check(re.fullmatch(r"cpu|cuda(:\d+)?", val) is not None or
+                   (name == "rank0_device" and val == ""), name,
+                   "cpu, cuda or cuda:N" + (' ("": device)' if name != "device" else ""), val)
+        _check(self.cuda_window >= 0, "cuda_window", ">= 0 (0: no run-ahead)",
+               self.cuda_window)
         for name in ("torch_threads", "hidden", "frames"):
             _check(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
         for f in fields(StageCosts):
@@ -204,6 +220,10 @@ class RunOptions:
             _check(self.fault.name in INJECTABLE, "fault.name", f"one of {INJECTABLE}",
                    self.fault.name)
             _check(self.fault.at_chunk >= 0, "fault.at_chunk", ">= 0", self.fault.at_chunk)
+
+    def device_of(self, rank: int) -> str:
+        """Where rank `rank`'s workload tensors live."""
+        return (self.rank0_device or self.device) if rank == 0 else self.device
 
     def with_(self, **kw) -> "RunOptions":
         return replace(self, **kw)

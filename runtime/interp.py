@@ -141,7 +141,7 @@ class RankInterpreter:
         self._bcast_wire = None     # the leader: the codec.Wire main broadcasts
         self._tl = threading.local()
         self.comm = T.Transport(groups, p, check=self._table_check, abort_poll=abort_poll,
-                                op_deadline_s=self.deadline)
+                                op_deadline_s=self.deadline, cuda_window=opts.cuda_window)
 
     # ------------------------------------------------------------------ context
     def ctx(self, err: BaseException | None = None) -> str:
@@ -492,8 +492,9 @@ class RankInterpreter:
         """The workload's collectives go through runtime.transport, whose check is the
         table: a collective on a group the current state's rows do not name is refused
         before the backend is called (this is how a wrong-group collective becomes a
-        crash instead of a hang)."""
-        self.comm.all_reduce(t, group_name, name=name)
+        crash instead of a hang). On CUDA the host does not wait for each one: the stream
+        does, and the call's end drains them (Transport.stream_all_reduce)."""
+        self.comm.stream_all_reduce(t, group_name, name=name)
         return t
 
     def _counted_all_reduce(self, group_name, call_index):
@@ -756,6 +757,7 @@ class RankInterpreter:
             with workload_call(f"generator_call(call_index={idx})"):
                 self.work.generator_call(idx, meta, tensors,
                                          self._counted_all_reduce(op.group, idx))
+            self.comm.drain()       # the call's collectives done before its row applies
             self.comm.calls.end()
             value = decide = None
         elif op.kind == COND:

@@ -121,6 +121,7 @@ def run_rank(rank: int, world_size: int, args: dict) -> int:
     interp_box.append(interp)
     wd.ids = lambda: R.ids_from_ctx(interp.ctx())
     wd.probe = interp.comm.stuck_collective     # collective mismatches: sidechannel.py
+    wd.overdue = interp.comm.overdue            # a stream-ordered collective never done
     wd.group_sizes = {g: len(m) for g, m in groups.members.items()}
     tracer.snapshot = lambda: (tuple(interp.pcs), interp.v)   # called under interp.cv
     tracer.write({"ev": "start", "rank": rank, "role": role, "pid": os.getpid(),

@@ -682,6 +682,10 @@ class Watchdog(threading.Thread):
         # NAME", Transport.stuck_collective) or None; ids(): the cause's ids. Set once
         # the transport exists (runtime/node.py); until then nothing is published.
         self.probe: Callable[[float], str | None] | None = None
+        # overdue(): a collective this rank left in flight on the stream and no thread
+        # waits on, past the op deadline (Transport.overdue): the host is blocked
+        # elsewhere (a workload's implicit sync), so no wait's deadline ever fires there
+        self.overdue: Callable[[], str | None] | None = None
         self.ids: Callable[[], dict] = dict
         # group -> member count (the transport's groups): tells when every member's wait
         # is published, so the odd one out of a mismatch is known (collective_mismatch)
@@ -721,6 +725,9 @@ class Watchdog(threading.Thread):
         try:
             while not self._stop_ev.is_set():
                 s.add(sc.k_hb[sc.rank], 1)
+                late = self.overdue() if self.overdue is not None else None
+                if late:
+                    return self._overdue(s, late)
                 probe = self.probe
                 if probe is not None:
                     stuck = probe(STUCK_AFTER_S) or ""
@@ -786,6 +793,14 @@ class Watchdog(threading.Thread):
         first = sc.set_abort_with(s, mine)
         return self._release(first, "own" if first == mine and who == sc.rank
                              else "abort_flag")
+
+    def _overdue(self, s, line: str) -> None:
+        """This rank's own deadline, seen by the watchdog (the thread that would have
+        raised it is blocked where no deadline reaches): the flag, then the release."""
+        sc = self.side
+        mine = R.cause("deadline", sc.rank, get_role(), line, **self.ids())
+        first = sc.set_abort_with(s, mine)
+        return self._release(first, "own" if first == mine else "abort_flag")
 
     def _release(self, cause: dict, via: str) -> None:
         if self.exit_code is not None and not claim_exit():  # another exit path of this process writes the line

@@ -43,7 +43,19 @@ complete it). What may release a blocked call decides how (FACTS.md):
 - *CUDA tensors (NCCL)*: ``work.wait()`` only orders the stream, so completion is polled
   with ``is_completed()`` (a 50 us spin, then a sleep doubling from 20 us to 1 ms), checking
   the abort flag and the deadline: on NCCL an in-process abort does release, so
-  ``Released`` is raised here; a CPU sync per op is the price of a bounded wait.
+  ``Released`` is raised here.
+- *The workload's CUDA collectives* (``stream_all_reduce``, a generator call's TP
+  all_reduces) are not waited one by one: a host that polls each one to completion
+  leaves the GPU idle from the op's end until the host has woken and launched what
+  follows, 160 times a forward in the field's DiT. ``work.wait()`` orders the stream and
+  the op joins an in-flight window; the host completes the oldest only beyond
+  ``cuda_window`` ops (a bounded run-ahead), and ``drain()`` completes the rest at the end
+  of the call, bounded like any wait, before its row is applied. A host that blocks
+  elsewhere meanwhile (a workload's own ``.item()`` after a collective that never
+  completes) is bounded by the watchdog: ``overdue()`` names a collective outstanding past
+  the op deadline, and the watchdog releases the rank with it (runtime/sidechannel.py).
+  ``cuda_window=0`` completes each op before the workload goes on (the per-op sync;
+  ``python -m lockstep.bench --gpu`` measures both).
 
 Errors, all ``CommError`` (one line each): ``Released`` (the abort flag), ``OpDeadline``
 (no completion within the deadline), ``CommFailed`` (the backend raised, e.g. gloo
@@ -64,6 +76,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 import time
 from datetime import timedelta
 from typing import Callable
@@ -134,7 +147,7 @@ class Op:
     ``then()`` turns the completed buffers into the op's value, in the waiting thread."""
 
     __slots__ = ("work", "op", "group", "peer", "cuda", "then", "submitted", "done",
-                 "error", "index")
+                 "error", "index", "issued")
 
     def __init__(self, work, op: str, group: str, peer, cuda: bool, then=None,
                  index: int | None = None):
@@ -144,6 +157,7 @@ class Op:
         self.submitted = False          # handed to the completer
         self.done = work is None        # the work has completed (error or not)
         self.error: BaseException | None = None
+        self.issued = 0.0               # when a deferred op joined the window (monotonic)
 
     def value(self):
         return self.then() if self.then is not None else None
@@ -278,7 +292,7 @@ class Transport:
     def __init__(self, groups: Groups, rank: int, check: CheckFn | None = None,
                  abort_poll: AbortPollFn | None = None, op_deadline_s: float = 10.0, *,
                  slice_s: float = 0.05, poll_min_s: float = 20e-6, poll_max_s: float = 1e-3,
-                 spin_s: float = 50e-6):
+                 spin_s: float = 50e-6, cuda_window: int = 16):
         self.groups, self.rank = groups, rank
         self.check = check or (lambda op, group, peer, row: None)
         self.abort_poll = abort_poll or (lambda: None)
@@ -297,6 +311,9 @@ class Transport:
         self._interruptible: dict[int, queue.SimpleQueue] = {}   # thread -> its queue
         self._abandoned: str | None = None
         self._waiting: dict[int, tuple[list, float]] = {}   # thread -> (its ops, since)
+        # the workload's CUDA collectives in flight, oldest first (stream_all_reduce)
+        self.cuda_window = cuda_window
+        self._deferred: deque[Op] = deque()
 
     # -- issuing -------------------------------------------------------------------------
     def _enter(self, op: str, group: str, peer, row):
@@ -429,7 +446,7 @@ class Transport:
         now = time.monotonic()
         parts = [f"waiting {now - t0:.1f}s in "
                  + " or ".join(f"{o.op} group={o.group} peer={_fmt(o.peer)}" for o in ops)
-                 for ops, t0 in list(self._waiting.values())]
+                 for ops, t0 in self._waits()]
         return f"rank {self.rank}: " + "; ".join(parts) if parts else None
 
     def stuck_collective(self, after_s: float) -> str | None:
@@ -444,7 +461,7 @@ class Transport:
         deadline short of the op's own would otherwise end
         (sidechannel.collective_mismatch)."""
         now = time.monotonic()
-        for ops, t0 in list(self._waiting.values()):
+        for ops, t0 in self._waits():
             if now - t0 >= after_s:
                 for o in ops:
                     if o.index is not None and not o.done:
@@ -593,6 +610,66 @@ class Transport:
 
     def all_gather(self, out, tensor, group: str, *, deadline_s=None, row=None) -> None:
         self.wait(self.iall_gather(out, tensor, group, row=row), deadline_s)
+
+    # -- the workload's collectives: stream-ordered on CUDA (module docstring) ----------
+    def stream_all_reduce(self, tensor, group: str, op=dist.ReduceOp.SUM, *,
+                          name: str = "all_reduce") -> None:
+        """A generator call's all_reduce: on CPU (gloo) completed at once, as ``all_reduce``;
+        on CUDA the stream waits for it and the host goes on (``drain`` completes it)."""
+        o = self.iall_reduce(tensor, group, op, name=name)
+        if not o.cuda or self.cuda_window <= 0:
+            self.wait(o)
+            return
+        try:
+            o.work.wait()       # orders the current stream after the op; the host goes on
+        except Exception as e:  # noqa: BLE001
+            raise CommFailed(self.rank, o.op, o.group, o.peer, e) from e
+        o.issued = time.monotonic()
+        dq = self._deferred
+        dq.append(o)
+        while dq and (len(dq) > self.cuda_window or dq[0].work.is_completed()):
+            self.wait(dq[0])    # the oldest: done already, or beyond the window
+            dq.popleft()
+
+    def drain(self, deadline_s: float | None = None) -> None:
+        """Complete every deferred collective, oldest first, each a bounded wait (the end
+        of a generator call: its row is applied only once its collectives are done)."""
+        dq = self._deferred
+        while dq:
+            self.wait(dq[0], deadline_s)
+            dq.popleft()
+
+    def _pending_deferred(self) -> Op | None:
+        """The oldest deferred collective not known complete (any thread may ask)."""
+        try:
+            o = self._deferred[0]
+        except IndexError:
+            return None
+        return None if o.done or o.work.is_completed() else o
+
+    def overdue(self) -> str | None:
+        """A deferred collective outstanding past the op deadline, as the line a deadline
+        would write, while no wait of this rank's threads is bounding it (the host blocked
+        elsewhere); else None. The watchdog asks every tick and releases on it."""
+        o = self._pending_deferred()
+        if o is None or any(o in ops for ops, _ in list(self._waiting.values())):
+            return None
+        waited = time.monotonic() - o.issued
+        if waited <= self.op_deadline_s:
+            return None
+        return str(OpDeadline(self.rank, f"{o.op} (outstanding on the stream; the host "
+                              f"went on and is blocked elsewhere)", o.group, o.peer, waited,
+                              self.op_deadline_s))
+
+    def _waits(self) -> list:
+        """(ops, since) of every wait of this rank's threads, and of the oldest deferred
+        collective not complete (waited on since it was issued: the host that went on
+        waits for it in effect)."""
+        waits = list(self._waiting.values())
+        o = self._pending_deferred()
+        if o is not None and not any(o in ops for ops, _ in waits):
+            waits.append(([o], o.issued))
+        return waits
 
 
 # --------------------------------------------------------------------------- framed ops

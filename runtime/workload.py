@@ -180,7 +180,7 @@ def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
     if opts.workload == "dit":
         from .dit import DiTWorkload, spec_from_opts
         return DiTWorkload(rank=rank, mesh_size=mesh_size, spec=spec_from_opts(opts),
-                           costs=opts.costs, device=opts.device,
+                           costs=opts.costs, device=opts.device_of(rank),
                            drift=asdict(opts.drift) if opts.drift else None,
                            record=record_dir)
     if opts.workload == "mlp":
@@ -190,7 +190,7 @@ def make_workload(opts: RunOptions, *, rank: int, mesh_size: int,
     from lockstep.model.release import role_of
     ctx = WorkloadContext(rank=rank, role=role_of(rank),
                           mesh_rank=None if rank == 0 else rank - 1, mesh_size=mesh_size,
-                          args=dict(opts.workload_args), opts=opts, device=opts.device,
+                          args=dict(opts.workload_args), opts=opts, device=opts.device_of(rank),
                           run_dir=record_dir)
     try:
         return cls(ctx)
