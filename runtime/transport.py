@@ -55,7 +55,7 @@ complete it). What may release a blocked call decides how (FACTS.md):
   completes) is bounded by the watchdog: ``overdue()`` names a collective outstanding past
   the op deadline, and the watchdog releases the rank with it (runtime/sidechannel.py).
   ``cuda_window=0`` completes each op before the workload goes on (the per-op sync;
-  ``python -m lockstep.bench --gpu`` measures both).
+  ``python -m lockstep.gpubench`` measures both).
 
 Errors, all ``CommError`` (one line each): ``Released`` (the abort flag), ``OpDeadline``
 (no completion within the deadline), ``CommFailed`` (the backend raised, e.g. gloo
@@ -76,8 +76,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
 import time
+from collections import deque
 from datetime import timedelta
 from typing import Callable
 
