@@ -46,7 +46,6 @@ hard cut), `stale_start_frame` (a mesh rank uses the previous chunk's start fram
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 from lockstep.model import contract as C
 from lockstep.model.runopts import DRIFTS   # the names travel in RunOptions
 
+from .trace import encode_line
 from .workload import StageCosts, Workload, spend, tensor_digest_i64
 
 
@@ -375,16 +375,17 @@ class DiTWorkload(Workload):
         """What this rank's state looks like at the end of a chunk, for heads [h0, h1):
         the start frame used, the cache positions, per block the K and V cache means per
         head ([blocks][2][heads][head_dim]). The reference (all heads) slices it."""
-        kv = []
+        lo, hi = h0 - self.h0, h1 - self.h0
+        means = {}          # block -> [K, V] means on the device: one copy to the host
         for b, cache in enumerate(self.kv):
             ps = sorted(cache)
-            if not ps:
-                kv.append([[], []])
-                continue
-            lo, hi = h0 - self.h0, h1 - self.h0
-            kk = torch.cat([cache[p][0] for p in ps], dim=1)[lo:hi].float().mean(1)
-            vv = torch.cat([cache[p][1] for p in ps], dim=1)[lo:hi].float().mean(1)
-            kv.append([kk.cpu().tolist(), vv.cpu().tolist()])
+            if ps:
+                means[b] = torch.stack([
+                    torch.cat([cache[p][i] for p in ps], dim=1)[lo:hi].float().mean(1)
+                    for i in (0, 1)])
+        host = dict(zip(means, torch.stack(list(means.values())).cpu().tolist())) \
+            if means else {}
+        kv = [host.get(b, [[], []]) for b in range(len(self.kv))]
         return {"rank": self.rank, "chunk": chunk, "epoch": epoch, "csf": self.csf_used,
                 "heads": [h0, h1], "kv_pos": sorted(self.kv[0]), "kv": kv}
 
@@ -424,10 +425,10 @@ def _recorder(record, rank):
     if callable(record):
         return record
     path = Path(record) / f"dit_rank{rank}.jsonl"
-    f = open(path, "w", buffering=1)
+    f = open(path, "wb", buffering=0)
 
-    def write(rec):
-        f.write(json.dumps(rec) + "\n")
+    def write(rec):     # the trace's encoder: orjson where installed (a record is
+        f.write(encode_line(rec))   # tens of thousands of floats at the field's sizes)
     return write
 
 
