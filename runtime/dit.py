@@ -212,8 +212,9 @@ class DiTWorkload(Workload):
         meta = {"height": 2 * s.lat_h, "width": 2 * s.lat_w, "current_start_frame": csf,
                 "reset_kv_cache": bool(init_cache), "reset_crossattn_cache": bool(init_cache),
                 "base_seed": seed}
-        self.record({"rank": 0, "chunk": chunk_index, "epoch": cache_epoch, "csf": csf,
-                     "anchor": None if anchor is None else _flat(anchor)})
+        if self.record is not None:     # built only when kept: _flat copies to the host
+            self.record({"rank": 0, "chunk": chunk_index, "epoch": cache_epoch, "csf": csf,
+                         "anchor": None if anchor is None else _flat(anchor)})
         return meta, tensors
 
     def _anchor(self, chunk: int) -> torch.Tensor:
@@ -262,7 +263,9 @@ class DiTWorkload(Workload):
         if call_index == n - 1:
             self.prev_latents = self.lat
             self.last_csf = need(envelope, "current_start_frame", where)
-            self.record(self.state_record(chunk, envelope["cache_epoch"], self.h0, self.h1))
+            if self.record is not None:     # a device sync per chunk: only when kept
+                self.record(self.state_record(chunk, envelope["cache_epoch"], self.h0,
+                                              self.h1))
 
     def _drifts(self, name: str, chunk: int) -> bool:
         d = self.drift
@@ -421,7 +424,7 @@ def _flat(t: torch.Tensor) -> list:
 
 def _recorder(record, rank):
     if record is None:
-        return lambda rec: None
+        return None
     if callable(record):
         return record
     path = Path(record) / f"dit_rank{rank}.jsonl"
